@@ -1,0 +1,85 @@
+"""Nuclei of one tile as a table: StarDist polygons → µm, ownership by core, stable ids.
+
+Pure functions over arrays; the Dask task that reads pixels and runs the model is in
+``histo.segment``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import shapely
+
+from histo.tiling import Tile
+
+CELL_SCHEMA = pa.schema(
+    [
+        ("cell_id", pa.int64()),
+        ("x_um", pa.float64()),
+        ("y_um", pa.float64()),
+        ("area_um2", pa.float32()),
+        ("prob", pa.float32()),
+        ("polygon", pa.binary()),  # WKB, µm
+        ("tile", pa.string()),
+    ]
+)
+
+
+def cell_ids(points: np.ndarray, grid_width: int) -> np.ndarray:
+    """Stable id of each nucleus: the linear index of its centre pixel (y, x) in the grid.
+
+    StarDist keeps at most one nucleus per centre pixel, so ids are unique, and they do not depend
+    on the tile layout or on the order tasks finish in.
+    """
+    points = np.asarray(points, dtype=np.int64).reshape(-1, 2)
+    return points[:, 0] * np.int64(grid_width) + points[:, 1]
+
+
+def polygon_area(coord: np.ndarray) -> np.ndarray:
+    """Shoelace area of polygons ``coord`` (n, 2, n_rays) given as (y, x) rows, in input units²."""
+    y, x = coord[:, 0, :], coord[:, 1, :]
+    return 0.5 * np.abs(np.sum(x * np.roll(y, -1, axis=1) - np.roll(x, -1, axis=1) * y, axis=1))
+
+
+def tile_cells(
+    coord: np.ndarray,
+    points: np.ndarray,
+    prob: np.ndarray,
+    tile: Tile,
+    mpp: float,
+    grid_width: int,
+) -> pd.DataFrame:
+    """The cells table rows of one tile.
+
+    ``coord`` (n, 2, n_rays) and ``points`` (n, 2) are (y, x) in px of the tile's read box, as
+    StarDist returns them. Keeps the nuclei whose centre lies in the tile's core, moves them to slide
+    µm and sorts them by id. Grid px ``i`` covers µm ``[i·mpp, (i+1)·mpp)``, so its centre is at
+    ``(i + 0.5)·mpp``.
+    """
+    bx, by, _, _ = tile.read_box
+    offset = np.array([by, bx])
+    points = np.asarray(points, dtype=np.int64).reshape(-1, 2) + offset
+    keep = tile.owns(points[:, 1], points[:, 0])
+    if not keep.any():
+        return empty_cells()
+    coord = (np.asarray(coord, dtype=np.float64)[keep] + offset[None, :, None] + 0.5) * mpp
+    polygons = shapely.polygons(np.stack([coord[:, 1, :], coord[:, 0, :]], axis=-1))
+    centroids = shapely.centroid(polygons)
+    frame = pd.DataFrame(
+        {
+            "cell_id": cell_ids(points[keep], grid_width),
+            "x_um": shapely.get_x(centroids),
+            "y_um": shapely.get_y(centroids),
+            "area_um2": polygon_area(coord).astype(np.float32),
+            "prob": np.asarray(prob)[keep].astype(np.float32),
+            "polygon": shapely.to_wkb(polygons),
+            "tile": tile.name,
+        }
+    )
+    return frame.sort_values("cell_id", kind="stable").reset_index(drop=True)
+
+
+def empty_cells() -> pd.DataFrame:
+    """A cells table with no rows and the bundle's columns."""
+    return CELL_SCHEMA.empty_table().to_pandas()

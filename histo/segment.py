@@ -1,0 +1,79 @@
+"""The per-tile Dask task: read core + halo at the model's µm/px, normalise, StarDist, keep, write.
+
+A task carries coordinates, never pixels: each worker process opens the slide and loads the model
+once (cached per process) and writes its nuclei to a parquet part file, returning only a summary.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from histo.models import ModelSpec, load_model, normalize_image
+from histo.nuclei import CELL_SCHEMA, tile_cells
+from histo.slide import open_slide
+from histo.tiling import Tile
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    """Everything a tile task needs besides the tile: small and picklable."""
+
+    slide_path: str
+    slide_mpp: float  # level-0 µm/px as the run resolved it (so --mpp reaches the workers)
+    model: ModelSpec
+    grid_width: int  # width of the model-µm/px grid, px (for cell ids)
+    parts_dir: str  # where each tile writes <tile>.parquet
+    prob_thresh: float | None = None
+    nms_thresh: float | None = None
+    percentiles: tuple | None = None  # per-slide normalisation values for percentile models
+
+
+@functools.lru_cache(maxsize=4)
+def _slide(path: str, mpp: float):
+    return open_slide(path, mpp=mpp)
+
+
+@functools.lru_cache(maxsize=2)
+def _model(spec: ModelSpec):
+    return load_model(spec)
+
+
+def predict_tile(job: SegmentJob, tile: Tile) -> tuple:
+    """StarDist on the tile's read box; returns (coord, points, prob) in read-box px and timings."""
+    t0 = time.perf_counter()
+    img = _slide(job.slide_path, job.slide_mpp).read(*tile.read_box, mpp=job.model.mpp)
+    t1 = time.perf_counter()
+    x = normalize_image(img, job.model, job.percentiles)
+    model = _model(job.model)
+    t2 = time.perf_counter()
+    _, det = model.predict_instances(
+        x,
+        axes="YXC" if x.ndim == 3 else "YX",
+        prob_thresh=job.prob_thresh,
+        nms_thresh=job.nms_thresh,
+        return_labels=False,
+        show_tile_progress=False,
+        verbose=False,
+    )
+    t3 = time.perf_counter()
+    return det["coord"], det["points"], det["prob"], {"read_s": t1 - t0, "normalize_s": t2 - t1, "stardist_s": t3 - t2}
+
+
+def segment_tile(job: SegmentJob, tile: Tile) -> dict:
+    """Segment one tile and write its nuclei to ``parts_dir/<tile>.parquet``; return a summary."""
+    coord, points, prob, timings = predict_tile(job, tile)
+    t0 = time.perf_counter()
+    cells = tile_cells(coord, points, prob, tile, job.model.mpp, job.grid_width)
+    part = Path(job.parts_dir) / f"{tile.name}.parquet"
+    tmp = part.with_suffix(f".tmp{os.getpid()}")
+    pq.write_table(pa.Table.from_pandas(cells, schema=CELL_SCHEMA, preserve_index=False), tmp)
+    os.replace(tmp, part)
+    timings["table_write_s"] = time.perf_counter() - t0
+    return {"tile": tile.name, "n_cells": len(cells), **timings}

@@ -1,0 +1,78 @@
+"""The tile grid: cores that partition the slide, each read with a halo, kept only over tissue.
+
+All coordinates are integer pixels of a virtual grid at the model's µm/px (``grid_mpp``) whose
+origin is the slide's top-left corner. A core is half-open: ``[x0, x1) × [y0, y1)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+ALIGN = 16  # px; read origins are multiples of this so the U-Net sees every tile on the same lattice
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: its grid position, its core (half-open, px) and the halo read around it (px)."""
+
+    row: int
+    col: int
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    halo: int
+
+    @property
+    def read_box(self) -> tuple[int, int, int, int]:
+        """(x, y, w, h) in grid px of core + halo: the pixels the tile reads."""
+        h = self.halo
+        return self.x0 - h, self.y0 - h, self.x1 - self.x0 + 2 * h, self.y1 - self.y0 + 2 * h
+
+    def owns(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Which of the points (grid px) lie in this tile's core (half-open)."""
+        return (x >= self.x0) & (x < self.x1) & (y >= self.y0) & (y < self.y1)
+
+    @property
+    def name(self) -> str:
+        return f"r{self.row:05d}_c{self.col:05d}"
+
+
+def align_up(n: float, step: int = ALIGN) -> int:
+    """Smallest multiple of ``step`` that is ≥ n."""
+    return int(math.ceil(n / step) * step)
+
+
+def tile_grid(
+    shape: tuple[int, int],
+    tile_px: int,
+    halo_px: int,
+    tissue_mask: np.ndarray | None = None,
+    mask_scale: float = 1.0,
+) -> list[Tile]:
+    """Tiles of ``tile_px`` cores over an image of ``shape`` (H, W) grid px, row-major order.
+
+    ``tile_px`` and ``halo_px`` are rounded up to multiples of ``ALIGN``. With a ``tissue_mask``
+    (bool, one mask pixel = ``mask_scale`` grid px), only tiles whose core plus halo touches tissue
+    are kept, so no nucleus on tissue is missed at a tile edge.
+    """
+    tile_px, halo_px = align_up(tile_px), align_up(halo_px)
+    height, width = shape
+    tiles = []
+    for row in range(math.ceil(height / tile_px)):
+        for col in range(math.ceil(width / tile_px)):
+            x0, y0 = col * tile_px, row * tile_px
+            tile = Tile(row, col, x0, y0, min(x0 + tile_px, width), min(y0 + tile_px, height), halo_px)
+            if tissue_mask is None or _touches(tissue_mask, mask_scale, tile):
+                tiles.append(tile)
+    return tiles
+
+
+def _touches(mask: np.ndarray, scale: float, tile: Tile) -> bool:
+    x, y, w, h = tile.read_box
+    r0, c0 = max(int(y // scale), 0), max(int(x // scale), 0)
+    r1, c1 = int(math.ceil((y + h) / scale)), int(math.ceil((x + w) / scale))
+    return bool(mask[r0:r1, c0:c1].any())

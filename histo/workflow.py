@@ -1,0 +1,98 @@
+"""Workflow presets: YAML files in ``workflows/`` validated against a typed schema.
+
+A preset names the tissue, the stain, the nucleus model and the parameters of each step, all in
+µm (or µm²). Unknown keys and wrong types are errors that name the file and the key.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from histo.errors import WorkflowError
+
+WORKFLOW_DIR = Path(__file__).resolve().parents[1] / "workflows"
+
+Number = (int, float)
+
+# key -> (accepted types, default). Nested dicts are sections. None default = "not set".
+SCHEMA: dict[str, Any] = {
+    "name": (str, None),
+    "description": (str, ""),
+    "tissue_type": (str, None),  # lymph-node | synovium
+    "stain": (str, "he"),  # he | ihc | if
+    "model": ((str, type(None)), None),  # None = the stain's default model
+    "segmentation": {
+        "tile_um": (Number, 512.0),  # tile core edge, µm
+        "halo_um": ((*Number, type(None)), None),  # None = from the model's largest nucleus
+        "prob_thresh": ((*Number, type(None)), None),  # None = the model's own threshold
+        "nms_thresh": ((*Number, type(None)), None),
+    },
+    "tissue": {
+        "mpp": (Number, 8.0),  # µm/px of the level tissue is detected on
+        "min_area_um2": (Number, 20_000.0),  # smaller tissue specks are dropped
+    },
+}
+
+STAINS = ("he", "ihc", "if")
+
+
+def _check(section: dict, schema: dict, where: str, path: str) -> dict:
+    """Return ``section`` merged over the schema defaults; raise on unknown keys or types."""
+    if not isinstance(section, dict):
+        raise WorkflowError(path, f"'{where or 'top level'}' must be a mapping, got {type(section).__name__}")
+    unknown = sorted(set(section) - set(schema))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise WorkflowError(path, f"unknown key '{key}' (allowed: {', '.join(sorted(schema))})")
+    out = {}
+    for key, spec in schema.items():
+        name = f"{where}.{key}" if where else key
+        if isinstance(spec, dict):
+            out[key] = _check(section.get(key, {}) or {}, spec, name, path)
+            continue
+        types, default = spec
+        value = section.get(key, default)
+        types = types if isinstance(types, tuple) else (types,)
+        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            raise WorkflowError(path, f"'{name}' has the wrong type: {value!r} ({type(value).__name__})")
+        out[key] = float(value) if float in types and isinstance(value, int) and not isinstance(value, bool) else value
+    return out
+
+
+def validate(data: dict, path: str = "<workflow>") -> dict:
+    """Validate a workflow mapping and fill in defaults; returns a new dict."""
+    wf = _check(copy.deepcopy(data or {}), SCHEMA, "", path)
+    if wf["stain"] not in STAINS:
+        raise WorkflowError(path, f"'stain' must be one of {', '.join(STAINS)}, got {wf['stain']!r}")
+    for key in ("tile_um",):
+        if wf["segmentation"][key] <= 0:
+            raise WorkflowError(path, f"'segmentation.{key}' must be positive")
+    return wf
+
+
+def load_workflow(name_or_path: str | Path | None) -> dict:
+    """Load a preset by name (``workflows/NAME.yaml``) or by path; ``None`` gives the defaults."""
+    if name_or_path is None:
+        return validate({"name": "default"}, "<defaults>")
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = WORKFLOW_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in WORKFLOW_DIR.glob("*.yaml")))
+        raise WorkflowError(name_or_path, f"no such workflow file or preset (presets: {known})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise WorkflowError(path, f"not valid YAML: {str(exc).splitlines()[0]}") from None
+    wf = validate(data, str(path))
+    wf["name"] = wf["name"] or path.stem
+    return wf
+
+
+def list_workflows() -> list[str]:
+    """Names of the presets shipped in ``workflows/``."""
+    return sorted(p.stem for p in WORKFLOW_DIR.glob("*.yaml"))
