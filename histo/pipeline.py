@@ -15,14 +15,13 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 from distributed import Client, as_completed
 
 from histo import __version__
 from histo.bundle import concat_cells, file_fingerprint, finish, partial_dir, slide_name
 from histo.cluster import dask_client
 from histo.labels import create_pyramid, downsample_level, write_chunk
-from histo.models import ModelSpec, resolve_model
+from histo.models import ModelSpec, compute_percentiles, resolve_model
 from histo.progress import progress_bar
 from histo.segment import SegmentJob, segment_tile
 from histo.slide import Slide, open_slide
@@ -48,16 +47,12 @@ def plan_tiles(slide: Slide, tissue, model: ModelSpec, segmentation: dict) -> tu
 def slide_percentiles(slide: Slide, tissue, model: ModelSpec) -> tuple | None:
     """Per-slide normalisation values for percentile-normalised models, from tissue pixels of a
     low-resolution level (the same values then apply to every tile)."""
-    norm = model.normalize
-    if norm.get("kind") != "percentile":
+    if model.normalize.get("kind") != "percentile":
         return None
     thumb = slide.thumbnail(tissue.mpp)
     h, w = min(thumb.shape[0], tissue.mask.shape[0]), min(thumb.shape[1], tissue.mask.shape[1])
-    pixels = thumb[:h, :w][tissue.mask[:h, :w]]
-    if pixels.size == 0:
-        pixels = thumb.reshape(-1, thumb.shape[-1])
-    low, high = np.percentile(pixels, [norm["low"], norm["high"]])
-    return float(low), float(high)
+    mask = tissue.mask[:h, :w] if tissue.mask[:h, :w].any() else None
+    return compute_percentiles(thumb[:h, :w], model, mask)
 
 
 def versions() -> dict:
@@ -166,7 +161,7 @@ def run_slide(
         "input": {**file_fingerprint(Path(slide_path)), "format": slide.format, "mpp": slide.mpp,
                   "mpp_source": "argument" if mpp else "file", "shape_px": list(slide.shape), "levels": len(slide.levels)},
         "workflow": wf,
-        "model": spec.as_dict(),
+        "model": spec.to_dict(),
         "parameters": {"grid_mpp": spec.mpp, "grid_shape_px": list(shape),
                        "tile_px": tiles[0].x1 - tiles[0].x0 if tiles else None,
                        "halo_px": tiles[0].halo if tiles else None, "percentiles": percentiles},

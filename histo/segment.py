@@ -40,9 +40,15 @@ def _slide(path: str, mpp: float):
     return open_slide(path, mpp=mpp)
 
 
-@functools.lru_cache(maxsize=2)
+_MODELS: dict = {}
+
+
 def _model(spec: ModelSpec):
-    return load_model(spec)
+    """The worker's loaded model for ``spec`` (loaded on first use, then kept)."""
+    key = (spec.name, str(spec.path))
+    if key not in _MODELS:
+        _MODELS[key] = load_model(spec)
+    return _MODELS[key]
 
 
 def predict_tile(job: SegmentJob, tile: Tile) -> tuple:

@@ -1,0 +1,46 @@
+"""Shared fixtures: a Dask LocalCluster for the session, generated slides, the shared data folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ``../shared``; skips the test with a reason when it is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (../shared is provided to developers and CI, not shipped)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A real dask.distributed LocalCluster of two worker processes (TensorFlow lives there only)."""
+    from histo.cluster import dask_client
+
+    with dask_client(n_workers=2) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def generated(tmp_path_factory):
+    """``generated(kind, size, seed, mpp)`` → path of a generated slide (cached per session)."""
+    from histo_sample import write_sample
+
+    cache: dict = {}
+    folder = tmp_path_factory.mktemp("slides")
+
+    def make(kind: str = "lymph-node", size: int = 1536, seed: int = 3, mpp: float = 0.5) -> Path:
+        key = (kind, size, seed, mpp)
+        if key not in cache:
+            path = folder / f"{kind}-{size}-{seed}-{str(mpp).replace('.', 'p')}.ome.tif"
+            write_sample(kind, path, size=size, seed=seed, mpp=mpp)
+            cache[key] = path
+        return cache[key]
+
+    return make

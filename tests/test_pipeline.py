@@ -1,0 +1,114 @@
+"""End to end on generated slides: real Dask workers, the shipped StarDist model, real OME-TIFFs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import zarr
+from scipy.spatial import cKDTree
+
+from histo.bundle import is_complete
+from histo.matching import match_points
+from histo.pipeline import run_slide
+from histo.workflow import load_workflow
+
+pytestmark = pytest.mark.slow
+
+
+def truth_of(slide):
+    return pd.read_parquet(str(slide).replace(".ome.tif", ".truth.parquet"))
+
+
+def xy(frame):
+    return frame[["x_um", "y_um"]].to_numpy()
+
+
+@pytest.fixture(scope="module")
+def ln_bundle(generated, client, tmp_path_factory):
+    slide = generated("lymph-node")
+    return slide, run_slide(slide, tmp_path_factory.mktemp("out"), "lymph-node-he", client=client, show_progress=False)
+
+
+def test_bundle_is_complete_and_consistent(ln_bundle):
+    slide, bundle = ln_bundle
+    assert bundle.name == slide.name.removesuffix(".ome.tif") and is_complete(bundle)
+    run = json.loads((bundle / "run.json").read_text())
+    cells = pd.read_parquet(bundle / "cells.parquet")
+    assert run["n_cells"] == len(cells) > 500
+    assert {"cell_id", "x_um", "y_um", "polygon", "area_um2", "prob", "label"} <= set(cells.columns)
+    assert cells.cell_id.is_unique and (cells.label.to_numpy() == np.arange(1, len(cells) + 1)).all()
+    assert run["input"]["mpp"] == pytest.approx(0.5) and run["model"]["name"] == "histo-he"
+    root = zarr.open_group(str(bundle / "labels.ome.zarr"), mode="r")
+    level0 = root["0"][:]
+    assert level0.shape == tuple(run["parameters"]["grid_shape_px"]) and len(list(root.array_keys())) >= 2
+    drawn = np.unique(level0[level0 > 0])
+    assert set(drawn) <= set(cells.label) and len(drawn) > 0.95 * len(cells)
+    # a nucleus's label sits at its centroid (µm → grid px at the model's 0.5 µm/px)
+    sample = cells.sample(200, random_state=0)
+    at = level0[(sample.y_um / 0.5).astype(int), (sample.x_um / 0.5).astype(int)]
+    assert np.mean(at == sample.label.to_numpy()) > 0.9
+
+
+def test_nuclei_match_truth(ln_bundle):
+    slide, bundle = ln_bundle
+    m = match_points(xy(pd.read_parquet(bundle / "cells.parquet")), xy(truth_of(slide)), 3.0)
+    assert m.f1 >= 0.85, f"F1 {m.f1:.3f} (precision {m.precision:.3f}, recall {m.recall:.3f})"
+
+
+def test_small_tiles_give_the_same_nuclei_without_duplicates(ln_bundle, client, tmp_path):
+    slide, bundle = ln_bundle
+    wf = load_workflow("lymph-node-he")
+    wf["segmentation"]["tile_um"] = 96.0  # ~190 px cores: many tile borders
+    small = pd.read_parquet(run_slide(slide, tmp_path, wf, client=client, show_progress=False) / "cells.parquet")
+    big = pd.read_parquet(bundle / "cells.parquet")
+    assert small.tile.nunique() > 4 * big.tile.nunique()
+    assert small.cell_id.is_unique
+    # no nucleus counted twice: no two centroids closer than 1.5 µm
+    assert len(cKDTree(xy(small)).query_pairs(1.5)) == 0
+    m = match_points(xy(small), xy(big), 1.0)
+    assert m.f1 >= 0.99, f"F1 small vs default tiles {m.f1:.4f}"
+
+
+def _whole_image(slide_path, model_name, mpp):
+    """StarDist on the whole slide image at once (runs in a worker: TensorFlow stays out of here)."""
+    from histo.models import load_model, normalize_image, resolve_model
+    from histo.slide import open_slide
+
+    spec = resolve_model(model_name)
+    slide = open_slide(slide_path)
+    h, w = (int(np.ceil(s * slide.mpp / spec.mpp)) for s in slide.shape)
+    img = normalize_image(slide.read(0, 0, w, h, mpp=spec.mpp), spec)
+    _, det = load_model(spec).predict_instances(img, axes="YXC", return_labels=False, show_tile_progress=False)
+    return (det["points"][:, ::-1] + 0.5) * spec.mpp
+
+
+def test_tiled_agrees_with_whole_image_prediction(ln_bundle, client):
+    slide, bundle = ln_bundle
+    centres = client.submit(_whole_image, str(slide), "histo-he", 0.5, pure=False).result()
+    cells = pd.read_parquet(bundle / "cells.parquet")
+    grid_w = json.loads((bundle / "run.json").read_text())["parameters"]["grid_shape_px"][1]
+    tiled = np.stack([(cells.cell_id % grid_w + 0.5) * 0.5, (cells.cell_id // grid_w + 0.5) * 0.5], axis=1)
+    m = match_points(tiled, centres, 1.0)
+    assert m.f1 >= 0.99, f"F1 tiled vs whole image {m.f1:.4f} ({m.n_pred} vs {m.n_true})"
+
+
+@pytest.mark.parametrize("mpp", [0.25, 0.5])
+def test_coordinates_in_um_at_different_pixel_sizes(generated, client, tmp_path, mpp):
+    size = int(512 / mpp)  # the same 512 µm field at both pixel sizes
+    slide = generated("synovium", size=size, seed=5, mpp=mpp)
+    bundle = run_slide(slide, tmp_path, "synovium-he", client=client, show_progress=False)
+    cells = pd.read_parquet(bundle / "cells.parquet")
+    m = match_points(xy(cells), xy(truth_of(slide)), 3.0)
+    assert m.f1 >= 0.85, f"{mpp} µm/px: F1 {m.f1:.3f}"
+    assert cells.x_um.max() <= size * mpp and cells.y_um.max() <= size * mpp
+
+
+def test_parquet_has_one_row_group_per_tile(ln_bundle):
+    _, bundle = ln_bundle
+    meta = pq.ParquetFile(bundle / "cells.parquet").metadata
+    cells = pd.read_parquet(bundle / "cells.parquet")
+    assert meta.num_row_groups == cells.tile.nunique()
