@@ -16,10 +16,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from histo.nuclei import CELL_SCHEMA
+import pandas as pd
 from histo.tiling import Tile
 
-BUNDLE_CELL_SCHEMA = CELL_SCHEMA.append(pa.field("label", pa.int32()))
 SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".svs", ".ndpi", ".mrxs", ".png", ".jpg", ".jpeg")
 
 
@@ -64,23 +63,37 @@ def is_complete(bundle: Path) -> bool:
         return False
 
 
-def concat_cells(parts_dir: Path, tiles: list[Tile], out: Path) -> tuple[int, dict[str, int]]:
-    """Stream the per-tile parts, in tile order, into ``cells.parquet`` (one row group per non-empty
-    tile) and number the nuclei ``label`` = 1, 2, … in that order.
+def concat_cells(parts_dir: Path, tiles: list[Tile], out: Path, schema: pa.Schema,
+                 cell_type: pd.Categorical | None = None) -> tuple[int, dict[str, int]]:
+    """Stream the per-tile parts (columns ``schema``), in tile order, into ``cells.parquet`` (one row
+    group per non-empty tile), numbering the nuclei ``label`` = 1, 2, … in that order and adding
+    ``cell_type`` (given in the same order) when there is one.
 
     Returns the number of cells and a map tile name → row group index. Holds one tile at a time.
     """
+    out_schema = schema.append(pa.field("label", pa.int32()))
+    if cell_type is not None:
+        out_schema = out_schema.append(pa.field("cell_type", pa.dictionary(pa.int8(), pa.string())))
+        types = pa.DictionaryArray.from_arrays(pa.array(cell_type.codes, pa.int8()), list(cell_type.categories))
     n, groups = 0, {}
-    with pq.ParquetWriter(out, BUNDLE_CELL_SCHEMA) as writer:
+    with pq.ParquetWriter(out, out_schema) as writer:
         for tile in tiles:
-            part = pq.read_table(parts_dir / f"{tile.name}.parquet", schema=CELL_SCHEMA)
+            part = pq.read_table(parts_dir / f"{tile.name}.parquet", schema=schema)
             if part.num_rows == 0:
                 continue
-            labels = pa.array(range(n + 1, n + 1 + part.num_rows), pa.int32())
-            writer.write_table(part.append_column("label", labels))
+            part = part.append_column("label", pa.array(range(n + 1, n + 1 + part.num_rows), pa.int32()))
+            if cell_type is not None:
+                part = part.append_column("cell_type", types.slice(n, part.num_rows))
+            writer.write_table(part)
             groups[tile.name] = len(groups)
             n += part.num_rows
     return n, groups
+
+
+def read_parts(parts_dir: Path, tiles: list[Tile], columns: list[str]) -> pd.DataFrame:
+    """``columns`` of all tiles' parts, concatenated in tile order (the order of ``concat_cells``)."""
+    tables = [pq.read_table(parts_dir / f"{t.name}.parquet", columns=columns) for t in tiles]
+    return pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame(columns=columns)
 
 
 def file_fingerprint(path: Path, chunk: int = 1 << 22) -> dict:

@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import shapely
 
+from histo.features import feature_columns
 from histo.tiling import Tile
 
 CELL_SCHEMA = pa.schema(
@@ -24,6 +25,14 @@ CELL_SCHEMA = pa.schema(
         ("tile", pa.string()),
     ]
 )
+
+
+def cell_schema(stain: str, channel_names=None) -> pa.Schema:
+    """Columns of a tile's cells table: :data:`CELL_SCHEMA` plus the stain's nucleus features."""
+    schema = CELL_SCHEMA
+    for name in feature_columns(stain, channel_names):
+        schema = schema.append(pa.field(name, pa.float32()))
+    return schema
 
 
 def cell_ids(points: np.ndarray, grid_width: int) -> np.ndarray:
@@ -49,20 +58,20 @@ def tile_cells(
     tile: Tile,
     mpp: float,
     grid_width: int,
+    features: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """The cells table rows of one tile.
 
     ``coord`` (n, 2, n_rays) and ``points`` (n, 2) are (y, x) in px of the tile's read box, as
     StarDist returns them. Keeps the nuclei whose centre lies in the tile's core, moves them to slide
-    µm and sorts them by id. Grid px ``i`` covers µm ``[i·mpp, (i+1)·mpp)``, so its centre is at
-    ``(i + 0.5)·mpp``.
+    µm, appends their row of ``features`` (one row per input nucleus) and sorts them by id. Grid px
+    ``i`` covers µm ``[i·mpp, (i+1)·mpp)``, so its centre is at ``(i + 0.5)·mpp``.
     """
-    bx, by, _, _ = tile.read_box
-    offset = np.array([by, bx])
+    keep = owned(points, tile)
+    offset = read_origin(tile)
     points = np.asarray(points, dtype=np.int64).reshape(-1, 2) + offset
-    keep = tile.owns(points[:, 1], points[:, 0])
     if not keep.any():
-        return empty_cells()
+        return empty_cells(None if features is None else features.columns)
     coord = (np.asarray(coord, dtype=np.float64)[keep] + offset[None, :, None] + 0.5) * mpp
     polygons = shapely.polygons(np.stack([coord[:, 1, :], coord[:, 0, :]], axis=-1))
     centroids = shapely.centroid(polygons)
@@ -77,9 +86,26 @@ def tile_cells(
             "tile": tile.name,
         }
     )
+    if features is not None:
+        frame = pd.concat([frame, features[keep].reset_index(drop=True)], axis=1)
     return frame.sort_values("cell_id", kind="stable").reset_index(drop=True)
 
 
-def empty_cells() -> pd.DataFrame:
-    """A cells table with no rows and the bundle's columns."""
-    return CELL_SCHEMA.empty_table().to_pandas()
+def read_origin(tile: Tile) -> np.ndarray:
+    """(y, x) grid px of the tile's read box origin."""
+    x, y, _, _ = tile.read_box
+    return np.array([y, x])
+
+
+def owned(points: np.ndarray, tile: Tile) -> np.ndarray:
+    """Which nucleus centres ``points`` (n, 2) as (y, x) read-box px lie in the tile's core."""
+    grid = np.asarray(points, dtype=np.int64).reshape(-1, 2) + read_origin(tile)
+    return tile.owns(grid[:, 1], grid[:, 0])
+
+
+def empty_cells(feature_names=None) -> pd.DataFrame:
+    """A cells table with no rows: the base columns plus float ``feature_names``."""
+    frame = CELL_SCHEMA.empty_table().to_pandas()
+    for name in feature_names if feature_names is not None else ():
+        frame[name] = np.array([], np.float32)
+    return frame

@@ -18,10 +18,11 @@ from pathlib import Path
 from distributed import Client, as_completed
 
 from histo import __version__
-from histo.bundle import concat_cells, file_fingerprint, finish, partial_dir, slide_name
+from histo.bundle import concat_cells, file_fingerprint, finish, partial_dir, read_parts, slide_name
 from histo.cluster import dask_client
 from histo.labels import create_pyramid, downsample_level, write_chunk
 from histo.models import ModelSpec, compute_percentiles, resolve_model
+from histo.phenotypes import HE_COLUMNS, classify_he, gate_markers
 from histo.progress import progress_bar
 from histo.segment import SegmentJob, segment_tile
 from histo.slide import Slide, open_slide
@@ -53,6 +54,18 @@ def slide_percentiles(slide: Slide, tissue, model: ModelSpec) -> tuple | None:
     h, w = min(thumb.shape[0], tissue.mask.shape[0]), min(thumb.shape[1], tissue.mask.shape[1])
     mask = tissue.mask[:h, :w] if tissue.mask[:h, :w].any() else None
     return compute_percentiles(thumb[:h, :w], model, mask)
+
+
+def cell_types(parts, tiles: list[Tile], wf: dict):
+    """Cell types of all nuclei (in ``concat_cells`` order) and the report of thresholds used."""
+    if wf["stain"] == "he":
+        return classify_he(read_parts(parts, tiles, ["x_um", "y_um", *HE_COLUMNS]), wf["cell_types"])
+    gates = wf["marker_gates"]
+    if not gates["gates"]:
+        return None, {"note": "no marker gates in the workflow: cells are not typed"}
+    columns = sorted({g.get("column") or f"mean_{g['marker']}" for g in gates["gates"]})
+    types, report = gate_markers(read_parts(parts, tiles, columns), gates["gates"], gates["auto"])
+    return types, {"gates": report}
 
 
 def versions() -> dict:
@@ -140,13 +153,15 @@ def run_slide(
 
     seg = wf["segmentation"]
     job = SegmentJob(str(Path(slide_path).resolve()), slide.mpp, spec, shape[1], str(parts),
-                     seg["prob_thresh"], seg["nms_thresh"], percentiles)
+                     seg["prob_thresh"], seg["nms_thresh"], percentiles, wf["stain"],
+                     tuple(slide.channel_names) if wf["stain"] == "if" else None)
     with (nullcontext(client) if client else dask_client()) as cl:
         t = time.perf_counter()
         task_totals = _segment(cl, job, tiles, show_progress)
         timings["segment_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        n_cells, groups = concat_cells(parts, tiles, partial / "cells.parquet")
+        types, type_report = cell_types(parts, tiles, wf)
+        n_cells, groups = concat_cells(parts, tiles, partial / "cells.parquet", job.schema, types)
         shutil.rmtree(parts)
         timings["cells_s"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -168,6 +183,7 @@ def run_slide(
         "tissue": {"pieces": len(tissue.pieces), "area_mm2": sum(p.area for p in tissue.pieces) / 1e6},
         "n_tiles": len(tiles),
         "n_cells": n_cells,
+        "cell_types": type_report,
         "timings_s": timings,
         "task_timings_s": task_totals,
         "versions": versions(),

@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from histo.models import ModelSpec, load_model, normalize_image
-from histo.nuclei import CELL_SCHEMA, tile_cells
+from histo.features import nucleus_features
+from histo.nuclei import cell_schema, owned, tile_cells
 from histo.slide import open_slide
 from histo.tiling import Tile
 
@@ -33,6 +34,12 @@ class SegmentJob:
     prob_thresh: float | None = None
     nms_thresh: float | None = None
     percentiles: tuple | None = None  # per-slide normalisation values for percentile models
+    stain: str = "he"  # which nucleus stain features to measure (histo.features)
+    channel_names: tuple | None = None  # channel names of fluorescence slides
+
+    @property
+    def schema(self) -> pa.Schema:
+        return cell_schema(self.stain, self.channel_names)
 
 
 @functools.lru_cache(maxsize=4)
@@ -52,13 +59,15 @@ def _model(spec: ModelSpec):
 
 
 def predict_tile(job: SegmentJob, tile: Tile) -> tuple:
-    """StarDist on the tile's read box; returns (coord, points, prob) in read-box px and timings."""
+    """StarDist on the tile's read box; returns its pixels, (coord, points, prob) in read-box px and
+    timings (s)."""
     t0 = time.perf_counter()
-    img = _slide(job.slide_path, job.slide_mpp).read(*tile.read_box, mpp=job.model.mpp)
-    t1 = time.perf_counter()
-    x = normalize_image(img, job.model, job.percentiles)
     model = _model(job.model)
+    t1 = time.perf_counter()
+    img = _slide(job.slide_path, job.slide_mpp).read(*tile.read_box, mpp=job.model.mpp)
     t2 = time.perf_counter()
+    x = normalize_image(img, job.model, job.percentiles)
+    t3 = time.perf_counter()
     _, det = model.predict_instances(
         x,
         axes="YXC" if x.ndim == 3 else "YX",
@@ -68,18 +77,24 @@ def predict_tile(job: SegmentJob, tile: Tile) -> tuple:
         show_tile_progress=False,
         verbose=False,
     )
-    t3 = time.perf_counter()
-    return det["coord"], det["points"], det["prob"], {"read_s": t1 - t0, "normalize_s": t2 - t1, "stardist_s": t3 - t2}
+    t4 = time.perf_counter()
+    timings = {"model_load_s": t1 - t0, "read_s": t2 - t1, "normalize_s": t3 - t2, "stardist_s": t4 - t3}
+    return img, det["coord"], det["points"], det["prob"], timings
 
 
 def segment_tile(job: SegmentJob, tile: Tile) -> dict:
     """Segment one tile and write its nuclei to ``parts_dir/<tile>.parquet``; return a summary."""
-    coord, points, prob, timings = predict_tile(job, tile)
+    img, coord, points, prob, timings = predict_tile(job, tile)
     t0 = time.perf_counter()
-    cells = tile_cells(coord, points, prob, tile, job.model.mpp, job.grid_width)
+    keep = owned(points, tile)
+    coord, points, prob = coord[keep], points[keep], prob[keep]
+    features = nucleus_features(img, coord, job.model.mpp, job.stain, job.channel_names)
+    t1 = time.perf_counter()
+    cells = tile_cells(coord, points, prob, tile, job.model.mpp, job.grid_width, features)
     part = Path(job.parts_dir) / f"{tile.name}.parquet"
     tmp = part.with_suffix(f".tmp{os.getpid()}")
-    pq.write_table(pa.Table.from_pandas(cells, schema=CELL_SCHEMA, preserve_index=False), tmp)
+    pq.write_table(pa.Table.from_pandas(cells, schema=job.schema, preserve_index=False), tmp)
     os.replace(tmp, part)
-    timings["table_write_s"] = time.perf_counter() - t0
+    timings["features_s"] = t1 - t0
+    timings["table_write_s"] = time.perf_counter() - t1
     return {"tile": tile.name, "n_cells": len(cells), **timings}

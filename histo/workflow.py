@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from histo.errors import WorkflowError
+from histo.phenotypes import HE_RULES_SCHEMA, check_gates
 
 WORKFLOW_DIR = Path(__file__).resolve().parents[1] / "workflows"
 
@@ -34,6 +35,11 @@ SCHEMA: dict[str, Any] = {
     "tissue": {
         "mpp": (Number, 8.0),  # µm/px of the level tissue is detected on
         "min_area_um2": (Number, 20_000.0),  # smaller tissue specks are dropped
+    },
+    "cell_types": HE_RULES_SCHEMA,  # H&E morphology rules (histo.phenotypes)
+    "marker_gates": {  # IHC / immunofluorescence: first positive gate wins (histo.phenotypes)
+        "gates": (list, []),  # [{marker, cell_type, threshold: number | auto, column}]
+        "auto": ((str, type(None)), "otsu"),  # per-slide threshold method for "auto" gates: otsu | gmm
     },
 }
 
@@ -68,9 +74,12 @@ def validate(data: dict, path: str = "<workflow>") -> dict:
     wf = _check(copy.deepcopy(data or {}), SCHEMA, "", path)
     if wf["stain"] not in STAINS:
         raise WorkflowError(path, f"'stain' must be one of {', '.join(STAINS)}, got {wf['stain']!r}")
-    for key in ("tile_um",):
-        if wf["segmentation"][key] <= 0:
-            raise WorkflowError(path, f"'segmentation.{key}' must be positive")
+    if wf["segmentation"]["tile_um"] <= 0:
+        raise WorkflowError(path, "'segmentation.tile_um' must be positive")
+    try:
+        check_gates(wf["marker_gates"]["gates"], wf["marker_gates"]["auto"])
+    except ValueError as exc:
+        raise WorkflowError(path, f"'marker_gates': {exc}") from None
     return wf
 
 
