@@ -35,14 +35,15 @@ VERSIONED = ("numpy", "dask", "distributed", "tifffile", "imagecodecs", "zarr", 
              "stardist", "csbdeep", "tensorflow-cpu", "shapely", "pyarrow")
 
 
-def plan_tiles(slide: Slide, tissue, model: ModelSpec, segmentation: dict) -> tuple[tuple[int, int], list[Tile]]:
-    """The model-grid shape (H, W) px and the tiles over tissue."""
-    scale = slide.mpp / model.mpp
+def plan_tiles(slide: Slide, tissue, grid_mpp: float, max_nucleus_um: float, segmentation: dict
+               ) -> tuple[tuple[int, int], list[Tile]]:
+    """The grid shape (H, W) px at ``grid_mpp`` µm/px and the tiles over tissue."""
+    scale = slide.mpp / grid_mpp
     shape = (math.ceil(slide.shape[0] * scale), math.ceil(slide.shape[1] * scale))
     halo_um = segmentation["halo_um"]
-    halo_px = max(MIN_HALO_PX, 2 * model.max_nucleus_um / model.mpp) if halo_um is None else halo_um / model.mpp
-    tile_px = align_up(segmentation["tile_um"] / model.mpp)
-    return shape, tile_grid(shape, tile_px, align_up(halo_px), tissue.mask, tissue.mpp / model.mpp)
+    halo_px = max(MIN_HALO_PX, 2 * max_nucleus_um / grid_mpp) if halo_um is None else halo_um / grid_mpp
+    tile_px = align_up(segmentation["tile_um"] / grid_mpp)
+    return shape, tile_grid(shape, tile_px, align_up(halo_px), tissue.mask, tissue.mpp / grid_mpp)
 
 
 def slide_percentiles(slide: Slide, tissue, model: ModelSpec) -> tuple | None:
@@ -139,7 +140,9 @@ def run_slide(
 
     t = time.perf_counter()
     tissue = detect_tissue(slide, mpp=wf["tissue"]["mpp"], min_area_um2=wf["tissue"]["min_area_um2"])
-    shape, tiles = plan_tiles(slide, tissue, spec, wf["segmentation"])
+    # the model's µm/px, or the slide level's own where that is within 1 % (read unscaled)
+    grid_mpp = slide.effective_mpp(spec.mpp)
+    shape, tiles = plan_tiles(slide, tissue, grid_mpp, spec.max_nucleus_um, wf["segmentation"])
     percentiles = slide_percentiles(slide, tissue, spec)
     timings["tissue_s"] = time.perf_counter() - t
 
@@ -152,7 +155,7 @@ def run_slide(
     parts.mkdir(parents=True)
 
     seg = wf["segmentation"]
-    job = SegmentJob(str(Path(slide_path).resolve()), slide.mpp, spec, shape[1], str(parts),
+    job = SegmentJob(str(Path(slide_path).resolve()), slide.mpp, spec, grid_mpp, shape[1], str(parts),
                      seg["prob_thresh"], seg["nms_thresh"], percentiles, wf["stain"],
                      tuple(slide.channel_names) if wf["stain"] == "if" else None)
     with (nullcontext(client) if client else dask_client()) as cl:
@@ -165,7 +168,7 @@ def run_slide(
         shutil.rmtree(parts)
         timings["cells_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        _labels(cl, partial / "cells.parquet", groups, tiles, shape, partial / "labels.ome.zarr", spec.mpp, show_progress)
+        _labels(cl, partial / "cells.parquet", groups, tiles, shape, partial / "labels.ome.zarr", grid_mpp, show_progress)
         timings["labels_s"] = time.perf_counter() - t
 
     run = {
@@ -177,7 +180,7 @@ def run_slide(
                   "mpp_source": "argument" if mpp else "file", "shape_px": list(slide.shape), "levels": len(slide.levels)},
         "workflow": wf,
         "model": spec.to_dict(),
-        "parameters": {"grid_mpp": spec.mpp, "grid_shape_px": list(shape),
+        "parameters": {"grid_mpp": grid_mpp, "grid_shape_px": list(shape),
                        "tile_px": tiles[0].x1 - tiles[0].x0 if tiles else None,
                        "halo_px": tiles[0].halo if tiles else None, "percentiles": percentiles},
         "tissue": {"pieces": len(tissue.pieces), "area_mm2": sum(p.area for p in tissue.pieces) / 1e6},

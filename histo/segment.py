@@ -29,6 +29,7 @@ class SegmentJob:
     slide_path: str
     slide_mpp: float  # level-0 µm/px as the run resolved it (so --mpp reaches the workers)
     model: ModelSpec
+    grid_mpp: float  # µm/px of the tile grid: the model's, or the slide level's when within 1 %
     grid_width: int  # width of the model-µm/px grid, px (for cell ids)
     parts_dir: str  # where each tile writes <tile>.parquet
     prob_thresh: float | None = None
@@ -64,7 +65,7 @@ def predict_tile(job: SegmentJob, tile: Tile) -> tuple:
     t0 = time.perf_counter()
     model = _model(job.model)
     t1 = time.perf_counter()
-    img = _slide(job.slide_path, job.slide_mpp).read(*tile.read_box, mpp=job.model.mpp)
+    img = _slide(job.slide_path, job.slide_mpp).read(*tile.read_box, mpp=job.grid_mpp)
     t2 = time.perf_counter()
     x = normalize_image(img, job.model, job.percentiles)
     t3 = time.perf_counter()
@@ -88,9 +89,9 @@ def segment_tile(job: SegmentJob, tile: Tile) -> dict:
     t0 = time.perf_counter()
     keep = owned(points, tile)
     coord, points, prob = coord[keep], points[keep], prob[keep]
-    features = nucleus_features(img, coord, job.model.mpp, job.stain, job.channel_names)
+    features = nucleus_features(img, coord, job.grid_mpp, job.stain, job.channel_names)
     t1 = time.perf_counter()
-    cells = tile_cells(coord, points, prob, tile, job.model.mpp, job.grid_width, features)
+    cells = tile_cells(coord, points, prob, tile, job.grid_mpp, job.grid_width, features)
     part = Path(job.parts_dir) / f"{tile.name}.parquet"
     tmp = part.with_suffix(f".tmp{os.getpid()}")
     pq.write_table(pa.Table.from_pandas(cells, schema=job.schema, preserve_index=False), tmp)
