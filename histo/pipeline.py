@@ -41,7 +41,8 @@ def plan_tiles(slide: Slide, tissue, grid_mpp: float, max_nucleus_um: float, seg
     scale = slide.mpp / grid_mpp
     shape = (math.ceil(slide.shape[0] * scale), math.ceil(slide.shape[1] * scale))
     halo_um = segmentation["halo_um"]
-    halo_px = max(MIN_HALO_PX, 2 * max_nucleus_um / grid_mpp) if halo_um is None else halo_um / grid_mpp
+    # a kept nucleus reaches at most its diameter past the core; the U-Net needs MIN_HALO_PX of context
+    halo_px = max(MIN_HALO_PX, max_nucleus_um / grid_mpp) if halo_um is None else halo_um / grid_mpp
     tile_px = align_up(segmentation["tile_um"] / grid_mpp)
     return shape, tile_grid(shape, tile_px, align_up(halo_px), tissue.mask, tissue.mpp / grid_mpp)
 
