@@ -37,11 +37,11 @@ def _run(args) -> None:
 
 
 def _train(args) -> None:
-    from histo.train import pairs_from_folders, train
+    from histo.train import main_train
 
-    images, masks = pairs_from_folders(args.images, args.masks)
-    out = train(images, masks, Path(args.out), mpp=args.mpp, image_mpp=args.image_mpp, epochs=args.epochs,
-                steps_per_epoch=args.steps, patch_size=args.patch, seed=args.seed)
+    out = main_train(args.images, args.masks, Path(args.out), mpp=args.mpp, image_mpp=args.image_mpp,
+                     epochs=args.epochs, steps=args.steps, patch_size=args.patch, seed=args.seed,
+                     command="histo " + " ".join(sys.argv[1:]))
     print(f"wrote model {out}")
 
 
