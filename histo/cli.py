@@ -23,13 +23,14 @@ def _sample(args) -> None:
 
 
 def _run(args) -> None:
-    from histo.cluster import dask_client
-    from histo.pipeline import run_slide
     from histo.slide import open_slide
     from histo.workflow import load_workflow
 
     load_workflow(args.workflow)  # fail fast, before any worker starts
     open_slide(args.slide, mpp=args.mpp)
+    from histo.cluster import dask_client
+    from histo.pipeline import run_slide
+
     with dask_client(args.scheduler, args.workers) as client:
         bundle = run_slide(args.slide, args.out, workflow=args.workflow, model=args.model, mpp=args.mpp,
                            client=client, show_progress=not args.quiet)
