@@ -64,17 +64,17 @@ def is_complete(bundle: Path) -> bool:
 
 
 def concat_cells(parts_dir: Path, tiles: list[Tile], out: Path, schema: pa.Schema,
-                 cell_type: pd.Categorical | None = None) -> tuple[int, dict[str, int]]:
+                 extra: pd.DataFrame | None = None) -> tuple[int, dict[str, int]]:
     """Stream the per-tile parts (columns ``schema``), in tile order, into ``cells.parquet`` (one row
-    group per non-empty tile), numbering the nuclei ``label`` = 1, 2, … in that order and adding
-    ``cell_type`` (given in the same order) when there is one.
+    group per non-empty tile), numbering the nuclei ``label`` = 1, 2, … in that order and appending
+    the columns of ``extra`` (one row per nucleus in the same order: cell types, region ids).
 
     Returns the number of cells and a map tile name → row group index. Holds one tile at a time.
     """
+    extra_table = None if extra is None else pa.Table.from_pandas(extra, preserve_index=False)
     out_schema = schema.append(pa.field("label", pa.int32()))
-    if cell_type is not None:
-        out_schema = out_schema.append(pa.field("cell_type", pa.dictionary(pa.int8(), pa.string())))
-        types = pa.DictionaryArray.from_arrays(pa.array(cell_type.codes, pa.int8()), list(cell_type.categories))
+    for field in extra_table.schema if extra_table is not None else ():
+        out_schema = out_schema.append(field)
     n, groups = 0, {}
     with pq.ParquetWriter(out, out_schema) as writer:
         for tile in tiles:
@@ -82,8 +82,8 @@ def concat_cells(parts_dir: Path, tiles: list[Tile], out: Path, schema: pa.Schem
             if part.num_rows == 0:
                 continue
             part = part.append_column("label", pa.array(range(n + 1, n + 1 + part.num_rows), pa.int32()))
-            if cell_type is not None:
-                part = part.append_column("cell_type", types.slice(n, part.num_rows))
+            for name in extra_table.column_names if extra_table is not None else ():
+                part = part.append_column(name, extra_table.column(name).slice(n, part.num_rows).combine_chunks())
             writer.write_table(part)
             groups[tile.name] = len(groups)
             n += part.num_rows

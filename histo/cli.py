@@ -33,7 +33,7 @@ def _run(args) -> None:
 
     with dask_client(args.scheduler, args.workers) as client:
         bundle = run_slide(args.slide, args.out, workflow=args.workflow, model=args.model, mpp=args.mpp,
-                           client=client, show_progress=not args.quiet)
+                           client=client, show_progress=not args.quiet, annotations=args.annotations)
     print(f"wrote {bundle}")
 
 
@@ -65,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--workflow", default="lymph-node-he", help="preset name in workflows/ or a YAML file")
     r.add_argument("--model", help="StarDist registry name, shipped model name or model folder")
     r.add_argument("--mpp", type=float, help="µm per px of level 0 (overrides or supplies the file's)")
+    r.add_argument("--annotations", help="QuPath GeoJSON of regions to measure (level-0 pixel coordinates)")
     r.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
     r.add_argument("--scheduler", help="address of an existing dask.distributed scheduler")
     r.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 from distributed import Client, as_completed
 
 from histo import __version__
@@ -22,9 +24,9 @@ from histo.bundle import concat_cells, file_fingerprint, finish, partial_dir, re
 from histo.cluster import dask_client
 from histo.labels import create_pyramid, downsample_level, write_chunk
 from histo.models import ModelSpec, compute_percentiles, resolve_model
-from histo.phenotypes import HE_COLUMNS, classify_he, gate_markers
 from histo.progress import progress_bar
 from histo.segment import SegmentJob, segment_tile
+from histo.structures import analyse_cells, write_outputs
 from histo.slide import Slide, open_slide
 from histo.tiling import Tile, align_up, tile_grid
 from histo.tissue import detect_tissue
@@ -56,18 +58,6 @@ def slide_percentiles(slide: Slide, tissue, model: ModelSpec) -> tuple | None:
     h, w = min(thumb.shape[0], tissue.mask.shape[0]), min(thumb.shape[1], tissue.mask.shape[1])
     mask = tissue.mask[:h, :w] if tissue.mask[:h, :w].any() else None
     return compute_percentiles(thumb[:h, :w], model, mask)
-
-
-def cell_types(parts, tiles: list[Tile], wf: dict):
-    """Cell types of all nuclei (in ``concat_cells`` order) and the report of thresholds used."""
-    if wf["stain"] == "he":
-        return classify_he(read_parts(parts, tiles, ["x_um", "y_um", *HE_COLUMNS]), wf["cell_types"])
-    gates = wf["marker_gates"]
-    if not gates["gates"]:
-        return None, {"note": "no marker gates in the workflow: cells are not typed"}
-    columns = sorted({g.get("column") or f"mean_{g['marker']}" for g in gates["gates"]})
-    types, report = gate_markers(read_parts(parts, tiles, columns), gates["gates"], gates["auto"])
-    return types, {"gates": report}
 
 
 def versions() -> dict:
@@ -124,12 +114,14 @@ def run_slide(
     mpp: float | None = None,
     client: Client | None = None,
     show_progress: bool = True,
+    annotations: str | Path | None = None,
 ) -> Path:
     """Analyse one slide and write its bundle ``out_dir/<slide name>/``; returns the bundle path.
 
     ``workflow`` is a preset name, a YAML path or an already validated dict; ``model`` overrides the
     workflow's model; ``mpp`` (µm/px) overrides or supplies the slide's pixel size. Without a
-    ``client`` a LocalCluster is started for this call and closed after it.
+    ``client`` a LocalCluster is started for this call and closed after it. ``annotations`` is a
+    QuPath GeoJSON whose polygons become ``annotation`` regions.
     """
     started = datetime.now(timezone.utc)
     timings: dict[str, float] = {}
@@ -164,10 +156,16 @@ def run_slide(
         task_totals = _segment(cl, job, tiles, show_progress)
         timings["segment_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        types, type_report = cell_types(parts, tiles, wf)
-        n_cells, groups = concat_cells(parts, tiles, partial / "cells.parquet", job.schema, types)
+        columns = [c for c in job.schema.names if c not in ("polygon", "tile")]
+        cells = read_parts(parts, tiles, columns)
+        extra, regions, metrics, structure_report = analyse_cells(cells, slide, tissue, wf, annotations)
+        timings["structures_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        n_cells, groups = concat_cells(parts, tiles, partial / "cells.parquet", job.schema, extra)
         shutil.rmtree(parts)
-        timings["cells_s"] = time.perf_counter() - t
+        cells = pd.concat([cells, extra], axis=1).assign(label=np.arange(1, n_cells + 1, dtype=np.int32))
+        write_outputs(partial, name, cells, regions, metrics, slide, wf)
+        timings["outputs_s"] = time.perf_counter() - t
         t = time.perf_counter()
         _labels(cl, partial / "cells.parquet", groups, tiles, shape, partial / "labels.ome.zarr", grid_mpp, show_progress)
         timings["labels_s"] = time.perf_counter() - t
@@ -187,7 +185,7 @@ def run_slide(
         "tissue": {"pieces": len(tissue.pieces), "area_mm2": sum(p.area for p in tissue.pieces) / 1e6},
         "n_tiles": len(tiles),
         "n_cells": n_cells,
-        "cell_types": type_report,
+        **structure_report,
         "timings_s": timings,
         "task_timings_s": task_totals,
         "versions": versions(),

@@ -14,6 +14,7 @@ import yaml
 
 from histo.errors import WorkflowError
 from histo.phenotypes import HE_RULES_SCHEMA, check_gates
+from histo.regions import REGION_PARAMS_SCHEMA, TISSUE_TYPES
 
 WORKFLOW_DIR = Path(__file__).resolve().parents[1] / "workflows"
 
@@ -23,7 +24,7 @@ Number = (int, float)
 SCHEMA: dict[str, Any] = {
     "name": (str, None),
     "description": (str, ""),
-    "tissue_type": (str, None),  # lymph-node | synovium
+    "tissue_type": (str, "lymph-node"),  # lymph-node | synovium
     "stain": (str, "he"),  # he | ihc | if
     "model": ((str, type(None)), None),  # None = the stain's default model
     "segmentation": {
@@ -36,7 +37,8 @@ SCHEMA: dict[str, Any] = {
         "mpp": (Number, 8.0),  # µm/px of the level tissue is detected on
         "min_area_um2": (Number, 20_000.0),  # smaller tissue specks are dropped
     },
-    "cell_types": HE_RULES_SCHEMA,  # H&E morphology rules (histo.phenotypes)
+    "cell_types": HE_RULES_SCHEMA,
+    "regions": REGION_PARAMS_SCHEMA,  # follicles, aggregates, germinal centres, lining (histo.regions)  # H&E morphology rules (histo.phenotypes)
     "marker_gates": {  # IHC / immunofluorescence: first positive gate wins (histo.phenotypes)
         "gates": (list, []),  # [{marker, cell_type, threshold: number | auto, column}]
         "auto": ((str, type(None)), "otsu"),  # per-slide threshold method for "auto" gates: otsu | gmm
@@ -74,6 +76,8 @@ def validate(data: dict, path: str = "<workflow>") -> dict:
     wf = _check(copy.deepcopy(data or {}), SCHEMA, "", path)
     if wf["stain"] not in STAINS:
         raise WorkflowError(path, f"'stain' must be one of {', '.join(STAINS)}, got {wf['stain']!r}")
+    if wf["tissue_type"] not in TISSUE_TYPES:
+        raise WorkflowError(path, f"'tissue_type' must be one of {', '.join(TISSUE_TYPES)}, got {wf['tissue_type']!r}")
     if wf["segmentation"]["tile_um"] <= 0:
         raise WorkflowError(path, "'segmentation.tile_um' must be positive")
     try:

@@ -1,0 +1,184 @@
+"""Bundle files from tables: ``regions.geojson`` (QuPath annotations), QuPath annotation import,
+``metrics.csv`` / ``metrics.parquet`` and ``cells.h5ad`` (AnnData for scanpy / squidpy).
+
+QuPath GeoJSON (0.4+): a FeatureCollection; each Feature's geometry is in level-0 pixels (origin
+top-left) and its properties hold ``objectType``, ``name``, ``classification`` {``name``,
+``color``} and ``measurements`` (a flat name → number map); other properties are ignored by QuPath
+and carry our ids and the µm geometry.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import anndata as ad
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+from shapely.geometry import mapping, shape
+from shapely.validation import explain_validity
+
+from histo.errors import HistoError
+
+KIND_COLORS = {  # QuPath classification colours, RGB 0–255
+    "tissue": (120, 120, 120), "follicle": (31, 119, 180), "germinal_centre": (23, 190, 207),
+    "aggregate": (214, 39, 40), "lining": (199, 21, 133), "annotation": (148, 103, 189),
+}
+ID_COLUMNS = ("region_id", "kind", "name", "parent_id", "tissue_id")
+NOT_FEATURES = ("cell_id", "x_um", "y_um", "label")  # numeric cell columns that are not features
+
+
+def _number(value) -> float | None:
+    """A JSON-safe number, or None (strings, missing values)."""
+    if isinstance(value, (bool, np.bool_)):
+        return float(value)
+    if isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(float(value)):
+        return float(value)
+    return None
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def regions_geojson(regions: gpd.GeoDataFrame, mpp: float, metrics: pd.DataFrame | None = None) -> dict:
+    """A QuPath-readable FeatureCollection of ``regions`` (µm) on a slide of ``mpp`` µm/px.
+
+    ``measurements`` hold every numeric region property (booleans as 0/1) and, with ``metrics``
+    (from :func:`histo.metrics.region_metrics`), that region's row; ``geometry_um`` is the µm
+    geometry as WKT. Geometries are made valid before writing.
+    """
+    rows = metrics.set_index("region_id") if metrics is not None else None
+    features = []
+    for rec in regions.to_dict("records"):
+        geom = shapely.make_valid(rec.pop("geometry"))
+        px = shapely.set_precision(shapely.transform(geom, lambda xy: xy / mpp), 0.01)
+        values = {**rec, **(rows.loc[rec["region_id"]].to_dict() if rows is not None and rec["region_id"] in rows.index else {})}
+        measurements = {k: v for k, v in ((k, _number(v)) for k, v in values.items() if k not in ID_COLUMNS) if v is not None}
+        kind = rec["kind"]
+        features.append({
+            "type": "Feature",
+            "geometry": mapping(px),
+            "properties": {
+                "objectType": "annotation",
+                "name": rec["name"] if kind == "annotation" else rec["region_id"],
+                "classification": {"name": kind, "color": list(KIND_COLORS.get(kind, (0, 0, 0)))},
+                "isLocked": kind != "annotation",
+                "kind": kind,
+                "region_id": rec["region_id"],
+                "parent_id": _text(rec.get("parent_id")),
+                "tissue_id": _text(rec.get("tissue_id")),
+                "measurements": measurements,
+                "geometry_um": shapely.to_wkt(geom, rounding_precision=2),
+            },
+        })
+    return {"type": "FeatureCollection", "properties": {"units": "level-0 px", "mpp": mpp}, "features": features}
+
+
+def write_regions_geojson(regions: gpd.GeoDataFrame, path: str | Path, mpp: float, metrics: pd.DataFrame | None = None) -> Path:
+    """Write :func:`regions_geojson` to ``path`` (UTF-8 JSON)."""
+    path = Path(path)
+    text = json.dumps(regions_geojson(regions, mpp, metrics), ensure_ascii=False, separators=(",", ":"))
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def import_annotations(path: str | Path, mpp: float) -> gpd.GeoDataFrame:
+    """User annotations from a QuPath GeoJSON export (FeatureCollection, list of Features or one
+    Feature; coordinates in level-0 pixels) as regions in µm: kind ``annotation``, ``name`` = the
+    QuPath classification (else the object's name, else ``annotation``), ids ``annotation-<n>`` in
+    file order. Objects whose ``objectType`` is not ``annotation`` (detections, cells) are skipped.
+
+    Raises HistoError naming the file and the 1-based feature number for anything else: not JSON,
+    not GeoJSON, a feature without an area geometry, invalid coordinates, an invalid polygon.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise HistoError(path, f"cannot read the annotation file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise HistoError(path, "not a GeoJSON file: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise HistoError(path, f"not a GeoJSON file: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})") from None
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection" and isinstance(data.get("features"), list):
+        features = data["features"]
+    elif isinstance(data, list):
+        features = data
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        features = [data]
+    else:
+        raise HistoError(path, "not GeoJSON annotations: expected a FeatureCollection, a Feature or a list of Features")
+    rows = []
+    for i, feat in enumerate(features, 1):
+        where = f"feature {i} of {len(features)}"
+        if not isinstance(feat, dict) or feat.get("type") != "Feature":
+            raise HistoError(path, f"{where}: not a GeoJSON Feature")
+        props = feat.get("properties") or {}
+        if props.get("objectType", "annotation") != "annotation":
+            continue
+        geom = _geometry(path, where, feat.get("geometry"))
+        cls = props.get("classification")
+        name = (cls.get("name") if isinstance(cls, dict) else cls) or props.get("name") or "annotation"
+        geom = shapely.transform(geom, lambda xy: xy * mpp)
+        rows.append(dict(region_id=f"annotation-{len(rows) + 1}", kind="annotation", name=str(name), parent_id=None,
+                         tissue_id=None, area_um2=geom.area, edge_truncated=False, geometry=geom))
+    cols = list(ID_COLUMNS) + ["area_um2", "edge_truncated"]
+    return gpd.GeoDataFrame(rows, columns=cols + ["geometry"], geometry="geometry")
+
+
+def _geometry(path, where: str, geo) -> shapely.Geometry:
+    """A valid Polygon / MultiPolygon from a GeoJSON geometry, or a HistoError naming the feature."""
+    if not isinstance(geo, dict) or "type" not in geo:
+        raise HistoError(path, f"{where}: no geometry")
+    if geo["type"] not in ("Polygon", "MultiPolygon"):
+        raise HistoError(path, f"{where}: a {geo['type']} is not an area (only Polygon and MultiPolygon annotations "
+                               "are imported)")
+    try:
+        geom = shape(geo)
+    except (ValueError, TypeError, IndexError, AttributeError, shapely.errors.GEOSException) as exc:
+        raise HistoError(path, f"{where}: invalid {geo['type']} coordinates ({exc})") from None
+    if not geom.is_valid:
+        reason = explain_validity(geom)
+        what = "self-intersecting polygon" if "Self-intersection" in reason else "invalid polygon"
+        raise HistoError(path, f"{where}: {what} ({reason}); fix it in QuPath (e.g. Objects > Annotations > "
+                               "Simplify shape) and export again")
+    if geom.is_empty or geom.area <= 0:
+        raise HistoError(path, f"{where}: empty {geo['type']} (no area)")
+    return geom
+
+
+def write_metrics(table: pd.DataFrame, folder: str | Path) -> tuple[Path, Path]:
+    """Write ``metrics.csv`` and ``metrics.parquet`` into ``folder``; returns both paths."""
+    folder = Path(folder)
+    csv, parquet = folder / "metrics.csv", folder / "metrics.parquet"
+    table.to_csv(csv, index=False)
+    table.to_parquet(parquet, index=False)
+    return csv, parquet
+
+
+def write_h5ad(cells: pd.DataFrame, path: str | Path, uns: dict | None = None) -> Path:
+    """Write the cells as AnnData: ``obs`` = the cells table without binary columns (polygons; text
+    columns as categoricals, index = ``cell_id``), ``X`` = the numeric feature columns (float32;
+    ``var_names`` = their names; not ids, coordinates or labels), ``obsm["spatial"]`` = (x_um, y_um)
+    in µm, ``uns`` = ``uns`` plus ``{"histo": {"spatial_units": "um"}}``. Opens in scanpy/squidpy."""
+    obs = cells.drop(columns=[c for c in cells.columns if cells[c].dtype == object and _is_bytes(cells[c])])
+    for c in obs.columns:
+        if obs[c].dtype == object or pd.api.types.is_string_dtype(obs[c]):
+            obs[c] = pd.Categorical(obs[c].astype("string"))
+    feats = [c for c in obs.columns if c not in NOT_FEATURES and pd.api.types.is_numeric_dtype(obs[c])
+             and not pd.api.types.is_bool_dtype(obs[c])]
+    obs.index = (cells["cell_id"] if "cell_id" in cells else pd.RangeIndex(len(cells))).astype(str).to_numpy()
+    adata = ad.AnnData(X=obs[feats].to_numpy(np.float32) if feats else np.zeros((len(obs), 0), np.float32),
+                       obs=obs, var=pd.DataFrame(index=feats),
+                       obsm={"spatial": cells[["x_um", "y_um"]].to_numpy(np.float64)},
+                       uns={**(uns or {}), "histo": {"spatial_units": "um"}})
+    adata.write_h5ad(path)
+    return Path(path)
+
+
+def _is_bytes(col: pd.Series) -> bool:
+    first = col.dropna()
+    return len(first) > 0 and isinstance(first.iloc[0], (bytes, bytearray, memoryview))

@@ -1,0 +1,201 @@
+"""``overview.png`` and ``report.html``: what a pathologist looks at first.
+
+Figures use matplotlib's Agg canvas directly (no pyplot state, no display). The HTML report is one
+self-contained file: images embedded as base64 PNG, tables as plain HTML.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import shapely
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from histo.export import KIND_COLORS
+from histo.regions import Grid, disc_sum, grid_counts
+
+CELL_COLORS = {"lymphocyte": "#1f1a8a", "large": "#ff8c00", "stromal": "#2ca02c", "lining": "#e0119d", "other": "#7f7f7f"}
+MAX_POINTS = 200_000
+DENSITY_RADIUS_UM = 25.0  # §7.1: lymphocytes within 25 µm
+
+
+def _rgb(kind: str) -> tuple:
+    return tuple(v / 255 for v in KIND_COLORS.get(kind, (0, 0, 0)))
+
+
+def _figure(thumbnail: np.ndarray, thumb_mpp: float, fade: float, width_in: float = 10.0):
+    """Figure with the thumbnail (blended ``fade`` towards white) on the left 80 %, µm axes."""
+    h, w = thumbnail.shape[:2]
+    fig = Figure(figsize=(width_in, max(3.0, 0.8 * width_in * h / w)), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.0, 0.0, 0.8, 1.0))
+    img = (thumbnail[..., :3].astype(np.float32) * (1 - fade) + 255 * fade).astype(np.uint8)
+    ax.imshow(img, extent=(0, w * thumb_mpp, h * thumb_mpp, 0), interpolation="lanczos")
+    ax.set_axis_off()
+    return fig, ax
+
+
+def _outlines(ax, regions, kinds=("tissue", "follicle", "aggregate", "germinal_centre", "lining", "annotation"),
+              max_labels: int = 80):
+    """Region outlines coloured by kind; the ``max_labels`` largest follicles / aggregates that are
+    ≥ 12 pt across get their number (and grade)."""
+    for kind in kinds:
+        geoms = regions.geometry[regions.kind == kind]
+        rings = [np.asarray(r.coords) for g in geoms for p in shapely.get_parts(g) for r in [p.exterior, *p.interiors]]
+        ax.add_collection(LineCollection(rings, colors=[_rgb(kind)], linewidths=0.8 if kind == "tissue" else 1.4,
+                                         linestyles="--" if kind == "germinal_centre" else "-"))
+    x0, x1 = ax.get_xlim()
+    pt_per_um = ax.get_window_extent().width / ax.figure.dpi * 72 / abs(x1 - x0)
+    big = regions[regions.kind.isin(["follicle", "aggregate"]) & (2 * np.sqrt(regions.area_um2 / np.pi) * pt_per_um >= 12)]
+    for rec in big.sort_values("area_um2", ascending=False).head(max_labels).itertuples():
+        c = rec.geometry.centroid
+        grade = getattr(rec, "grade", np.nan)
+        text = rec.region_id.split("-")[-1] + (f" G{int(grade)}" if rec.kind == "aggregate" and np.isfinite(grade) else "")
+        ax.annotate(text, (c.x, c.y), color="black", fontsize=7, ha="center", va="center",
+                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec=_rgb(rec.kind), alpha=0.8, lw=0.8))
+
+
+def _scalebar(ax, width_um: float):
+    length = 10 ** np.floor(np.log10(width_um / 5))
+    length *= 5 if width_um / length >= 25 else 2 if width_um / length >= 10 else 1
+    x0, x1 = ax.get_xlim()
+    y0, y1 = ax.get_ylim()
+    x, y = x0 + 0.03 * (x1 - x0), y0 - 0.03 * (y0 - y1)
+    ax.plot([x, x + length], [y, y], color="black", lw=3, solid_capstyle="butt")
+    ax.text(x + length / 2, y - 0.015 * (y0 - y1), f"{length:g} µm", ha="center", va="bottom", fontsize=8)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def overview_figure(thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame, max_points: int = MAX_POINTS) -> bytes:
+    """PNG bytes: the slide thumbnail (RGB, ``thumb_mpp`` µm/px) with cell-type dots (a random
+    ≤ ``max_points`` subsample, fixed seed), region outlines coloured by kind, numbered follicles /
+    aggregates with their grade, a legend and a scale bar."""
+    fig, ax = _figure(thumbnail, thumb_mpp, fade=0.55)
+    sub = cells.sample(max_points, random_state=0) if len(cells) > max_points else cells
+    pt_per_um = 8.0 * 72 / (thumbnail.shape[1] * thumb_mpp)
+    size = float(np.clip((7.0 * pt_per_um) ** 2, 0.3, 16))  # a dot ≈ a 7 µm nucleus
+    types = [t for t in CELL_COLORS if (sub.cell_type == t).any()]
+    for t in types:
+        m = sub.cell_type == t
+        ax.scatter(sub.x_um[m], sub.y_um[m], s=size, c=CELL_COLORS[t], lw=0, alpha=0.8, rasterized=True)
+    _outlines(ax, regions)
+    _scalebar(ax, thumbnail.shape[1] * thumb_mpp)
+    kinds = [k for k in KIND_COLORS if (regions.kind == k).any()]
+    handles = [Line2D([], [], ls="", marker="o", color=CELL_COLORS[t], label=t) for t in types]
+    handles += [Line2D([], [], color=_rgb(k), ls="--" if k == "germinal_centre" else "-", lw=2, label=k.replace("_", " "))
+                for k in kinds]
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.805, 0.98), frameon=False, fontsize=9, title="cells / regions")
+    return _png(fig)
+
+
+def write_overview(path: str | Path, thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame) -> Path:
+    """Write :func:`overview_figure` to ``path`` (``overview.png``)."""
+    path = Path(path)
+    path.write_bytes(overview_figure(thumbnail, thumb_mpp, regions, cells))
+    return path
+
+
+def density_figure(thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame) -> bytes:
+    """PNG bytes: lymphocytes per mm² within 25 µm (§7.1) over the thumbnail, structure outlines."""
+    fig, ax = _figure(thumbnail, thumb_mpp, fade=0.3)
+    h, w = thumbnail.shape[:2]
+    px = max(5.0, max(h, w) * thumb_mpp / 800)
+    grid = Grid(0.0, 0.0, px, (int(np.ceil(h * thumb_mpp / px)), int(np.ceil(w * thumb_mpp / px))))
+    lym = cells[cells.cell_type == "lymphocyte"]
+    counts = grid_counts(grid, lym.x_um, lym.y_um)
+    r = DENSITY_RADIUS_UM / px
+    dens = disc_sum(counts, r) / (np.pi * DENSITY_RADIUS_UM**2) * 1e6 if r >= 1 else counts / px**2 * 1e6
+    top = max(float(np.percentile(dens[dens > 0], 99)) if (dens > 0).any() else 1.0, 1.0)
+    im = ax.imshow(np.ma.masked_less(dens, 1.0), extent=(0, grid.shape[1] * px, grid.shape[0] * px, 0),
+                   cmap="magma_r", alpha=0.75, vmin=0, vmax=top)
+    _outlines(ax, regions, kinds=("tissue", "follicle", "aggregate", "germinal_centre"))
+    _scalebar(ax, w * thumb_mpp)
+    cax = fig.add_axes((0.83, 0.15, 0.025, 0.7))
+    fig.colorbar(im, cax=cax).set_label("lymphocytes / mm² (within 25 µm)")
+    return _png(fig)
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _fmt(v):
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (float, np.floating)):
+        return "" if not np.isfinite(v) else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+    return "" if v is None else v
+
+
+SLIDE_ROWS = ["area_mm2", "n_tissue_pieces", "sampling_flag", "n_cells", "density_cells_per_mm2", "density_lymphocyte_per_mm2",
+              "fraction_lymphocyte", "fraction_large", "fraction_stromal", "fraction_lining",
+              "n_follicles", "follicles_per_mm2", "n_follicles_with_gc", "fraction_area_follicle", "fraction_area_germinal_centre",
+              "follicle_eq_diameter_median_um", "n_follicles_edge_truncated",
+              "n_aggregates", "aggregates_per_mm2", "n_aggregates_grade1", "n_aggregates_grade2", "n_aggregates_grade3", "n_els",
+              "fraction_area_aggregate", "lining_length_mm", "lining_layers_median", "stroma_density_per_mm2",
+              "krenn_lining", "krenn_stroma", "krenn_infiltrate", "krenn_sum", "krenn_band", "krenn_version", "pathotype_proxy_he"]
+STRUCTURE_COLUMNS = ["region_id", "tissue_id", "area_um2", "eq_diameter_um", "n_cells", "fraction_lymphocyte",
+                     "density_lymphocyte_per_mm2", "radial_layers", "grade", "tls_size", "has_gc", "mantle_thickness_um",
+                     "circularity", "edge_truncated", "distance_to_lining_um"]
+LINING_COLUMNS = ["region_id", "tissue_id", "length_um", "thickness_median_um", "thickness_p90_um", "layers_median",
+                  "layers_p90", "lining_nuclei_per_100um", "krenn_lining"]
+
+
+def _table(frame: pd.DataFrame, cols: list[str]) -> str:
+    cols = [c for c in cols if c in frame.columns]
+    if frame.empty or not cols:
+        return "<p class=none>none found</p>"
+    return frame[cols].map(_fmt).to_html(index=False, border=0, classes="t")
+
+
+def report_html(name: str, thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame, metrics: pd.DataFrame,
+                tissue_type: str) -> str:
+    """The per-slide report as one self-contained HTML string: cell-type map, lymphocyte density
+    map, the follicle / aggregate (and lining) tables, and the slide metrics."""
+    slide = metrics[metrics.kind == "slide"].iloc[0]
+    rows = [(k, _fmt(slide[k])) for k in SLIDE_ROWS if k in slide.index and _fmt(slide[k]) != ""]
+    slide_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    kind = "follicle" if tissue_type == "lymph-node" else "aggregate"
+    parts = [
+        f"<h1>{html.escape(name)} <small>{html.escape(tissue_type)}</small></h1>",
+        "<p class=note>Numbers are µm / mm². Grades and Krenn-like scores are H&amp;E proxies "
+        "(DOMAIN §7) to be calibrated on pathologist review; the pathotype proxy is not a Humby/PEAC pathotype.</p>",
+        "<div class=row><div><h2>Cell types and regions</h2>",
+        _img(overview_figure(thumbnail, thumb_mpp, regions, cells), "cell-type map"),
+        "</div><div><h2>Lymphocyte density</h2>",
+        _img(density_figure(thumbnail, thumb_mpp, regions, cells), "lymphocyte density map"),
+        "</div></div>",
+        f"<h2>Slide</h2><table class=t>{slide_html}</table>",
+        f"<h2>{kind.capitalize()}s</h2>", _table(metrics[metrics.kind == kind], STRUCTURE_COLUMNS),
+    ]
+    if tissue_type == "synovium":
+        parts += ["<h2>Lining</h2>", _table(metrics[metrics.kind == "lining"], LINING_COLUMNS)]
+    parts += ["<h2>Tissue pieces</h2>", _table(metrics[metrics.kind == "tissue"], ["region_id", *SLIDE_ROWS])]
+    style = ("body{font-family:sans-serif;margin:1.5em;color:#222}img{max-width:100%}small{color:#777;font-weight:normal}"
+             ".row{display:flex;gap:1em;flex-wrap:wrap}.row>div{flex:1 1 480px}.note{color:#555;font-size:90%}"
+             "table.t{border-collapse:collapse;font-size:85%;margin-bottom:1em}"
+             ".t th,.t td{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}"
+             ".t th{text-align:left;background:#f4f4f4}.none{color:#777}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(name)} — histo report</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def write_report(path: str | Path, name: str, thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame,
+                 metrics: pd.DataFrame, tissue_type: str) -> Path:
+    """Write :func:`report_html` to ``path`` (``report.html``)."""
+    path = Path(path)
+    path.write_text(report_html(name, thumbnail, thumb_mpp, regions, cells, metrics, tissue_type), encoding="utf-8")
+    return path

@@ -1,0 +1,72 @@
+"""From the slide's cells to what pathologists grade: cell types, regions, metrics and exports.
+
+Runs in the client on the cells table without polygons (one row per nucleus, a few dozen numbers
+each), after the tiles are segmented and before ``cells.parquet`` is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from histo.export import import_annotations, write_h5ad, write_metrics, write_regions_geojson
+from histo.metrics import region_metrics
+from histo.phenotypes import classify_he, gate_markers
+from histo.regions import assign_cells, find_regions
+from histo.report import write_overview, write_report
+
+THUMB_MAX_PX = 4000  # longer side of the overview thumbnail, px
+THUMB_MIN_MPP = 2.0  # µm/px: no finer than this (overlays need no more)
+
+
+def cell_types(cells: pd.DataFrame, wf: dict) -> tuple[pd.Categorical | None, dict]:
+    """Cell types (H&E rules, or marker gates for IHC / IF) and the report of thresholds used."""
+    if wf["stain"] == "he":
+        return classify_he(cells, wf["cell_types"])
+    gates = wf["marker_gates"]
+    if not gates["gates"]:
+        return None, {"note": "no marker gates in the workflow: cells are not typed"}
+    types, report = gate_markers(cells, gates["gates"], gates["auto"])
+    return types, {"gates": report}
+
+
+def thumbnail(slide) -> tuple[np.ndarray, float]:
+    """An RGB thumbnail of the slide and its exact µm/px (slide width µm / thumbnail width px)."""
+    width_um = slide.shape[1] * slide.mpp
+    mpp = max(THUMB_MIN_MPP, max(slide.shape) * slide.mpp / THUMB_MAX_PX)
+    thumb = slide.thumbnail(mpp)
+    if thumb.shape[-1] != 3:  # fluorescence: first channel as grey
+        grey = thumb[..., 0].astype(np.float32)
+        grey = (255 * grey / max(float(grey.max()), 1.0)).astype(np.uint8)
+        thumb = np.repeat(grey[..., None], 3, axis=-1)
+    return thumb, width_um / thumb.shape[1]
+
+
+def analyse_cells(cells: pd.DataFrame, slide, tissue, wf: dict, annotations: str | Path | None = None):
+    """Type the cells and find, grade and measure the regions.
+
+    Returns (per-cell columns to add to ``cells.parquet``: ``cell_type`` and region ids,
+    regions GeoDataFrame, metrics table, report for run.json).
+    """
+    types, type_report = cell_types(cells, wf)
+    cells = cells.assign(cell_type=types if types is not None else pd.Categorical(["other"] * len(cells)))
+    regions = find_regions(cells, tissue.pieces, wf["tissue_type"], wf["regions"])
+    if annotations:
+        regions = pd.concat([regions, import_annotations(annotations, slide.mpp)], ignore_index=True)
+    ids = assign_cells(cells, regions)
+    metrics = region_metrics(pd.concat([cells, ids], axis=1), regions, wf["tissue_type"], wf["regions"])
+    extra = pd.concat([cells[["cell_type"]], ids], axis=1)
+    counts = regions["kind"].value_counts().to_dict() if len(regions) else {}
+    return extra, regions, metrics, {"cell_types": type_report, "regions": {k: int(v) for k, v in counts.items()}}
+
+
+def write_outputs(folder: Path, name: str, cells: pd.DataFrame, regions, metrics: pd.DataFrame, slide, wf: dict) -> None:
+    """regions.geojson, metrics.csv/.parquet, cells.h5ad, overview.png and report.html."""
+    write_regions_geojson(regions, folder / "regions.geojson", slide.mpp, metrics)
+    write_metrics(metrics, folder)
+    write_h5ad(cells, folder / "cells.h5ad", uns={"histo": {"workflow": wf["name"], "tissue_type": wf["tissue_type"]}})
+    thumb, thumb_mpp = thumbnail(slide)
+    write_overview(folder / "overview.png", thumb, thumb_mpp, regions, cells)
+    write_report(folder / "report.html", name, thumb, thumb_mpp, regions, cells, metrics, wf["tissue_type"])

@@ -1,0 +1,148 @@
+"""Bundle exports: regions.geojson for QuPath, annotation import, cells.h5ad, overview.png, report.html."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import shapely
+import tifffile
+from PIL import Image
+from shapely.geometry import box, shape
+
+from histo.errors import HistoError
+from histo.export import import_annotations, regions_geojson, write_h5ad, write_regions_geojson
+from histo.metrics import region_metrics
+from histo.regions import assign_cells, find_regions
+from histo.report import write_overview, write_report
+
+MPP = 0.5
+
+
+def _strict(text: str):
+    def no_constants(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=no_constants)
+
+
+@pytest.fixture(scope="module")
+def bundle(generated):
+    slide = generated("synovium", 4096, 2)
+    cells = pd.read_parquet(str(slide).replace(".ome.tif", ".truth.parquet")).rename(columns={"id": "cell_id"})
+    feats = json.loads(open(str(slide).replace(".ome.tif", ".truth.geojson"), encoding="utf-8").read())["features"]
+    pieces = [shape(f["geometry"]) for f in feats if f["properties"]["kind"] == "tissue"]
+    regions = find_regions(cells, pieces, "synovium")
+    cells = pd.concat([cells, assign_cells(cells, regions)], axis=1)
+    with tifffile.TiffFile(slide) as tif:
+        thumb = tif.series[0].levels[-1].asarray()
+    return slide, cells, regions, region_metrics(cells, regions, "synovium"), thumb, 4096 * MPP / thumb.shape[1]
+
+
+def test_regions_geojson_is_a_qupath_feature_collection(bundle, tmp_path):
+    _, _, regions, metrics, *_ = bundle
+    path = write_regions_geojson(regions, tmp_path / "regions.geojson", MPP, metrics)
+    data = _strict(path.read_text(encoding="utf-8"))
+    assert data["type"] == "FeatureCollection" and len(data["features"]) == len(regions)
+    for feat, rec in zip(data["features"], regions.itertuples()):
+        props = feat["properties"]
+        assert feat["type"] == "Feature" and props["objectType"] == "annotation"
+        assert props["kind"] == rec.kind == props["classification"]["name"] and props["region_id"] == rec.region_id
+        assert len(props["classification"]["color"]) == 3 and all(isinstance(v, int) for v in props["classification"]["color"])
+        assert all(isinstance(v, float) for v in props["measurements"].values())
+        assert props["measurements"]["area_um2"] == pytest.approx(rec.area_um2)
+        px = shape(feat["geometry"])
+        assert px.is_valid and px.geom_type in ("Polygon", "MultiPolygon")
+        assert px.area * MPP**2 == pytest.approx(rec.geometry.area, rel=1e-3)  # level-0 pixels
+        assert shapely.from_wkt(props["geometry_um"]).equals_exact(rec.geometry, 0.01)
+    aggregate = next(f["properties"] for f in data["features"] if f["properties"]["kind"] == "aggregate")
+    assert {"grade", "radial_layers", "n_cells", "density_lymphocyte_per_mm2"} <= set(aggregate["measurements"])
+    lining = next(f["properties"] for f in data["features"] if f["properties"]["kind"] == "lining")
+    assert {"layers_median", "thickness_median_um", "krenn_lining"} <= set(lining["measurements"])
+
+
+def test_annotations_round_trip(bundle, tmp_path):
+    _, _, regions, *_ = bundle
+    data = regions_geojson(regions[regions.kind == "aggregate"].head(2), MPP)
+    data["features"][0]["properties"]["classification"] = {"name": "Synovium ROI", "color": [1, 2, 3]}
+    path = tmp_path / "qupath.geojson"
+    path.write_text(json.dumps(data["features"]))  # QuPath may also export a plain list of features
+    ann = import_annotations(path, MPP)
+    assert list(ann.region_id) == ["annotation-1", "annotation-2"] and set(ann.kind) == {"annotation"}
+    assert ann.name.iloc[0] == "Synovium ROI"
+    original = regions[regions.kind == "aggregate"].geometry.iloc[0]
+    assert ann.geometry.iloc[0].symmetric_difference(original).area < 1e-3 * original.area
+    both = pd.concat([regions, ann], ignore_index=True)
+    ids = assign_cells(bundle[1], both)
+    assert (ids.annotation_id == "annotation-1").sum() == (ids.aggregate_id == "aggregate-1").sum() > 0
+
+
+def _features(*geometries):
+    return {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": g, "properties": {"objectType": "annotation", "classification": {"name": "ROI"}}}
+        for g in geometries]}
+
+
+SQUARE = {"type": "Polygon", "coordinates": [[[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]]]}
+BOWTIE = {"type": "Polygon", "coordinates": [[[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]]}
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not a GeoJSON file: invalid JSON at line 1"),
+    (json.dumps({"rois": []}), "not GeoJSON annotations"),
+    (json.dumps(_features(SQUARE, SQUARE, BOWTIE)), "feature 3 of 3: self-intersecting polygon"),
+    (json.dumps(_features(SQUARE, {"type": "Point", "coordinates": [1, 2]})), "feature 2 of 2: a Point is not an area"),
+    (json.dumps(_features({"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]})),
+     "feature 1 of 1: invalid Polygon coordinates"),
+    (json.dumps(_features(None)), "feature 1 of 1: no geometry"),
+])
+def test_bad_annotations_name_the_file_and_feature(tmp_path, content, message):
+    path = tmp_path / "bad.geojson"
+    path.write_text(content)
+    with pytest.raises(HistoError, match=message) as err:
+        import_annotations(path, MPP)
+    assert err.value.path == str(path) and str(path) in str(err.value)
+    with pytest.raises(HistoError, match="cannot read"):
+        import_annotations(tmp_path / "missing.geojson", MPP)
+
+
+def test_detections_are_not_imported(tmp_path):
+    data = _features(SQUARE, SQUARE)
+    data["features"][1]["properties"]["objectType"] = "detection"
+    (tmp_path / "a.geojson").write_text(json.dumps(data))
+    ann = import_annotations(tmp_path / "a.geojson", MPP)
+    assert len(ann) == 1 and ann.geometry.iloc[0].equals(box(0, 0, 50, 50)) and ann.area_um2.iloc[0] == 2500
+
+
+def test_h5ad_opens_in_anndata_and_squidpy(bundle, tmp_path):
+    import anndata as ad
+    import squidpy as sq
+
+    cells = bundle[1].head(3000).copy()
+    cells["polygon"] = [shapely.to_wkb(shapely.Point(x, y).buffer(3)) for x, y in zip(cells.x_um, cells.y_um)]
+    path = write_h5ad(cells, tmp_path / "cells.h5ad", uns={"slide": "synovium-2"})
+    adata = ad.read_h5ad(path)
+    assert adata.n_obs == len(cells) and "polygon" not in adata.obs
+    assert np.allclose(adata.obsm["spatial"], cells[["x_um", "y_um"]].to_numpy())
+    assert isinstance(adata.obs["cell_type"].dtype, pd.CategoricalDtype)
+    assert "area_um2" in adata.var_names and "x_um" not in adata.var_names
+    assert adata.uns["slide"] == "synovium-2" and adata.uns["histo"]["spatial_units"] == "um"
+    assert list(adata.obs_names[:3]) == [str(v) for v in cells.cell_id[:3]]
+    sq.gr.spatial_neighbors_delaunay(adata)
+    assert adata.obsp["spatial_connectivities"].shape == (len(cells), len(cells))
+    assert adata.obsp["spatial_connectivities"].nnz > 4 * len(cells)
+
+
+def test_overview_and_report(bundle, tmp_path):
+    slide, cells, regions, metrics, thumb, thumb_mpp = bundle
+    png = write_overview(tmp_path / "overview.png", thumb, thumb_mpp, regions, cells)
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.width >= 800
+        assert np.asarray(img.convert("RGB")).std() > 10
+    report = write_report(tmp_path / "report.html", slide.name, thumb, thumb_mpp, regions, cells, metrics, "synovium")
+    text = report.read_text(encoding="utf-8")
+    assert text.count("data:image/png;base64,") == 2
+    assert "http" not in re.sub(r"base64,[A-Za-z0-9+/=]+", "", text)  # self-contained: nothing fetched
+    assert "aggregate-1" in text and "krenn_sum" in text and "Lining" in text

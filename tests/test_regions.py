@@ -1,0 +1,168 @@
+"""Regions from cells, checked against the truth of generated slides (truth cells as input)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import shapely
+from shapely.geometry import Polygon, box, shape
+
+from histo.aggregates import dbscan, grade
+from histo.errors import HistoError
+from histo.lining import krenn_lining
+from histo.regions import (REGION_PARAMS_SCHEMA, TISSUE_DEFAULTS, assign_cells, edge_truncated, find_regions,
+                           region_params)
+
+
+def load_truth(slide):
+    """(cells, truth features, tissue pieces) of a generated slide."""
+    cells = pd.read_parquet(str(slide).replace(".ome.tif", ".truth.parquet")).rename(columns={"id": "cell_id"})
+    feats = json.loads(open(str(slide).replace(".ome.tif", ".truth.geojson"), encoding="utf-8").read())["features"]
+    pieces = [shape(f["geometry"]) for f in feats if f["properties"]["kind"] == "tissue"]
+    return cells, feats, pieces
+
+
+def truth_of(feats, kind):
+    return [(shape(f["geometry"]), f["properties"]) for f in feats if f["properties"]["kind"] == kind]
+
+
+def iou(a, b) -> float:
+    return a.intersection(b).area / a.union(b).area
+
+
+def best_match(geom, found) -> tuple[int, float]:
+    scores = [iou(geom, g) for g in found]
+    return (int(np.argmax(scores)), max(scores)) if scores else (-1, 0.0)
+
+
+@pytest.fixture(scope="module")
+def node(generated):
+    cells, feats, pieces = load_truth(generated("lymph-node", 4096, 3))
+    return cells, feats, pieces, find_regions(cells, pieces, "lymph-node")
+
+
+@pytest.fixture(scope="module")
+def synovium(generated):
+    cells, feats, pieces = load_truth(generated("synovium", 4096, 2))
+    return cells, feats, pieces, find_regions(cells, pieces, "synovium")
+
+
+def test_follicles_match_truth(node):
+    cells, feats, pieces, regions = node
+    truth = truth_of(feats, "follicle")
+    found = regions[regions.kind == "follicle"]
+    assert abs(len(found) - len(truth)) <= 0.2 * len(truth), f"{len(found)} follicles found, {len(truth)} true"
+    matches = [best_match(g, list(found.geometry)) for g, _ in truth]
+    assert np.mean([m[1] for m in matches]) >= 0.6, [round(m[1], 2) for m in matches]
+    has_gc = [bool(found.iloc[k].has_gc) == p["has_gc"] for (k, s), (_, p) in zip(matches, truth) if s > 0.5]
+    assert np.mean(has_gc) >= 0.75
+    assert set(regions.kind) == {"tissue", "follicle", "germinal_centre"}
+
+
+def test_germinal_centres_lie_in_their_follicle(node):
+    *_, regions = node
+    gcs = regions[regions.kind == "germinal_centre"]
+    follicles = regions.set_index("region_id")
+    assert len(gcs) > 0
+    for gc in gcs.itertuples():
+        host = follicles.loc[gc.parent_id]
+        assert host.kind == "follicle" and host.has_gc
+        assert gc.geometry.difference(host.geometry).area < 1e-6 * gc.geometry.area + 1e-6
+        assert gc.area_um2 >= 900 and 0 < gc.fraction_host_area < 1
+    with_gc = regions[(regions.kind == "follicle") & regions.has_gc.astype(bool)]
+    assert (with_gc.mantle_thickness_um > 0).all()
+
+
+def test_aggregate_grades_match_truth(synovium):
+    cells, feats, pieces, regions = synovium
+    found = regions[regions.kind == "aggregate"]
+    truth = truth_of(feats, "aggregate")
+    matched = []
+    for geom, props in truth:
+        k, score = best_match(geom, list(found.geometry))
+        if score >= 0.3:
+            matched.append((props["grade"], int(found.iloc[k].grade), props["layers"], found.iloc[k].radial_layers))
+        else:
+            assert props["grade"] == 1, f"a grade-{props['grade']} aggregate was missed"
+    assert len(matched) >= 0.7 * len(truth)
+    assert all(t == g for t, g, *_ in matched), matched
+    assert all(abs(tl - fl) <= 1.5 for *_, tl, fl in matched), matched
+    assert set(found.tls_size) <= {True, False}
+    assert found.n_clustered_lymphocytes.min() >= 10
+
+
+def test_lining_layers_match_truth(synovium):
+    cells, feats, pieces, regions = synovium
+    lining = regions[regions.kind == "lining"]
+    for geom, props in truth_of(feats, "lining"):
+        mine = lining[lining.tissue_id == f"tissue-{props['piece'] + 1}"]
+        assert len(mine), f"no lining found on piece {props['piece']}"
+        assert all(abs(v - props["layers"]) <= 1 for v in mine.layers_median), (props["layers"], list(mine.layers_median))
+        covered = shapely.union_all(list(mine.geometry)).intersection(geom).area / geom.area
+        assert covered > 0.5
+    assert (lining.length_um >= 200).all() and set(lining.krenn_lining) <= {0, 1, 2, 3}
+
+
+def test_no_lymphocytes_gives_no_structures(node, synovium):
+    for cells, _, pieces, _ in (node, synovium):
+        plain = cells.assign(cell_type=np.where(cells.cell_type == "lymphocyte", "stromal", cells.cell_type))
+        for tissue_type in ("lymph-node", "synovium"):
+            regions = find_regions(plain, pieces, tissue_type)
+            assert not regions.kind.isin(["follicle", "aggregate", "germinal_centre"]).any()
+    empty = find_regions(cells.iloc[:0], pieces, "synovium")
+    assert list(empty.kind) == ["tissue"] * len(pieces)
+    assert len(find_regions(cells.iloc[:0], [], "lymph-node")) == 0
+
+
+def test_regions_are_stable_and_cells_are_assigned(synovium):
+    cells, _, pieces, regions = synovium
+    again = find_regions(cells.sample(frac=1.0, random_state=1), pieces, "synovium")
+    assert list(again.region_id) == list(regions.region_id)
+    assert regions.region_id.is_unique and set(regions.kind) >= {"tissue", "aggregate", "lining"}
+    ids = assign_cells(cells, regions)
+    kinds = ("tissue", "follicle", "germinal_centre", "aggregate", "lining", "annotation")
+    assert list(ids.columns) == [f"{k}_id" for k in kinds]
+    assert ids.tissue_id.notna().mean() > 0.99
+    for rec in regions[regions.kind == "aggregate"].head(3).itertuples():
+        inside = shapely.contains_xy(rec.geometry, cells.x_um, cells.y_um)
+        assert ((ids.aggregate_id == rec.region_id).to_numpy() == inside).all()
+        assert (ids.tissue_id[inside] == rec.tissue_id).all()
+
+
+def test_dbscan_matches_sklearn():
+    from sklearn.cluster import DBSCAN
+
+    rng = np.random.default_rng(0)
+    xy = np.concatenate([rng.uniform(0, 400, (600, 2)), rng.normal(100, 8, (80, 2)), rng.normal(300, 15, (150, 2))])
+    mine = dbscan(xy, 12.0, 5)
+    ref = DBSCAN(eps=12.0, min_samples=5, algorithm="kd_tree").fit(xy)
+    core = np.zeros(len(xy), bool)
+    core[ref.core_sample_indices_] = True
+    assert ((mine < 0) == (ref.labels_ < 0)).all()
+    pairs = {(a, b) for a, b in zip(mine[core], ref.labels_[core])}
+    assert len(pairs) == len(set(mine[core])) == len(set(ref.labels_[core]))  # same partition of core points
+    assert len(dbscan(np.zeros((0, 2)), 12.0, 5)) == 0
+
+
+def test_grades_and_edges():
+    assert [grade(v, [2, 6, 11]) for v in (1.4, 1.6, 5.4, 5.6, 10.4, 10.6, 30)] == [0, 1, 1, 2, 2, 3, 3]
+    assert [krenn_lining(v) for v in (1, 1.4, 2, 3.4, 4, 5.4, 6, 9)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    piece = box(0, 0, 1000, 1000)
+    assert edge_truncated(Polygon([(0, 10), (100, 10), (100, 100), (0, 100)]), piece, 10.0)
+    assert not edge_truncated(box(50, 50, 150, 150), piece, 10.0)
+
+
+def test_params_follow_the_workflow_schema():
+    from histo.workflow import _check
+
+    for tissue_type in ("lymph-node", "synovium"):
+        params = region_params(tissue_type)
+        assert _check(params, REGION_PARAMS_SCHEMA, "regions", "<test>") == params
+        assert params["structures"] == TISSUE_DEFAULTS[tissue_type]["structures"]
+    tuned = region_params("synovium", {"aggregate": {"eps_um": 15.0}})
+    assert tuned["aggregate"]["eps_um"] == 15.0 and tuned["aggregate"]["min_samples"] == 5
+    with pytest.raises(HistoError, match="tonsil"):
+        region_params("tonsil")
