@@ -112,3 +112,19 @@ def test_parquet_has_one_row_group_per_tile(ln_bundle):
     meta = pq.ParquetFile(bundle / "cells.parquet").metadata
     cells = pd.read_parquet(bundle / "cells.parquet")
     assert meta.num_row_groups == cells.tile.nunique()
+
+
+def _shared_models():
+    from tests.conftest import SHARED
+
+    folder = SHARED / "models"
+    return sorted(p for p in folder.iterdir() if (p / "config.json").exists()) if folder.is_dir() else []
+
+
+@pytest.mark.skipif(not _shared_models(), reason="no pretrained model folders in ../shared/models")
+@pytest.mark.parametrize("model", _shared_models(), ids=lambda p: p.name)
+def test_pretrained_models_from_shared_find_the_nuclei(generated, client, tmp_path, model):
+    slide = generated("lymph-node")
+    bundle = run_slide(slide, tmp_path, "lymph-node-he", model=str(model), client=client, show_progress=False)
+    m = match_points(xy(pd.read_parquet(bundle / "cells.parquet")), xy(truth_of(slide)), 3.0)
+    assert m.f1 >= 0.85, f"{model.name}: F1 {m.f1:.3f}"
