@@ -7,12 +7,10 @@ model runs in the Dask workers (``histo.segment``).
 from __future__ import annotations
 
 import math
-import platform
 import shutil
 import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +23,15 @@ from histo.cluster import dask_client
 from histo.labels import create_pyramid, downsample_level, write_chunk
 from histo.models import ModelSpec, compute_percentiles, resolve_model
 from histo.progress import progress_bar
+from histo.provenance import versions
 from histo.segment import SegmentJob, segment_tile
-from histo.structures import analyse_cells, write_outputs
 from histo.slide import Slide, open_slide
+from histo.structures import analyse_cells, write_outputs
 from histo.tiling import Tile, align_up, tile_grid
 from histo.tissue import detect_tissue
 from histo.workflow import load_workflow
 
 MIN_HALO_PX = 64  # px at the model's µm/px: context the U-Net needs beyond the largest nucleus
-VERSIONED = ("numpy", "dask", "distributed", "tifffile", "imagecodecs", "zarr", "scikit-image",
-             "stardist", "csbdeep", "tensorflow-cpu", "shapely", "pyarrow")
 
 
 def plan_tiles(slide: Slide, tissue, grid_mpp: float, max_nucleus_um: float, segmentation: dict
@@ -58,17 +55,6 @@ def slide_percentiles(slide: Slide, tissue, model: ModelSpec) -> tuple | None:
     h, w = min(thumb.shape[0], tissue.mask.shape[0]), min(thumb.shape[1], tissue.mask.shape[1])
     mask = tissue.mask[:h, :w] if tissue.mask[:h, :w].any() else None
     return compute_percentiles(thumb[:h, :w], model, mask)
-
-
-def versions() -> dict:
-    """Versions of Python and the packages that shape the result."""
-    found = {"python": platform.python_version(), "histo": __version__}
-    for name in VERSIONED:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 def _segment(client: Client, job: SegmentJob, tiles: list[Tile], show: bool) -> dict:

@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from histo.errors import HistoError
+from histo.provenance import versions
 
 __all__ = [
     "train",
@@ -323,22 +324,6 @@ def write_model_md(folder: Path | str) -> Path:
 
 
 # ---------------------------------------------------------------- training
-def _versions() -> dict:
-    out = {}
-    for mod in ("stardist", "csbdeep", "tensorflow", "keras", "numpy"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            pass
-    try:
-        import histo
-
-        out["histo"] = histo.__version__
-    except Exception:  # noqa: BLE001
-        pass
-    return out
-
-
 def _load_data(images, masks, image_mpp, mpp):
     images = [Path(p) for p in images]
     masks = [Path(p) for p in masks]
@@ -622,7 +607,7 @@ def train(
             "history": state.get("history", []),
         },
         "validation": scores,
-        "versions": _versions(),
+        "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "notes": list(notes or []),
     }
