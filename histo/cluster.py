@@ -25,8 +25,9 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def local_cluster(n_workers: int | None = None, dashboard: bool = False) -> LocalCluster:
-    """A LocalCluster of ``n_workers`` single-threaded processes (default: one per core)."""
+def local_cluster(n_workers: int | None = None) -> LocalCluster:
+    """A LocalCluster of ``n_workers`` single-threaded processes (default: one per core); its
+    scheduler and HTTP endpoints listen on localhost only, on free ports."""
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_ENV}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
         return LocalCluster(
@@ -34,7 +35,7 @@ def local_cluster(n_workers: int | None = None, dashboard: bool = False) -> Loca
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address="127.0.0.1:0" if dashboard else None,
+            dashboard_address="127.0.0.1:0",
         )
 
 
