@@ -10,27 +10,14 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from histo.cluster import dask_client
 from histo.matching import match_points
+from histo.nuclei import id_centres_um
 from histo.pipeline import run_slide
+from histo.segment import whole_image_centres
 from histo_sample import write_sample
-
-
-def whole_image_centres(slide_path: str, model_name: str) -> np.ndarray:
-    """StarDist centres (µm) on the whole slide image at once (in a worker: no TensorFlow here)."""
-    from histo.models import load_model, normalize_image, resolve_model
-    from histo.slide import open_slide
-
-    spec = resolve_model(model_name)
-    slide = open_slide(slide_path)
-    mpp = slide.effective_mpp(spec.mpp)
-    h, w = (int(np.ceil(s * slide.mpp / mpp)) for s in slide.shape)
-    img = normalize_image(slide.read(0, 0, w, h, mpp=mpp), spec)
-    _, det = load_model(spec).predict_instances(img, axes="YXC", return_labels=False, show_tile_progress=False)
-    return (det["points"][:, ::-1] + 0.5) * mpp
 
 
 def main() -> None:
@@ -51,8 +38,8 @@ def main() -> None:
                 m = match_points(cells[["x_um", "y_um"]].to_numpy(), truth[["x_um", "y_um"]].to_numpy(), 3.0)
                 lymph = (cells.cell_type.to_numpy()[m.pred_idx] == "lymphocyte") == (truth.cell_type.to_numpy()[m.true_idx] == "lymphocyte")
                 run = json.loads((bundle / "run.json").read_text())
-                grid_w, grid_mpp = run["parameters"]["grid_shape_px"][1], run["parameters"]["grid_mpp"]
-                tiled = np.stack([(cells.cell_id % grid_w + 0.5) * grid_mpp, (cells.cell_id // grid_w + 0.5) * grid_mpp], 1)
+                params = run["parameters"]
+                tiled = id_centres_um(cells.cell_id, params["grid_shape_px"][1], params["grid_mpp"])
                 whole = client.submit(whole_image_centres, str(slide), args.model, pure=False).result()
                 mw = match_points(tiled, whole, 1.0)
                 print(f"{kind} mpp={mpp}: n_truth={m.n_true} n_found={m.n_pred} F1@3um={m.f1:.4f} "

@@ -45,6 +45,12 @@ def cell_ids(points: np.ndarray, grid_width: int) -> np.ndarray:
     return points[:, 0] * np.int64(grid_width) + points[:, 1]
 
 
+def id_centres_um(ids: np.ndarray, grid_width: int, mpp: float) -> np.ndarray:
+    """The nucleus centres (n, 2) as (x, y) µm encoded by :func:`cell_ids` on a grid of ``mpp``."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return np.stack([ids % grid_width + 0.5, ids // grid_width + 0.5], axis=1) * mpp
+
+
 def polygon_area(coord: np.ndarray) -> np.ndarray:
     """Shoelace area of polygons ``coord`` (n, 2, n_rays) given as (y, x) rows, in input units²."""
     y, x = coord[:, 0, :], coord[:, 1, :]

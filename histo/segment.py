@@ -12,10 +12,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from histo.models import ModelSpec, load_model, normalize_image
+from histo.models import ModelSpec, load_model, normalize_image, resolve_model
 from histo.features import nucleus_features
 from histo.nuclei import cell_schema, owned, tile_cells
 from histo.slide import open_slide
@@ -99,3 +100,15 @@ def segment_tile(job: SegmentJob, tile: Tile) -> dict:
     timings["features_s"] = t1 - t0
     timings["table_write_s"] = time.perf_counter() - t1
     return {"tile": tile.name, "n_cells": len(cells), **timings}
+
+
+def whole_image_centres(slide_path: str, model: str) -> np.ndarray:
+    """Reference: StarDist centres (n, 2) as (x, y) µm from one prediction on the whole slide image
+    at once, normalised as the tiles are. For small slides only; call it in a worker process."""
+    spec = resolve_model(model)
+    slide = open_slide(slide_path)
+    mpp = slide.effective_mpp(spec.mpp)
+    h, w = (int(np.ceil(s * slide.mpp / mpp)) for s in slide.shape)
+    img = normalize_image(slide.read(0, 0, w, h, mpp=mpp), spec)
+    _, det = load_model(spec).predict_instances(img, axes="YXC", return_labels=False, show_tile_progress=False)
+    return (det["points"][:, ::-1] + 0.5) * mpp

@@ -13,7 +13,9 @@ from scipy.spatial import cKDTree
 
 from histo.bundle import is_complete
 from histo.matching import match_points
+from histo.nuclei import id_centres_um
 from histo.pipeline import run_slide
+from histo.segment import whole_image_centres
 from histo.workflow import load_workflow
 
 pytestmark = pytest.mark.slow
@@ -73,25 +75,12 @@ def test_small_tiles_give_the_same_nuclei_without_duplicates(ln_bundle, client, 
     assert m.f1 >= 0.99, f"F1 small vs default tiles {m.f1:.4f}"
 
 
-def _whole_image(slide_path, model_name, mpp):
-    """StarDist on the whole slide image at once (runs in a worker: TensorFlow stays out of here)."""
-    from histo.models import load_model, normalize_image, resolve_model
-    from histo.slide import open_slide
-
-    spec = resolve_model(model_name)
-    slide = open_slide(slide_path)
-    h, w = (int(np.ceil(s * slide.mpp / spec.mpp)) for s in slide.shape)
-    img = normalize_image(slide.read(0, 0, w, h, mpp=spec.mpp), spec)
-    _, det = load_model(spec).predict_instances(img, axes="YXC", return_labels=False, show_tile_progress=False)
-    return (det["points"][:, ::-1] + 0.5) * spec.mpp
-
-
 def test_tiled_agrees_with_whole_image_prediction(ln_bundle, client):
     slide, bundle = ln_bundle
-    centres = client.submit(_whole_image, str(slide), "histo-he", 0.5, pure=False).result()
+    centres = client.submit(whole_image_centres, str(slide), "histo-he", pure=False).result()
     cells = pd.read_parquet(bundle / "cells.parquet")
-    grid_w = json.loads((bundle / "run.json").read_text())["parameters"]["grid_shape_px"][1]
-    tiled = np.stack([(cells.cell_id % grid_w + 0.5) * 0.5, (cells.cell_id // grid_w + 0.5) * 0.5], axis=1)
+    params = json.loads((bundle / "run.json").read_text())["parameters"]
+    tiled = id_centres_um(cells.cell_id, params["grid_shape_px"][1], params["grid_mpp"])
     m = match_points(tiled, centres, 1.0)
     assert m.f1 >= 0.99, f"F1 tiled vs whole image {m.f1:.4f} ({m.n_pred} vs {m.n_true})"
 

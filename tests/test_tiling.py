@@ -55,3 +55,11 @@ def test_empty_tile_has_the_columns():
 def test_cell_ids_are_unique_per_centre():
     pts = np.array([[0, 0], [0, 1], [1, 0]])
     assert len(set(cell_ids(pts, 10))) == 3
+
+
+def test_id_centres_invert_cell_ids():
+    from histo.nuclei import id_centres_um
+
+    pts = np.array([[3, 7], [0, 0], [9, 1]])  # (y, x) grid px
+    xy = id_centres_um(cell_ids(pts, 10), 10, 0.5)
+    assert np.allclose(xy, (pts[:, ::-1] + 0.5) * 0.5)
