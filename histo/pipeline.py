@@ -76,11 +76,12 @@ def _labels(client: Client, cells: Path, groups: dict, tiles: list[Tile], shape,
     chunk = tiles[0].x1 - tiles[0].x0 if tiles else 1024
     arrays = create_pyramid(zarr_path, shape, chunk, mpp)
     by_pos = {(t.row, t.col): t for t in tiles}
-    near = lambda t: [groups[n.name] for dr in (-1, 0, 1) for dc in (-1, 0, 1)  # noqa: E731
-                      if (n := by_pos.get((t.row + dr, t.col + dc))) and n.name in groups]
-    chunks = [t for t in tiles if near(t)]
+    # row groups of the tile and its 8 neighbours: every nucleus that can reach the tile's chunk
+    near = {t.name: [groups[n.name] for dr in (-1, 0, 1) for dc in (-1, 0, 1)
+                     if (n := by_pos.get((t.row + dr, t.col + dc))) and n.name in groups] for t in tiles}
+    chunks = [t for t in tiles if near[t.name]]
     with progress_bar("writing labels", len(chunks) + len(arrays) - 1, show) as advance:
-        futures = [client.submit(write_chunk, str(cells), near(t), str(zarr_path), t, mpp, pure=False) for t in chunks]
+        futures = [client.submit(write_chunk, str(cells), near[t.name], str(zarr_path), t, mpp, pure=False) for t in chunks]
         for future in as_completed(futures):
             future.result()
             advance()
