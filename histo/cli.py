@@ -1,4 +1,4 @@
-"""The ``histo`` command line: sample, run, train.
+"""The ``histo`` command line: sample, run, train, evaluate.
 
 Errors in the input end with one line naming the file and the problem and a non-zero exit code;
 ``--debug`` shows the traceback instead.
@@ -40,10 +40,38 @@ def _run(args) -> None:
 def _train(args) -> None:
     from histo.train import main_train
 
-    out = main_train(args.images, args.masks, Path(args.out), mpp=args.mpp, image_mpp=args.image_mpp,
-                     epochs=args.epochs, steps=args.steps, patch_size=args.patch, seed=args.seed,
-                     command="histo " + " ".join(sys.argv[1:]))
+    datasets = [(args.images, args.masks, args.image_mpp, args.licence)] + [tuple(d) for d in args.data or []]
+    out = main_train(datasets, Path(args.out), mpp=args.mpp, epochs=args.epochs, steps=args.steps,
+                     patch_size=args.patch, batch_size=args.batch, val_fraction=args.val_fraction,
+                     seed=args.seed, finalize=not args.keep_checkpoint, notes=args.note or None,
+                     command="histo " + " ".join(args.argv))
     print(f"wrote model {out}")
+
+
+def _evaluate(args) -> None:
+    from histo.evaluate import evaluate, format_table, run_images
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    errors = None
+    bundles = args.bundles
+    if args.images:
+        if args.mpp is None:
+            raise HistoError(args.images, "give the images' pixel size with --mpp (a number or a CSV image,mpp)")
+        from histo.cluster import dask_client
+
+        bundles = out / "bundles"
+        with dask_client(args.scheduler, args.workers) as client:
+            errors = run_images(args.truth, args.images, bundles, args.mpp, model=args.model,
+                                workflow=args.workflow, client=client, show_progress=not args.quiet)
+    elif not (bundles or args.pred):
+        raise HistoError(args.truth, "give --bundles (histo bundles), --pred (label masks or GeoJSON) or "
+                                     "--images (run histo on them first)")
+    table = evaluate(args.truth, bundles_dir=bundles, pred_dir=None if bundles else args.pred,
+                     thresh=args.iou, errors=errors)
+    table.to_csv(out / "scores.csv", index=False)
+    print(format_table(table))
+    print(f"wrote {out / 'scores.csv'}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -75,18 +103,43 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("images", help="folder of RGB images (TIFF/PNG)")
     t.add_argument("masks", help="folder of instance masks with the same file stems")
     t.add_argument("--out", required=True, help="model folder to write (resumes if it holds a checkpoint)")
-    t.add_argument("--mpp", type=float, default=0.5, help="µm per px the model works at (default 0.5)")
-    t.add_argument("--image-mpp", type=float, required=True, help="µm per px of the training images")
+    t.add_argument("--image-mpp", required=True,
+                   help="µm per px of the images: one number, or a CSV with columns image,mpp")
+    t.add_argument("--licence", help="licence of these images (goes into the model card)")
+    t.add_argument("--data", nargs=4, action="append", metavar=("IMAGES", "MASKS", "MPP", "LICENCE"),
+                   help="another folder pair with its pixel size (number or CSV) and licence; repeatable")
+    t.add_argument("--mpp", type=float, default=0.25, help="µm per px the model works at (default 0.25)")
     t.add_argument("--epochs", type=int, default=100)
     t.add_argument("--steps", type=int, default=100, help="steps per epoch")
     t.add_argument("--patch", type=int, default=256, help="patch edge, px")
+    t.add_argument("--batch", type=int, default=4, help="patches per step")
+    t.add_argument("--val-fraction", type=float, default=0.15, help="share of images held out (by image)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep weights_last.h5 and train_state.json so the run can be extended later")
+    t.add_argument("--note", action="append", help="a line for the model card; repeatable")
     t.set_defaults(func=_train)
+
+    e = sub.add_parser("evaluate", help="score nuclei against annotated images (F1, PQ, AJI)")
+    e.add_argument("truth", help="folder of truth instance masks (.tif/.png) or QuPath GeoJSON nucleus outlines")
+    e.add_argument("--out", required=True, help="folder for scores.csv (and bundles/ with --images)")
+    e.add_argument("--bundles", help="folder of histo bundles named like the truth files")
+    e.add_argument("--pred", help="folder of predicted label masks or GeoJSON outlines named like the truth files")
+    e.add_argument("--images", help="folder of the annotated images: histo run them first (into OUT/bundles)")
+    e.add_argument("--mpp", help="with --images: µm per px, one number or a CSV with columns image,mpp")
+    e.add_argument("--model", help="with --images: model instead of the workflow's")
+    e.add_argument("--workflow", default="lymph-node-he", help="with --images: preset name or YAML file")
+    e.add_argument("--iou", type=float, default=0.5, help="IoU at which a nucleus counts as found (default 0.5)")
+    e.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
+    e.add_argument("--scheduler", help="address of an existing dask.distributed scheduler")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=_evaluate)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args.func(args)
     except HistoError as exc:

@@ -18,7 +18,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import shapely
-from shapely.geometry import mapping, shape
+from shapely.geometry import MultiPolygon, Polygon, mapping, shape
 from shapely.validation import explain_validity
 
 from histo.errors import HistoError
@@ -86,11 +86,15 @@ def write_regions_geojson(regions: gpd.GeoDataFrame, path: str | Path, mpp: floa
     return path
 
 
-def import_annotations(path: str | Path, mpp: float) -> gpd.GeoDataFrame:
+def import_annotations(path: str | Path, mpp: float, object_types: tuple[str, ...] | None = ("annotation",),
+                       repair: bool = False) -> gpd.GeoDataFrame:
     """User annotations from a QuPath GeoJSON export (FeatureCollection, list of Features or one
     Feature; coordinates in level-0 pixels) as regions in µm: kind ``annotation``, ``name`` = the
     QuPath classification (else the object's name, else ``annotation``), ids ``annotation-<n>`` in
-    file order. Objects whose ``objectType`` is not ``annotation`` (detections, cells) are skipped.
+    file order. Objects whose ``objectType`` (default ``annotation``) is not in ``object_types``
+    (e.g. detections, cells) are skipped; ``object_types=None`` keeps every object. ``repair``
+    mends invalid (e.g. self-intersecting) polygons with ``shapely.make_valid`` instead of refusing
+    them (hand-drawn nucleus outlines often cross themselves).
 
     Raises HistoError naming the file and the 1-based feature number for anything else: not JSON,
     not GeoJSON, a feature without an area geometry, invalid coordinates, an invalid polygon.
@@ -117,9 +121,9 @@ def import_annotations(path: str | Path, mpp: float) -> gpd.GeoDataFrame:
         if not isinstance(feat, dict) or feat.get("type") != "Feature":
             raise HistoError(path, f"{where}: not a GeoJSON Feature")
         props = feat.get("properties") or {}
-        if props.get("objectType", "annotation") != "annotation":
+        if object_types is not None and props.get("objectType", "annotation") not in object_types:
             continue
-        geom = _geometry(path, where, feat.get("geometry"))
+        geom = _geometry(path, where, feat.get("geometry"), repair)
         cls = props.get("classification")
         name = (cls.get("name") if isinstance(cls, dict) else cls) or props.get("name") or "annotation"
         geom = shapely.transform(geom, lambda xy: xy * mpp)
@@ -129,8 +133,9 @@ def import_annotations(path: str | Path, mpp: float) -> gpd.GeoDataFrame:
     return gpd.GeoDataFrame(rows, columns=cols + ["geometry"], geometry="geometry")
 
 
-def _geometry(path, where: str, geo) -> shapely.Geometry:
-    """A valid Polygon / MultiPolygon from a GeoJSON geometry, or a HistoError naming the feature."""
+def _geometry(path, where: str, geo, repair: bool = False) -> shapely.Geometry:
+    """A valid Polygon / MultiPolygon from a GeoJSON geometry (mended with ``make_valid`` when
+    ``repair``), or a HistoError naming the feature."""
     if not isinstance(geo, dict) or "type" not in geo:
         raise HistoError(path, f"{where}: no geometry")
     if geo["type"] not in ("Polygon", "MultiPolygon"):
@@ -140,6 +145,9 @@ def _geometry(path, where: str, geo) -> shapely.Geometry:
         geom = shape(geo)
     except (ValueError, TypeError, IndexError, AttributeError, shapely.errors.GEOSException) as exc:
         raise HistoError(path, f"{where}: invalid {geo['type']} coordinates ({exc})") from None
+    if repair and not geom.is_valid:
+        geom = shapely.union_all([g for g in shapely.get_parts(shapely.make_valid(geom))
+                                  if isinstance(g, (Polygon, MultiPolygon))])
     if not geom.is_valid:
         reason = explain_validity(geom)
         what = "self-intersecting polygon" if "Self-intersection" in reason else "invalid polygon"

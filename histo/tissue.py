@@ -19,6 +19,10 @@ SAT_RANGE = (0.07, 0.20)  # Otsu's saturation threshold is clipped here: glass �
 PEN_HUES = (70.0, 250.0)  # degrees: green-blue marker inks; haematoxylin is ≳ 255°, eosin ≳ 300°
 PEN_SAT, BLACK_V = 0.3, 0.2  # saturated ink in PEN_HUES; anything darker than BLACK_V is ink or debris
 MIN_CONTRAST = 2.0  # fluorescence: tissue must be twice as bright as background on average
+CROP_MAX_UM = 3000.0  # a one-level image no wider than this is a crop: all tissue except visible glass
+CROP_MPP = 2.0  # µm/px of a crop's tissue mask (a 250 µm crop is 125 px, not 31 at 8 µm/px)
+GLASS_SAT, GLASS_VAL = 0.07, 0.8  # glass: unsaturated and bright (HSV), whatever the tissue's stain
+MIN_GLASS_UM2 = 2_500.0  # a crop's glass counts from 50 × 50 µm: smaller pale spots are lumens, fat, tears
 
 
 @dataclass(eq=False)
@@ -41,7 +45,12 @@ def detect_tissue(slide: Slide, mpp: float = 8.0, min_area_um2: float = 20_000,
     tissue), minus pen marks (saturated green/blue ink, black). Fluorescence: Otsu on the first (DNA)
     channel, none when the foreground is not MIN_CONTRAST × brighter. Pieces smaller than
     ``min_area_um2`` are dropped, holes smaller than ``max_hole_um2`` filled.
+
+    A brightfield crop (one level, at most CROP_MAX_UM wide: an annotated tile, a figure) is tissue
+    everywhere except glass patches of at least MIN_GLASS_UM2, viewed at CROP_MPP µm/px.
     """
+    if slide.kind == "brightfield" and is_crop(slide):
+        return _crop_tissue(slide, max(min(mpp, CROP_MPP), slide.mpp), min_area_um2)
     mpp = max(mpp, slide.mpp)
     img = slide.thumbnail(mpp)
     px = mpp * mpp
@@ -55,6 +64,24 @@ def detect_tissue(slide: Slide, mpp: float = 8.0, min_area_um2: float = 20_000,
         mask &= ~pen
     mask = _drop_small(mask, min_area_um2 / px)
     return Tissue(mask, mpp, _pieces(mask, mpp, min_area_um2))
+
+
+def is_crop(slide: Slide) -> bool:
+    """A single-level image no wider than CROP_MAX_UM µm (not a whole slide)."""
+    return len(slide.levels) == 1 and max(slide.shape) * slide.mpp <= CROP_MAX_UM
+
+
+def _crop_tissue(slide: Slide, mpp: float, min_area_um2: float) -> Tissue:
+    """Everything but glass (GLASS_SAT, GLASS_VAL; patches of MIN_GLASS_UM2 or more) is tissue;
+    pieces count from ``min_area_um2`` or a twentieth of the crop, whichever is smaller."""
+    hsv = rgb2hsv(slide.thumbnail(mpp))
+    px = mpp * mpp
+    glass = gaussian(hsv[..., 1], sigma=1) < GLASS_SAT
+    glass &= gaussian(hsv[..., 2], sigma=1) > GLASS_VAL
+    mask = ~_drop_small(glass, MIN_GLASS_UM2 / px)
+    min_piece_um2 = min(min_area_um2, mask.size * px / 20)
+    mask = _drop_small(mask, min_piece_um2 / px)
+    return Tissue(mask, mpp, _pieces(mask, mpp, min_piece_um2))
 
 
 def tissue_fraction(tissue: Tissue, x_um, y_um, w_um, h_um) -> np.ndarray:

@@ -33,6 +33,8 @@ __all__ = [
     "train",
     "main_train",
     "pairs_from_folders",
+    "dataset_pairs",
+    "read_mpp_table",
     "read_pair",
     "resample_pair",
     "split_by_image",
@@ -625,11 +627,55 @@ def train(
     return (out_dir, model) if return_model else out_dir
 
 
-def main_train(images_dir, masks_dir, out, mpp: float, image_mpp: float, epochs: int, steps: int,
-               **kwargs) -> Path:
-    """Convenience for the CLI: pairs from two folders (matched by stem), one pixel size."""
+def read_mpp_table(path: Path | str) -> dict[str, float]:
+    """File stem -> µm/px from a CSV with columns ``image`` (file name or stem) and ``mpp``."""
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        t = pd.read_csv(path)
+    except Exception as e:  # noqa: BLE001
+        raise HistoError(path, f"cannot read the pixel-size table: {e}") from e
+    if not {"image", "mpp"} <= set(t.columns):
+        raise HistoError(path, f"pixel-size table needs columns 'image' and 'mpp', has {list(t.columns)}")
+    out = {}
+    for name, m in zip(t["image"].astype(str), pd.to_numeric(t["mpp"], errors="coerce")):
+        if not (m > 0):
+            raise HistoError(path, f"image {name!r}: pixel size must be a positive number")
+        out[Path(name).stem] = float(m)
+    return out
+
+
+def dataset_pairs(images_dir, masks_dir, image_mpp: float | str | Path) -> list[tuple[Path, Path, float]]:
+    """(image, mask, µm/px) for one folder pair; ``image_mpp`` is one number for the folder or a
+    CSV file (``read_mpp_table``) giving each image its own."""
     pairs = pairs_from_folders(images_dir, masks_dir)
-    ims, mks = zip(*pairs)
+    try:
+        one = float(image_mpp)
+    except (TypeError, ValueError):
+        one = None
+    if one is not None:
+        if one <= 0:
+            raise HistoError(images_dir, f"pixel size must be positive, got {one}")
+        return [(i, m, one) for i, m in pairs]
+    table = read_mpp_table(image_mpp)
+    missing = [i for i, _ in pairs if i.stem not in table]
+    if missing:
+        raise HistoError(missing[0], f"no pixel size for this image in {image_mpp} ({len(missing)} missing)")
+    return [(i, m, table[i.stem]) for i, m in pairs]
+
+
+def main_train(datasets: Sequence[tuple], out, mpp: float, epochs: int, steps: int, **kwargs) -> Path:
+    """Train from folder pairs: ``datasets`` = [(images_dir, masks_dir, image_mpp, licence), ...]
+    (``image_mpp`` a number or a CSV, see ``dataset_pairs``). Each becomes a source in the card."""
+    ims, mks, mpps, sources = [], [], [], []
+    for images_dir, masks_dir, image_mpp, licence in datasets:
+        rows = dataset_pairs(images_dir, masks_dir, image_mpp)
+        sources.append({"name": str(images_dir), "licence": licence or "unknown", "n_images": len(rows),
+                        "image_mpp": sorted({m for _, _, m in rows})})
+        for i, m, p in rows:
+            ims.append(i), mks.append(m), mpps.append(p)
     kwargs.setdefault("command", " ".join(sys.argv) if sys.argv else None)
-    return train(list(ims), list(mks), Path(out), mpp=mpp, image_mpp=image_mpp, epochs=epochs,
+    kwargs.setdefault("sources", sources)
+    return train(ims, mks, Path(out), mpp=mpp, image_mpp=mpps, epochs=epochs,
                  steps_per_epoch=steps, **kwargs)

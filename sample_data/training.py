@@ -53,19 +53,20 @@ def _targets(scene, rng, n: int, tile_um: float) -> list[tuple[float, float]]:
     return out
 
 
-def write_training_set(out_dir, n_tiles: int, tile_px: int = 256, seed: int = 0, mpp: float = 0.5) -> None:
+def write_training_set(out_dir, n_tiles: int, tile_px: int = 256, seed: int = 0, mpp: float = 0.5,
+                       per_scene: int = 24) -> None:
     """Write ``n_tiles`` RGB tiles to out_dir/images/NNNN.tif and instance masks to masks/NNNN.tif.
 
     Tiles (``tile_px``² at ``mpp`` µm/px) alternate between lymph-node and synovium scenes (a new
-    scene every 24 tiles, seeds derived from ``seed``) and sit mostly on tissue: follicles, germinal
-    centres, aggregates, lining / capsule, stroma, tissue edges, a little glass. Masks are uint16,
+    scene every ``per_scene`` tiles, seeds derived from ``seed``) and sit mostly on tissue: follicles, germinal
+    centres, aggregates, lining / capsule, stroma, tissue edges, a little glass (``per_scene`` tiles
+    per scene, so a small set still holds both kinds). Masks are uint16,
     0 = background, nuclei numbered 1..n in each tile.
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([int(seed), 99])
-    per_scene = 24
     k = 0
     s_idx = 0
     width = max(4, len(str(max(n_tiles - 1, 0))))

@@ -10,6 +10,8 @@ from shapely.geometry import Point
 from histo.slide import open_slide
 from histo.tissue import detect_tissue, tissue_fraction
 
+from tests.conftest import shared_path
+
 MPP = 4.0  # µm/px of the synthetic slides: 1000 × 800 px = 4 × 3.2 mm
 RNG = np.random.default_rng(1)
 
@@ -76,3 +78,28 @@ def test_fluorescence_uses_dna_channel(tmp_path):
     assert len(t.pieces) == 1 and t.pieces[0].area == pytest.approx(np.pi * 500**2, rel=0.1)
     tifffile.imwrite(tmp_path / "dark.ome.tif", img[:, :, 400:], metadata={"axes": "CYX"})  # noise only
     assert detect_tissue(open_slide(tmp_path / "dark.ome.tif", mpp=MPP)).pieces == []
+
+
+def test_crop_is_tissue_except_glass(tmp_path):
+    """A 250 µm crop (no pyramid): pale stroma and a small lumen stay tissue; a 100 µm glass corner
+    does not; pure glass has none."""
+    rng = np.random.default_rng(3)
+    img = np.clip(rng.normal((215, 170, 205), 12, (1000, 1000, 3)), 0, 255).astype(np.uint8)  # eosin
+    img[400:440, 400:440] = 243  # a 10 × 10 µm lumen: not glass (< 50 × 50 µm)
+    img[:400, :400] = (rng.integers(-4, 5, (400, 400, 3)) + 240).astype(np.uint8)  # 100 × 100 µm glass
+    tifffile.imwrite(tmp_path / "crop.tif", img)
+    t = detect_tissue(open_slide(tmp_path / "crop.tif", mpp=0.25))
+    assert t.mpp == 2.0 and len(t.pieces) == 1
+    assert t.pieces[0].area == pytest.approx(250**2 - 100**2, rel=0.05)
+    assert t.pieces[0].contains(Point(105, 105)) and not t.pieces[0].contains(Point(50, 50))
+    tifffile.imwrite(tmp_path / "glass.tif", glass(1000, 1000))
+    assert detect_tissue(open_slide(tmp_path / "glass.tif", mpp=0.25)).pieces == []
+
+
+def test_real_annotated_tile_is_all_tissue():
+    """MoNuSeg tiles are cut from tissue: the crop rule keeps (nearly) all of every test tile."""
+    folder = shared_path("data", "monuseg", "test", "images")
+    for path in sorted(folder.glob("*.tif")):
+        t = detect_tissue(open_slide(path, mpp=0.25))
+        area = sum(p.area for p in t.pieces)
+        assert area >= 0.97 * 250**2, (path.name, area)

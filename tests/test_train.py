@@ -304,19 +304,41 @@ def test_training_resumes_from_the_saved_epoch(disks, tmp_path):
 
 @pytest.mark.skipif(not MONUSEG_TRAIN.is_dir(), reason=f"real data not available: {MONUSEG_TRAIN} is absent "
                     "(the shared data folder sits next to the repository)")
-def test_trains_on_real_monuseg_training_tiles_resampled_to_half_micron(tmp_path):
-    pairs = pairs_from_folders(MONUSEG_TRAIN / "images", MONUSEG_TRAIN / "masks")
-    # two 40x tiles (~0.25 µm/px; not the 20x outliers TCGA-HE-7128/7129/7130)
-    pairs = [p for p in pairs if "TCGA-HE-71" not in p[0].name][:2]
-    ims, mks = zip(*pairs)
-    folder = train(
-        list(ims), list(mks), tmp_path / "monuseg-tiny", mpp=0.5, image_mpp=0.25, epochs=1,
-        steps_per_epoch=3, val_fraction=0.5, seed=0, verbose=0, optimize=False,
-        sources=[{"name": "MoNuSeg 2018 training (2 tiles)", "licence": "CC BY-NC-SA 4.0", "n_images": 2}],
-        **(TINY | {"patch_size": 128}),
-    )
-    card = json.loads((folder / "card.json").read_text())
-    assert card["training"]["image_mpp"] == [0.25] and card["mpp"] == 0.5
-    assert card["training"]["n_train"] == 1 and card["training"]["n_val"] == 1
-    assert card["max_nucleus_um_observed"] > 3  # real nuclei, measured after resampling
-    assert "CC BY-NC-SA 4.0" in (folder / "MODEL.md").read_text()
+def test_histo_train_cli_on_real_tiles_with_per_image_pixel_sizes(tmp_path):
+    """`histo train` on two real MoNuSeg tiles (a 40x one at its XML pixel size and a 20x outlier,
+    from a CSV) plus a folder of generated tiles: both resampled to the model's 0.5 µm/px, both
+    sources and licences in the card."""
+    from histo.cli import main
+    from histo_sample import write_training_set
+
+    real = tmp_path / "real"
+    names = ["TCGA-21-5784-01Z-00-DX1", "TCGA-HE-7128-01Z-00-DX1"]
+    for sub in ("images", "masks"):
+        (real / sub).mkdir(parents=True)
+        for n in names:  # links, not copies
+            (real / sub / f"{n}.tif").symlink_to(MONUSEG_TRAIN / sub / f"{n}.tif")
+    (tmp_path / "mpp.csv").write_text(f"image,mpp\n{names[0]}.tif,0.2527\n{names[1]},0.5005\n")
+    write_training_set(tmp_path / "gen", 2, tile_px=256, seed=0, mpp=0.5, per_scene=1)
+    out = tmp_path / "he-tiny"
+    rc = main(["train", str(real / "images"), str(real / "masks"), "--image-mpp", str(tmp_path / "mpp.csv"),
+               "--licence", "CC BY-NC-SA 4.0", "--data", str(tmp_path / "gen" / "images"),
+               str(tmp_path / "gen" / "masks"), "0.5", "BSD-3-Clause", "--out", str(out), "--mpp", "0.5",
+               "--epochs", "1", "--steps", "2", "--patch", "128", "--batch", "2", "--val-fraction", "0.25",
+               "--note", "smoke test"])
+    assert rc == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["mpp"] == 0.5 and card["training"]["image_mpp"] == [0.2527, 0.5, 0.5005]
+    assert [s["licence"] for s in card["training"]["sources"]] == ["CC BY-NC-SA 4.0", "BSD-3-Clause"]
+    assert card["training"]["n_train"] == 3 and card["training"]["n_val"] == 1
+    assert card["max_nucleus_um_observed"] > 3 and card["notes"] == ["smoke test"]
+    assert "histo train" in card["training"]["command"] and not (out / "train_state.json").exists()
+    md = (out / "MODEL.md").read_text()
+    assert "CC BY-NC-SA 4.0" in md and "BSD-3-Clause" in md
+    from histo.models import resolve_model
+
+    spec = resolve_model(str(out))
+    assert spec.mpp == 0.5 and spec.thresholds == card["thresholds"]
+
+    (tmp_path / "mpp.csv").write_text(f"image,mpp\n{names[0]},0.2527\n")  # one image without a size
+    assert main(["train", str(real / "images"), str(real / "masks"), "--image-mpp", str(tmp_path / "mpp.csv"),
+                 "--out", str(tmp_path / "x"), "--epochs", "1"]) == 2

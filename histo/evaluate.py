@@ -1,0 +1,236 @@
+"""Score nucleus segmentations against expert outlines, the way the field reports them.
+
+Per image and pooled over images: nuclei matched one-to-one at IoU ≥ ``thresh`` (0.5) give TP, FP,
+FN, precision, recall and F1 (= detection quality DQ); ``mean_iou`` is the mean IoU of matched pairs
+(segmentation quality SQ); panoptic quality PQ = DQ · SQ = ΣIoU(TP) / (TP + FP/2 + FN/2) (Kirillov
+et al. 2019; Graham et al. 2019); the aggregated Jaccard index AJI (Kumar et al. 2017) pairs every
+true nucleus with the predicted one it overlaps best (IoU) and adds unpaired predictions to the union.
+Pooled scores sum the counts (TP, FP, FN, ΣIoU, AJI intersections and unions) over the images.
+
+Truth is an instance mask (TIFF/PNG, 0 = background) or a QuPath GeoJSON of nucleus polygons in
+pixel coordinates; predictions are label images, or histo bundles whose ``cells.parquet`` polygons
+are drawn at the image's own pixel grid.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import shapely
+from scipy.optimize import linear_sum_assignment
+
+from histo.errors import HistoError
+from histo.labels import rasterise
+
+MASK_EXT = (".tif", ".tiff", ".png")
+GEOJSON_EXT = (".geojson", ".json")
+COUNTS = ("n_true", "n_pred", "tp", "fp", "fn", "sum_iou", "aji_intersection", "aji_union")
+
+
+def _overlaps(truth: np.ndarray, pred: np.ndarray):
+    """Areas of every true and predicted label (px, indexed by label) and the overlapping pairs:
+    (true ids, predicted ids, intersection px)."""
+    t = truth.ravel().astype(np.int64)
+    p = pred.ravel().astype(np.int64)
+    t_area, p_area = np.bincount(t), np.bincount(p)
+    both = (t > 0) & (p > 0)
+    base = np.int64(p_area.size)
+    pairs, inter = np.unique(t[both] * base + p[both], return_counts=True)
+    return t_area, p_area, pairs // base, pairs % base, inter
+
+
+def score(truth: np.ndarray, pred: np.ndarray, thresh: float = 0.5) -> dict:
+    """The counts (``COUNTS``) and scores of one image; ``truth`` and ``pred`` are label images of
+    the same shape (0 = background)."""
+    if truth.shape != pred.shape:
+        raise ValueError(f"truth {truth.shape} and prediction {pred.shape} differ in shape")
+    t_area, p_area, ti, pi, inter = _overlaps(truth, pred)
+    true_ids, pred_ids = np.flatnonzero(t_area[1:]) + 1, np.flatnonzero(p_area[1:]) + 1
+    iou = inter / (t_area[ti] + p_area[pi] - inter)
+
+    # one-to-one matching among pairs with IoU ≥ thresh, maximising the summed IoU
+    cand = iou >= thresh
+    tp, sum_iou = 0, 0.0
+    if cand.any():
+        rows, r_idx = np.unique(ti[cand], return_inverse=True)
+        cols, c_idx = np.unique(pi[cand], return_inverse=True)
+        m = np.zeros((rows.size, cols.size))
+        m[r_idx, c_idx] = iou[cand]
+        r, c = linear_sum_assignment(m, maximize=True)
+        hit = m[r, c] >= thresh
+        tp, sum_iou = int(hit.sum()), float(m[r, c][hit].sum())
+
+    # AJI: each true nucleus with its best-IoU prediction (which may serve several), + unused predictions
+    order = np.lexsort((-iou, ti))
+    first = np.ones(order.size, bool)
+    first[1:] = ti[order][1:] != ti[order][:-1]
+    best = order[first]
+    aji_i = float(inter[best].sum())
+    aji_u = float((t_area[ti[best]] + p_area[pi[best]] - inter[best]).sum())
+    aji_u += float(t_area[np.setdiff1d(true_ids, ti[best])].sum())
+    aji_u += float(p_area[np.setdiff1d(pred_ids, pi[best])].sum())
+
+    counts = dict(n_true=int(true_ids.size), n_pred=int(pred_ids.size), tp=tp, fp=int(pred_ids.size) - tp,
+                  fn=int(true_ids.size) - tp, sum_iou=sum_iou, aji_intersection=aji_i, aji_union=aji_u)
+    return counts | scores_from_counts(counts)
+
+
+def scores_from_counts(c: dict) -> dict:
+    """precision, recall, f1, mean_iou, pq and aji from summed ``COUNTS``."""
+    tp, fp, fn = c["tp"], c["fp"], c["fn"]
+    return dict(
+        precision=tp / (tp + fp) if tp + fp else 0.0,
+        recall=tp / (tp + fn) if tp + fn else 0.0,
+        f1=2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
+        mean_iou=c["sum_iou"] / tp if tp else 0.0,
+        pq=c["sum_iou"] / (tp + fp / 2 + fn / 2) if tp + fp + fn else 1.0,
+        aji=c["aji_intersection"] / c["aji_union"] if c["aji_union"] else 1.0,
+    )
+
+
+def pooled(rows: pd.DataFrame) -> dict:
+    """Scores over all images: counts summed, then the scores of the sums."""
+    counts = {k: rows[k].sum() for k in COUNTS}
+    return counts | scores_from_counts(counts)
+
+
+# ---------------------------------------------------------------- reading truth and predictions
+def truth_files(folder: str | Path) -> dict[str, Path]:
+    """Truth files (masks or GeoJSON) in ``folder`` by stem; HistoError if there are none or two
+    share a stem."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HistoError(folder, "truth folder does not exist")
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in MASK_EXT + GEOJSON_EXT and not p.name.startswith("."):
+            if p.stem in out:
+                raise HistoError(p, f"two truth files share the name '{p.stem}' ({out[p.stem].name})")
+            out[p.stem] = p
+    if not out:
+        raise HistoError(folder, "no truth files (instance masks .tif/.png or QuPath .geojson) in this folder")
+    return out
+
+
+def read_truth(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Instance labels from a mask file, or drawn from a GeoJSON of polygons in pixel coordinates
+    (every object type; later polygons on top) at ``shape`` (H, W) px."""
+    path = Path(path)
+    if path.suffix.lower() in GEOJSON_EXT:
+        from histo.export import import_annotations
+
+        if shape is None:
+            raise HistoError(path, "a GeoJSON truth needs the image size: give the images or bundles")
+        geoms = import_annotations(path, mpp=1.0, object_types=None, repair=True).geometry.to_numpy()
+        parts, index = shapely.get_parts(geoms, return_index=True)  # a mended outline may be in pieces
+        return rasterise(parts, index + 1, 1.0, (0, 0), shape)
+    from histo.train import _read_array
+
+    mask = _read_array(path)
+    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
+        raise HistoError(path, f"a truth mask must be a 2-D integer label image, got {mask.dtype} {mask.shape}")
+    return mask.astype(np.int64)
+
+
+def bundle_labels(bundle: str | Path) -> tuple[np.ndarray, float]:
+    """The nuclei of a complete histo bundle drawn on its slide's level-0 pixel grid, and that
+    grid's µm/px."""
+    bundle = Path(bundle)
+    try:
+        run = json.loads((bundle / "run.json").read_text())
+    except FileNotFoundError:
+        raise HistoError(bundle, "not a complete histo bundle (no run.json)") from None
+    mpp, shape = float(run["input"]["mpp"]), tuple(run["input"]["shape_px"])
+    table = pq.read_table(bundle / "cells.parquet", columns=["polygon"])
+    polys = shapely.from_wkb(table.column("polygon").to_numpy(zero_copy_only=False))
+    return rasterise(polys, np.arange(1, len(polys) + 1), mpp, (0, 0), shape), mpp
+
+
+def evaluate(truth_dir: str | Path, bundles_dir: str | Path | None = None, pred_dir: str | Path | None = None,
+             thresh: float = 0.5, errors: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per truth file plus a ``pooled`` row. Predictions are the bundles
+    ``bundles_dir/<stem>/`` or the files ``pred_dir/<stem>.*`` (label masks or GeoJSON outlines in
+    pixels). A missing prediction, or a stem in ``errors`` (e.g. from :func:`run_images`), is a row
+    with its ``error``."""
+    if (bundles_dir is None) == (pred_dir is None):
+        raise ValueError("give exactly one of bundles_dir and pred_dir")
+    preds = truth_files(pred_dir) if pred_dir is not None else {}
+    rows = []
+    for stem, path in truth_files(truth_dir).items():
+        if errors and stem in errors:
+            rows.append({"image": stem, "error": errors[stem]})
+            continue
+        try:
+            if bundles_dir is not None:
+                pred = bundle_labels(Path(bundles_dir) / stem)[0]
+                truth = read_truth(path, pred.shape)
+            elif stem not in preds:
+                raise HistoError(Path(pred_dir) / stem, "no prediction with the truth file's name")
+            elif path.suffix.lower() in MASK_EXT:
+                truth = read_truth(path)
+                pred = read_truth(preds[stem], truth.shape)
+            else:
+                pred = read_truth(preds[stem])
+                truth = read_truth(path, pred.shape)
+            if truth.shape != pred.shape:
+                raise HistoError(path, f"truth is {truth.shape[1]}×{truth.shape[0]} px but the prediction is "
+                                       f"{pred.shape[1]}×{pred.shape[0]} px")
+            rows.append({"image": stem} | score(truth, pred, thresh))
+        except HistoError as exc:
+            rows.append({"image": stem, "error": str(exc)})
+    return with_pooled(pd.DataFrame(rows))
+
+
+def with_pooled(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` (one row per image) with a last row ``image = "pooled"`` over the scored images."""
+    scored = table.dropna(subset=["tp"]) if "tp" in table else table.iloc[:0]
+    if scored.empty:
+        raise HistoError(None, "no image could be scored: " + "; ".join(table.get("error", pd.Series()).dropna()))
+    out = pd.concat([table, pd.DataFrame([{"image": "pooled"} | pooled(scored)])], ignore_index=True)
+    ints = ["n_true", "n_pred", "tp", "fp", "fn"]
+    out[ints] = out[ints].astype("Int64")
+    return out
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """The scores as a fixed-width text table (3 decimals)."""
+    cols = ["image", "n_true", "n_pred", "tp", "fp", "fn", "precision", "recall", "f1", "mean_iou", "pq", "aji"]
+    cols += ["error"] if "error" in table and table["error"].notna().any() else []
+    return table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="")
+
+
+def run_images(truth_dir: str | Path, images_dir: str | Path, bundles_dir: str | Path, image_mpp,
+               model: str | None = None, workflow: str | None = None, client=None, show_progress: bool = True
+               ) -> dict[str, str]:
+    """``histo run`` on the image of every truth file (same stem in ``images_dir``) into
+    ``bundles_dir``; ``image_mpp`` is one µm/px for all or a CSV (``histo.train.read_mpp_table``).
+    Returns {stem: error} for the images that could not be run (the others are bundles)."""
+    from histo.cluster import dask_client
+    from histo.pipeline import run_slide
+    from histo.train import _list_images, read_mpp_table
+
+    images = _list_images(Path(images_dir))
+    try:
+        one, table = float(image_mpp), {}
+    except (TypeError, ValueError):
+        one, table = None, read_mpp_table(image_mpp)
+    errors = {}
+    with dask_client(None, None) if client is None else nullcontext(client) as cl:
+        for stem in truth_files(truth_dir):
+            try:
+                if stem not in images:
+                    raise HistoError(Path(images_dir) / stem, "no image with the truth file's name")
+                mpp = one if one is not None else table.get(stem)
+                if mpp is None:
+                    raise HistoError(images[stem], f"no pixel size for this image in {image_mpp}")
+                run_slide(images[stem], bundles_dir, workflow=workflow, model=model, mpp=mpp, client=cl,
+                          show_progress=show_progress)
+            except HistoError as exc:
+                errors[stem] = str(exc)
+    return errors
+
