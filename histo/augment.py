@@ -27,6 +27,7 @@ __all__ = [
     "HEAugmenter",
     "flip_rot",
     "stain_jitter",
+    "recolour",
     "brightness_contrast",
     "scale_jitter",
     "rgb_to_od",
@@ -60,20 +61,25 @@ def flip_rot(x: np.ndarray, y: np.ndarray, rng: np.random.Generator):
 
 
 def stain_jitter(x: np.ndarray, rng: np.random.Generator, scale: float = 0.2, shift: float = 0.05):
-    """Scale/shift the H and E concentrations (OD space); DAB/residual channel untouched.
+    """Scale/shift the H and E concentrations (OD space) by random amounts (see :func:`recolour`).
 
     Returns the new image and the (alpha, beta) used: ``c' = alpha * c + beta`` per stain.
     """
-    od = rgb_to_od(x)
-    conc = od @ _HED_FROM_RGB  # (H, W, 3): hematoxylin, eosin, DAB (residual)
     alpha = np.ones(3, np.float32)
     beta = np.zeros(3, np.float32)
     alpha[:2] = rng.uniform(1 - scale, 1 + scale, 2)
     beta[:2] = rng.uniform(-shift, shift, 2)
-    # shift only where the stain is present: keeps white background white
-    conc = conc * alpha + beta * (conc > 0.02)
+    return recolour(x, alpha, beta), (alpha, beta)
+
+
+def recolour(x: np.ndarray, alpha, beta=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """Hematoxylin, eosin and DAB/residual concentrations ``c`` (OD, Ruifrok vectors) of an RGB
+    image in [0, 1] set to ``alpha * c + beta`` (the shift only where a stain is present, so glass
+    stays white), then recomposed to RGB."""
+    conc = rgb_to_od(x) @ _HED_FROM_RGB  # (H, W, 3): hematoxylin, eosin, DAB (residual)
+    conc = conc * np.asarray(alpha, np.float32) + np.asarray(beta, np.float32) * (conc > 0.02)
     conc[..., :2] = np.maximum(conc[..., :2], 0)
-    return od_to_rgb(conc @ _RGB_FROM_HED), (alpha, beta)
+    return od_to_rgb(conc @ _RGB_FROM_HED)
 
 
 def brightness_contrast(x: np.ndarray, rng: np.random.Generator, brightness: float = 0.06,
