@@ -128,6 +128,47 @@ def density_figure(thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.D
     return _png(fig)
 
 
+def neighbourhood_figure(result: dict, region_id: str = "slide") -> bytes | None:
+    """PNG bytes: one region's neighbourhood enrichment z-scores (heatmap), same-type co-occurrence
+    ratio and Ripley's L per cell type against distance (µm), from
+    :func:`histo.neighbourhood.neighbourhood_stats`; None when that region was not analysed."""
+    r = result["regions"].get(region_id)
+    if r is None:
+        return None
+    types = list(result["cell_types"])
+    colors = [CELL_COLORS.get(t, "#000000") for t in types]
+    fig = Figure(figsize=(15, 4.4), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    heat, occ, rip = fig.subplots(1, 3)
+    if "nhood_zscore" in r:
+        z = r["nhood_zscore"]
+        top = max(float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0, 1.0)
+        im = heat.imshow(z, cmap="RdBu_r", vmin=-top, vmax=top)
+        heat.set_xticks(range(len(types)), types, rotation=45, ha="right")
+        heat.set_yticks(range(len(types)), types)
+        for (i, j), v in np.ndenumerate(z):
+            heat.text(j, i, "" if np.isnan(v) else f"{v:.0f}", ha="center", va="center", fontsize=8)
+        fig.colorbar(im, ax=heat).set_label("enrichment z-score")
+    heat.set_title(f"Neighbourhood enrichment ({r['n_cells']:,} cells)")
+    if "co_occurrence" in r:
+        for i, (t, c) in enumerate(zip(types, colors)):
+            occ.plot(r["co_occurrence_um"], r["co_occurrence"][i, i], color=c, label=t)
+        occ.axhline(1.0, color="grey", lw=0.8, ls=":")
+        occ.set_title(f"Co-occurrence, same type ({r['co_occurrence_n_cells']:,} cells sampled)")
+        occ.set_xlabel("distance d (µm)")
+        occ.set_ylabel("P(same type within d) / P(type)")
+        occ.legend(fontsize=8, frameon=False)
+    if "ripley_L" in r:
+        for i, (t, c) in enumerate(zip(types, colors)):
+            rip.plot(r["ripley_um"], r["ripley_L"][i], color=c, label=t)
+        rip.plot(r["ripley_um"], r["ripley_um"], color="grey", lw=0.8, ls=":", label="random (L = d)")
+        rip.set_title(f"Ripley's L ({r['ripley_n_cells']:,} cells sampled)")
+        rip.set_xlabel("distance d (µm)")
+        rip.set_ylabel("L(d) (µm)")
+        rip.legend(fontsize=8, frameon=False)
+    return _png(fig)
+
+
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
@@ -162,9 +203,10 @@ def _table(frame: pd.DataFrame, cols: list[str]) -> str:
 
 
 def report_html(name: str, thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame, metrics: pd.DataFrame,
-                tissue_type: str) -> str:
+                tissue_type: str, neighbourhood: dict | None = None) -> str:
     """The per-slide report as one self-contained HTML string: cell-type map, lymphocyte density
-    map, the follicle / aggregate (and lining) tables, and the slide metrics."""
+    map, the follicle / aggregate (and lining) tables, the slide metrics and, with
+    ``neighbourhood`` (:func:`histo.neighbourhood.neighbourhood_stats`), the slide's neighbourhood plots."""
     slide = metrics[metrics.kind == "slide"].iloc[0]
     rows = [(k, _fmt(slide[k])) for k in SLIDE_ROWS if k in slide.index and _fmt(slide[k]) != ""]
     slide_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
@@ -181,6 +223,12 @@ def report_html(name: str, thumbnail: np.ndarray, thumb_mpp: float, regions, cel
         f"<h2>Slide</h2><table class=t>{slide_html}</table>",
         f"<h2>{kind.capitalize()}s</h2>", _table(metrics[metrics.kind == kind], STRUCTURE_COLUMNS),
     ]
+    nhood = neighbourhood_figure(neighbourhood) if neighbourhood else None
+    if nhood is not None:
+        parts += ["<h2>Neighbourhood (whole slide)</h2>", _img(nhood, "neighbourhood statistics"),
+                  "<p class=note>Delaunay / radius graph in µm; co-occurrence and Ripley's L on a seeded sample "
+                  "(sizes in the titles); per-region values are in metrics.csv and cells.h5ad "
+                  "(<code>uns['neighbourhood']</code>).</p>"]
     if tissue_type == "synovium":
         parts += ["<h2>Lining</h2>", _table(metrics[metrics.kind == "lining"], LINING_COLUMNS)]
     parts += ["<h2>Tissue pieces</h2>", _table(metrics[metrics.kind == "tissue"], ["region_id", *SLIDE_ROWS])]
@@ -194,8 +242,9 @@ def report_html(name: str, thumbnail: np.ndarray, thumb_mpp: float, regions, cel
 
 
 def write_report(path: str | Path, name: str, thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame,
-                 metrics: pd.DataFrame, tissue_type: str) -> Path:
+                 metrics: pd.DataFrame, tissue_type: str, neighbourhood: dict | None = None) -> Path:
     """Write :func:`report_html` to ``path`` (``report.html``)."""
     path = Path(path)
-    path.write_text(report_html(name, thumbnail, thumb_mpp, regions, cells, metrics, tissue_type), encoding="utf-8")
+    path.write_text(report_html(name, thumbnail, thumb_mpp, regions, cells, metrics, tissue_type, neighbourhood),
+                    encoding="utf-8")
     return path

@@ -13,6 +13,7 @@ import pandas as pd
 
 from histo.export import import_annotations, write_h5ad, write_metrics, write_regions_geojson
 from histo.metrics import region_metrics
+from histo.neighbourhood import neighbourhood_metrics, neighbourhood_stats
 from histo.phenotypes import classify_he, gate_markers
 from histo.regions import assign_cells, find_regions
 from histo.report import write_overview, write_report
@@ -63,10 +64,19 @@ def analyse_cells(cells: pd.DataFrame, slide, tissue, wf: dict, annotations: str
 
 
 def write_outputs(folder: Path, name: str, cells: pd.DataFrame, regions, metrics: pd.DataFrame, slide, wf: dict) -> None:
-    """regions.geojson, metrics.csv/.parquet, cells.h5ad, overview.png and report.html."""
+    """regions.geojson, metrics.csv/.parquet, cells.h5ad, overview.png and report.html.
+
+    ``cells`` carry ``cell_type`` and the region ids; unless the workflow turns them off, the
+    neighbourhood statistics (histo.neighbourhood) go to cells.h5ad ``uns["neighbourhood"]``,
+    their summary columns to the metrics and their plots to the report."""
+    uns = {"histo": {"workflow": wf["name"], "tissue_type": wf["tissue_type"]}}
+    nhood = neighbourhood_stats(cells, wf["neighbourhood"]) if wf["neighbourhood"]["run"] else None
+    if nhood is not None:
+        uns["neighbourhood"] = nhood
+        metrics = metrics.merge(neighbourhood_metrics(nhood), on="region_id", how="left")
     write_regions_geojson(regions, folder / "regions.geojson", slide.mpp, metrics)
     write_metrics(metrics, folder)
-    write_h5ad(cells, folder / "cells.h5ad", uns={"histo": {"workflow": wf["name"], "tissue_type": wf["tissue_type"]}})
+    write_h5ad(cells, folder / "cells.h5ad", uns=uns)
     thumb, thumb_mpp = thumbnail(slide)
     write_overview(folder / "overview.png", thumb, thumb_mpp, regions, cells)
-    write_report(folder / "report.html", name, thumb, thumb_mpp, regions, cells, metrics, wf["tissue_type"])
+    write_report(folder / "report.html", name, thumb, thumb_mpp, regions, cells, metrics, wf["tissue_type"], nhood)

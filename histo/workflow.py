@@ -28,7 +28,7 @@ SCHEMA: dict[str, Any] = {
     "stain": (str, "he"),  # he | ihc | if
     "model": ((str, type(None)), None),  # None = the stain's default model
     "segmentation": {
-        "tile_um": (Number, 512.0),  # tile core edge, µm
+        "tile_um": (Number, 256.0),  # tile core edge, µm (1024 px at 0.25 µm/px)
         "halo_um": ((*Number, type(None)), None),  # None = from the model's largest nucleus
         "prob_thresh": ((*Number, type(None)), None),  # None = the model's own threshold
         "nms_thresh": ((*Number, type(None)), None),
@@ -42,6 +42,22 @@ SCHEMA: dict[str, Any] = {
     "marker_gates": {  # IHC / immunofluorescence: first positive gate wins (histo.phenotypes)
         "gates": (list, []),  # [{marker, cell_type, threshold: number | auto, column}]
         "auto": ((str, type(None)), "otsu"),  # per-slide threshold method for "auto" gates: otsu | gmm
+    },
+    "neighbourhood": {  # Squidpy statistics per slide and per region (histo.neighbourhood)
+        "run": (bool, True),
+        "graph": (str, "delaunay"),  # delaunay: its edges ≤ max_edge_um | radius: all pairs ≤ max_edge_um
+        "max_edge_um": (Number, 30.0),  # µm; cuts Delaunay edges across gaps and tissue pieces
+        "kinds": (list, ["tissue", "follicle", "aggregate", "annotation"]),  # region kinds analysed, besides the slide
+        "min_cells": (int, 50),  # regions with fewer cells are skipped
+        "seed": (int, 0),  # permutations, samples and simulations
+        "nhood_enrichment": {"run": (bool, True), "n_perms": (int, 100)},
+        "interaction_matrix": {"run": (bool, True)},
+        "centrality_scores": {"run": (bool, True), "max_cells": (int, 200_000)},  # networkx: larger regions skipped
+        "co_occurrence": {"run": (bool, True), "max_um": (Number, 200.0), "step_um": (Number, 10.0),
+                          "max_cells": (int, 20_000)},  # quadratic in cells: seeded sample of ≤ max_cells per region
+        "ripley": {"run": (bool, True), "max_um": (Number, 100.0), "n_steps": (int, 21),
+                   "max_cells": (int, 10_000)},  # L function; memory ≈ (n²/2)·(8 + n_steps) bytes for n cells of one type
+        "moran": {"run": (bool, True), "features": (list, ["area_um2", "hematoxylin_od", "eccentricity"])},
     },
 }
 

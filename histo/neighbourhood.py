@@ -1,0 +1,202 @@
+"""Neighbourhood statistics over the cells with Squidpy, per slide and per region.
+
+One spatial graph over all cells, in µm: a Delaunay triangulation with edges longer than
+``max_edge_um`` cut, or every pair closer than ``max_edge_um`` (``graph: radius``). A region uses
+that graph's edges between its own cells. For the slide (``region_id`` ``slide``) and every region
+of the chosen kinds with ≥ ``min_cells`` cells: neighbourhood enrichment z-scores, the interaction
+matrix (edge counts), centrality scores per cell type, Moran's I of chosen features, and, on a
+seeded sample of ≤ ``max_cells`` cells because their cost is quadratic in cells (STACK.md),
+co-occurrence ratios and Ripley's L. Matrices are indexed by the slide's cell types in one order
+(NaN where a region lacks a type). Results are arrays and DataFrames that AnnData writes to
+``uns``; :func:`neighbourhood_metrics` flattens them into named metric columns.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import squidpy as sq
+
+from histo.errors import HistoError
+from histo.metrics import CELL_TYPES
+from histo.regions import KINDS
+from histo.workflow import SCHEMA, _check
+
+GRAPHS = ("delaunay", "radius")
+
+
+def nhood_params(overrides: dict | None = None) -> dict:
+    """The workflow's ``neighbourhood`` section defaults with ``overrides`` (nested) on top, checked."""
+    p = _check(overrides or {}, SCHEMA["neighbourhood"], "neighbourhood", "<neighbourhood parameters>")
+    if p["graph"] not in GRAPHS:
+        raise HistoError(None, f"'neighbourhood.graph' must be one of {', '.join(GRAPHS)}, got {p['graph']!r}")
+    if unknown := sorted(set(p["kinds"]) - set(KINDS)):
+        raise HistoError(None, f"'neighbourhood.kinds': unknown region kind {unknown[0]!r} (kinds: {', '.join(KINDS)})")
+    return p
+
+
+def cells_adata(cells: pd.DataFrame, params: dict) -> ad.AnnData:
+    """AnnData of the cells (obs: ``cell_type`` categorical in CELL_TYPES order, the ``<kind>_id``
+    columns of ``params["kinds"]`` and the Moran features; ``obsm["spatial"]`` in µm) with the spatial graph in ``obsp``."""
+    types = [t for t in CELL_TYPES if t in set(cells["cell_type"].astype(str))]
+    types += sorted(set(cells["cell_type"].astype(str)) - set(types))
+    keep = [f"{k}_id" for k in params["kinds"] if f"{k}_id" in cells] + _features(cells, params)
+    obs = cells[keep].reset_index(drop=True).assign(
+        cell_type=pd.Categorical(cells["cell_type"].astype(str).to_numpy(), categories=types))
+    obs.index = obs.index.astype(str)
+    adata = ad.AnnData(obs=obs, obsm={"spatial": cells[["x_um", "y_um"]].to_numpy(np.float64)})
+    build = sq.gr.spatial_neighbors_delaunay if params["graph"] == "delaunay" else sq.gr.spatial_neighbors_radius
+    build(adata, radius=float(params["max_edge_um"]))
+    return adata
+
+
+def _features(table: pd.DataFrame, params: dict) -> list[str]:
+    """The Moran features that the cells table has (IF and IHC tables lack the H&E ones)."""
+    return [f for f in params["moran"]["features"] if f in table.columns] if params["moran"]["run"] else []
+
+
+def _sample(adata: ad.AnnData, max_cells: int, seed: int) -> ad.AnnData:
+    """A seeded random subset of ≤ ``max_cells`` cells (all cells when fewer), types re-counted."""
+    if adata.n_obs <= max_cells:
+        return adata
+    keep = np.sort(np.random.default_rng(seed).choice(adata.n_obs, max_cells, replace=False))
+    sub = adata[keep].copy()
+    sub.obs["cell_type"] = sub.obs["cell_type"].cat.remove_unused_categories()
+    return sub
+
+
+def _square(values: np.ndarray, present: list[str], types: list[str]) -> np.ndarray:
+    """A (present × present [× …]) array placed into (types × types [× …]), NaN elsewhere."""
+    values = np.asarray(values, np.float64)
+    out = np.full((len(types), len(types), *values.shape[2:]), np.nan)
+    idx = [types.index(t) for t in present]
+    out[np.ix_(idx, idx)] = values
+    return out
+
+
+def region_stats(adata: ad.AnnData, types: list[str], params: dict) -> dict:
+    """The statistics of one region's cells (an AnnData with its graph, :func:`cells_adata`; its obs
+    is modified).
+
+    Keys (µm; matrices over ``types``): ``n_cells``; ``nhood_zscore``, ``nhood_count``;
+    ``interaction`` (graph edges between types); ``centrality`` (types × degree, clustering,
+    closeness; NaN above ``centrality_scores.max_cells``); ``co_occurrence`` (types × types ×
+    distances: P(b within d of a) / P(b)), ``co_occurrence_um``, ``co_occurrence_n_cells`` (sample
+    size); ``ripley_L`` (types × distances, per-type L whose complete spatial randomness value is d),
+    ``ripley_um``, ``ripley_n_cells``; ``moran_I`` (per ``moran_features``).
+    """
+    p, seed = params, params["seed"]
+    adata.obs["cell_type"] = adata.obs["cell_type"].cat.remove_unused_categories()
+    present = list(adata.obs["cell_type"].cat.categories)
+    out: dict = {"n_cells": int(adata.n_obs)}
+    if p["nhood_enrichment"]["run"]:
+        z, count = sq.gr.nhood_enrichment(adata, "cell_type", n_perms=p["nhood_enrichment"]["n_perms"], seed=seed,
+                                          copy=True, n_jobs=1, show_progress_bar=False)
+        z = np.where(np.isfinite(z), z, np.nan)  # a type whose neighbours never vary under permutation
+        out |= {"nhood_zscore": _square(z, present, types), "nhood_count": _square(count, present, types)}
+    if p["interaction_matrix"]["run"]:
+        out["interaction"] = _square(sq.gr.interaction_matrix(adata, "cell_type", copy=True), present, types)
+    if p["centrality_scores"]["run"]:
+        if adata.n_obs <= p["centrality_scores"]["max_cells"]:
+            scores = sq.gr.centrality_scores(adata, "cell_type", copy=True, n_jobs=1, show_progress_bar=False)
+            out["centrality"] = scores.reindex(types).astype(np.float64)
+        else:
+            out["centrality"] = pd.DataFrame(np.nan, index=types, columns=["degree_centrality", "average_clustering",
+                                                                           "closeness_centrality"])
+    if p["co_occurrence"]["run"]:
+        c = p["co_occurrence"]
+        sub = _sample(adata, c["max_cells"], seed)
+        interval = np.arange(0.0, c["max_um"] + c["step_um"] / 2, c["step_um"])
+        occ, interval = sq.gr.co_occurrence(sub, "cell_type", interval=interval, copy=True)
+        out |= {"co_occurrence": _square(occ, list(sub.obs["cell_type"].cat.categories), types),
+                "co_occurrence_um": np.asarray(interval[1:], np.float64), "co_occurrence_n_cells": int(sub.n_obs)}
+    if p["ripley"]["run"]:
+        out |= _ripley(_sample(adata, p["ripley"]["max_cells"], seed), types, p["ripley"], seed)
+    if p["moran"]["run"]:
+        feats = _features(adata.obs, p)
+        out["moran_features"] = np.asarray(feats, dtype=str)
+        out["moran_I"] = _moran(adata, feats, seed) if feats else np.zeros(0)
+    return out
+
+
+def _ripley(sub: ad.AnnData, types: list[str], p: dict, seed: int) -> dict:
+    """Ripley's L per type on ``sub``. Squidpy scales every type's K by the intensity of all cells;
+    multiplying its L by n_all / n_type gives the type's own L (= d under complete spatial
+    randomness, no edge correction). Squidpy reuses one seeded pattern for every simulation, so
+    only one is run and its envelope is not kept."""
+    res = sq.gr.ripley(sub, "cell_type", mode="L", max_dist=p["max_um"], n_steps=p["n_steps"], n_simulations=1,
+                       seed=seed, copy=True)
+    wide = res["L_stat"].pivot(index="cell_type", columns="bins", values="stats")
+    n = sub.obs["cell_type"].value_counts()
+    wide = wide.mul(sub.n_obs / n.reindex(wide.index).astype(float), axis=0)
+    return {"ripley_L": wide.reindex(types).to_numpy(np.float64), "ripley_um": np.asarray(res["bins"], np.float64),
+            "ripley_n_cells": int(sub.n_obs)}
+
+
+def _moran(adata: ad.AnnData, feats: list[str], seed: int) -> np.ndarray:
+    """Moran's I of ``feats`` (obs columns) on the row-normalised graph; missing values → the median."""
+    obs = adata.obs[feats].astype(np.float64)
+    adata.obs[feats] = obs.fillna(obs.median())
+    res = sq.gr.spatial_autocorr(adata, attr="obs", genes=feats, mode="moran", seed=seed, copy=True, n_jobs=1,
+                                 show_progress_bar=False)
+    return res["I"].reindex(feats).to_numpy(np.float64)
+
+
+def neighbourhood_stats(cells: pd.DataFrame, params: dict | None = None) -> dict:
+    """Statistics for the slide and each region of ``params["kinds"]`` with ≥ ``min_cells`` cells.
+
+    ``cells``: ``x_um``, ``y_um``, ``cell_type`` and the ``<kind>_id`` columns of
+    :func:`histo.regions.assign_cells`. Returns ``{"cell_types": [...], "params": {...},
+    "regions": {region_id: region_stats}}``, storable in AnnData ``uns``. Same input and seed give
+    the same numbers.
+    """
+    p = nhood_params(params)
+    adata = cells_adata(cells, p)
+    types = list(adata.obs["cell_type"].cat.categories)
+    out = {"slide": region_stats(adata.copy(), types, p)} if len(cells) >= p["min_cells"] else {}
+    for kind in p["kinds"]:
+        col = f"{kind}_id"
+        if col not in adata.obs:
+            continue
+        ids = pd.Categorical(adata.obs[col])  # categorical (assign_cells) or text ids (a read cells.parquet)
+        order = np.argsort(ids.codes, kind="stable")
+        bounds = np.searchsorted(ids.codes[order], np.arange(len(ids.categories) + 1))
+        for k, rid in enumerate(ids.categories):
+            idx = order[bounds[k]:bounds[k + 1]]
+            if len(idx) >= p["min_cells"]:
+                out[str(rid)] = region_stats(adata[idx].copy(), types, p)
+    return {"cell_types": types, "params": _plain(p), "regions": out}
+
+
+def _plain(p: dict) -> dict:
+    """Parameters as AnnData writes them in ``uns`` (lists as string / number arrays)."""
+    return {k: _plain(v) if isinstance(v, dict) else np.asarray(v) if isinstance(v, list) else v for k, v in p.items()}
+
+
+def neighbourhood_metrics(result: dict) -> pd.DataFrame:
+    """One row per analysed region (``region_id``): ``nhood_n_cells``; ``nhood_z_<a>__<b>`` for type
+    pairs a ≤ b; ``co_occurrence_<a>_<d>um`` (same-type ratio within the first distance d) and
+    ``co_occurrence_n_cells``; ``ripley_max_l_minus_d_um_<a>`` (max over d of L(d) − d, µm:
+    > 0 clustered) and ``ripley_n_cells``; ``<score>_<a>`` centrality per type; ``moran_i_<feature>``."""
+    types = result["cell_types"]
+    rows = {}
+    for rid, r in result["regions"].items():
+        row = {"nhood_n_cells": r["n_cells"]}
+        if "nhood_zscore" in r:
+            row |= {f"nhood_z_{a}__{b}": r["nhood_zscore"][i, j] for i, a in enumerate(types)
+                    for j, b in enumerate(types) if j >= i}
+        if "co_occurrence" in r:
+            d = r["co_occurrence_um"][0]
+            row |= {f"co_occurrence_{a}_{d:g}um": r["co_occurrence"][i, i, 0] for i, a in enumerate(types)}
+            row["co_occurrence_n_cells"] = r["co_occurrence_n_cells"]
+        if "ripley_L" in r:
+            best = pd.DataFrame(r["ripley_L"] - r["ripley_um"][None, :]).max(axis=1).to_numpy()  # NaN: type absent
+            row |= {f"ripley_max_l_minus_d_um_{a}": best[i] for i, a in enumerate(types)}
+            row["ripley_n_cells"] = r["ripley_n_cells"]
+        if "centrality" in r:
+            row |= {f"{score}_{a}": v for score, col in r["centrality"].items() for a, v in col.items()}
+        if "moran_I" in r:
+            row |= {f"moran_i_{f}": v for f, v in zip(r["moran_features"], r["moran_I"])}
+        rows[rid] = row
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("region_id").reset_index()

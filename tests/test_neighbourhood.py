@@ -1,0 +1,115 @@
+"""Neighbourhood statistics (Squidpy) on the truth cells of a generated lymph node."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from histo.errors import HistoError, WorkflowError
+from histo.metrics import region_metrics
+from histo.neighbourhood import neighbourhood_stats, nhood_params
+from histo.regions import assign_cells, find_regions
+from histo.slide import open_slide
+from histo.structures import write_outputs
+from histo.workflow import load_workflow
+from test_regions import load_truth
+
+OFF = {s: {"run": False} for s in ("nhood_enrichment", "interaction_matrix", "centrality_scores", "co_occurrence",
+                                   "ripley", "moran")}
+ENRICHMENT = {**OFF, "nhood_enrichment": {"run": True, "n_perms": 100}}
+
+
+@pytest.fixture(scope="module")
+def node(generated):
+    """Truth cells with region ids; lymphocytes of the true follicles relabelled B, the others T."""
+    cells, _, pieces = load_truth(generated("lymph-node", 4096, 3))
+    regions = find_regions(cells, pieces, "lymph-node")
+    cells = pd.concat([cells, assign_cells(cells, regions)], axis=1)
+    b = (cells.cell_type == "lymphocyte") & cells.region.isin(["follicle", "germinal_centre"])
+    bt = np.where(b, "B", np.where(cells.cell_type == "lymphocyte", "T", cells.cell_type))
+    return cells, regions, cells.assign(cell_type=bt)
+
+
+def _z(result, region_id, a, b):
+    types = result["cell_types"]
+    return result["regions"][region_id]["nhood_zscore"][types.index(a), types.index(b)]
+
+
+def test_b_cells_segregate_and_germinal_centres_cluster(node):
+    cells, regions, bt = node
+    res = neighbourhood_stats(bt, {**ENRICHMENT, "kinds": ["tissue"]})
+    assert _z(res, "slide", "B", "B") > 20 and _z(res, "slide", "T", "T") > 20
+    assert _z(res, "slide", "B", "T") < -20
+    res = neighbourhood_stats(cells, {**ENRICHMENT, "kinds": ["follicle"]})
+    with_gc = regions[(regions.kind == "follicle") & regions.has_gc.astype(bool)].region_id
+    assert len(with_gc) >= 3
+    z_gc = [_z(res, rid, "large", "large") for rid in with_gc if rid in res["regions"]]
+    assert len(z_gc) == len(with_gc) and np.median(z_gc) > 5  # large GC cells clump inside their follicle
+
+
+def test_mixed_control_is_near_zero(node):
+    _, _, bt = node
+    mixed = bt.assign(cell_type=np.random.default_rng(5).permutation(bt.cell_type.to_numpy()))
+    res = neighbourhood_stats(mixed, {**ENRICHMENT, "kinds": ["tissue"]})
+    z = res["regions"]["slide"]["nhood_zscore"]
+    assert np.isfinite(z).all() and np.abs(z).max() < 4, z
+    assert _z(neighbourhood_stats(bt, {**ENRICHMENT, "kinds": []}), "slide", "B", "B") > 10 * np.abs(z).max()
+
+
+def test_same_seed_same_numbers_and_sample_bound(node):
+    cells, regions, _ = node
+    params = {"kinds": ["tissue", "follicle"], "co_occurrence": {"max_cells": 800, "max_um": 60.0},
+              "ripley": {"max_cells": 500}, "centrality_scores": {"max_cells": 5_000}}
+    first, again = neighbourhood_stats(cells, params), neighbourhood_stats(cells, params)
+    other = neighbourhood_stats(cells, {**params, "seed": 1, "kinds": []})
+    assert first["regions"].keys() == again["regions"].keys()
+    assert {"slide", "tissue-1"} | set(regions[regions.kind == "follicle"].region_id) == set(first["regions"])
+    for rid, r in first["regions"].items():
+        for key, value in r.items():
+            same = value.equals(again["regions"][rid][key]) if isinstance(value, pd.DataFrame) else \
+                np.array_equal(value, again["regions"][rid][key], equal_nan=np.asarray(value).dtype.kind == "f")
+            assert same, (rid, key)
+        n = r["n_cells"]
+        assert r["co_occurrence_n_cells"] == min(n, 800) and r["ripley_n_cells"] == min(n, 500)
+        assert np.isnan(r["centrality"].to_numpy()).all() == (n > 5_000)
+    assert not np.array_equal(first["regions"]["slide"]["nhood_zscore"], other["regions"]["slide"]["nhood_zscore"])
+    assert not np.array_equal(first["regions"]["slide"]["ripley_L"], other["regions"]["slide"]["ripley_L"],
+                              equal_nan=True)  # another sample
+
+
+def test_bundle_files_carry_the_statistics(node, generated, tmp_path):
+    cells, regions, _ = node
+    wf = load_workflow("lymph-node-he")
+    for stat, n in (("co_occurrence", 2_000), ("ripley", 2_000), ("centrality_scores", 3_000)):
+        wf["neighbourhood"][stat]["max_cells"] = n
+    slide = open_slide(generated("lymph-node", 4096, 3))
+    write_outputs(tmp_path, "node", cells, regions, region_metrics(cells, regions, "lymph-node"), slide, wf)
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    row = metrics.set_index("region_id").loc["slide"]
+    assert row.nhood_n_cells == len(cells) and row.co_occurrence_n_cells == 2_000 and row.ripley_n_cells == 2_000
+    assert row.nhood_z_lymphocyte__large < 0 < row.nhood_z_large__large
+    assert row.ripley_max_l_minus_d_um_large > 5  # large cells cluster (germinal centres): L(d) > d
+    assert np.isnan(row.closeness_centrality_large)  # more cells than centrality_scores.max_cells
+    assert "nhood_z_large__lymphocyte" not in metrics  # one column per unordered pair
+    assert metrics.loc[metrics.kind == "germinal_centre", "nhood_n_cells"].isna().all()  # kind not analysed
+    assert metrics.loc[metrics.kind == "follicle", "nhood_n_cells"].notna().all()
+    assert {"moran_i_area_um2", "co_occurrence_large_10um", "closeness_centrality_stromal"} <= set(metrics.columns)
+    uns = ad.read_h5ad(tmp_path / "cells.h5ad").uns["neighbourhood"]
+    assert list(uns["cell_types"]) == ["lymphocyte", "large", "stromal"]
+    follicle = uns["regions"]["follicle-1"]
+    assert follicle["co_occurrence"].shape == (3, 3, 20) and np.allclose(follicle["co_occurrence_um"][[0, -1]], [10, 200])
+    assert follicle["n_cells"] == int(metrics.set_index("region_id").at["follicle-1", "nhood_n_cells"])
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == 3 and "Neighbourhood" in html
+
+
+def test_params_are_checked():
+    assert nhood_params()["max_edge_um"] == 30.0 and nhood_params({"ripley": {"n_steps": 5}})["ripley"]["max_um"] == 100.0
+    with pytest.raises(WorkflowError, match=r"neighbourhood\.ripley\.max_cell"):
+        nhood_params({"ripley": {"max_cell": 5}})
+    with pytest.raises(HistoError, match="knn"):
+        nhood_params({"graph": "knn"})
+    with pytest.raises(HistoError, match="folicle"):
+        nhood_params({"kinds": ["tissue", "folicle"]})
