@@ -1,42 +1,89 @@
-"""Readers: a slide opens as a multiscale image in µm; a bundle folder as nucleus labels in µm."""
+"""Readers: a slide opens as a multiscale image in µm; a bundle folder as overlays on its slide.
+
+Problems with the input (not a bundle, an incomplete bundle, a bundle of another slide than the one
+shown, an unreadable slide) are shown as one-line error notifications, not tracebacks.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from histo.bundle import SLIDE_SUFFIXES
+from histo.errors import HistoError
+
+NO_LAYERS = [(None,)]  # npe2's "read, nothing to add" sentinel
 
 
 def get_reader(path):
-    """napari reader hook: a function for slides and bundle folders, None for anything else."""
+    """napari reader hook: slides by suffix; every other folder is read as a bundle (a folder that is
+    not one gets a clear message)."""
     if isinstance(path, list):
         return None
     p = Path(path)
-    if p.is_dir() and (p / "run.json").exists():
-        return read_bundle
-    if p.is_file() and p.name.lower().endswith(SLIDE_SUFFIXES):
-        return read_slide
+    if p.name.lower().endswith(SLIDE_SUFFIXES) and p.exists():
+        return reporting(read_slide)
+    if p.is_dir():
+        return reporting(read_bundle)
     return None
 
 
+def reporting(read):
+    """``read`` with HistoError shown as an error notification (and no layers) instead of raised."""
+    def reader(path):
+        from napari.utils.notifications import show_error
+
+        try:
+            return read(path)
+        except HistoError as exc:
+            show_error(str(exc))
+            return NO_LAYERS
+
+    return reader
+
+
 def read_slide(path) -> list[tuple]:
-    """The slide as one multiscale image layer scaled in µm (y, x)."""
+    """The slide as one multiscale image layer scaled in µm (y, x); ``metadata["slide"]`` describes
+    it (path, size, shape, µm/px) so bundles can be checked against it."""
     from histo.slide import open_slide
 
     slide = open_slide(path)
     scales = [(slide.mpp * d, slide.mpp * d) for d in slide.downsamples]
-    meta = {"name": Path(path).name, "multiscale": True, "scale": scales[0],
-            "rgb": slide.kind == "brightfield", "metadata": {"mpp": slide.mpp}}
+    p = Path(path).resolve()
+    about = {"path": str(p), "size_bytes": p.stat().st_size, "shape_px": list(slide.shape[:2]), "mpp": slide.mpp}
+    meta = {"name": p.name, "multiscale": True, "scale": scales[0], "translate": [s / 2 for s in scales[0]],
+            "rgb": slide.kind == "brightfield", "metadata": {"slide": about}}
     return [(slide.levels, meta, "image")]
 
 
-def read_bundle(path) -> list[tuple]:
-    """The bundle's nucleus labels (``labels.ome.zarr``) as a multiscale labels layer in µm."""
-    import dask.array as da
-    import zarr
+def shown_slides() -> list[dict]:
+    """Descriptions of the slides open in the current viewer (image layers from :func:`read_slide`)."""
+    import napari
 
-    root = zarr.open_group(str(Path(path) / "labels.ome.zarr"), mode="r")
-    datasets = root.attrs.asdict().get("ome", root.attrs.asdict())["multiscales"][0]["datasets"]
-    levels = [da.from_zarr(root[d["path"]]) for d in datasets]
-    scale = datasets[0]["coordinateTransformations"][0]["scale"]
-    return [(levels, {"name": f"{Path(path).name} nuclei", "multiscale": True, "scale": scale}, "labels")]
+    viewer = napari.current_viewer()
+    return [lyr.metadata["slide"] for lyr in (viewer.layers if viewer else []) if "slide" in lyr.metadata]
+
+
+def read_bundle(path) -> list[tuple]:
+    """A bundle's overlays: nucleus labels, cell types and regions, placed on its slide. The slide
+    itself is added too when the viewer shows no slide and the file is still where the run read it.
+    A bundle of another slide than the one shown is refused."""
+    from napari.utils.notifications import show_warning
+
+    from histo.review import read_run
+    from napari_histo._bundle import cell_type_layer, nuclei_layer, regions_layer, same_slide, slide_of
+
+    bundle = Path(path).resolve()
+    run = read_run(bundle)
+    slide, offset = slide_of(run)
+    shown = shown_slides()
+    layers = []
+    if shown and not any(same_slide(s, slide) for s in shown):
+        names = ", ".join(Path(s["path"]).name for s in shown)
+        raise HistoError(bundle, f"this bundle is of {Path(slide['path']).name} ({slide['shape_px']} px), "
+                                 f"not of the slide shown ({names}); open its own slide first")
+    if not shown:
+        if Path(slide["path"]).exists():
+            layers += read_slide(slide["path"])
+        else:
+            show_warning(f"{bundle}: its slide {slide['path']} is not there; overlays are shown without it")
+    return layers + [nuclei_layer(bundle, offset), cell_type_layer(bundle, offset), regions_layer(bundle, offset)]

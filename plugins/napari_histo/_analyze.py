@@ -1,0 +1,175 @@
+"""Analyze: run ``histo.pipeline.run_slide`` on the whole slide or on a drawn rectangle, in Dask
+worker processes (TensorFlow never loads in napari's process), and open the bundle on the slide.
+
+A rectangle is cut from level 0 into ``OUT/crops/NAME.ome.tif`` with ``NAME.origin.json`` (where it
+lies on its slide), and analysed as a crop; its bundle is placed back on the slide by the reader.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, LineEdit
+from napari.layers import Shapes
+from napari.qt.threading import thread_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+
+from histo.bundle import partial_dir, slide_name
+from histo.workflow import list_workflows
+from napari_histo._bundle import origin_file
+
+WHOLE_SLIDE = "whole slide"
+
+
+def write_crop(slide: dict, box_um: tuple[float, float, float, float], folder: Path) -> Path:
+    """Cut ``box_um`` (y0, x0, y1, x1 µm) of the slide ``slide`` (:func:`read_slide` metadata) at
+    level 0 into ``folder/NAME.ome.tif`` plus ``NAME.origin.json``; returns the crop's path."""
+    import tifffile
+
+    from histo.slide import open_slide
+
+    mpp = slide["mpp"]
+    h_px, w_px = slide["shape_px"]
+    y0, x0 = (max(0, int(np.floor(v / mpp))) for v in box_um[:2])
+    y1, x1 = min(h_px, int(np.ceil(box_um[2] / mpp))), min(w_px, int(np.ceil(box_um[3] / mpp)))
+    if y1 - y0 < 16 or x1 - x0 < 16:
+        raise ValueError("the rectangle is smaller than 16 px or off the slide")
+    pixels = open_slide(slide["path"]).read(x0, y0, x1 - x0, y1 - y0, mpp)
+    folder.mkdir(parents=True, exist_ok=True)
+    crop = folder / f"{slide_name(slide['path'])}_x{x0}_y{y0}_{x1 - x0}x{y1 - y0}.ome.tif"
+    tifffile.imwrite(crop, pixels, photometric="rgb" if pixels.ndim == 3 else "minisblack", tile=(256, 256),
+                     metadata={"PhysicalSizeX": mpp, "PhysicalSizeY": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"})
+    origin_file(crop).write_text(json.dumps({"slide": slide, "x_um": x0 * mpp, "y_um": y0 * mpp}, indent=2))
+    return crop
+
+
+def rectangle_um(layer) -> tuple[float, float, float, float]:
+    """Bounding box (y0, x0, y1, x1) µm of the selected shape of ``layer``, else of its last one."""
+    if not len(layer.data):
+        raise ValueError(f"draw a rectangle on {layer.name!r} first")
+    i = min(layer.selected_data) if layer.selected_data else len(layer.data) - 1
+    world = np.asarray(layer.data[i])[:, -2:] * layer.scale[-2:] + layer.translate[-2:]
+    return (*world.min(0), *world.max(0))
+
+
+def analyse(slide: dict, box_um, out: Path, workflow: str, model: str | None, client) -> Path:
+    """The bundle of the slide, or of the rectangle ``box_um`` of it (None = whole slide); a failed
+    or cancelled run leaves no partial bundle."""
+    from histo.pipeline import run_slide
+
+    path = Path(slide["path"]) if box_um is None else write_crop(slide, box_um, out / "crops")
+    try:
+        return run_slide(path, out, workflow, model=model, mpp=slide["mpp"], client=client, show_progress=False)
+    except BaseException:
+        shutil.rmtree(partial_dir(out, slide_name(path)), ignore_errors=True)
+        raise
+
+
+class AnalyzeWidget(QWidget):
+    """Dock widget: slide, region, workflow, model, output folder, Dask scheduler; Run, Cancel, progress.
+
+    ``client``: a dask.distributed Client to use (default: a LocalCluster per run, or the scheduler
+    given in the form). Cancel closes the run's own client, which stops its tasks.
+    """
+
+    def __init__(self, viewer, client=None):
+        super().__init__()
+        self.viewer, self.client, self.worker, self.own_client = viewer, client, None, None
+        self.form = Container(widgets=[
+            ComboBox(name="slide", choices=lambda _: [lyr for lyr in viewer.layers if "slide" in lyr.metadata]),
+            ComboBox(name="region", choices=lambda _: [WHOLE_SLIDE] + [lyr for lyr in viewer.layers if isinstance(lyr, Shapes)
+                                                                       and "bundle" not in lyr.metadata]),
+            ComboBox(name="workflow", choices=list_workflows()),
+            LineEdit(name="model", tooltip="empty: the workflow's model"),
+            FileEdit(name="out", mode="d", value=Path.home() / "histo-results"),
+            LineEdit(name="scheduler", tooltip="host:port of a Dask scheduler; empty: a local cluster"),
+        ])
+        self.run_button, self.cancel_button = QPushButton("Run"), QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress, self.status = QProgressBar(), QLabel("")
+        self.progress.setRange(0, 1)
+        self.timer, self.started = QTimer(self), 0.0
+        self.timer.timeout.connect(lambda: self.status.setText(f"analysing… {time.monotonic() - self.started:.0f} s"))
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.form.native)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
+            event.connect(lambda _: self.form.reset_choices())
+
+    def run(self):
+        """Start the analysis in a thread; the bundle opens on the slide when it is written."""
+        f = self.form
+        if f.slide.value is None:
+            show_error("open a slide first")
+            return
+        try:
+            box = None if f.region.value == WHOLE_SLIDE else rectangle_um(f.region.value)
+        except ValueError as exc:
+            show_error(str(exc))
+            return
+        slide, out = f.slide.value.metadata["slide"], Path(f.out.value)
+        self.worker = thread_worker(self._work)(slide, box, out, f.workflow.value, f.model.value or None, f.scheduler.value)
+        self.worker.returned.connect(self._done)
+        self.worker.errored.connect(self._failed)
+        self.worker.finished.connect(self._idle)
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.progress.setRange(0, 0)  # busy
+        self.started, self.cancelled = time.monotonic(), False
+        self.timer.start(1000)
+        self.worker.start()
+
+    def _work(self, slide, box, out, workflow, model, scheduler):
+        from distributed import Client
+
+        from histo.cluster import local_cluster
+
+        if self.client is not None:
+            return analyse(slide, box, out, workflow, model, self.client)
+        cluster = None if scheduler else local_cluster()
+        self.own_client = Client(scheduler or cluster)
+        try:
+            return analyse(slide, box, out, workflow, model, self.own_client)
+        finally:
+            self.own_client.close()
+            if cluster is not None:
+                cluster.close()
+
+    def cancel(self):
+        """Stop the run: close its Dask client (its tasks are released); the partial bundle is removed."""
+        self.cancelled = True
+        if self.own_client is not None:
+            self.own_client.close()
+        self.status.setText("cancelling…")
+
+    def _done(self, bundle: Path):
+        self.status.setText(f"bundle written: {bundle}")
+        show_info(f"analysis done: {bundle}")
+        self.viewer.open(str(bundle), plugin="napari-histo")
+
+    def _failed(self, exc: Exception):
+        if self.cancelled:
+            self.status.setText("cancelled")
+            return
+        self.status.setText(f"failed: {exc}")
+        show_error(f"analysis failed: {exc}")
+
+    def _idle(self):
+        self.timer.stop()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1)
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
