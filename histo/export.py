@@ -171,7 +171,7 @@ def write_h5ad(cells: pd.DataFrame, path: str | Path, uns: dict | None = None) -
     """Write the cells as AnnData: ``obs`` = the cells table without binary columns (polygons; text
     columns as categoricals, index = ``cell_id``), ``X`` = the numeric feature columns (float32;
     ``var_names`` = their names; not ids, coordinates or labels), ``obsm["spatial"]`` = (x_um, y_um)
-    in µm, ``uns`` = ``uns`` plus ``{"histo": {"spatial_units": "um"}}``. Opens in scanpy/squidpy."""
+    in µm, ``uns`` = ``uns`` with ``uns["histo"]["spatial_units"] = "um"`` added. Opens in scanpy/squidpy."""
     obs = cells.drop(columns=[c for c in cells.columns if cells[c].dtype == object and _is_bytes(cells[c])])
     for c in obs.columns:
         if obs[c].dtype == object or pd.api.types.is_string_dtype(obs[c]):
@@ -182,7 +182,7 @@ def write_h5ad(cells: pd.DataFrame, path: str | Path, uns: dict | None = None) -
     adata = ad.AnnData(X=obs[feats].to_numpy(np.float32) if feats else np.zeros((len(obs), 0), np.float32),
                        obs=obs, var=pd.DataFrame(index=feats),
                        obsm={"spatial": cells[["x_um", "y_um"]].to_numpy(np.float64)},
-                       uns={**(uns or {}), "histo": {"spatial_units": "um"}})
+                       uns={**(uns or {}), "histo": {**(uns or {}).get("histo", {}), "spatial_units": "um"}})
     adata.write_h5ad(path)
     return Path(path)
 

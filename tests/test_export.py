@@ -122,13 +122,14 @@ def test_h5ad_opens_in_anndata_and_squidpy(bundle, tmp_path):
 
     cells = bundle[1].head(3000).copy()
     cells["polygon"] = [shapely.to_wkb(shapely.Point(x, y).buffer(3)) for x, y in zip(cells.x_um, cells.y_um)]
-    path = write_h5ad(cells, tmp_path / "cells.h5ad", uns={"slide": "synovium-2"})
+    path = write_h5ad(cells, tmp_path / "cells.h5ad", uns={"slide": "synovium-2", "histo": {"workflow": "synovium-he"}})
     adata = ad.read_h5ad(path)
     assert adata.n_obs == len(cells) and "polygon" not in adata.obs
     assert np.allclose(adata.obsm["spatial"], cells[["x_um", "y_um"]].to_numpy())
     assert isinstance(adata.obs["cell_type"].dtype, pd.CategoricalDtype)
     assert "area_um2" in adata.var_names and "x_um" not in adata.var_names
     assert adata.uns["slide"] == "synovium-2" and adata.uns["histo"]["spatial_units"] == "um"
+    assert adata.uns["histo"]["workflow"] == "synovium-he"  # the caller's histo entries are kept
     assert list(adata.obs_names[:3]) == [str(v) for v in cells.cell_id[:3]]
     sq.gr.spatial_neighbors_delaunay(adata)
     assert adata.obsp["spatial_connectivities"].shape == (len(cells), len(cells))
