@@ -49,9 +49,10 @@ def test_bundle_is_complete_and_consistent(ln_bundle):
     assert level0.shape == tuple(run["parameters"]["grid_shape_px"]) and len(list(root.array_keys())) >= 2
     drawn = np.unique(level0[level0 > 0])
     assert set(drawn) <= set(cells.label) and len(drawn) > 0.95 * len(cells)
-    # a nucleus's label sits at its centroid (µm → grid px at the model's 0.5 µm/px)
+    # a nucleus's label sits at its centroid (µm → grid px at the model's µm/px)
     sample = cells.sample(200, random_state=0)
-    at = level0[(sample.y_um / 0.5).astype(int), (sample.x_um / 0.5).astype(int)]
+    grid_mpp = run["parameters"]["grid_mpp"]
+    at = level0[(sample.y_um / grid_mpp).astype(int), (sample.x_um / grid_mpp).astype(int)]
     assert np.mean(at == sample.label.to_numpy()) > 0.9
 
 
