@@ -70,6 +70,12 @@ def _evaluate(args) -> None:
     table = evaluate(args.truth, bundles_dir=bundles, pred_dir=None if bundles else args.pred,
                      thresh=args.iou, errors=errors)
     table.to_csv(out / "scores.csv", index=False)
+    if args.record:
+        from histo.evaluate import record_in_card
+
+        if not args.model or not Path(args.model).is_dir():
+            raise HistoError(args.model, "--record needs --model MODEL_FOLDER (the card to write into)")
+        record_in_card(args.model, args.record, table, command="histo " + " ".join(args.argv))
     print(format_table(table))
     print(f"wrote {out / 'scores.csv'}")
 
@@ -129,6 +135,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--mpp", help="with --images: µm per px, one number or a CSV with columns image,mpp")
     e.add_argument("--model", help="with --images: model instead of the workflow's")
     e.add_argument("--workflow", default="lymph-node-he", help="with --images: preset name or YAML file")
+    e.add_argument("--record", metavar="DATASET",
+                   help="with --model FOLDER: add the pooled scores under this name to the model's card.json and MODEL.md")
     e.add_argument("--iou", type=float, default=0.5, help="IoU at which a nucleus counts as found (default 0.5)")
     e.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
     e.add_argument("--scheduler", help="address of an existing dask.distributed scheduler")

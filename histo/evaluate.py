@@ -234,3 +234,24 @@ def run_images(truth_dir: str | Path, images_dir: str | Path, bundles_dir: str |
                 errors[stem] = str(exc)
     return errors
 
+
+
+def record_in_card(folder: str | Path, dataset: str, table: pd.DataFrame, command: str | None = None) -> Path:
+    """Add (or replace, by ``dataset`` name) a pooled evaluation in a model folder's ``card.json``
+    and rewrite its ``MODEL.md``."""
+    from histo.train import _write_json, write_model_md
+
+    folder = Path(folder)
+    card_path = folder / "card.json"
+    if not card_path.is_file():
+        raise HistoError(folder, "not a histo model folder (no card.json) to record the evaluation in")
+    card = json.loads(card_path.read_text())
+    scored = table[(table["image"] != "pooled") & table["tp"].notna()]
+    pooled = table.set_index("image").loc["pooled"]
+    entry = {"dataset": dataset, "n_images": len(scored), "command": command,
+             "pooled": {k: float(pooled[k]) for k in ("precision", "recall", "f1", "mean_iou", "pq", "aji")}
+             | {"n_true": int(pooled["n_true"]), "n_pred": int(pooled["n_pred"])},
+             "f1_per_image": {r.image: round(float(r.f1), 4) for r in scored.itertuples()}}
+    card["evaluations"] = [e for e in card.get("evaluations", []) if e["dataset"] != dataset] + [entry]
+    _write_json(card_path, card)
+    return write_model_md(folder)

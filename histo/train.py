@@ -297,16 +297,18 @@ def _model_md(card: dict) -> str:
         ]
     else:
         lines.append("Not evaluated.")
-    ev = card.get("evaluation_real")
-    if ev:
-        sc = ev.get("scores_iou_0.5", {})
-        lines += ["", "## Evaluation on real tissue (never used for training)", "",
-                  f"{ev.get('dataset', '?')}, resampled {ev.get('resampled_from_mpp', '')} µm/px: "
-                  f"F1 {sc.get('f1')}, precision {sc.get('precision')}, recall {sc.get('recall')} "
-                  f"at IoU ≥ 0.5 ({sc.get('n_true')} true nuclei, {sc.get('n_pred')} predicted, "
-                  f"mean matched IoU {sc.get('mean_matched_score')})."]
-        if ev.get("f1_per_tile"):
-            lines.append("Per tile F1: " + ", ".join(f"{k} {v}" for k, v in ev["f1_per_tile"].items()) + ".")
+    evals = card.get("evaluations") or []
+    if evals:
+        lines += ["", "## Evaluation on annotated images never used for training (`histo evaluate`)", "",
+                  "Pooled over the images; nuclei matched at IoU ≥ 0.5; PQ = panoptic quality, AJI = aggregated "
+                  "Jaccard index.", "",
+                  "| dataset | images | true nuclei | precision | recall | F1 | mean IoU | PQ | AJI |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for ev in evals:
+            sc = ev["pooled"]
+            lines.append(f"| {ev['dataset']} | {ev['n_images']} | {sc['n_true']} | {sc['precision']:.3f} | "
+                         f"{sc['recall']:.3f} | {sc['f1']:.3f} | {sc['mean_iou']:.3f} | {sc['pq']:.3f} | {sc['aji']:.3f} |")
+        lines += [""] + [f"- {ev['dataset']}: `{ev['command']}`" for ev in evals if ev.get("command")]
     if card.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in card["notes"]]
     licences = sorted({s.get("licence", "unknown") for s in t.get("sources", [])})

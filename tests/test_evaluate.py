@@ -149,3 +149,24 @@ def test_plain_crops_through_histo_run_then_scored(client, tmp_path):
     assert run["input"]["levels"] == 1 and run["tissue"]["pieces"] >= 1
     table = evaluate(tmp_path / "set" / "masks", bundles_dir=tmp_path / "bundles").set_index("image")
     assert len(table) == 3 and table.loc["pooled", "f1"] >= 0.85, table
+
+
+def test_scores_recorded_in_a_model_card(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from histo.evaluate import evaluate, record_in_card
+
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "models" / "histo-he" / "card.json", model / "card.json")
+    _write(tmp_path / "truth", {"a": disks(seed=1)})
+    _write(tmp_path / "pred", {"a": perturbed(disks(seed=1))})
+    table = evaluate(tmp_path / "truth", pred_dir=tmp_path / "pred")
+    for _ in range(2):  # recording the same dataset again replaces it
+        record_in_card(model, "disks", table, command="histo evaluate …")
+    card = json.loads((model / "card.json").read_text())
+    assert [e["dataset"] for e in card["evaluations"]] == ["disks"]
+    assert card["evaluations"][0]["pooled"]["f1"] == pytest.approx(table.iloc[-1]["f1"])
+    md = (model / "MODEL.md").read_text()
+    assert "| disks | 1 |" in md and f"{table.iloc[-1]['pq']:.3f}" in md
