@@ -43,6 +43,7 @@ def _train(args) -> None:
     datasets = [(args.images, args.masks, args.image_mpp, args.licence)] + [tuple(d) for d in args.data or []]
     out = main_train(datasets, Path(args.out), mpp=args.mpp, epochs=args.epochs, steps=args.steps,
                      patch_size=args.patch, batch_size=args.batch, val_fraction=args.val_fraction,
+                     learning_rate=args.learning_rate,
                      seed=args.seed, finalize=not args.keep_checkpoint, notes=args.note or None,
                      command="histo " + " ".join(args.argv))
     print(f"wrote model {out}")
@@ -119,6 +120,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=100, help="steps per epoch")
     t.add_argument("--patch", type=int, default=256, help="patch edge, px")
     t.add_argument("--batch", type=int, default=4, help="patches per step")
+    t.add_argument("--learning-rate", type=float,
+                   help="Adam's rate (default 3e-4); when resuming, replaces the saved rate from now on")
     t.add_argument("--val-fraction", type=float, default=0.15, help="share of images held out (by image)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--keep-checkpoint", action="store_true",

@@ -48,6 +48,7 @@ NORMALIZE_FIXED = {"kind": "fixed", "low": 0, "high": 255}
 
 _IMAGE_EXT = (".tif", ".tiff", ".png")
 STATE_FILE = "train_state.json"
+DEFAULT_LEARNING_RATE = 3e-4  # Adam, StarDist's default
 
 
 # ---------------------------------------------------------------- reading data
@@ -279,7 +280,9 @@ def _model_md(card: dict) -> str:
                      f"{s.get('licence', 'unknown')}{extra}")
     lines += [
         f"- {t['epochs']} epochs × {t['steps_per_epoch']} steps, batch {t['batch_size']}, patches "
-        f"{t['patch_size']}², learning rate {t['learning_rate']} (Adam, halved on plateau).",
+        f"{t['patch_size']}², learning rate {t['learning_rate']} (Adam, halved on plateau"
+        + "".join(f"; set to {c['to']} after epoch {c['epoch']}" for c in t.get("learning_rate_changes", []))
+        + ").",
         f"- Augmentation: flips and 90° rotations, H and E stain jitter in optical-density space "
         f"(Ruifrok vectors), brightness/contrast, ±{int(round(t['augmentation'].get('scale_range', 0) * 100))} % "
         "scale jitter, Gaussian noise.",
@@ -364,7 +367,7 @@ def train(
     unet_n_filter_base: int = 32,
     resume: bool = True,
     batch_size: int = 4,
-    learning_rate: float = 3e-4,
+    learning_rate: float | None = None,
     reduce_lr: dict | None = None,
     augment: bool | object = True,
     sources: list[dict] | None = None,
@@ -391,6 +394,8 @@ def train(
         continue it with the remaining epochs (same split, steps per epoch and config); ``epochs``
         larger than the saved total extends the run; if the run is complete, only the finishing
         steps (thresholds, card) are redone.
+    learning_rate : Adam's rate for a new run (default DEFAULT_LEARNING_RATE); when resuming, a
+        given rate replaces the saved one from the next epoch on (recorded in the card).
     augment : True = ``histo.augment.HEAugmenter(seed=seed)``, False/None = none, or a callable.
     sources : training-data provenance for the card: list of {name, licence, n_images, [note]}.
     reduce_lr : ReduceLROnPlateau parameters (default factor 0.5, patience max(5, epochs // 8)).
@@ -434,7 +439,12 @@ def train(
             state["complete"] = False
         epochs = int(state["epochs_total"])
         steps_per_epoch = int(state["steps_per_epoch"])
+        if learning_rate is not None:  # e.g. a lower rate for the last epochs
+            state.setdefault("learning_rate_changes", []).append(
+                {"epoch": int(state["epochs_done"]), "from": state["learning_rate"], "to": float(learning_rate)})
+            state["learning_rate"] = float(learning_rate)
     else:
+        learning_rate = DEFAULT_LEARNING_RATE if learning_rate is None else learning_rate
         if (out_dir / "weights_best.h5").exists() and not overwrite:
             raise HistoError(out_dir, "already holds a trained model and no unfinished run to resume; "
                              "pass overwrite=True (or another folder) to train a new one")
@@ -601,6 +611,7 @@ def train(
             "batch_size": int(model.config.train_batch_size),
             "patch_size": int(model.config.train_patch_size[0]),
             "learning_rate": float(model.config.train_learning_rate),
+            "learning_rate_changes": state.get("learning_rate_changes", []),
             "augmentation": aug_dict,
             "wall_time_s": round(float(state["wall_time_s"]), 1),
             "thresholds_and_eval_s": round(t_opt, 1),
