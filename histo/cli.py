@@ -1,4 +1,4 @@
-"""The ``histo`` command line: sample, run, train, evaluate.
+"""The ``histo`` command line: sample, run, batch, train, evaluate.
 
 Errors in the input end with one line naming the file and the problem and a non-zero exit code;
 ``--debug`` shows the traceback instead.
@@ -35,6 +35,22 @@ def _run(args) -> None:
         bundle = run_slide(args.slide, args.out, workflow=args.workflow, model=args.model, mpp=args.mpp,
                            client=client, show_progress=not args.quiet, annotations=args.annotations)
     print(f"wrote {bundle}")
+
+
+def _batch(args) -> None:
+    from histo.batch import read_input, run_batch
+    from histo.cluster import dask_client
+    from histo.workflow import load_workflow
+
+    sheet = read_input(args.input)  # fail fast, before any worker starts
+    if args.workflow:
+        load_workflow(args.workflow)
+
+    with dask_client(args.scheduler, args.workers) as client:
+        summary = run_batch(sheet, args.out, client, workflow=args.workflow, model=args.model, mpp=args.mpp,
+                            show_progress=not args.quiet)
+    ok = summary["status"].eq("ok")
+    print(f"{ok.sum()} ok ({summary['reused'].sum()} reused), {(~ok).sum()} failed; wrote {Path(args.out) / 'summary.csv'}")
 
 
 def _train(args) -> None:
@@ -105,6 +121,19 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--scheduler", help="address of an existing dask.distributed scheduler")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=_run)
+
+    b = sub.add_parser("batch", help="analyse a folder of slides or a sample sheet; summary and cohort tables")
+    b.add_argument("input", help="folder of slides, or CSV sample sheet: slide,patient,timepoint,tissue,stain[,workflow,mpp,…]")
+    b.add_argument("--out", required=True, help="output folder: OUT/<slide name>/ per slide, OUT/summary.csv, OUT/cohort.csv")
+    b.add_argument("--workflow", help="preset name or YAML file for every slide (default: the sheet's workflow "
+                                      "column, else <tissue>-<stain>, else lymph-node-he)")
+    b.add_argument("--model", help="StarDist registry name, shipped model name or model folder")
+    b.add_argument("--mpp", type=float, help="µm per px of level 0 for every slide (default: the sheet's mpp column, else the file's)")
+    cluster = b.add_mutually_exclusive_group()
+    cluster.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
+    cluster.add_argument("--scheduler", help="address of an existing dask.distributed scheduler (tcp://host:8786)")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=_batch)
 
     t = sub.add_parser("train", help="train a StarDist model on image/mask pairs")
     t.add_argument("images", help="folder of RGB images (TIFF/PNG)")

@@ -6,16 +6,21 @@ model runs in the Dask workers (``histo.segment``).
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
 import shutil
 import time
+import uuid
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from distributed import Client, as_completed
+from distributed import Client, Future, as_completed
 
 from histo import __version__
 from histo.bundle import concat_cells, file_fingerprint, finish, partial_dir, read_parts, slide_name
@@ -57,16 +62,12 @@ def slide_percentiles(slide: Slide, tissue, model: ModelSpec) -> tuple | None:
     return compute_percentiles(thumb[:h, :w], model, mask)
 
 
-def _segment(client: Client, job: SegmentJob, tiles: list[Tile], show: bool) -> dict:
+def _segment(client: Client, plan: SlidePlan, show: bool) -> dict:
     """Run the tile tasks; returns summed timings (s) over tiles."""
     totals: dict[str, float] = {}
-    futures = client.map(segment_tile, [job] * len(tiles), tiles, key=[f"segment-{job.parts_dir}-{t.name}" for t in tiles])
-    with progress_bar("segmenting tiles", len(tiles), show) as advance:
-        for future in as_completed(futures):
-            summary = future.result()
-            for key, value in summary.items():
-                if key.endswith("_s"):
-                    totals[key] = totals.get(key, 0.0) + value
+    with progress_bar("segmenting tiles", len(plan.tiles), show) as advance:
+        for future in as_completed(submit_tiles(client, plan)):
+            add_timings(totals, future.result())
             advance()
     return totals
 
@@ -93,23 +94,60 @@ def _labels(client: Client, cells: Path, groups: dict, tiles: list[Tile], shape,
             advance()
 
 
-def run_slide(
-    slide_path: str | Path,
-    out_dir: str | Path,
-    workflow: str | Path | dict | None = None,
-    model: str | None = None,
-    mpp: float | None = None,
-    client: Client | None = None,
-    show_progress: bool = True,
-    annotations: str | Path | None = None,
-) -> Path:
-    """Analyse one slide and write its bundle ``out_dir/<slide name>/``; returns the bundle path.
+@dataclass
+class SlidePlan:
+    """One slide opened, its tissue found and its tiles laid out: what the tile tasks and
+    :func:`finish_slide` need (``plan_slide``)."""
 
-    ``workflow`` is a preset name, a YAML path or an already validated dict; ``model`` overrides the
-    workflow's model; ``mpp`` (µm/px) overrides or supplies the slide's pixel size. Without a
-    ``client`` a LocalCluster is started for this call and closed after it. ``annotations`` is a
-    QuPath GeoJSON whose polygons become ``annotation`` regions.
-    """
+    slide_path: Path
+    out_dir: Path
+    name: str
+    partial: Path
+    wf: dict
+    spec: ModelSpec
+    slide: Slide
+    tissue: object
+    grid_mpp: float  # µm/px
+    shape: tuple[int, int]  # grid (H, W) px at grid_mpp
+    tiles: list[Tile]
+    percentiles: tuple | None
+    job: SegmentJob
+    mpp: float | None  # the caller's level-0 µm/px, if given
+    annotations: str | Path | None
+    started: datetime
+    timings: dict[str, float] = field(default_factory=dict)  # s
+
+
+def _digest(data: bytes | str) -> str:
+    return hashlib.sha256(data if isinstance(data, bytes) else data.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=16)
+def _model_files_digest(folder: str | None) -> str | None:
+    """SHA-256 over the model folder's config, thresholds and weights (a retrained model differs)."""
+    if folder is None:
+        return None
+    files = sorted(f for f in Path(folder).glob("*") if f.name in ("config.json", "thresholds.json", "weights_best.h5"))
+    return _digest(b"".join(f.name.encode() + bytes.fromhex(file_fingerprint(f)["sha256"]) for f in files))
+
+
+def run_fingerprint(input_sha256: str, wf: dict, spec: ModelSpec, mpp: float | None,
+                    annotations: str | Path | None) -> str:
+    """SHA-256 of what a bundle depends on: the input's content, the validated workflow, the model
+    (description and files, not its location), the ``mpp`` override (µm/px) and the annotations'
+    content. Equal fingerprints give equal bundles; ``run.json`` stores it as ``fingerprint``."""
+    model = {k: v for k, v in spec.to_dict().items() if k != "path"}
+    model["files_sha256"] = _model_files_digest(None if spec.path is None else str(spec.path))
+    parts = {"input_sha256": input_sha256, "workflow": wf, "model": model, "mpp": mpp,
+             "annotations_sha256": None if annotations is None else file_fingerprint(Path(annotations))["sha256"]}
+    return _digest(json.dumps(parts, sort_keys=True, default=str))
+
+
+def plan_slide(slide_path: str | Path, out_dir: str | Path, workflow: str | Path | dict | None = None,
+               model: str | None = None, mpp: float | None = None, annotations: str | Path | None = None,
+               ) -> SlidePlan:
+    """Open the slide, find tissue, lay out the tiles and make an empty partial bundle with a
+    fresh ``parts-…/`` folder for the tile tasks (arguments as :func:`run_slide`)."""
     started = datetime.now(timezone.utc)
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -131,44 +169,65 @@ def run_slide(
     name = slide_name(slide_path)
     partial = partial_dir(out_dir, name)
     shutil.rmtree(partial, ignore_errors=True)
-    parts = partial / "parts"
+    # a fresh name per plan: a tile task left over from a killed run cannot write into this run
+    parts = partial / f"parts-{uuid.uuid4().hex[:12]}"
     parts.mkdir(parents=True)
 
     seg = wf["segmentation"]
     job = SegmentJob(str(Path(slide_path).resolve()), slide.mpp, spec, grid_mpp, shape[1], str(parts),
                      seg["prob_thresh"], seg["nms_thresh"], percentiles, wf["stain"],
                      tuple(slide.channel_names) if wf["stain"] == "if" else None)
-    with (nullcontext(client) if client else dask_client()) as cl:
-        t = time.perf_counter()
-        task_totals = _segment(cl, job, tiles, show_progress)
-        timings["segment_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        columns = [c for c in job.schema.names if c not in ("polygon", "tile")]
-        cells = read_parts(parts, tiles, columns)
-        extra, regions, metrics, structure_report = analyse_cells(cells, slide, tissue, wf, annotations)
-        timings["structures_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        n_cells, groups = concat_cells(parts, tiles, partial / "cells.parquet", job.schema, extra)
-        shutil.rmtree(parts)
-        cells = pd.concat([cells, extra], axis=1).assign(label=np.arange(1, n_cells + 1, dtype=np.int32))
-        write_outputs(partial, name, cells, regions, metrics, slide, wf)
-        timings["outputs_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        _labels(cl, partial / "cells.parquet", groups, tiles, shape, partial / "labels.ome.zarr", grid_mpp, show_progress)
-        timings["labels_s"] = time.perf_counter() - t
+    return SlidePlan(Path(slide_path), out_dir, name, partial, wf, spec, slide, tissue, grid_mpp, shape, tiles,
+                     percentiles, job, mpp, annotations, started, timings)
 
+
+def submit_tiles(client: Client, plan: SlidePlan) -> list[Future]:
+    """One task per tile of ``plan``; each returns a summary with timings (keys ending ``_s``)."""
+    return client.map(segment_tile, [plan.job] * len(plan.tiles), plan.tiles,
+                      key=[f"segment-{plan.job.parts_dir}-{t.name}" for t in plan.tiles])
+
+
+def add_timings(totals: dict[str, float], summary: dict) -> None:
+    """Add a tile summary's timings (keys ending ``_s``) to ``totals``."""
+    for key, value in summary.items():
+        if key.endswith("_s"):
+            totals[key] = totals.get(key, 0.0) + value
+
+
+def finish_slide(client: Client, plan: SlidePlan, task_totals: dict[str, float], show_progress: bool = True) -> Path:
+    """After every tile task of ``plan`` has written its part: cell types, regions, metrics, exports,
+    ``cells.parquet``, the label pyramid, then ``run.json`` and the rename; returns the bundle path."""
+    timings, tiles, partial, parts = plan.timings, plan.tiles, plan.partial, Path(plan.job.parts_dir)
+    t = time.perf_counter()
+    columns = [c for c in plan.job.schema.names if c not in ("polygon", "tile")]
+    cells = read_parts(parts, tiles, columns)
+    extra, regions, metrics, structure_report = analyse_cells(cells, plan.slide, plan.tissue, plan.wf, plan.annotations)
+    timings["structures_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    n_cells, groups = concat_cells(parts, tiles, partial / "cells.parquet", plan.job.schema, extra)
+    shutil.rmtree(parts)
+    cells = pd.concat([cells, extra], axis=1).assign(label=np.arange(1, n_cells + 1, dtype=np.int32))
+    write_outputs(partial, plan.name, cells, regions, metrics, plan.slide, plan.wf)
+    timings["outputs_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _labels(client, partial / "cells.parquet", groups, tiles, plan.shape, partial / "labels.ome.zarr", plan.grid_mpp, show_progress)
+    timings["labels_s"] = time.perf_counter() - t
+
+    slide, tissue = plan.slide, plan.tissue
+    input_info = file_fingerprint(plan.slide_path)
     run = {
         "status": "complete",
         "histo_version": __version__,
-        "started": started.isoformat(),
+        "started": plan.started.isoformat(),
         "finished": datetime.now(timezone.utc).isoformat(),
-        "input": {**file_fingerprint(Path(slide_path)), "format": slide.format, "mpp": slide.mpp,
-                  "mpp_source": "argument" if mpp else "file", "shape_px": list(slide.shape), "levels": len(slide.levels)},
-        "workflow": wf,
-        "model": spec.to_dict(),
-        "parameters": {"grid_mpp": grid_mpp, "grid_shape_px": list(shape),
+        "fingerprint": run_fingerprint(input_info["sha256"], plan.wf, plan.spec, plan.mpp, plan.annotations),
+        "input": {**input_info, "format": slide.format, "mpp": slide.mpp,
+                  "mpp_source": "argument" if plan.mpp else "file", "shape_px": list(slide.shape), "levels": len(slide.levels)},
+        "workflow": plan.wf,
+        "model": plan.spec.to_dict(),
+        "parameters": {"grid_mpp": plan.grid_mpp, "grid_shape_px": list(plan.shape),
                        "tile_px": tiles[0].x1 - tiles[0].x0 if tiles else None,
-                       "halo_px": tiles[0].halo if tiles else None, "percentiles": percentiles},
+                       "halo_px": tiles[0].halo if tiles else None, "percentiles": plan.percentiles},
         "tissue": {"pieces": len(tissue.pieces), "area_mm2": sum(p.area for p in tissue.pieces) / 1e6},
         "n_tiles": len(tiles),
         "n_cells": n_cells,
@@ -178,5 +237,29 @@ def run_slide(
         "versions": versions(),
         "warnings": [] if tiles else ["no tissue found: the bundle has no nuclei"],
     }
-    return finish(partial, out_dir / name, run)
+    return finish(partial, plan.out_dir / plan.name, run)
 
+
+def run_slide(
+    slide_path: str | Path,
+    out_dir: str | Path,
+    workflow: str | Path | dict | None = None,
+    model: str | None = None,
+    mpp: float | None = None,
+    client: Client | None = None,
+    show_progress: bool = True,
+    annotations: str | Path | None = None,
+) -> Path:
+    """Analyse one slide and write its bundle ``out_dir/<slide name>/``; returns the bundle path.
+
+    ``workflow`` is a preset name, a YAML path or an already validated dict; ``model`` overrides the
+    workflow's model; ``mpp`` (µm/px) overrides or supplies the slide's pixel size. Without a
+    ``client`` a LocalCluster is started for this call and closed after it. ``annotations`` is a
+    QuPath GeoJSON whose polygons become ``annotation`` regions.
+    """
+    plan = plan_slide(slide_path, out_dir, workflow, model, mpp, annotations)
+    with (nullcontext(client) if client else dask_client()) as cl:
+        t = time.perf_counter()
+        task_totals = _segment(cl, plan, show_progress)
+        plan.timings["segment_s"] = time.perf_counter() - t
+        return finish_slide(cl, plan, task_totals, show_progress)
