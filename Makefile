@@ -25,8 +25,11 @@ demo: install $(SAMPLE)
 	$(BIN)/histo run $(SAMPLE) --workflow lymph-node-he --out out
 	@echo "bundle: out/lymph-node-sample/ (cells.parquet, labels.ome.zarr, run.json)"
 
+# napari tests run in a process of their own: TensorFlow (loaded by the model tests) and a napari
+# viewer in one process segfault (STACK.md)
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -m "not gui"
+	$(BIN)/python -m pytest -q -ra -m gui
 
 # Re-resolve the lock after editing requirements.in.
 lock:

@@ -152,9 +152,11 @@ def neighbourhood_stats(cells: pd.DataFrame, params: dict | None = None) -> dict
     the same numbers.
     """
     p = nhood_params(params)
+    if len(cells) < max(p["min_cells"], 3):  # no graph without 3 cells; no region can reach min_cells
+        return {"cell_types": sorted(set(cells["cell_type"].astype(str))), "params": _plain(p), "regions": {}}
     adata = cells_adata(cells, p)
     types = list(adata.obs["cell_type"].cat.categories)
-    out = {"slide": region_stats(adata.copy(), types, p)} if len(cells) >= p["min_cells"] else {}
+    out = {"slide": region_stats(adata.copy(), types, p)}
     for kind in p["kinds"]:
         col = f"{kind}_id"
         if col not in adata.obs:

@@ -44,3 +44,11 @@ def generated(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """napari (``gui``) tests and the rest cannot share a process: TensorFlow, which the model tests
+    load, and a napari viewer in one process segfault (STACK.md)."""
+    if len({item.get_closest_marker("gui") is not None for item in items}) == 2:
+        raise pytest.UsageError("the napari tests (marker gui) need a process without TensorFlow: run "
+                                "`pytest -m 'not gui'` and `pytest -m gui` separately (as `make test` does)")

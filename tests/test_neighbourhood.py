@@ -113,3 +113,13 @@ def test_params_are_checked():
         nhood_params({"graph": "knn"})
     with pytest.raises(HistoError, match="folicle"):
         nhood_params({"kinds": ["tissue", "folicle"]})
+
+
+def test_too_few_cells_give_no_statistics():
+    """A slide of glass (no cells) or a handful of cells: no graph, no regions, no error."""
+    from histo.neighbourhood import neighbourhood_metrics, neighbourhood_stats
+
+    cells = pd.DataFrame({"x_um": [1.0, 2.0], "y_um": [1.0, 3.0], "cell_type": ["lymphocyte", "other"]})
+    for table in (cells, cells.iloc[:0]):
+        result = neighbourhood_stats(table)
+        assert result["regions"] == {} and list(neighbourhood_metrics(result).columns) == ["region_id"]
