@@ -46,6 +46,7 @@ def generated(tmp_path_factory):
     return make
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected
 def pytest_collection_modifyitems(config, items):
     """napari (``gui``) tests and the rest cannot share a process: TensorFlow, which the model tests
     load, and a napari viewer in one process segfault (STACK.md)."""
