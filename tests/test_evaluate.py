@@ -163,10 +163,11 @@ def test_scores_recorded_in_a_model_card(tmp_path):
     _write(tmp_path / "truth", {"a": disks(seed=1)})
     _write(tmp_path / "pred", {"a": perturbed(disks(seed=1))})
     table = evaluate(tmp_path / "truth", pred_dir=tmp_path / "pred")
-    for _ in range(2):  # recording the same dataset again replaces it
+    before = [e["dataset"] for e in json.loads((model / "card.json").read_text()).get("evaluations", [])]
+    for _ in range(2):  # recording the same dataset again replaces it; the others stay
         record_in_card(model, "disks", table, command="histo evaluate …")
     card = json.loads((model / "card.json").read_text())
-    assert [e["dataset"] for e in card["evaluations"]] == ["disks"]
-    assert card["evaluations"][0]["pooled"]["f1"] == pytest.approx(table.iloc[-1]["f1"])
+    assert [e["dataset"] for e in card["evaluations"]] == before + ["disks"]
+    assert card["evaluations"][-1]["pooled"]["f1"] == pytest.approx(table.iloc[-1]["f1"])
     md = (model / "MODEL.md").read_text()
     assert "| disks | 1 |" in md and f"{table.iloc[-1]['pq']:.3f}" in md
