@@ -103,15 +103,9 @@ def pooled(rows: pd.DataFrame) -> dict:
 def truth_files(folder: str | Path) -> dict[str, Path]:
     """Truth files (masks or GeoJSON) in ``folder`` by stem; HistoError if there are none or two
     share a stem."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise HistoError(folder, "truth folder does not exist")
-    out: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in MASK_EXT + GEOJSON_EXT and not p.name.startswith("."):
-            if p.stem in out:
-                raise HistoError(p, f"two truth files share the name '{p.stem}' ({out[p.stem].name})")
-            out[p.stem] = p
+    from histo.train import _list_images
+
+    out = _list_images(Path(folder), MASK_EXT + GEOJSON_EXT)
     if not out:
         raise HistoError(folder, "no truth files (instance masks .tif/.png or QuPath .geojson) in this folder")
     return out
@@ -208,24 +202,21 @@ def run_images(truth_dir: str | Path, images_dir: str | Path, bundles_dir: str |
                model: str | None = None, workflow: str | None = None, client=None, show_progress: bool = True
                ) -> dict[str, str]:
     """``histo run`` on the image of every truth file (same stem in ``images_dir``) into
-    ``bundles_dir``; ``image_mpp`` is one µm/px for all or a CSV (``histo.train.read_mpp_table``).
+    ``bundles_dir``; ``image_mpp`` is one µm/px for all or a CSV (``histo.train.pixel_sizes``).
     Returns {stem: error} for the images that could not be run (the others are bundles)."""
     from histo.cluster import dask_client
     from histo.pipeline import run_slide
-    from histo.train import _list_images, read_mpp_table
+    from histo.train import _list_images, pixel_sizes
 
     images = _list_images(Path(images_dir))
-    try:
-        one, table = float(image_mpp), {}
-    except (TypeError, ValueError):
-        one, table = None, read_mpp_table(image_mpp)
+    mpp_of = pixel_sizes(image_mpp, images_dir)
     errors = {}
     with dask_client(None, None) if client is None else nullcontext(client) as cl:
         for stem in truth_files(truth_dir):
             try:
                 if stem not in images:
                     raise HistoError(Path(images_dir) / stem, "no image with the truth file's name")
-                mpp = one if one is not None else table.get(stem)
+                mpp = mpp_of(stem)
                 if mpp is None:
                     raise HistoError(images[stem], f"no pixel size for this image in {image_mpp}")
                 run_slide(images[stem], bundles_dir, workflow=workflow, model=model, mpp=mpp, client=cl,

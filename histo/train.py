@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -35,6 +35,7 @@ __all__ = [
     "pairs_from_folders",
     "dataset_pairs",
     "read_mpp_table",
+    "pixel_sizes",
     "read_pair",
     "resample_pair",
     "split_by_image",
@@ -66,13 +67,15 @@ def _read_array(path: Path) -> np.ndarray:
         raise HistoError(path, f"cannot read image: {e}") from e
 
 
-def _list_images(folder: Path) -> dict[str, Path]:
+def _list_images(folder: Path, extensions: tuple[str, ...] = _IMAGE_EXT) -> dict[str, Path]:
+    """Files of ``folder`` with ``extensions`` (lower case, with the dot) by stem, sorted; hidden
+    files skipped. HistoError if the folder is missing or two files share a stem."""
     folder = Path(folder)
     if not folder.is_dir():
         raise HistoError(folder, "folder does not exist")
     out: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in _IMAGE_EXT and not p.name.startswith("."):
+        if p.is_file() and p.suffix.lower() in extensions and not p.name.startswith("."):
             if p.stem in out:
                 raise HistoError(p, f"two files share the stem '{p.stem}' ({out[p.stem].name})")
             out[p.stem] = p
@@ -659,23 +662,28 @@ def read_mpp_table(path: Path | str) -> dict[str, float]:
     return out
 
 
+def pixel_sizes(spec: float | str | Path, where: str | Path | None = None) -> Callable[[str], float | None]:
+    """µm/px by file stem: ``spec`` is one positive number for every image, or a CSV
+    (:func:`read_mpp_table`), whose lookup gives None for a stem it lacks. ``where`` names the
+    folder in the error for a non-positive number."""
+    try:
+        one = float(spec)
+    except (TypeError, ValueError):
+        return read_mpp_table(spec).get
+    if one <= 0:
+        raise HistoError(where, f"pixel size must be positive, got {one}")
+    return lambda stem: one
+
+
 def dataset_pairs(images_dir, masks_dir, image_mpp: float | str | Path) -> list[tuple[Path, Path, float]]:
     """(image, mask, µm/px) for one folder pair; ``image_mpp`` is one number for the folder or a
     CSV file (``read_mpp_table``) giving each image its own."""
     pairs = pairs_from_folders(images_dir, masks_dir)
-    try:
-        one = float(image_mpp)
-    except (TypeError, ValueError):
-        one = None
-    if one is not None:
-        if one <= 0:
-            raise HistoError(images_dir, f"pixel size must be positive, got {one}")
-        return [(i, m, one) for i, m in pairs]
-    table = read_mpp_table(image_mpp)
-    missing = [i for i, _ in pairs if i.stem not in table]
+    mpp_of = pixel_sizes(image_mpp, images_dir)
+    missing = [i for i, _ in pairs if mpp_of(i.stem) is None]
     if missing:
         raise HistoError(missing[0], f"no pixel size for this image in {image_mpp} ({len(missing)} missing)")
-    return [(i, m, table[i.stem]) for i, m in pairs]
+    return [(i, m, mpp_of(i.stem)) for i, m in pairs]
 
 
 def main_train(datasets: Sequence[tuple], out, mpp: float, epochs: int, steps: int, **kwargs) -> Path:
