@@ -59,7 +59,7 @@ def _train(args) -> None:
     datasets = [(args.images, args.masks, args.image_mpp, args.licence)] + [tuple(d) for d in args.data or []]
     out = main_train(datasets, Path(args.out), mpp=args.mpp, epochs=args.epochs, steps=args.steps,
                      patch_size=args.patch, batch_size=args.batch, val_fraction=args.val_fraction,
-                     learning_rate=args.learning_rate,
+                     learning_rate=args.learning_rate, stain_scale=args.stain_scale,
                      seed=args.seed, finalize=not args.keep_checkpoint, notes=args.note or None,
                      command="histo " + " ".join(args.argv))
     print(f"wrote model {out}")
@@ -151,6 +151,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=4, help="patches per step")
     t.add_argument("--learning-rate", type=float,
                    help="Adam's rate (default 3e-4); when resuming, replaces the saved rate from now on")
+    t.add_argument("--stain-scale", type=float,
+                   help="H and E stain jitter strength (default 0.2 = ×0.8–×1.2); when resuming, "
+                        "applies from now on and restarts best-weights tracking")
     t.add_argument("--val-fraction", type=float, default=0.15, help="share of images held out (by image)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--keep-checkpoint", action="store_true",

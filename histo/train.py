@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from histo.augment import HEAugmenter
 from histo.errors import HistoError
 from histo.provenance import versions
 
@@ -287,7 +288,9 @@ def _model_md(card: dict) -> str:
         + "".join(f"; set to {c['to']} after epoch {c['epoch']}" for c in t.get("learning_rate_changes", []))
         + ").",
         f"- Augmentation: flips and 90° rotations, H and E stain jitter in optical-density space "
-        f"(Ruifrok vectors), brightness/contrast, ±{int(round(t['augmentation'].get('scale_range', 0) * 100))} % "
+        f"(Ruifrok vectors, concentrations ×(1 ± {t['augmentation'].get('stain_scale', '?')})"
+        + "".join(f"; ±{c['from']} until epoch {c['epoch']}" for c in t.get("stain_scale_changes", []))
+        + "), brightness/contrast, ±{int(round(t['augmentation'].get('scale_range', 0) * 100))} % "
         "scale jitter, Gaussian noise.",
         f"- Wall time: {t['wall_time_s']:.0f} s on {t.get('machine', '?')}.",
     ]
@@ -373,6 +376,7 @@ def train(
     learning_rate: float | None = None,
     reduce_lr: dict | None = None,
     augment: bool | object = True,
+    stain_scale: float | None = None,
     sources: list[dict] | None = None,
     name: str | None = None,
     stain: str = "he",
@@ -400,6 +404,10 @@ def train(
     learning_rate : Adam's rate for a new run (default DEFAULT_LEARNING_RATE); when resuming, a
         given rate replaces the saved one from the next epoch on (recorded in the card).
     augment : True = ``histo.augment.HEAugmenter(seed=seed)``, False/None = none, or a callable.
+    stain_scale : strength of the H and E concentration jitter (``HEAugmenter.stain_scale``, a
+        fraction: 0.4 = ×0.6–×1.4); when resuming, a new value applies from the next epoch on and,
+        because the validation loss is then no longer comparable, the best-weights tracking starts
+        afresh (the change is recorded in the card).
     sources : training-data provenance for the card: list of {name, licence, n_images, [note]}.
     reduce_lr : ReduceLROnPlateau parameters (default factor 0.5, patience max(5, epochs // 8)).
     optimize : run ``optimize_thresholds`` on the validation images (else default 0.5 / 0.4).
@@ -446,6 +454,12 @@ def train(
             state.setdefault("learning_rate_changes", []).append(
                 {"epoch": int(state["epochs_done"]), "from": state["learning_rate"], "to": float(learning_rate)})
             state["learning_rate"] = float(learning_rate)
+        saved_scale = state.get("stain_scale", HEAugmenter.stain_scale)
+        if stain_scale is not None and float(stain_scale) != float(saved_scale):
+            state.setdefault("stain_scale_changes", []).append(
+                {"epoch": int(state["epochs_done"]), "from": saved_scale, "to": float(stain_scale)})
+            state["stain_scale"] = float(stain_scale)
+            state["best_val_loss"] = None
     else:
         learning_rate = DEFAULT_LEARNING_RATE if learning_rate is None else learning_rate
         if (out_dir / "weights_best.h5").exists() and not overwrite:
@@ -468,6 +482,7 @@ def train(
             "wall_time_s": 0.0,
             "complete": False,
             "seed": int(seed),
+            "stain_scale": float(HEAugmenter.stain_scale if stain_scale is None else stain_scale),
         }
 
     X = [_as_float(x) for x in X_u8]
@@ -504,9 +519,8 @@ def train(
         _write_json(state_path, state)
 
     if augment is True:
-        from histo.augment import HEAugmenter
-
-        augmenter = HEAugmenter(seed=seed + int(state["epochs_done"]))
+        augmenter = HEAugmenter(seed=seed + int(state["epochs_done"]),
+                                stain_scale=float(state.get("stain_scale", HEAugmenter.stain_scale)))
     elif not augment:
         augmenter = None
     else:
@@ -615,6 +629,7 @@ def train(
             "patch_size": int(model.config.train_patch_size[0]),
             "learning_rate": float(model.config.train_learning_rate),
             "learning_rate_changes": state.get("learning_rate_changes", []),
+            "stain_scale_changes": state.get("stain_scale_changes", []),
             "augmentation": aug_dict,
             "wall_time_s": round(float(state["wall_time_s"]), 1),
             "thresholds_and_eval_s": round(t_opt, 1),

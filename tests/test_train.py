@@ -292,7 +292,8 @@ def test_training_resumes_from_the_saved_epoch(disks, tmp_path):
     assert state["epochs_done"] == 1 and not state["complete"] and (out / "weights_last.h5").exists()
     assert (out / "weights_best.h5").exists()
 
-    train(list(ims), list(mks), out, finalize=False, learning_rate=1e-4, **kw)  # a lower rate from epoch 2
+    # a lower rate and stronger stain jitter from epoch 2
+    train(list(ims), list(mks), out, finalize=False, learning_rate=1e-4, stain_scale=0.4, **kw)
     state = json.loads((out / "train_state.json").read_text())
     assert state["epochs_done"] == 3 and state["complete"]
     assert state["learning_rate"] == pytest.approx(1e-4)
@@ -300,7 +301,10 @@ def test_training_resumes_from_the_saved_epoch(disks, tmp_path):
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
     card = json.loads((out / "card.json").read_text())
     assert card["training"]["epochs"] == 3 and card["training"]["learning_rate_changes"][0]["to"] == 1e-4
+    assert state["stain_scale_changes"] == [{"epoch": 1, "from": 0.2, "to": 0.4}]
+    assert card["training"]["augmentation"]["stain_scale"] == 0.4
     assert "set to 0.0001 after epoch 1" in (out / "MODEL.md").read_text()
+    assert "±0.2 until epoch 1" in (out / "MODEL.md").read_text()
     # the split did not change between the two calls
     assert card["training"]["n_val"] == len(state["split"]["val"])
 
