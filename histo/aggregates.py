@@ -63,7 +63,8 @@ def grade(layers: float, min_layers: list) -> int:
 def find_aggregates(cells: pd.DataFrame, piece: Polygon, params: dict) -> list[dict]:
     """Lymphoid aggregates of one synovial tissue piece (``cells`` = the piece's cells).
 
-    DBSCAN (``eps_um``, ``min_samples``) on lymphocyte centroids; the clustered lymphocytes are
+    DBSCAN (``eps_um``, ``min_samples``) on the centroids of the lymphocytes (the cells of
+    ``aggregate.cell_types``: H&E ``lymphocyte``; gated B and T cells); the clustered lymphocytes are
     outlined together (``buffer_um`` discs, closed by ``smooth_um``, §7.2), so the DBSCAN fragments
     of one aggregate join (its density sits near the core threshold, §7.2); an outline holding
     ≥ ``min_cells`` clustered lymphocytes is a grade-1 candidate. Radial layers = sqrt(area/π) / s,
@@ -76,7 +77,7 @@ def find_aggregates(cells: pd.DataFrame, piece: Polygon, params: dict) -> list[d
     Returns dicts: geometry, n_clustered_lymphocytes, spacing_um, radial_layers, grade, tls_size.
     """
     p = params["aggregate"]
-    lym = cells[cells.cell_type == "lymphocyte"]
+    lym = cells[cells.cell_type.isin(p["cell_types"])]
     xy = lym[["x_um", "y_um"]].to_numpy(np.float64)
     clustered = xy[dbscan(xy, p["eps_um"], p["min_samples"]) >= 0]
     allxy = cells[["x_um", "y_um"]].to_numpy(np.float64)

@@ -7,6 +7,8 @@ Krenn-like sub-scores (§1, §7.5–7.7), their sum and band, and the H&E pathot
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import shapely
@@ -59,16 +61,22 @@ def _counts(cells: pd.DataFrame, ids: pd.Categorical, types: list[str]) -> pd.Da
     return pd.DataFrame(m.reshape(len(ids.categories), len(types)), index=list(ids.categories), columns=types)
 
 
+def type_column(cell_type: str) -> str:
+    """A cell type as metric column names spell it: lower case, other characters ``_`` ("B cell" → "b_cell")."""
+    return re.sub(r"[^0-9a-z]+", "_", str(cell_type).lower()).strip("_")
+
+
 def _cell_columns(n: pd.DataFrame, area_um2: np.ndarray) -> pd.DataFrame:
-    """n_cells, n_<type>, density_*_per_mm2, fraction_<type> from a count table (rows = regions)."""
+    """n_cells, n_<type>, density_*_per_mm2, fraction_<type> from a count table (rows = regions;
+    types spelt by :func:`type_column`)."""
     total = n.sum(1).to_numpy()
     mm2 = np.asarray(area_um2, float) / 1e6
     out = {"n_cells": total}
-    out |= {f"n_{t}": n[t].to_numpy() for t in n.columns}
+    out |= {f"n_{type_column(t)}": n[t].to_numpy() for t in n.columns}
     with np.errstate(divide="ignore", invalid="ignore"):
         out["density_cells_per_mm2"] = total / mm2
-        out |= {f"density_{t}_per_mm2": n[t].to_numpy() / mm2 for t in n.columns}
-        out |= {f"fraction_{t}": n[t].to_numpy() / total for t in n.columns}
+        out |= {f"density_{type_column(t)}_per_mm2": n[t].to_numpy() / mm2 for t in n.columns}
+        out |= {f"fraction_{type_column(t)}": n[t].to_numpy() / total for t in n.columns}
     return pd.DataFrame(out, index=n.index)
 
 
@@ -86,8 +94,10 @@ def _structures(kind: str, rows: pd.DataFrame, tissue_mm2: float) -> dict:
 
 
 def _summary(regions: pd.DataFrame, tissue_ids, cells_n: pd.Series, n_lym: float, n_total: float,
-             tissue_mm2: float, tissue_type: str, scores: dict) -> dict:
-    """Structure and score columns of a tissue piece or of the whole slide (``tissue_ids``)."""
+             tissue_mm2: float, tissue_type: str, params: dict) -> dict:
+    """Structure and score columns of a tissue piece or of the whole slide (``tissue_ids``);
+    germinal-centre columns are NaN where ``params`` did not look for them."""
+    scores = params["scores"]
     tissue_mm2 = np.float64(tissue_mm2)  # 0 mm² gives NaN rates, not ZeroDivisionError
     inside = regions[regions.tissue_id.isin(tissue_ids)]
     by = {k: inside[inside.kind == k] for k in KINDS}
@@ -95,8 +105,9 @@ def _summary(regions: pd.DataFrame, tissue_ids, cells_n: pd.Series, n_lym: float
     if tissue_type == "lymph-node":
         fol = by["follicle"]
         out |= _structures("follicle", fol, tissue_mm2)
-        out["n_follicles_with_gc"] = int(fol.get("has_gc", pd.Series(dtype=bool)).astype(bool).sum())
-        out["fraction_area_germinal_centre"] = by["germinal_centre"].area_um2.sum() / 1e6 / tissue_mm2
+        searched = "germinal_centre" in params["structures"]
+        out["n_follicles_with_gc"] = int(fol.get("has_gc", pd.Series(dtype=bool)).astype(bool).sum()) if searched else np.nan
+        out["fraction_area_germinal_centre"] = by["germinal_centre"].area_um2.sum() / 1e6 / tissue_mm2 if searched else np.nan
         return out
     agg = by["aggregate"]
     grades = [int(g) for g in agg.get("grade", pd.Series(dtype=float)).dropna()]
@@ -138,16 +149,21 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
 def region_metrics(cells: pd.DataFrame, regions: pd.DataFrame, tissue_type: str, params: dict | None = None) -> pd.DataFrame:
     """One row per region and a final ``slide`` row (all tissue pieces together).
 
-    ``cells`` needs ``x_um``, ``y_um``, ``cell_type`` and, if present, the ``<kind>_id`` columns
+    ``cells`` needs ``x_um``, ``y_um``, ``cell_type`` (counted per type: its categories if categorical,
+    else :data:`CELL_TYPES`, plus any other values) and, if present, the ``<kind>_id`` columns
     of :func:`histo.regions.assign_cells` (computed here otherwise). Region properties (grade,
     layers, has_gc, …) are carried over; cell counts, densities and fractions are added per region;
     tissue and slide rows add structure counts per mm², area fractions, size distributions, and for
-    synovium the Krenn sub-scores, sum, band, version and H&E pathotype proxy; the slide row adds
-    ``sampling_flag`` (tissue < 2.5 mm², §7.8). Thresholds: ``params["scores"]`` (``region_params``).
+    synovium the Krenn sub-scores, sum, band, version and H&E pathotype proxy (lymphocytes: the cells
+    of ``aggregate.cell_types``); the slide row adds ``sampling_flag`` (tissue < 2.5 mm², §7.8).
+    Thresholds: ``params["scores"]`` (``region_params``).
     """
-    scores = region_params(tissue_type, params)["scores"]
+    params = region_params(tissue_type, params)
+    scores = params["scores"]
     ids = cells if all(f"{k}_id" in cells for k in KINDS) else assign_cells(cells, regions)
-    types = list(CELL_TYPES) + sorted(set(cells["cell_type"].astype(str)) - set(CELL_TYPES))
+    listed = list(cells["cell_type"].cat.categories) if isinstance(cells["cell_type"].dtype, pd.CategoricalDtype) \
+        else list(CELL_TYPES)  # the typing's categories (H&E rules, gates), else the generator's words
+    types = listed + sorted(set(cells["cell_type"].astype(str)) - set(listed))
     per_kind = [_counts(cells, pd.Categorical(ids[f"{k}_id"]), types) for k in KINDS]
     n = pd.concat(per_kind) if per_kind else pd.DataFrame(columns=types)
     n = n.reindex(list(regions.region_id)).fillna(0).astype(int)
@@ -170,7 +186,8 @@ def region_metrics(cells: pd.DataFrame, regions: pd.DataFrame, tissue_type: str,
         table.loc[agg, "distance_to_lining_um"] = [shapely.distance(g, near) for g, a in zip(geoms, agg) if a]
     tissue_rows = table.index[table.kind == "tissue"]
     totals = n.sum(1)
-    extras = [_summary(regions, [rid], totals, n.at[rid, "lymphocyte"], totals[rid], mm2, tissue_type, scores)
+    lymphoid = n.reindex(columns=params["aggregate"]["cell_types"], fill_value=0).sum(1)
+    extras = [_summary(regions, [rid], totals, lymphoid[rid], totals[rid], mm2, tissue_type, params)
               for rid, mm2 in zip(table.region_id[tissue_rows], table.area_mm2[tissue_rows])]
     for col, values in pd.DataFrame(extras, index=tissue_rows).items():  # krenn_lining is also a lining column
         table.loc[tissue_rows, col] = values
@@ -178,7 +195,7 @@ def region_metrics(cells: pd.DataFrame, regions: pd.DataFrame, tissue_type: str,
     slide_um2 = float(table.loc[tissue_rows, "area_um2"].sum())
     slide = dict(region_id="slide", kind="slide", name="slide", area_um2=slide_um2, area_mm2=slide_um2 / 1e6,
                  **_cell_columns(slide_n.to_frame().T, [slide_um2]).iloc[0].to_dict(),
-                 **_summary(regions, list(table.region_id[tissue_rows]), totals, slide_n["lymphocyte"],
-                            slide_n.sum(), slide_um2 / 1e6, tissue_type, scores),
+                 **_summary(regions, list(table.region_id[tissue_rows]), totals, lymphoid[table.region_id[tissue_rows]].sum(),
+                            slide_n.sum(), slide_um2 / 1e6, tissue_type, params),
                  n_tissue_pieces=len(tissue_rows), sampling_flag=bool(slide_um2 < scores["min_tissue_um2"]))
     return pd.concat([table, pd.DataFrame([slide])], ignore_index=True)

@@ -33,17 +33,21 @@ from histo.lining import find_lining
 
 Number = (int, float)
 TISSUE_TYPES = ("lymph-node", "synovium")
+STRUCTURES = ("follicle", "germinal_centre", "aggregate", "lining")  # what find_regions can look for
 KINDS = ("tissue", "follicle", "germinal_centre", "aggregate", "lining", "annotation")
 MAX_GRID_PX = 16_000_000  # density rasters are coarsened beyond this many pixels per tissue piece
 
 # The ``regions:`` section of a workflow, in histo.workflow's SCHEMA format: key -> (types, default).
 REGION_PARAMS_SCHEMA: dict = {
-    "structures": ((list, type(None)), None),  # kinds to find; None = the tissue type's (TISSUE_DEFAULTS)
+    "structures": ((list, type(None)), None),  # kinds to find (STRUCTURES), [] = none; None = the tissue type's (TISSUE_DEFAULTS)
     "grid_um": (Number, 5.0),  # pixel of the density rasters, µm [P]
     "edge_um": (Number, 10.0),  # this close to the tissue outline = edge-truncated (§0: cores cut follicles) [P]
     "follicle": {  # lymph node, §7.4b [P]
+        "cell_types": (list, ["lymphocyte"]),  # the cells follicles are made of: small lymphocytes (H&E); B cells (IF / IHC)
         "smooth_fwhm_um": (Number, 50.0),  # "50 µm-smoothed" small-lymphocyte density: Gaussian FWHM (σ 21 µm)
         "min_density_ratio": (Number, 1.2),  # ≥ 1.2 × the paracortex (tissue) median
+        "min_cell_fraction": ((*Number, type(None)), None),  # set: follicular where `cell_types` are ≥ this fraction of
+        #   all nuclei, instead of the density ratio (gated B cells are too few outside follicles for a median) [P]
         "large_density_ratio": (Number, 2.5),  # GC fill: large-nucleus density ≥ 2.5 × median [P]
         "min_dense_fraction": (Number, 0.33),  # ≥ 1/3 of a follicle is dense small lymphocytes (mantle) [P]
         "close_um": (Number, 20.0),  # closing radius that seals mantle rings around GCs [P]
@@ -52,6 +56,7 @@ REGION_PARAMS_SCHEMA: dict = {
         "min_area_um2": (Number, 30_000.0),  # ≥ 0.03 mm² (§7.4b; follicle ⌀ 200–1,000 µm, §3)
     },
     "germinal_centre": {  # §7.4
+        "cell_types": (list, ["large"]),  # the "large pale" nuclei (centroblasts, tingible-body macrophages, §3); [] = none
         "radius_um": (Number, 50.0),  # "nuclei within 50 µm" (a disc)
         "min_large_fraction": (Number, 0.4),  # ≥ 40 % large/pale nuclei (§7.4)
         "edge_large_fraction": (Number, 0.2),  # outline where the fraction falls to half of that [P]
@@ -59,6 +64,7 @@ REGION_PARAMS_SCHEMA: dict = {
         "min_inside_fraction": (Number, 0.5),  # ≥ 50 % inside its follicle / aggregate (§7.4)
     },
     "aggregate": {  # synovium, §7.2–7.3
+        "cell_types": (list, ["lymphocyte"]),  # the cells clustered into aggregates (and counted for the infiltrate score)
         "eps_um": (Number, 12.0),  # DBSCAN radius on lymphocyte centroids (§7.2)
         "min_samples": (int, 5),  # DBSCAN core: ≥ 5 lymphocytes within eps, itself included (§7.2)
         "min_cells": (int, 10),  # cluster ≥ 10 lymphocytes = grade-1 candidate (§7.2)
@@ -75,6 +81,10 @@ REGION_PARAMS_SCHEMA: dict = {
         "min_density_ratio": (Number, 2.0),  # surface ≥ 2 × reference density (§7.5)
         "deep_um": (list, [60.0, 120.0]),  # sublining depth range that sets the band's half-density edge [P]
         "bin_um": (Number, 2.5),  # depth profile bin [P]
+        "rim_um": (Number, 12.5),  # the outline may run this far outside the outermost nuclei (~1.5 px of the 8 µm/px
+        #   tissue mask; raise it with a coarser `tissue.mpp`) [P]
+        "max_gap_um": (Number, 100.0),  # a gap of one segment between lining segments is bridged (the ratio test
+        #   on ~20 nuclei misses 1 in 5 segments of a true lining on generated synovium) [P]
         "min_length_um": (Number, 200.0),  # shorter lining runs are dropped [P]
     },
     "scores": {  # synovium Krenn-like sub-scores and sampling (histo.metrics)
@@ -114,8 +124,22 @@ def region_params(tissue_type: str, overrides: dict | None = None) -> dict:
         return base
 
     out = merge(merge(defaults(REGION_PARAMS_SCHEMA), TISSUE_DEFAULTS[tissue_type]), overrides)
-    out["structures"] = list(out["structures"] or TISSUE_DEFAULTS[tissue_type]["structures"])
+    structures = out["structures"]
+    out["structures"] = list(TISSUE_DEFAULTS[tissue_type]["structures"] if structures is None else structures)
     return out
+
+
+def used_cell_types(params: dict, tissue_type: str) -> dict[str, list]:
+    """The ``<section>.cell_types`` lists read by the wanted ``structures`` of ``params`` (a
+    ``region_params`` dict), by section: follicles read their own and the germinal centres' (the
+    fill), synovium always the aggregates' (the infiltrate score)."""
+    want = set(params["structures"])
+    sections = {"follicle"} & want
+    if want & {"follicle", "germinal_centre"}:
+        sections.add("germinal_centre")
+    if "aggregate" in want or tissue_type == "synovium":
+        sections.add("aggregate")
+    return {s: list(params[s]["cell_types"]) for s in sorted(sections)}
 
 
 # ----------------------------------------------------------------------------------- rasters
@@ -180,24 +204,30 @@ def mask_polygons(mask: np.ndarray, grid: Grid) -> list[Polygon]:
 def find_follicles(cells: pd.DataFrame, piece: Polygon, params: dict) -> list[Polygon]:
     """Lymph-node follicles in one tissue piece (§7.4b [P]).
 
-    A pixel is follicular where the small-lymphocyte density (Gaussian of FWHM ``smooth_fwhm_um``)
-    is ≥ ``min_density_ratio`` × the piece's median (the paracortex dominates a node), or where the
-    large-nucleus density is ≥ ``large_density_ratio`` × its median (a germinal centre inside the
-    mantle ring). Rings are closed and filled, touching follicles split by a distance watershed,
-    outlines opened by ``open_um``; kept: ≥ ``min_area_um2`` with ≥ ``min_dense_fraction`` of dense
-    small lymphocytes.
+    A pixel is dense where the density of the follicle cells (``follicle.cell_types``, Gaussian of
+    FWHM ``smooth_fwhm_um``) is ≥ ``min_density_ratio`` × the piece's median (H&E: small
+    lymphocytes; the paracortex dominates a node), or, with ``min_cell_fraction`` set, where they
+    are ≥ that fraction of all nuclei (gated B cells). A pixel is follicular where it is dense or
+    where the density of germinal-centre cells (``germinal_centre.cell_types``) is ≥
+    ``large_density_ratio`` × its median (a germinal centre inside the mantle ring). Rings are closed
+    and filled, touching follicles split by a distance watershed, outlines opened by ``open_um``;
+    kept: ≥ ``min_area_um2`` with ≥ ``min_dense_fraction`` dense.
     """
     p = params["follicle"]
     grid, mask = piece_grid(piece, params["grid_um"])
-    lym = cells[cells.cell_type == "lymphocyte"]
-    large = cells[cells.cell_type == "large"]
+    lym = cells[cells.cell_type.isin(p["cell_types"])]
+    large = cells[cells.cell_type.isin(params["germinal_centre"]["cell_types"])]
     sigma = p["smooth_fwhm_um"] / 2.3548
     dl = smooth_density(grid_counts(grid, lym.x_um, lym.y_um), mask, grid, sigma)
     dL = smooth_density(grid_counts(grid, large.x_um, large.y_um), mask, grid, sigma)
     ml, mL = np.median(dl[mask]) if mask.any() else 0.0, np.median(dL[mask]) if mask.any() else 0.0
-    if ml <= 0:
+    if p["min_cell_fraction"] is not None:
+        d_all = smooth_density(grid_counts(grid, cells.x_um, cells.y_um), mask, grid, sigma)
+        dense = mask & (dl > 0) & (dl >= p["min_cell_fraction"] * d_all)
+    elif ml > 0:
+        dense = mask & (dl >= p["min_density_ratio"] * ml)
+    else:
         return []
-    dense = mask & (dl >= p["min_density_ratio"] * ml)
     m = dense | (mask & (dL >= p["large_density_ratio"] * mL) if mL > 0 else dense)
     m = ndi.binary_fill_holes(ndi.binary_closing(m, disk(max(1, round(p["close_um"] / grid.px)))) & mask)
     dist = ndi.distance_transform_edt(m)
@@ -222,7 +252,8 @@ def find_follicles(cells: pd.DataFrame, piece: Polygon, params: dict) -> list[Po
 def find_germinal_centres(cells: pd.DataFrame, piece: Polygon, hosts: list[Polygon], params: dict) -> list[tuple[int, Polygon]]:
     """Germinal centres inside ``hosts`` (follicles or aggregates) of one piece, as (host index, polygon).
 
-    §7.4: where ≥ ``min_large_fraction`` of the nuclei within ``radius_um`` are large/pale; the outline
+    §7.4: where ≥ ``min_large_fraction`` of the nuclei within ``radius_um`` are large/pale (of
+    ``germinal_centre.cell_types``); the outline
     follows the fraction down to ``edge_large_fraction`` (hysteresis); ≥ ``min_area_um2`` and
     ≥ ``min_inside_fraction`` inside one host; clipped to it.
     """
@@ -230,7 +261,7 @@ def find_germinal_centres(cells: pd.DataFrame, piece: Polygon, hosts: list[Polyg
         return []
     p = params["germinal_centre"]
     grid, mask = piece_grid(piece, params["grid_um"])
-    large = cells[cells.cell_type == "large"]
+    large = cells[cells.cell_type.isin(p["cell_types"])]
     n_all = disc_sum(grid_counts(grid, cells.x_um, cells.y_um), p["radius_um"] / grid.px)
     frac = disc_sum(grid_counts(grid, large.x_um, large.y_um), p["radius_um"] / grid.px) / np.maximum(n_all, 1e-9)
     gc = apply_hysteresis_threshold(np.where(mask, frac, 0), p["edge_large_fraction"], p["min_large_fraction"])
@@ -310,8 +341,8 @@ def find_regions(cells: pd.DataFrame, pieces: list[Polygon], tissue_type: str, p
             found += [dict(kind="follicle", geometry=g) for g in find_follicles(sub, piece, params)]
         if "aggregate" in want:
             found += [dict(kind="aggregate", **a) for a in find_aggregates(sub, piece, params)]
-        for f in found:
-            f.update(tissue_id=tid, parent_id=tid, has_gc=False,
+        for f in found:  # has_gc unknown (None) where germinal centres are not looked for
+            f.update(tissue_id=tid, parent_id=tid, has_gc=False if "germinal_centre" in want else None,
                      edge_truncated=edge_truncated(f["geometry"], piece, params["edge_um"]))
         if "germinal_centre" in want:
             centres = find_germinal_centres(sub, piece, [f["geometry"] for f in found], params)
@@ -343,22 +374,29 @@ def _in_box(xy: np.ndarray, bounds) -> np.ndarray:
 def assign_cells(cells: pd.DataFrame, regions: gpd.GeoDataFrame) -> pd.DataFrame:
     """``<kind>_id`` columns (categorical region ids, missing where none) for every kind in KINDS.
 
-    Vectorised point-in-polygon: cells are sorted by x once, each region tests only the cells in its
-    bounding box (``shapely.contains_xy`` on the prepared polygon). Where regions of one kind overlap
-    (annotations), the first in table order wins.
+    A cell outside every tissue piece gets no id of any kind, so it counts in no region's metrics
+    (a nucleus segmented over glass at the tissue edge, or inside an annotation drawn past the
+    tissue). Vectorised point-in-polygon: cells are sorted by x once, each region tests only the
+    cells in its bounding box (``shapely.contains_xy`` on the prepared polygon). Where regions of one
+    kind overlap (annotations), the first in table order wins.
     """
     x = cells["x_um"].to_numpy(np.float64)
     y = cells["y_um"].to_numpy(np.float64)
     order = np.argsort(x, kind="stable")
     xs = x[order]
+    in_tissue = None
     out = {}
-    for kind in KINDS:
+    for kind in KINDS:  # "tissue" first
         sel = regions[regions.kind == kind] if len(regions) else regions
         codes = np.full(len(x), -1, np.int32)
         for k, geom in enumerate(sel.geometry):
             x0, y0, x1, y1 = geom.bounds
             cand = order[np.searchsorted(xs, x0, "left"):np.searchsorted(xs, x1, "right")]
             cand = cand[(y[cand] >= y0) & (y[cand] <= y1) & (codes[cand] < 0)]
+            if in_tissue is not None:
+                cand = cand[in_tissue[cand]]
             codes[cand[shapely.contains_xy(geom, x[cand], y[cand])]] = k
+        if kind == "tissue":
+            in_tissue = codes >= 0
         out[f"{kind}_id"] = pd.Categorical.from_codes(codes, categories=list(sel.region_id) if len(sel) else [])
     return pd.DataFrame(out, index=cells.index)

@@ -20,15 +20,50 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from histo.export import KIND_COLORS
+from histo.metrics import type_column
 from histo.regions import Grid, disc_sum, grid_counts
 
 CELL_COLORS = {"lymphocyte": "#1f1a8a", "large": "#ff8c00", "stromal": "#2ca02c", "lining": "#e0119d", "other": "#7f7f7f"}
+MORE_COLORS = ("#d62728", "#1f77b4", "#9467bd", "#8c564b", "#17becf", "#bcbd22", "#e377c2", "#ff7f0e")  # gated types
 MAX_POINTS = 200_000
 DENSITY_RADIUS_UM = 25.0  # §7.1: lymphocytes within 25 µm
+THUMB_MAX_PX = 4000  # longer side of the overview thumbnail, px
+THUMB_MIN_MPP = 2.0  # µm/px: no finer than this (overlays need no more)
+
+
+def thumbnail_mpp(shape_px, mpp: float) -> float:
+    """µm/px of the overview thumbnail of a slide of ``shape_px`` (h, w) at ``mpp`` µm/px."""
+    return max(THUMB_MIN_MPP, max(shape_px[:2]) * mpp / THUMB_MAX_PX)
+
+
+def thumbnail(slide) -> tuple[np.ndarray, float]:
+    """An RGB thumbnail of the slide and its exact µm/px (slide width µm / thumbnail width px)."""
+    width_um = slide.shape[1] * slide.mpp
+    thumb = slide.thumbnail(thumbnail_mpp(slide.shape, slide.mpp))
+    if thumb.shape[-1] != 3:  # fluorescence: first channel as grey
+        grey = thumb[..., 0].astype(np.float32)
+        grey = (255 * grey / max(float(grey.max()), 1.0)).astype(np.uint8)
+        thumb = np.repeat(grey[..., None], 3, axis=-1)
+    return thumb, width_um / thumb.shape[1]
 
 
 def _rgb(kind: str) -> tuple:
     return tuple(v / 255 for v in KIND_COLORS.get(kind, (0, 0, 0)))
+
+
+def _cell_types(cells: pd.DataFrame) -> list[str]:
+    """The cell types present, in category order (H&E rules, gates) or sorted."""
+    col = cells["cell_type"]
+    listed = list(col.cat.categories) if isinstance(col.dtype, pd.CategoricalDtype) else sorted(set(col.astype(str)))
+    present = set(col.astype(str))
+    return [t for t in listed if t in present]
+
+
+def cell_colors(types: list[str]) -> dict[str, str]:
+    """A colour per cell type (``types`` present, in category order): :data:`CELL_COLORS` for the H&E
+    types, :data:`MORE_COLORS` in turn for others; the overview and napari's cell-type layer use it."""
+    more = iter(MORE_COLORS * (1 + len(types) // len(MORE_COLORS)))
+    return {t: CELL_COLORS[t] if t in CELL_COLORS else next(more) for t in types}
 
 
 def _figure(thumbnail: np.ndarray, thumb_mpp: float, fade: float, width_in: float = 10.0):
@@ -87,14 +122,14 @@ def overview_figure(thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.
     sub = cells.sample(max_points, random_state=0) if len(cells) > max_points else cells
     pt_per_um = 8.0 * 72 / (thumbnail.shape[1] * thumb_mpp)
     size = float(np.clip((7.0 * pt_per_um) ** 2, 0.3, 16))  # a dot ≈ a 7 µm nucleus
-    types = [t for t in CELL_COLORS if (sub.cell_type == t).any()]
-    for t in types:
+    colors = cell_colors(_cell_types(cells))
+    for t, c in colors.items():
         m = sub.cell_type == t
-        ax.scatter(sub.x_um[m], sub.y_um[m], s=size, c=CELL_COLORS[t], lw=0, alpha=0.8, rasterized=True)
+        ax.scatter(sub.x_um[m], sub.y_um[m], s=size, c=c, lw=0, alpha=0.8, rasterized=True)
     _outlines(ax, regions)
     _scalebar(ax, thumbnail.shape[1] * thumb_mpp)
     kinds = [k for k in KIND_COLORS if (regions.kind == k).any()]
-    handles = [Line2D([], [], ls="", marker="o", color=CELL_COLORS[t], label=t) for t in types]
+    handles = [Line2D([], [], ls="", marker="o", color=c, label=t) for t, c in colors.items()]
     handles += [Line2D([], [], color=_rgb(k), ls="--" if k == "germinal_centre" else "-", lw=2, label=k.replace("_", " "))
                 for k in kinds]
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.805, 0.98), frameon=False, fontsize=9, title="cells / regions")
@@ -108,13 +143,15 @@ def write_overview(path: str | Path, thumbnail: np.ndarray, thumb_mpp: float, re
     return path
 
 
-def density_figure(thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame) -> bytes:
-    """PNG bytes: lymphocytes per mm² within 25 µm (§7.1) over the thumbnail, structure outlines."""
+def density_figure(thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame,
+                   lymphoid: tuple[str, ...] = ("lymphocyte",)) -> bytes:
+    """PNG bytes: density per mm² within 25 µm (§7.1) of the ``lymphoid`` cell types (the cells
+    follicles / aggregates are made of) over the thumbnail, structure outlines."""
     fig, ax = _figure(thumbnail, thumb_mpp, fade=0.3)
     h, w = thumbnail.shape[:2]
     px = max(5.0, max(h, w) * thumb_mpp / 800)
     grid = Grid(0.0, 0.0, px, (int(np.ceil(h * thumb_mpp / px)), int(np.ceil(w * thumb_mpp / px))))
-    lym = cells[cells.cell_type == "lymphocyte"]
+    lym = cells[cells.cell_type.isin(lymphoid)]
     counts = grid_counts(grid, lym.x_um, lym.y_um)
     r = DENSITY_RADIUS_UM / px
     dens = disc_sum(counts, r) / (np.pi * DENSITY_RADIUS_UM**2) * 1e6 if r >= 1 else counts / px**2 * 1e6
@@ -124,7 +161,7 @@ def density_figure(thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.D
     _outlines(ax, regions, kinds=("tissue", "follicle", "aggregate", "germinal_centre"))
     _scalebar(ax, w * thumb_mpp)
     cax = fig.add_axes((0.83, 0.15, 0.025, 0.7))
-    fig.colorbar(im, cax=cax).set_label("lymphocytes / mm² (within 25 µm)")
+    fig.colorbar(im, cax=cax).set_label(f"{' + '.join(lymphoid)} / mm² (within 25 µm)")
     return _png(fig)
 
 
@@ -136,7 +173,7 @@ def neighbourhood_figure(result: dict, region_id: str = "slide") -> bytes | None
     if r is None:
         return None
     types = list(result["cell_types"])
-    colors = [CELL_COLORS.get(t, "#000000") for t in types]
+    colors = list(cell_colors(types).values())
     fig = Figure(figsize=(15, 4.4), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     heat, occ, rip = fig.subplots(1, 3)
@@ -181,18 +218,27 @@ def _fmt(v):
     return "" if v is None else v
 
 
-SLIDE_ROWS = ["area_mm2", "n_tissue_pieces", "sampling_flag", "n_cells", "density_cells_per_mm2", "density_lymphocyte_per_mm2",
-              "fraction_lymphocyte", "fraction_large", "fraction_stromal", "fraction_lining",
+SLIDE_ROWS = ["area_mm2", "n_tissue_pieces", "sampling_flag", "n_cells", "density_cells_per_mm2",
+              "density_{lymphoid}_per_mm2", "fraction_{type}",  # one row per lymphoid type / per cell type
               "n_follicles", "follicles_per_mm2", "n_follicles_with_gc", "fraction_area_follicle", "fraction_area_germinal_centre",
               "follicle_eq_diameter_median_um", "n_follicles_edge_truncated",
               "n_aggregates", "aggregates_per_mm2", "n_aggregates_grade1", "n_aggregates_grade2", "n_aggregates_grade3", "n_els",
               "fraction_area_aggregate", "lining_length_mm", "lining_layers_median", "stroma_density_per_mm2",
               "krenn_lining", "krenn_stroma", "krenn_infiltrate", "krenn_sum", "krenn_band", "krenn_version", "pathotype_proxy_he"]
-STRUCTURE_COLUMNS = ["region_id", "tissue_id", "area_um2", "eq_diameter_um", "n_cells", "fraction_lymphocyte",
-                     "density_lymphocyte_per_mm2", "radial_layers", "grade", "tls_size", "has_gc", "mantle_thickness_um",
+STRUCTURE_COLUMNS = ["region_id", "tissue_id", "area_um2", "eq_diameter_um", "n_cells", "fraction_{lymphoid}",
+                     "density_{lymphoid}_per_mm2", "radial_layers", "grade", "tls_size", "has_gc", "mantle_thickness_um",
                      "circularity", "edge_truncated", "distance_to_lining_um"]
 LINING_COLUMNS = ["region_id", "tissue_id", "length_um", "thickness_median_um", "thickness_p90_um", "layers_median",
                   "layers_p90", "lining_nuclei_per_100um", "krenn_lining"]
+
+
+def _expand(columns: list[str], types: list[str], lymphoid: tuple[str, ...]) -> list[str]:
+    """Column names with ``{type}`` / ``{lymphoid}`` spelt out for each cell type / lymphoid type."""
+    out = []
+    for c in columns:
+        names = types if "{type}" in c else lymphoid if "{lymphoid}" in c else [None]
+        out += [c.format(type=type_column(t), lymphoid=type_column(t)) if t else c for t in names]
+    return out
 
 
 def _table(frame: pd.DataFrame, cols: list[str]) -> str:
@@ -203,12 +249,15 @@ def _table(frame: pd.DataFrame, cols: list[str]) -> str:
 
 
 def report_html(name: str, thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame, metrics: pd.DataFrame,
-                tissue_type: str, neighbourhood: dict | None = None) -> str:
-    """The per-slide report as one self-contained HTML string: cell-type map, lymphocyte density
-    map, the follicle / aggregate (and lining) tables, the slide metrics and, with
-    ``neighbourhood`` (:func:`histo.neighbourhood.neighbourhood_stats`), the slide's neighbourhood plots."""
+                tissue_type: str, neighbourhood: dict | None = None, lymphoid: tuple[str, ...] = ("lymphocyte",)) -> str:
+    """The per-slide report as one self-contained HTML string: cell-type map, density map of the
+    ``lymphoid`` cell types (those follicles / aggregates are made of), the follicle / aggregate (and
+    lining) tables, the slide metrics and, with ``neighbourhood``
+    (:func:`histo.neighbourhood.neighbourhood_stats`), the slide's neighbourhood plots."""
     slide = metrics[metrics.kind == "slide"].iloc[0]
-    rows = [(k, _fmt(slide[k])) for k in SLIDE_ROWS if k in slide.index and _fmt(slide[k]) != ""]
+    lymphoid = tuple(lymphoid)
+    slide_rows = _expand(SLIDE_ROWS, _cell_types(cells), lymphoid)
+    rows = [(k, _fmt(slide[k])) for k in slide_rows if k in slide.index and _fmt(slide[k]) != ""]
     slide_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     kind = "follicle" if tissue_type == "lymph-node" else "aggregate"
     parts = [
@@ -217,11 +266,11 @@ def report_html(name: str, thumbnail: np.ndarray, thumb_mpp: float, regions, cel
         "(DOMAIN §7) to be calibrated on pathologist review; the pathotype proxy is not a Humby/PEAC pathotype.</p>",
         "<div class=row><div><h2>Cell types and regions</h2>",
         _img(overview_figure(thumbnail, thumb_mpp, regions, cells), "cell-type map"),
-        "</div><div><h2>Lymphocyte density</h2>",
-        _img(density_figure(thumbnail, thumb_mpp, regions, cells), "lymphocyte density map"),
+        f"</div><div><h2>{html.escape(' + '.join(lymphoid)).capitalize()} density</h2>",
+        _img(density_figure(thumbnail, thumb_mpp, regions, cells, lymphoid), "lymphoid density map"),
         "</div></div>",
         f"<h2>Slide</h2><table class=t>{slide_html}</table>",
-        f"<h2>{kind.capitalize()}s</h2>", _table(metrics[metrics.kind == kind], STRUCTURE_COLUMNS),
+        f"<h2>{kind.capitalize()}s</h2>", _table(metrics[metrics.kind == kind], _expand(STRUCTURE_COLUMNS, [], lymphoid)),
     ]
     nhood = neighbourhood_figure(neighbourhood) if neighbourhood else None
     if nhood is not None:
@@ -231,7 +280,7 @@ def report_html(name: str, thumbnail: np.ndarray, thumb_mpp: float, regions, cel
                   "(<code>uns['neighbourhood']</code>).</p>"]
     if tissue_type == "synovium":
         parts += ["<h2>Lining</h2>", _table(metrics[metrics.kind == "lining"], LINING_COLUMNS)]
-    parts += ["<h2>Tissue pieces</h2>", _table(metrics[metrics.kind == "tissue"], ["region_id", *SLIDE_ROWS])]
+    parts += ["<h2>Tissue pieces</h2>", _table(metrics[metrics.kind == "tissue"], ["region_id", *slide_rows])]
     style = ("body{font-family:sans-serif;margin:1.5em;color:#222}img{max-width:100%}small{color:#777;font-weight:normal}"
              ".row{display:flex;gap:1em;flex-wrap:wrap}.row>div{flex:1 1 480px}.note{color:#555;font-size:90%}"
              "table.t{border-collapse:collapse;font-size:85%;margin-bottom:1em}"
@@ -242,9 +291,10 @@ def report_html(name: str, thumbnail: np.ndarray, thumb_mpp: float, regions, cel
 
 
 def write_report(path: str | Path, name: str, thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame,
-                 metrics: pd.DataFrame, tissue_type: str, neighbourhood: dict | None = None) -> Path:
+                 metrics: pd.DataFrame, tissue_type: str, neighbourhood: dict | None = None,
+                 lymphoid: tuple[str, ...] = ("lymphocyte",)) -> Path:
     """Write :func:`report_html` to ``path`` (``report.html``)."""
     path = Path(path)
-    path.write_text(report_html(name, thumbnail, thumb_mpp, regions, cells, metrics, tissue_type, neighbourhood),
+    path.write_text(report_html(name, thumbnail, thumb_mpp, regions, cells, metrics, tissue_type, neighbourhood, lymphoid),
                     encoding="utf-8")
     return path

@@ -8,19 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from histo.export import import_annotations, write_h5ad, write_metrics, write_regions_geojson
 from histo.metrics import region_metrics
 from histo.neighbourhood import neighbourhood_metrics, neighbourhood_stats
 from histo.phenotypes import classify_he, gate_markers
-from histo.regions import assign_cells, find_regions
-from histo.report import write_overview, write_report
-
-THUMB_MAX_PX = 4000  # longer side of the overview thumbnail, px
-THUMB_MIN_MPP = 2.0  # µm/px: no finer than this (overlays need no more)
-
+from histo.regions import assign_cells, find_regions, region_params
+from histo.report import thumbnail, write_overview, write_report
 
 def cell_types(cells: pd.DataFrame, wf: dict) -> tuple[pd.Categorical | None, dict]:
     """Cell types (H&E rules, or marker gates for IHC / IF) and the report of thresholds used."""
@@ -31,18 +26,6 @@ def cell_types(cells: pd.DataFrame, wf: dict) -> tuple[pd.Categorical | None, di
         return None, {"note": "no marker gates in the workflow: cells are not typed"}
     types, report = gate_markers(cells, gates["gates"], gates["auto"])
     return types, {"gates": report}
-
-
-def thumbnail(slide) -> tuple[np.ndarray, float]:
-    """An RGB thumbnail of the slide and its exact µm/px (slide width µm / thumbnail width px)."""
-    width_um = slide.shape[1] * slide.mpp
-    mpp = max(THUMB_MIN_MPP, max(slide.shape) * slide.mpp / THUMB_MAX_PX)
-    thumb = slide.thumbnail(mpp)
-    if thumb.shape[-1] != 3:  # fluorescence: first channel as grey
-        grey = thumb[..., 0].astype(np.float32)
-        grey = (255 * grey / max(float(grey.max()), 1.0)).astype(np.uint8)
-        thumb = np.repeat(grey[..., None], 3, axis=-1)
-    return thumb, width_um / thumb.shape[1]
 
 
 def analyse_cells(cells: pd.DataFrame, slide, tissue, wf: dict, annotations: str | Path | None = None):
@@ -79,4 +62,6 @@ def write_outputs(folder: Path, name: str, cells: pd.DataFrame, regions, metrics
     write_h5ad(cells, folder / "cells.h5ad", uns=uns)
     thumb, thumb_mpp = thumbnail(slide)
     write_overview(folder / "overview.png", thumb, thumb_mpp, regions, cells)
-    write_report(folder / "report.html", name, thumb, thumb_mpp, regions, cells, metrics, wf["tissue_type"], nhood)
+    structure = "follicle" if wf["tissue_type"] == "lymph-node" else "aggregate"
+    lymphoid = region_params(wf["tissue_type"], wf["regions"])[structure]["cell_types"]
+    write_report(folder / "report.html", name, thumb, thumb_mpp, regions, cells, metrics, wf["tissue_type"], nhood, lymphoid)

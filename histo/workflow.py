@@ -12,9 +12,9 @@ from typing import Any
 
 import yaml
 
-from histo.errors import WorkflowError
-from histo.phenotypes import HE_RULES_SCHEMA, check_gates
-from histo.regions import REGION_PARAMS_SCHEMA, TISSUE_TYPES
+from histo.errors import SlideError, WorkflowError
+from histo.phenotypes import HE_RULES_SCHEMA, HE_TYPES, check_gates
+from histo.regions import REGION_PARAMS_SCHEMA, STRUCTURES, TISSUE_TYPES, region_params, used_cell_types
 
 WORKFLOW_DIR = Path(__file__).resolve().parents[1] / "workflows"
 
@@ -32,13 +32,15 @@ SCHEMA: dict[str, Any] = {
         "halo_um": ((*Number, type(None)), None),  # None = from the model's largest nucleus
         "prob_thresh": ((*Number, type(None)), None),  # None = the model's own threshold
         "nms_thresh": ((*Number, type(None)), None),
+        "nucleus_channel": ((str, int, type(None)), None),  # fluorescence: the channel the nucleus model reads
+        #   (name or 0-based index); None = the first channel, the DNA stain as tissue detection assumes
     },
     "tissue": {
         "mpp": (Number, 8.0),  # µm/px of the level tissue is detected on
         "min_area_um2": (Number, 20_000.0),  # smaller tissue specks are dropped
     },
     "cell_types": HE_RULES_SCHEMA,
-    "regions": REGION_PARAMS_SCHEMA,  # follicles, aggregates, germinal centres, lining (histo.regions)  # H&E morphology rules (histo.phenotypes)
+    "regions": REGION_PARAMS_SCHEMA,  # follicles, aggregates, germinal centres, lining (histo.regions)
     "marker_gates": {  # IHC / immunofluorescence: first positive gate wins (histo.phenotypes)
         "gates": (list, []),  # [{marker, cell_type, threshold: number | auto, column}]
         "auto": ((str, type(None)), "otsu"),  # per-slide threshold method for "auto" gates: otsu | gmm
@@ -100,7 +102,51 @@ def validate(data: dict, path: str = "<workflow>") -> dict:
         check_gates(wf["marker_gates"]["gates"], wf["marker_gates"]["auto"])
     except ValueError as exc:
         raise WorkflowError(path, f"'marker_gates': {exc}") from None
+    _check_structures(wf, path)
     return wf
+
+
+def cell_type_names(wf: dict) -> list[str]:
+    """The cell types a validated workflow can give: the H&E rules' (stain "he"), else its gates'
+    cell types and "other"."""
+    if wf["stain"] == "he":
+        return list(HE_TYPES)
+    return list(dict.fromkeys([g["cell_type"] for g in wf["marker_gates"]["gates"]] + ["other"]))
+
+
+def _check_structures(wf: dict, path: str) -> None:
+    """``regions.structures`` names known structures; each ``regions.<section>.cell_types`` list that
+    the wanted structures read names only cell types this workflow gives, and at least one where
+    that section is itself a wanted structure."""
+    unknown = [s for s in wf["regions"]["structures"] or [] if s not in STRUCTURES]
+    if unknown:
+        raise WorkflowError(path, f"'regions.structures': unknown structure {unknown[0]!r} (known: {', '.join(STRUCTURES)})")
+    names = cell_type_names(wf)
+    params = region_params(wf["tissue_type"], wf["regions"])
+    for section, types in used_cell_types(params, wf["tissue_type"]).items():
+        key = f"regions.{section}.cell_types"
+        bad = [t for t in types if t not in names]
+        if bad:
+            hint = "" if wf["stain"] == "he" or wf["marker_gates"]["gates"] else "; add 'marker_gates'"
+            raise WorkflowError(path, f"'{key}': {bad[0]!r} is not a cell type of this workflow "
+                                      f"(stain {wf['stain']!r} gives: {', '.join(names)}{hint})")
+        if not types and section in params["structures"]:
+            raise WorkflowError(path, f"'{key}' is empty: name the cell types that form {section}s "
+                                      f"(stain {wf['stain']!r} gives: {', '.join(names)})")
+
+
+def nucleus_channel(wf: dict, channel_names: list[str], slide: str) -> int:
+    """Index of the channel of a fluorescence ``slide`` (its ``channel_names``) that a one-channel
+    nucleus model reads: ``segmentation.nucleus_channel`` of the validated workflow ``wf`` (a name
+    or a 0-based index), else 0. SlideError naming the slide and its channels when it has no such
+    channel."""
+    want = wf["segmentation"]["nucleus_channel"]
+    index = 0 if want is None else want if isinstance(want, int) else \
+        channel_names.index(want) if want in channel_names else -1
+    if not 0 <= index < len(channel_names):
+        raise SlideError(slide, f"no channel {want!r} for the nuclei (workflow {wf['name']!r}, "
+                                f"'segmentation.nucleus_channel'); the slide's channels: {', '.join(channel_names)}")
+    return index
 
 
 def load_workflow(name_or_path: str | Path | None) -> dict:

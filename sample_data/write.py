@@ -101,8 +101,8 @@ def _tiles(scene, size: int, ds: int, tile: int, after_row=None, pool=None):
             after_row((ty + 1) * tile * ds * scene.mpp)
 
 
-def _geojson(scene) -> dict:
-    """FeatureCollection of the structures (polygons in µm)."""
+def truth_geojson(scene) -> dict:
+    """FeatureCollection of the scene's structures (polygons in µm): what NAME.truth.geojson holds."""
     feats = []
     tissue = []
     for pi, b in enumerate(scene.pieces):
@@ -225,7 +225,7 @@ def write_sample(kind: str, out, size: int = 4096, seed: int = 0, mpp: float = 0
         writer.close()
         if pool is not None:
             pool.shutdown()
-    gj.write_text(json.dumps(_geojson(scene), ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+    gj.write_text(json.dumps(truth_geojson(scene), ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
     return dict(
         image=str(img), truth=str(truth), geojson=str(gj), n_nuclei=n_done[1],
         levels=[(s, s) for s in sizes], mpp=mpp, kind=kind, seed=int(seed),

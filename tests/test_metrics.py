@@ -109,3 +109,22 @@ def test_small_biopsy_without_lymphocytes(tmp_path):
     csv, parquet = write_metrics(table, tmp_path)
     assert pd.read_csv(csv).shape == table.shape
     assert list(pd.read_parquet(parquet).columns) == list(table.columns)
+
+
+def test_cells_outside_tissue_count_in_no_region():
+    """Nuclei over glass beside the tissue (a tile's edge) count neither in the slide row nor in an
+    annotation drawn past the tissue."""
+    import geopandas as gpd
+
+    x, y = np.meshgrid(np.arange(5.0, 150, 10), np.arange(5.0, 100, 10))
+    cells = pd.DataFrame({"x_um": x.ravel(), "y_um": y.ravel(), "cell_type": "lymphocyte"})  # 150 cells, 100 on tissue
+    tissue = find_regions(cells, [box(0, 0, 100, 100)], "lymph-node", {"structures": []})
+    roi = gpd.GeoDataFrame([dict(region_id="annotation-1", kind="annotation", name="ROI", parent_id=None, tissue_id=None,
+                                 area_um2=10_000.0, edge_truncated=False, geometry=box(50, 0, 150, 100))], geometry="geometry")
+    regions = pd.concat([tissue, roi], ignore_index=True)
+    ids = assign_cells(cells, regions)
+    assert ids.tissue_id.notna().sum() == 100 and ids.annotation_id.notna().sum() == 50
+    assert ids.annotation_id.notna().le(ids.tissue_id.notna()).all()
+    rows = region_metrics(pd.concat([cells, ids], axis=1), regions, "lymph-node").set_index("region_id")
+    assert rows.loc["slide", "n_cells"] == 100 and rows.loc["annotation-1", "n_cells"] == 50
+    assert list(regions.kind) == ["tissue", "annotation"]  # structures: [] looks for none

@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 from scipy import ndimage as ndi
 
+from histo.errors import SlideError, WorkflowError
 from histo.features import nucleus_features
 from histo.nuclei import polygon_area
 from histo.phenotypes import (DEFAULT_HE_RULES, HE_RULES_SCHEMA, HE_TYPES, auto_threshold, check_gates, classify_he,
                               gate_markers)
+from histo.workflow import cell_type_names, load_workflow, nucleus_channel
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CYCIF = SHARED / "data" / "mcmicro_exemplar001_cycif"
@@ -158,3 +160,49 @@ def test_auto_gates_agree_with_expert_gates_on_cycif():
     assert table.loc["CD45", "otsu_agreement"] >= 0.9  # the lineage marker with two clear populations
     assert table["otsu_agreement"].median() >= 0.9
     assert (table["otsu_agreement"] >= 0.65).all()
+
+
+def test_if_preset_names_its_gates_structure_cells_and_nucleus_channel():
+    wf = load_workflow("lymph-node-if")
+    assert wf["stain"] == "if" and wf["model"] == "2D_versatile_fluo"
+    assert [g["marker"] for g in wf["marker_gates"]["gates"]] == ["CD20", "CD3", "CD68", "CD138"]
+    assert cell_type_names(wf) == ["B cell", "T cell", "macrophage", "plasma cell", "other"]
+    assert wf["regions"]["follicle"]["cell_types"] == ["B cell"] and wf["regions"]["structures"] == ["follicle"]
+    assert nucleus_channel(wf, ["DAPI", "CD20", "CD3"], "s.ome.tif") == 0
+    assert nucleus_channel(wf, ["CD20", "DAPI"], "s.ome.tif") == 1
+    with pytest.raises(SlideError, match=r"s\.ome\.tif: no channel 'DAPI' .* the slide's channels: DNA1, CD20"):
+        nucleus_channel(wf, ["DNA1", "CD20"], "s.ome.tif")
+    default = load_workflow("lymph-node-he")
+    assert nucleus_channel(default, ["DNA1", "CD20"], "s.ome.tif") == 0  # unset: the first channel (tissue detection's)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"follicle": {"cell_types": ["B cells"]}},
+     r"'regions\.follicle\.cell_types': 'B cells' is not a cell type of this workflow \(stain 'if' gives: B cell, T cell, "),
+    ({"follicle": {"cell_types": []}}, r"'regions\.follicle\.cell_types' is empty"),
+    ({"structures": ["follicle", "germinal_centre"]}, r"'regions\.germinal_centre\.cell_types' is empty"),
+    ({"structures": ["follicle", "tonsil"]}, r"'regions\.structures': unknown structure 'tonsil'"),
+])
+def test_structure_cell_types_must_be_the_workflows_own(tmp_path, change, message):
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflows" / "lymph-node-if.yaml").read_text())
+    for key, value in change.items():
+        data["regions"][key] = {**data["regions"][key], **value} if isinstance(value, dict) else value
+    path = tmp_path / "my-if.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(WorkflowError, match=message) as err:
+        load_workflow(path)
+    assert err.value.path == str(path)
+
+
+def test_he_structure_cell_types_are_the_rules_types(tmp_path):
+    path = tmp_path / "he.yaml"
+    path.write_text("stain: he\nregions:\n  follicle:\n    cell_types: [B cell]\n")
+    with pytest.raises(WorkflowError, match=r"'B cell' is not a cell type .* gives: lymphocyte, large, stromal, other"):
+        load_workflow(path)
+    path.write_text("stain: if\n")  # gates missing: the default (H&E) follicle cells are not this workflow's
+    with pytest.raises(WorkflowError, match=r"'regions\.follicle\.cell_types': 'lymphocyte' is not a cell type .* gives: other"):
+        load_workflow(path)
+    path.write_text("stain: he\ntissue_type: synovium\nregions:\n  follicle:\n    cell_types: [nonsense]\n")
+    assert load_workflow(path)["regions"]["follicle"]["cell_types"] == ["nonsense"]  # follicles not looked for in synovium

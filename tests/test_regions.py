@@ -1,4 +1,5 @@
-"""Regions from cells, checked against the truth of generated slides (truth cells as input)."""
+"""Regions from cells, checked against the truth of generated slides (truth cells as input; the
+pipeline's segmented cells: tests/test_structures_e2e.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ from shapely.geometry import Polygon, box, shape
 from histo.aggregates import dbscan, grade
 from histo.errors import HistoError
 from histo.lining import krenn_lining
+from histo.metrics import region_metrics
+from histo.report import report_html
 from histo.regions import (REGION_PARAMS_SCHEMA, TISSUE_DEFAULTS, assign_cells, edge_truncated, find_regions,
                            region_params)
+from histo.structures import cell_types
+from histo.workflow import load_workflow
 
 
 def load_truth(slide):
@@ -50,15 +55,59 @@ def synovium(generated):
     return cells, feats, pieces, find_regions(cells, pieces, "synovium")
 
 
-def test_follicles_match_truth(node):
-    cells, feats, pieces, regions = node
+def follicle_scores(feats, regions) -> tuple[int, int, list[float], float]:
+    """(follicles found, true follicles, IoU of each true follicle with its best match, fraction of the
+    matched (IoU > 0.5) true follicles whose has_gc is right)."""
     truth = truth_of(feats, "follicle")
     found = regions[regions.kind == "follicle"]
-    assert abs(len(found) - len(truth)) <= 0.2 * len(truth), f"{len(found)} follicles found, {len(truth)} true"
     matches = [best_match(g, list(found.geometry)) for g, _ in truth]
-    assert np.mean([m[1] for m in matches]) >= 0.6, [round(m[1], 2) for m in matches]
     has_gc = [bool(found.iloc[k].has_gc) == p["has_gc"] for (k, s), (_, p) in zip(matches, truth) if s > 0.5]
-    assert np.mean(has_gc) >= 0.75
+    return len(found), len(truth), [m[1] for m in matches], float(np.mean(has_gc)) if has_gc else 0.0
+
+
+def check_aggregate_grades(feats, regions) -> list[tuple]:
+    """Every true aggregate of grade ≥ 2 is found (IoU ≥ 0.3), ≥ 70 % of all are; the matched have the
+    true grade and radial layers within 1.5. Returns (true grade, grade, true layers, layers) per match."""
+    found = regions[regions.kind == "aggregate"]
+    truth = truth_of(feats, "aggregate")
+    matched = []
+    for geom, props in truth:
+        k, score = best_match(geom, list(found.geometry))
+        if score >= 0.3:
+            matched.append((props["grade"], int(found.iloc[k].grade), props["layers"], float(found.iloc[k].radial_layers)))
+        else:
+            assert props["grade"] == 1, f"a grade-{props['grade']} aggregate was missed"
+    assert len(matched) >= 0.7 * len(truth), matched
+    assert all(t == g for t, g, *_ in matched), matched
+    assert all(abs(tl - fl) <= 1.5 for *_, tl, fl in matched), matched
+    return matched
+
+
+def check_lining_layers(feats, regions) -> list[tuple]:
+    """Each true lining has lining found on its piece (the tissue region overlapping the true piece
+    most), every run within ±1 layer of the truth, over > 50 % of the true band. Returns (piece,
+    true layers, layers found) per true lining."""
+    lining = regions[regions.kind == "lining"]
+    tissue = regions[regions.kind == "tissue"]
+    pieces = {props["piece"]: geom for geom, props in truth_of(feats, "tissue")}
+    out = []
+    for geom, props in truth_of(feats, "lining"):
+        k, _ = best_match(pieces[props["piece"]], list(tissue.geometry))
+        mine = lining[lining.tissue_id == tissue.iloc[k].region_id]
+        assert len(mine), f"no lining found on piece {props['piece']}"
+        assert all(abs(v - props["layers"]) <= 1 for v in mine.layers_median), (props["layers"], list(mine.layers_median))
+        covered = shapely.union_all(list(mine.geometry)).intersection(geom).area / geom.area
+        assert covered > 0.5, covered
+        out.append((props["piece"], props["layers"], [round(v, 2) for v in mine.layers_median]))
+    return out
+
+
+def test_follicles_match_truth(node):
+    cells, feats, pieces, regions = node
+    n_found, n_true, ious, has_gc = follicle_scores(feats, regions)
+    assert abs(n_found - n_true) <= 0.2 * n_true, f"{n_found} follicles found, {n_true} true"
+    assert np.mean(ious) >= 0.6, np.round(ious, 2)
+    assert has_gc >= 0.75
     assert set(regions.kind) == {"tissue", "follicle", "germinal_centre"}
 
 
@@ -78,31 +127,16 @@ def test_germinal_centres_lie_in_their_follicle(node):
 
 def test_aggregate_grades_match_truth(synovium):
     cells, feats, pieces, regions = synovium
+    check_aggregate_grades(feats, regions)
     found = regions[regions.kind == "aggregate"]
-    truth = truth_of(feats, "aggregate")
-    matched = []
-    for geom, props in truth:
-        k, score = best_match(geom, list(found.geometry))
-        if score >= 0.3:
-            matched.append((props["grade"], int(found.iloc[k].grade), props["layers"], found.iloc[k].radial_layers))
-        else:
-            assert props["grade"] == 1, f"a grade-{props['grade']} aggregate was missed"
-    assert len(matched) >= 0.7 * len(truth)
-    assert all(t == g for t, g, *_ in matched), matched
-    assert all(abs(tl - fl) <= 1.5 for *_, tl, fl in matched), matched
     assert set(found.tls_size) <= {True, False}
     assert found.n_clustered_lymphocytes.min() >= 10
 
 
 def test_lining_layers_match_truth(synovium):
     cells, feats, pieces, regions = synovium
+    check_lining_layers(feats, regions)
     lining = regions[regions.kind == "lining"]
-    for geom, props in truth_of(feats, "lining"):
-        mine = lining[lining.tissue_id == f"tissue-{props['piece'] + 1}"]
-        assert len(mine), f"no lining found on piece {props['piece']}"
-        assert all(abs(v - props["layers"]) <= 1 for v in mine.layers_median), (props["layers"], list(mine.layers_median))
-        covered = shapely.union_all(list(mine.geometry)).intersection(geom).area / geom.area
-        assert covered > 0.5
     assert (lining.length_um >= 200).all() and set(lining.krenn_lining) <= {0, 1, 2, 3}
 
 
@@ -166,3 +200,43 @@ def test_params_follow_the_workflow_schema():
     assert tuned["aggregate"]["eps_um"] == 15.0 and tuned["aggregate"]["min_samples"] == 5
     with pytest.raises(HistoError, match="tonsil"):
         region_params("tonsil")
+
+
+@pytest.fixture(scope="module")
+def if_node():
+    """The generated lymph node of ``node`` as a multiplex immunofluorescence cells table (marker means
+    per nucleus, histo_sample.marker_cells; no image), its truth features and tissue pieces."""
+    from histo_sample import make_scene, marker_cells
+    from histo_sample.write import truth_geojson
+
+    scene = make_scene("lymph-node", 4096, 3, 0.5)
+    feats = truth_geojson(scene)["features"]
+    return marker_cells(scene), feats, [shape(f["geometry"]) for f in feats if f["properties"]["kind"] == "tissue"]
+
+
+def test_if_preset_gates_cells_and_finds_b_cell_follicles(if_node):
+    """lymph-node-if from a cells table: auto gates → B-cell follicles → metrics per gated type."""
+    cells, feats, pieces = if_node
+    wf = load_workflow("lymph-node-if")
+    types, report = cell_types(cells, wf)
+    assert [(g["marker"], g["cell_type"], g["method"]) for g in report["gates"]] == [
+        ("CD20", "B cell", "otsu"), ("CD3", "T cell", "otsu"), ("CD68", "macrophage", "otsu"), ("CD138", "plasma cell", "otsu")]
+    assert all(150 < g["threshold"] < 1500 for g in report["gates"])  # between negative and positive cells
+    assert (np.asarray(types) == cells.phenotype).mean() >= 0.97
+    cells = cells.assign(cell_type=types)
+    regions = find_regions(cells, pieces, wf["tissue_type"], wf["regions"])
+    n_found, n_true, ious, _ = follicle_scores(feats, regions)
+    assert abs(n_found - n_true) <= 0.2 * n_true, f"{n_found} follicles found, {n_true} true"
+    assert np.mean(ious) >= 0.8, np.round(ious, 2)
+    found = regions[regions.kind == "follicle"]
+    assert set(regions.kind) == {"tissue", "follicle"} and found.has_gc.isna().all()  # no GC marker: not looked for
+    table = region_metrics(pd.concat([cells, assign_cells(cells, regions)], axis=1), regions, wf["tissue_type"], wf["regions"])
+    rows = table.set_index("region_id")
+    assert (rows.loc[found.region_id, "fraction_b_cell"] >= 0.7).all()
+    slide = rows.loc["slide"]
+    assert slide.fraction_b_cell < 0.5 and slide.n_follicles == len(found) and np.isnan(slide.n_follicles_with_gc)
+    assert {"n_t_cell", "density_plasma_cell_per_mm2"} <= set(table.columns) and "n_lymphocyte" not in table.columns
+    assert slide.n_b_cell + slide.n_t_cell + slide.n_macrophage + slide.n_plasma_cell + slide.n_other == slide.n_cells
+    blank = np.full((256, 256, 3), 255, np.uint8)  # the report names the gated types and maps the B cells
+    html = report_html("if-node", blank, 2048 / 256, regions, cells, table, wf["tissue_type"], lymphoid=("B cell",))
+    assert "B cell density" in html and "fraction_plasma_cell" in html and "density_b_cell_per_mm2" in html
