@@ -23,6 +23,7 @@ import pandas as pd
 import shapely
 import zarr
 
+from histo.bundle import is_complete
 from histo.export import write_metrics, write_regions_geojson
 from histo.labels import create_pyramid, downsample_level
 from histo.metrics import CELL_TYPES, region_metrics
@@ -104,16 +105,20 @@ def open_and_pan(viewer, bundle: Path, pans: int = 8) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nuclei", type=int, default=1_000_000)
     ap.add_argument("--mpp", type=float, default=0.25, help="µm/px of the label grid (the model's)")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="folder for the bundles (default: a new temporary one); "
+                    "bundles already there are reused")
     args = ap.parse_args()
     import napari
 
     out = args.out or Path(tempfile.mkdtemp(prefix="napari-bench-"))
     results = {}
     for n in (args.nuclei // 10, args.nuclei):
+        if is_complete(out / f"bundle-{n}"):
+            print(f"reusing {out / f'bundle-{n}'}", flush=True)
+            continue
         t = time.perf_counter()
         bundle = make_bundle(out / f"bundle-{n}", n, args.mpp)
         print(f"built {n:,} nuclei in {time.perf_counter() - t:.1f} s: {bundle}", flush=True)

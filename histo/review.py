@@ -1,5 +1,6 @@
 """Reviewed regions: a pathologist's accepted, rejected, reclassified, redrawn and added regions are
-measured again from the bundle's existing cells (no re-segmentation) and written back.
+measured again from the bundle's existing cells (no re-segmentation) and written back, and the
+bundle's overview and report are redrawn.
 
 Region tables here are those of :mod:`histo.regions` (GeoDataFrame, µm) plus a ``review`` column
 (``unreviewed`` | ``accepted`` | ``rejected``). Rejected regions leave ``regions.geojson``, the
@@ -16,17 +17,20 @@ from pathlib import Path
 
 import anndata as ad
 import geopandas as gpd
+import h5py
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
+from anndata.io import read_elem
 
 from histo.aggregates import count_inside, grade
 from histo.errors import HistoError
 from histo.export import ID_COLUMNS, regions_geojson, write_metrics
 from histo.metrics import region_metrics
 from histo.regions import KINDS, assign_cells, edge_truncated, mantle_thickness, region_params
+from histo.report import thumbnail, thumbnail_mpp, write_overview, write_report
 
 REVIEW_STATES = ("unreviewed", "accepted", "rejected")
 HOSTS = ("follicle", "aggregate")  # kinds that hold germinal centres
@@ -191,10 +195,46 @@ def _write_cell_ids(bundle: Path, ids: pd.DataFrame) -> None:
         _replace(bundle / "cells.h5ad", lambda tmp: adata.write_h5ad(tmp))
 
 
+def slide_thumbnail(run: dict) -> tuple[np.ndarray, float]:
+    """The overview thumbnail of a bundle's slide (``run.json`` input) and its µm/px; white where
+    the slide file is no longer there."""
+    from histo.slide import open_slide
+
+    info = run["input"]
+    try:
+        return thumbnail(open_slide(info["path"], mpp=info["mpp"]))
+    except HistoError:
+        mpp = thumbnail_mpp(info["shape_px"], info["mpp"])
+        h, w = (max(1, round(n * info["mpp"] / mpp)) for n in info["shape_px"][:2])
+        return np.full((h, w, 3), 255, np.uint8), info["shape_px"][1] * info["mpp"] / w
+
+
+def saved_neighbourhood(bundle: Path) -> dict | None:
+    """The neighbourhood statistics saved in ``cells.h5ad`` (``uns["neighbourhood"]``), if any."""
+    if not (bundle / "cells.h5ad").exists():
+        return None
+    with h5py.File(bundle / "cells.h5ad", "r") as f:
+        return read_elem(f["uns/neighbourhood"]) if "uns/neighbourhood" in f else None
+
+
+def redraw_figures(bundle: Path, run: dict, regions: gpd.GeoDataFrame, cells: pd.DataFrame, metrics: pd.DataFrame) -> None:
+    """Redraw ``overview.png`` and ``report.html`` of ``bundle`` for ``regions`` and their ``metrics``
+    (``cells``: ``x_um``, ``y_um``, ``cell_type``), with the saved neighbourhood statistics."""
+    wf = run["workflow"]
+    thumb, thumb_mpp = slide_thumbnail(run)
+    nhood = saved_neighbourhood(bundle)
+    structure = "follicle" if wf["tissue_type"] == "lymph-node" else "aggregate"
+    lymphoid = region_params(wf["tissue_type"], wf["regions"])[structure]["cell_types"]  # as histo.structures
+    _replace(bundle / "overview.png", lambda tmp: write_overview(tmp, thumb, thumb_mpp, regions, cells))
+    _replace(bundle / "report.html", lambda tmp: write_report(tmp, bundle.name, thumb, thumb_mpp, regions, cells, metrics,
+                                                              wf["tissue_type"], nhood, lymphoid))
+
+
 def save_review(bundle: str | Path, regions: gpd.GeoDataFrame) -> pd.DataFrame:
     """Write the reviewed ``regions`` (rows with ``region_id`` None are new) into ``bundle``:
     ``regions.geojson`` (with each region's ``review`` state), ``metrics.csv``/``.parquet``, the
-    cells' region ids, and a ``review`` entry in ``run.json``. Returns the new metrics table."""
+    cells' region ids, ``overview.png`` and ``report.html`` redrawn, and a ``review`` entry in
+    ``run.json``. Returns the new metrics table."""
     bundle = Path(bundle)
     run = read_run(bundle)
     wf = run["workflow"]
@@ -220,6 +260,7 @@ def save_review(bundle: str | Path, regions: gpd.GeoDataFrame) -> pd.DataFrame:
     text = json.dumps(collection, ensure_ascii=False, separators=(",", ":"))
     _replace(bundle / "regions.geojson", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     write_metrics(metrics, bundle)
+    redraw_figures(bundle, run, kept, cells, metrics)
     run["review"] = {
         "saved": datetime.now(timezone.utc).isoformat(),
         "states": kept.review.value_counts().to_dict() | {"rejected": len(rejected)},

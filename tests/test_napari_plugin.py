@@ -1,4 +1,5 @@
-"""napari-histo under Xvfb: readers, overlays on screen, bad input, region review, export.
+"""napari-histo under Xvfb: readers, overlays on screen, cell-type legend, bad input, region review
+(with the overview and report redrawn), export.
 
 One real bundle of a generated synovium slide (1024² px at 0.5 µm/px) made by the real pipeline.
 """
@@ -111,6 +112,26 @@ def test_screenshot_shows_nuclei_and_aggregate(made, make_napari_viewer):
     assert np.dot(inside, red) > 0
 
 
+def test_cell_type_legend(made, make_napari_viewer):
+    from matplotlib.colors import to_rgba
+
+    from napari_histo._legend import LegendWidget
+
+    slide, bundle = made
+    viewer = make_napari_viewer()
+    widget = LegendWidget(viewer)
+    assert widget.entries == {} and "open a result bundle" in widget.label.text()
+    image, nuclei, types, regions = viewer.open(str(bundle), plugin="napari-histo")
+    counts = pd.read_parquet(bundle / "cells.parquet", columns=["cell_type"]).cell_type.astype(str).value_counts()
+    assert set(widget.entries) == set(counts.index) and len(counts) >= 2
+    code = types.features.set_index("cell_type")["index"]
+    for name, color in widget.entries.items():  # each swatch is the colour the layer paints that type with
+        assert np.allclose(types.colormap.map(np.array([code[name]]))[0], to_rgba(color), atol=1 / 255)
+        assert f"{name}</td><td align='right'>{counts[name]:,}" in widget.label.text()
+    viewer.layers.remove(types)
+    assert widget.entries == {}
+
+
 def test_bad_input_gives_a_message(made, make_napari_viewer, generated, tmp_path):
     slide, bundle = made
     viewer = make_napari_viewer()
@@ -175,6 +196,32 @@ def test_review_round_trip(made, make_napari_viewer, tmp_path):
     run = json.loads((bundle / "run.json").read_text())
     assert run["review"]["rejected"] == [] and run["status"] == "complete"
     assert sorted(regions.features.region_id) == sorted(saved)  # the layer shows what was saved
+
+
+def aggregate_pixels(png) -> int:
+    """Pixels of the overview in the aggregates' outline colour (histo.export.KIND_COLORS)."""
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    return int((np.abs(rgb - np.array([214, 39, 40])).max(-1) < 30).sum())
+
+
+def test_reject_redraws_overview_and_report(made, make_napari_viewer, tmp_path):
+    from napari_histo._review import ReviewWidget
+
+    bundle = shutil.copytree(made[1], tmp_path / made[1].name)
+    before = (bundle / "overview.png").read_bytes()
+    assert aggregate_pixels(bundle / "overview.png") > 20 and ">aggregate-1<" in (bundle / "report.html").read_text()
+    viewer = make_napari_viewer()
+    viewer.open(str(bundle), plugin="napari-histo")
+    widget = ReviewWidget(viewer)
+    widget.table.selectRow(next(r for r in range(widget.table.rowCount()) if widget.table.item(r, 0).text() == "aggregate-1"))
+    widget.buttons["Reject"].click()
+    widget.buttons["Save"].click()
+    assert (bundle / "overview.png").read_bytes() != before
+    assert aggregate_pixels(bundle / "overview.png") == 0  # the rejected aggregate is no longer drawn
+    report = (bundle / "report.html").read_text()
+    assert ">aggregate-1<" not in report and "<h2>Aggregates</h2><p class=none>none found</p>" in report
 
 
 def test_export(made, tmp_path):

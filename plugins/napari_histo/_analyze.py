@@ -1,5 +1,6 @@
-"""Analyze: run ``histo.pipeline.run_slide`` on the whole slide or on a drawn rectangle, in Dask
-worker processes (TensorFlow never loads in napari's process), and open the bundle on the slide.
+"""Analyze: run the pipeline (``histo.pipeline.plan_slide`` → ``submit_tiles`` → ``finish_slide``) on
+the whole slide or on a drawn rectangle, in Dask worker processes (TensorFlow never loads in
+napari's process), with a progress bar of tiles done, and open the bundle on the slide.
 
 A rectangle is cut from level 0 into ``OUT/crops/NAME.ome.tif`` with ``NAME.origin.json`` (where it
 lies on its slide), and analysed as a crop; its bundle is placed back on the slide by the reader.
@@ -9,16 +10,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 import numpy as np
+from distributed import as_completed
 from magicgui.widgets import ComboBox, Container, FileEdit, LineEdit
 from napari.layers import Shapes
-from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+from superqt.utils import GeneratorWorker
 
 from histo.bundle import partial_dir, slide_name
 from histo.workflow import list_workflows
@@ -58,29 +62,44 @@ def rectangle_um(layer) -> tuple[float, float, float, float]:
     return (*world.min(0), *world.max(0))
 
 
-def analyse(slide: dict, box_um, out: Path, workflow: str, model: str | None, client) -> Path:
-    """The bundle of the slide, or of the rectangle ``box_um`` of it (None = whole slide); a failed
-    or cancelled run leaves no partial bundle."""
-    from histo.pipeline import run_slide
+def analyse(slide: dict, box_um, out: Path, workflow: str, model: str | None, client, cancelled: threading.Event):
+    """Generator: the bundle of the slide ``slide`` (:func:`read_slide` metadata), or of its rectangle
+    ``box_um`` (None = whole slide), made on ``client``; yields (tiles done, tiles total) as tile
+    tasks finish and returns the bundle's path. Closing ``client`` cancels the run's tasks; a failed
+    or cancelled run (``cancelled`` set) leaves no bundle, partial or complete."""
+    from histo.pipeline import add_timings, finish_slide, plan_slide, submit_tiles
 
     path = Path(slide["path"]) if box_um is None else write_crop(slide, box_um, out / "crops")
     try:
-        return run_slide(path, out, workflow, model=model, mpp=slide["mpp"], client=client, show_progress=False)
+        plan = plan_slide(path, out, workflow, model, mpp=slide["mpp"])
+        totals: dict[str, float] = {}
+        yield 0, len(plan.tiles)
+        for done, future in enumerate(as_completed(submit_tiles(client, plan)), 1):
+            add_timings(totals, future.result())
+            yield done, len(plan.tiles)
+        bundle = finish_slide(client, plan, totals, show_progress=False)
     except BaseException:
         shutil.rmtree(partial_dir(out, slide_name(path)), ignore_errors=True)
         raise
+    if cancelled.is_set():  # cancelled after its last task: the bundle is discarded all the same
+        shutil.rmtree(bundle, ignore_errors=True)
+        raise CancelledError("analysis cancelled")
+    return bundle
 
 
 class AnalyzeWidget(QWidget):
-    """Dock widget: slide, region, workflow, model, output folder, Dask scheduler; Run, Cancel, progress.
+    """Dock widget: slide, region, workflow, model, output folder, Dask scheduler; Run, Cancel, and a
+    progress bar of tiles segmented out of the total.
 
-    ``client``: a dask.distributed Client to use (default: a LocalCluster per run, or the scheduler
-    given in the form). Cancel closes the run's own client, which stops its tasks.
+    ``client``: run on this Client's scheduler (default: a LocalCluster per run, or the scheduler
+    given in the form). Each run connects a Client of its own; Cancel closes it, which cancels the
+    run's tasks in whatever phase it is.
     """
 
     def __init__(self, viewer, client=None):
         super().__init__()
-        self.viewer, self.client, self.worker, self.own_client = viewer, client, None, None
+        self.viewer, self.client, self.worker, self.run_client = viewer, client, None, None
+        self.cancelled, self.phase = threading.Event(), ""
         self.form = Container(widgets=[
             ComboBox(name="slide", choices=lambda _: [lyr for lyr in viewer.layers if "slide" in lyr.metadata]),
             ComboBox(name="region", choices=lambda _: [WHOLE_SLIDE] + [lyr for lyr in viewer.layers if isinstance(lyr, Shapes)
@@ -96,8 +115,9 @@ class AnalyzeWidget(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.progress, self.status = QProgressBar(), QLabel("")
         self.progress.setRange(0, 1)
+        self.progress.setValue(0)
         self.timer, self.started = QTimer(self), 0.0
-        self.timer.timeout.connect(lambda: self.status.setText(f"analysing… {time.monotonic() - self.started:.0f} s"))
+        self.timer.timeout.connect(lambda: self.status.setText(f"{self.phase}… {time.monotonic() - self.started:.0f} s"))
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -121,39 +141,55 @@ class AnalyzeWidget(QWidget):
             show_error(str(exc))
             return
         slide, out = f.slide.value.metadata["slide"], Path(f.out.value)
-        self.worker = thread_worker(self._work)(slide, box, out, f.workflow.value, f.model.value or None, f.scheduler.value)
+        self.cancelled, self.run_client = threading.Event(), None
+        # superqt's worker, not napari's thread_worker: napari's re-raises and relays every error (a
+        # cancel included) as a traceback notification, and its task-status hook fails on errors
+        self.worker = GeneratorWorker(self._work, slide, box, out, f.workflow.value, f.model.value or None, f.scheduler.value)
+        self.worker.yielded.connect(self._progress)
         self.worker.returned.connect(self._done)
         self.worker.errored.connect(self._failed)
         self.worker.finished.connect(self._idle)
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self.progress.setRange(0, 0)  # busy
-        self.started, self.cancelled = time.monotonic(), False
+        self.progress.setRange(0, 0)  # busy until the tiles are laid out
+        self.progress.resetFormat()
+        self.phase, self.started = "opening the slide, finding tissue", time.monotonic()
         self.timer.start(1000)
         self.worker.start()
 
     def _work(self, slide, box, out, workflow, model, scheduler):
+        """Generator run in the worker thread: :func:`analyse` on a Client of this run's own."""
         from distributed import Client
 
         from histo.cluster import local_cluster
 
-        if self.client is not None:
-            return analyse(slide, box, out, workflow, model, self.client)
-        cluster = None if scheduler else local_cluster()
-        self.own_client = Client(scheduler or cluster)
+        cluster = None if scheduler or self.client is not None else local_cluster()
         try:
-            return analyse(slide, box, out, workflow, model, self.own_client)
+            address = scheduler or (cluster.scheduler_address if cluster is not None else self.client.scheduler.address)
+            with Client(address) as client:
+                self.run_client = client
+                if self.cancelled.is_set():  # Cancel came before there was a client to close
+                    raise CancelledError("analysis cancelled")
+                return (yield from analyse(slide, box, out, workflow, model, client, self.cancelled))
         finally:
-            self.own_client.close()
             if cluster is not None:
                 cluster.close()
 
     def cancel(self):
-        """Stop the run: close its Dask client (its tasks are released); the partial bundle is removed."""
-        self.cancelled = True
-        if self.own_client is not None:
-            self.own_client.close()
+        """Stop the run: close its Dask client, which cancels its tasks; no bundle is left behind."""
+        self.cancelled.set()
+        if self.run_client is not None:
+            self.run_client.close()
+        self.phase = "cancelling"
         self.status.setText("cancelling…")
+
+    def _progress(self, counts: tuple[int, int]):
+        done, total = counts
+        self.progress.setRange(0, max(total, 1))
+        self.progress.setValue(done if total else 1)
+        self.progress.setFormat(f"{done} / {total} tiles (%p%)")
+        if not self.cancelled.is_set():
+            self.phase = "writing the bundle" if done == total else "segmenting tiles"
 
     def _done(self, bundle: Path):
         self.status.setText(f"bundle written: {bundle}")
@@ -161,15 +197,17 @@ class AnalyzeWidget(QWidget):
         self.viewer.open(str(bundle), plugin="napari-histo")
 
     def _failed(self, exc: Exception):
-        if self.cancelled:
-            self.status.setText("cancelled")
+        if self.cancelled.is_set():
+            self.status.setText("cancelled: no bundle written")
+            show_info("analysis cancelled")
             return
         self.status.setText(f"failed: {exc}")
         show_error(f"analysis failed: {exc}")
 
     def _idle(self):
         self.timer.stop()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(1)
+        if self.progress.maximum() == 0:  # ended before the tiles were laid out
+            self.progress.setRange(0, 1)
+            self.progress.setValue(0)
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)

@@ -21,7 +21,7 @@ from napari.utils.colormaps import DirectLabelColormap
 
 from histo.bundle import slide_name
 from histo.export import KIND_COLORS
-from histo.report import CELL_COLORS
+from histo.report import cell_colors
 from histo.review import read_regions
 
 FACE_ALPHA = 0.15  # region fill opacity; aggregates add 0.15 per grade
@@ -80,20 +80,24 @@ def nuclei_layer(bundle: Path, offset) -> tuple:
 
 def cell_type_layer(bundle: Path, offset) -> tuple:
     """Nuclei coloured by cell type: the label pyramid mapped lazily through a label → type table
-    (1 byte per nucleus), with one colour per type (``histo.report.CELL_COLORS``); the types and
-    colours are in ``metadata["legend"]``."""
+    (1 byte per nucleus), each type in its ``overview.png`` colour (:func:`histo.report.cell_colors`);
+    the bundle's types with their colours are in ``metadata["legend"]``, their nucleus counts in
+    ``metadata["counts"]``."""
     levels, scale = label_levels(bundle)
     cells = pq.read_table(bundle / "cells.parquet", columns=["label", "cell_type"]).to_pandas()
-    types = list(CELL_COLORS) + sorted(set(cells.cell_type.astype(str)) - set(CELL_COLORS))
+    found = cells.cell_type.astype("category").cat  # 1M rows: work on the codes, not the strings
+    names, codes = [str(c) for c in found.categories], found.codes.to_numpy()
+    n_of = dict(zip(names, np.bincount(codes[codes >= 0], minlength=len(names)).tolist()))
+    legend = cell_colors([t for t in names if n_of[t]])  # the types present, in category order
+    value = {t: i + 1 for i, t in enumerate(legend)}  # 0: no nucleus, or an untyped one
     lut = np.zeros(int(cells.label.max()) + 1 if len(cells) else 1, np.uint8)
-    lut[cells.label.to_numpy()] = pd.Categorical(cells.cell_type.astype(str), categories=types).codes + 1
+    lut[cells.label.to_numpy()] = np.array([value.get(t, 0) for t in names] + [0], np.uint8)[codes]  # code -1: untyped
     typed = [lvl.map_blocks(lambda block: lut[block], dtype=np.uint8) for lvl in levels]
-    colors = {i + 1: CELL_COLORS.get(t, "#bcbd22") for i, t in enumerate(types)}
-    features = pd.DataFrame({"index": range(len(types) + 1), "cell_type": ["none", *types]})
+    features = pd.DataFrame({"index": range(len(legend) + 1), "cell_type": ["none", *legend]})
     data, multiscale = pyramid(typed)
     meta = {"name": f"{bundle.name} cell types", "multiscale": multiscale, "opacity": 0.7, "features": features,
-            "colormap": DirectLabelColormap(color_dict={None: (0, 0, 0, 0), **colors}),
-            "metadata": {"bundle": str(bundle), "legend": {t: colors[i + 1] for i, t in enumerate(types)}},
+            "colormap": DirectLabelColormap(color_dict={None: (0, 0, 0, 0), **{value[t]: c for t, c in legend.items()}}),
+            "metadata": {"bundle": str(bundle), "legend": legend, "counts": {t: n_of[t] for t in legend}},
             **placement(scale, offset)}
     return data, meta, "labels"
 

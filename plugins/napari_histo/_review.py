@@ -1,5 +1,6 @@
 """Review regions: a sortable table of a bundle's structures; accept, reject, reclassify, redraw or
-add regions on the regions layer, then *Save* writes them back and re-measures (histo.review)."""
+add regions on the regions layer, then *Save* writes them back, re-measures and redraws the
+overview and report (histo.review)."""
 
 from __future__ import annotations
 
@@ -136,7 +137,8 @@ class ReviewWidget(QWidget):
         self.layer.mode = "add_polygon"
 
     def save(self):
-        """Write the reviewed regions and their re-measured metrics into the bundle; reload the layer."""
+        """Write the reviewed regions, their re-measured metrics and the redrawn overview and report
+        into the bundle; reload the layer."""
         layer = self.layer
         bundle = Path(layer.metadata["bundle"])
         offset = np.asarray(layer.metadata["offset_um"], float)
@@ -154,4 +156,4 @@ class ReviewWidget(QWidget):
         layer.features = features
         layer.face_color, layer.edge_color = region_colors(features)
         self.refresh()
-        show_info(f"{bundle.name}: regions saved and re-measured ({len(regions)} regions)")
+        show_info(f"{bundle.name}: regions saved and re-measured ({len(regions)} regions); overview and report redrawn")
