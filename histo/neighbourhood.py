@@ -21,14 +21,14 @@ import squidpy as sq
 from histo.errors import HistoError
 from histo.metrics import CELL_TYPES
 from histo.regions import KINDS
-from histo.workflow import SCHEMA, _check
+from histo.workflow import SCHEMA, check_section
 
 GRAPHS = ("delaunay", "radius")
 
 
 def nhood_params(overrides: dict | None = None) -> dict:
     """The workflow's ``neighbourhood`` section defaults with ``overrides`` (nested) on top, checked."""
-    p = _check(overrides or {}, SCHEMA["neighbourhood"], "neighbourhood", "<neighbourhood parameters>")
+    p = check_section(overrides or {}, SCHEMA["neighbourhood"], "neighbourhood", "<neighbourhood parameters>")
     if p["graph"] not in GRAPHS:
         raise HistoError(None, f"'neighbourhood.graph' must be one of {', '.join(GRAPHS)}, got {p['graph']!r}")
     if unknown := sorted(set(p["kinds"]) - set(KINDS)):

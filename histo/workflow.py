@@ -66,7 +66,7 @@ SCHEMA: dict[str, Any] = {
 STAINS = ("he", "ihc", "if")
 
 
-def _check(section: dict, schema: dict, where: str, path: str) -> dict:
+def check_section(section: dict, schema: dict, where: str, path: str) -> dict:
     """Return ``section`` merged over the schema defaults; raise on unknown keys or types."""
     if not isinstance(section, dict):
         raise WorkflowError(path, f"'{where or 'top level'}' must be a mapping, got {type(section).__name__}")
@@ -78,7 +78,7 @@ def _check(section: dict, schema: dict, where: str, path: str) -> dict:
     for key, spec in schema.items():
         name = f"{where}.{key}" if where else key
         if isinstance(spec, dict):
-            out[key] = _check(section.get(key, {}) or {}, spec, name, path)
+            out[key] = check_section(section.get(key, {}) or {}, spec, name, path)
             continue
         types, default = spec
         value = section.get(key, default)
@@ -91,7 +91,7 @@ def _check(section: dict, schema: dict, where: str, path: str) -> dict:
 
 def validate(data: dict, path: str = "<workflow>") -> dict:
     """Validate a workflow mapping and fill in defaults; returns a new dict."""
-    wf = _check(copy.deepcopy(data or {}), SCHEMA, "", path)
+    wf = check_section(copy.deepcopy(data or {}), SCHEMA, "", path)
     if wf["stain"] not in STAINS:
         raise WorkflowError(path, f"'stain' must be one of {', '.join(STAINS)}, got {wf['stain']!r}")
     if wf["tissue_type"] not in TISSUE_TYPES:
