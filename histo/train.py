@@ -290,7 +290,7 @@ def _model_md(card: dict) -> str:
         f"- Augmentation: flips and 90° rotations, H and E stain jitter in optical-density space "
         f"(Ruifrok vectors, concentrations ×(1 ± {t['augmentation'].get('stain_scale', '?')})"
         + "".join(f"; ±{c['from']} until epoch {c['epoch']}" for c in t.get("stain_scale_changes", []))
-        + "), brightness/contrast, ±{int(round(t['augmentation'].get('scale_range', 0) * 100))} % "
+        + f"), brightness/contrast, ±{int(round(t['augmentation'].get('scale_range', 0) * 100))} % "
         "scale jitter, Gaussian noise.",
         f"- Wall time: {t['wall_time_s']:.0f} s on {t.get('machine', '?')}.",
     ]
