@@ -13,41 +13,20 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
-
-
-def tree_rss(proc: psutil.Process) -> int:
-    """Resident bytes of a process and all its descendants."""
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
+from memwatch import PeakRSS
 
 
 def run_sampled(cmd: list[str]) -> tuple[float, int]:
-    """Run ``cmd``; return (wall seconds, peak summed RSS bytes)."""
+    """Run ``cmd``; return (wall seconds, peak summed RSS bytes of it and its children)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd)
-    ps, peak = psutil.Process(proc.pid), [0]
-
-    def sample():
-        while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss(ps))
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    if proc.wait() != 0:
-        sys.exit(f"failed: {' '.join(cmd)}")
-    thread.join()
-    return time.perf_counter() - start, peak[0]
+    with PeakRSS(proc.pid) as peak:
+        if proc.wait() != 0:
+            sys.exit(f"failed: {' '.join(cmd)}")
+    return time.perf_counter() - start, peak.bytes
 
 
 def main() -> None:
@@ -55,17 +34,20 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 40_000])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/histo-bench"))
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--mpp", type=float, default=0.25,
+                    help="µm/px of the generated slides (0.25: the shipped model's, no resampling)")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     histo = [sys.executable, "-m", "histo.cli"]
     results = []
     for size in args.sizes:
-        slide = args.workdir / f"ln-{size}.ome.tif"
+        slide = args.workdir / f"ln-{size}-{args.mpp}.ome.tif"
         if not slide.exists():
-            subprocess.run([*histo, "sample", "lymph-node", str(slide), "--size", str(size), "--seed", "7"], check=True)
+            subprocess.run([*histo, "sample", "lymph-node", str(slide), "--size", str(size), "--seed", "7",
+                            "--mpp", str(args.mpp)], check=True)
         wall, peak = run_sampled([*histo, "run", str(slide), "--out", str(args.workdir / "out"),
                                   "--workers", str(args.workers), "--quiet"])
-        run = json.loads((args.workdir / "out" / f"ln-{size}" / "run.json").read_text())
+        run = json.loads((args.workdir / "out" / slide.name.removesuffix(".ome.tif") / "run.json").read_text())
         results.append((size, wall, peak, run["n_cells"], run["n_tiles"]))
         print(f"size={size} wall_s={wall:.1f} peak_rss_gb={peak / 1e9:.2f} n_cells={run['n_cells']} n_tiles={run['n_tiles']}", flush=True)
     small, large = results[0], results[-1]

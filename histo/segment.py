@@ -38,6 +38,7 @@ class SegmentJob:
     percentiles: tuple | None = None  # per-slide normalisation values for percentile models
     stain: str = "he"  # which nucleus stain features to measure (histo.features)
     channel_names: tuple | None = None  # channel names of fluorescence slides
+    nucleus_channel: int | None = None  # fluorescence: the one channel the nucleus model reads
 
     @property
     def schema(self) -> pa.Schema:
@@ -60,6 +61,12 @@ def _model(spec: ModelSpec):
     return _MODELS[key]
 
 
+def warm_worker(spec: ModelSpec) -> None:
+    """Load ``spec`` into this worker process's model cache now (``client.run(warm_worker, spec)``),
+    so that no tile task pays for it later."""
+    _model(spec)
+
+
 def predict_tile(job: SegmentJob, tile: Tile) -> tuple:
     """StarDist on the tile's read box; returns its pixels, (coord, points, prob) in read-box px and
     timings (s)."""
@@ -68,7 +75,8 @@ def predict_tile(job: SegmentJob, tile: Tile) -> tuple:
     t1 = time.perf_counter()
     img = _slide(job.slide_path, job.slide_mpp).read(*tile.read_box, mpp=job.grid_mpp)
     t2 = time.perf_counter()
-    x = normalize_image(img, job.model, job.percentiles)
+    x = normalize_image(img if job.nucleus_channel is None else img[..., job.nucleus_channel],
+                        job.model, job.percentiles)
     t3 = time.perf_counter()
     _, det = model.predict_instances(
         x,

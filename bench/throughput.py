@@ -1,0 +1,104 @@
+"""``histo run`` against StarDist's own tiling (``predict_instances_big``) on one generated slide.
+
+    python bench/throughput.py [--quick] [--size PX] [--workers 2] [--scaling] [--workdir DIR]
+
+The slide is a generated lymph node at the model's pixel size (0.25 µm/px for ``histo-he``), so both
+paths see the same pixels, with the same model and thresholds:
+
+(a) ``histo run`` end to end (read, tissue, segment, features, cell types, regions, neighbourhood
+    statistics, write) on a LocalCluster whose workers were warmed by a run on a small slide;
+(b) the path a StarDist user would take instead: the whole image in memory (reading and
+    normalising it is not timed) through ``StarDist2D.predict_instances_big`` with the StarDist
+    docs' blocks (4096 px or the image's edge if smaller, overlap 128, context 128), in this process, TensorFlow's default threads.
+
+Nuclei of (a), rasterised from ``cells.parquet``, are matched one-to-one to (b)'s label image at
+IoU ≥ 0.5. ``--scaling`` also times (a) with one worker. Peak memory is the summed RSS of this process
+and its children during each path. The last line is
+``speedup=<b/a> agreement_f1=<F1 of a against b> mpx_per_s=<tissue Mpx per s of a>`` and peak GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import tifffile
+
+from histo.cluster import dask_client
+from histo.evaluate import bundle_labels, score
+from histo.models import load_model, normalize_image, resolve_model
+from histo.pipeline import run_slide
+from histo.segment import warm_worker
+from histo.workflow import load_workflow
+from histo_sample import write_sample
+from memwatch import timed
+
+BIG = {"block_size": 4096, "min_overlap": 128, "context": 128}  # block_size at most the image's edge
+
+
+def generated(workdir: Path, size: int, mpp: float, seed: int = 7) -> Path:
+    path = workdir / f"ln-{size}-{mpp}.ome.tif"
+    if not path.exists():
+        write_sample("lymph-node", path, size=size, seed=seed, mpp=mpp)
+    return path
+
+
+def histo_run(slide: Path, warm: Path, out: Path, workflow: str, model: str, workers: int):
+    """Load the model in every worker, run ``warm`` (first imports), then time ``slide``: (bundle, wall s, peak GB, run.json)."""
+    with dask_client(n_workers=workers) as client:
+        client.run(warm_worker, resolve_model(model))
+        run_slide(warm, out / "warm", workflow, model=model, client=client, show_progress=False)
+        bundle, wall, peak = timed(run_slide, slide, out / f"w{workers}", workflow, model=model,
+                                   client=client, show_progress=False)
+    return bundle, wall, peak, json.loads((bundle / "run.json").read_text())
+
+
+def stardist_big(slide: Path, model: str):
+    """(label image, wall s, peak GB) of ``predict_instances_big`` on the level-0 image in memory."""
+    spec = resolve_model(model)
+    net = load_model(spec)
+    x = normalize_image(tifffile.imread(slide, level=0), spec)
+    big = BIG | {"block_size": min(BIG["block_size"], *x.shape[:2])}
+    (labels, _), wall, peak = timed(net.predict_instances_big, x, axes="YXC", show_progress=False, **big)
+    return labels, wall, peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a 2,048² slide (under a minute)")
+    ap.add_argument("--size", type=int, default=6144, help="slide edge, px (default 6144)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--scaling", action="store_true", help="also time histo run with one worker")
+    ap.add_argument("--workflow", default="lymph-node-he")
+    ap.add_argument("--model", help="default: the workflow's")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "histo-throughput")
+    args = ap.parse_args()
+    size = 2048 if args.quick else args.size
+    model = args.model or load_workflow(args.workflow)["model"]
+    mpp = resolve_model(model).mpp
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    slide, warm = generated(args.workdir, size, mpp), generated(args.workdir, 768, mpp, seed=1)
+
+    bundle, t_a, mem_a, run = histo_run(slide, warm, args.workdir / "out", args.workflow, model, args.workers)
+    steps = {k.removesuffix("_s"): round(v, 1) for k, v in run["timings_s"].items()}
+    tasks = {k.removesuffix("_s"): round(v, 1) for k, v in run["task_timings_s"].items()}
+    print(f"histo run: {t_a:.1f} s, {run['n_tiles']} tiles, {run['n_cells']} nuclei; steps (s) {steps}; "
+          f"summed over tile tasks (s) {tasks}", flush=True)
+    labels_b, t_b, mem_b = stardist_big(slide, model)
+    print(f"predict_instances_big: {t_b:.1f} s, {int(labels_b.max())} nuclei", flush=True)
+    labels_a, _ = bundle_labels(bundle)
+    f1 = score(labels_b, labels_a)["f1"]
+    tissue_mpx = run["tissue"]["area_mm2"] / mpp**2  # mm² / (µm/px)² = Mpx
+    if args.scaling:
+        _, t_1, _, _ = histo_run(slide, warm, args.workdir / "out", args.workflow, model, 1)
+        print(f"scaling: 1 worker {t_1:.1f} s, {args.workers} workers {t_a:.1f} s, "
+              f"throughput ratio {t_1 / t_a:.2f}", flush=True)
+    print(f"slide {size}² at {mpp} µm/px, tissue {tissue_mpx:.1f} Mpx of {size * size / 1e6:.1f} Mpx; "
+          f"peak memory histo {mem_a:.2f} GB, predict_instances_big {mem_b:.2f} GB")
+    print(f"speedup={t_b / t_a:.2f} agreement_f1={f1:.4f} mpx_per_s={tissue_mpx / t_a:.3f}")
+
+
+if __name__ == "__main__":
+    main()
