@@ -23,13 +23,13 @@ from pandas.api.types import is_bool_dtype, is_numeric_dtype
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from histo.bundle import SLIDE_SUFFIXES, file_fingerprint, is_complete, slide_name
+from histo.bundle import SLIDE_SUFFIXES, OutputLock, bundle_lock, file_fingerprint, is_complete, slide_name
 from histo.errors import HistoError
 from histo.models import resolve_model
 from histo.pipeline import add_timings, finish_slide, plan_slide, run_fingerprint, submit_tiles
 from histo.workflow import WORKFLOW_DIR, load_workflow
 
-RUN_COLUMNS = ("name", "status", "error", "reused", "bundle", "n_tiles")  # summary columns besides sheet and metrics
+RUN_COLUMNS = ("name", "status", "error", "reused", "bundle", "n_tiles", "n_tile_errors")  # besides sheet and metrics
 TILES_PER_THREAD = 2  # tile tasks queued per worker thread: enough to bridge a slide's finishing
 _TISSUES = {"lymph node": "lymph-node", "ln": "lymph-node", "synovial": "synovium"}  # sheet spellings → preset names
 _STAINS = {"h&e": "he", "h & e": "he", "hematoxylin-eosin": "he"}
@@ -40,7 +40,9 @@ def read_input(path: str | Path) -> pd.DataFrame:
     (paths relative to the sheet's folder) and optionally ``patient``, ``timepoint``, ``tissue``,
     ``stain``, ``workflow``, ``mpp`` (µm/px) and any other columns, carried into the summary.
 
-    Returns one row per slide with ``slide`` as an absolute path and ``name`` its bundle name."""
+    Returns one row per slide with ``slide`` as an absolute path and ``name`` its bundle name.
+    Raises HistoError naming the sheet for a missing or blank slide path, a column histo writes
+    (``RUN_COLUMNS``), an ``mpp`` that is not a number or two slides with one bundle name."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir()
@@ -56,8 +58,13 @@ def read_input(path: str | Path) -> pd.DataFrame:
         sheet.columns = [c.strip().lower() for c in sheet.columns]
         if "slide" not in sheet.columns:
             raise HistoError(path, f"the sample sheet needs a 'slide' column (has: {', '.join(sheet.columns)})")
+        if clash := [c for c in RUN_COLUMNS if c in sheet.columns]:
+            raise HistoError(path, f"the sample sheet's column '{clash[0]}' is one histo writes into the summary; "
+                                   "rename it")
         if sheet.empty:
             raise HistoError(path, "the sample sheet lists no slides")
+        if (blank := sheet["slide"].str.strip().eq("")).any():
+            raise HistoError(path, f"line {blank.idxmax() + 2}: no slide path")
         sheet["slide"] = [str((path.parent / s.strip()).resolve()) for s in sheet["slide"]]
         if "mpp" in sheet.columns:
             mpp = pd.to_numeric(sheet["mpp"].where(sheet["mpp"].str.strip().ne("")), errors="coerce")
@@ -71,6 +78,9 @@ def read_input(path: str | Path) -> pd.DataFrame:
     if len(twice):
         raise HistoError(path, f"slides {', '.join(twice['slide'])} would share the bundle name "
                                f"'{twice['name'].iloc[0]}'; rename one")
+    if missing := [s for s in sheet["slide"] if not Path(s).is_file()]:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise HistoError(path, f"slide file not found: {missing[0]}{more}")
     return sheet
 
 
@@ -114,12 +124,12 @@ def slide_metrics(bundle: Path) -> dict:
     metrics = pd.read_csv(bundle / "metrics.csv")
     row = metrics[metrics["region_id"] == "slide"].drop(columns=["region_id", "kind", "name"], errors="ignore")
     values = row.iloc[0].dropna().to_dict() if len(row) else {}  # region-only columns are empty here
-    return {"n_tiles": run["n_tiles"], **values}
+    return {"n_tiles": run["n_tiles"], "n_tile_errors": len(run.get("tile_errors", [])), **values}
 
 
 def write_summary(rows: list[dict], sheet_columns: list[str], out: Path) -> pd.DataFrame:
     """``out/summary.csv``: one row per slide, sheet columns, then run columns, then slide metrics
-    (written to a temporary name and renamed). Returns the table."""
+    (written to a temporary name and renamed: a failed write keeps the previous one). Returns the table."""
     table = pd.DataFrame(rows)
     first = [c for c in [*sheet_columns, *RUN_COLUMNS] if c in table.columns]
     table = table[first + [c for c in table.columns if c not in first]]
@@ -141,11 +151,22 @@ def run_batch(sheet: pd.DataFrame, out: str | Path, client: Client, workflow: st
 
     ``workflow``, ``model`` and ``mpp`` (µm/px) apply to every slide (a sheet's ``workflow`` and
     ``mpp`` columns fill in where they are not given). A slide that fails is recorded with its
-    error; the others go on. Complete bundles with an unchanged fingerprint are reused."""
+    error; the others go on. Complete bundles with an unchanged fingerprint are reused. A second
+    batch on the same ``out`` is refused while this one runs (HistoError naming the folder). An
+    OSError outside a slide (disk full while writing the summary) ends the batch with a HistoError."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with OutputLock(out / ".histo-batch.lock", "this output folder"):
+            return _run_batch(sheet, out, client, workflow, model, mpp, show_progress)
+    except OSError as exc:
+        raise HistoError(exc.filename or out, f"cannot write: {exc.strerror or exc}") from None
+
+
+def _run_batch(sheet: pd.DataFrame, out: Path, client: Client, workflow: str | None, model: str | None,
+               mpp: float | None, show_progress: bool) -> pd.DataFrame:
     from histo.cohort import write_cohort
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     entries = sheet.to_dict("records")
     sheet_columns = [c for c in sheet.columns if c != "name"]
     todo = deque(entries)
@@ -175,13 +196,19 @@ def run_batch(sheet: pd.DataFrame, out: str | Path, client: Client, workflow: st
             if Path(entry["slide"]).is_file() and is_current(bundle, Path(entry["slide"]), wf, model, slide_mpp):
                 record(entry, status="ok", error="", reused=True, bundle=str(bundle), **slide_metrics(bundle))
                 return
-            plan = plan_slide(entry["slide"], out, wf, model, slide_mpp)
+            lock = bundle_lock(out, entry["name"]).acquire()
         except Exception as exc:  # noqa: BLE001 - a failing slide is recorded and the batch goes on
+            fail(entry, exc)
+            return
+        try:
+            plan = plan_slide(entry["slide"], out, wf, model, slide_mpp)
+        except Exception as exc:  # noqa: BLE001
+            lock.release()
             fail(entry, exc)
             return
         futures = submit_tiles(client, plan)
         active[plan.name] = {"entry": entry, "plan": plan, "futures": futures, "left": len(futures), "totals": {},
-                             "submitted": time.perf_counter()}
+                             "submitted": time.perf_counter(), "lock": lock}
         nonlocal n_tiles
         n_tiles += len(futures)
         progress.update(tiles_bar, total=n_tiles)
@@ -201,6 +228,7 @@ def run_batch(sheet: pd.DataFrame, out: str | Path, client: Client, workflow: st
         slide = active.pop(name)
         client.cancel(slide["futures"])
         shutil.rmtree(slide["plan"].partial, ignore_errors=True)
+        slide["lock"].release()
         fail(slide["entry"], exc)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -233,7 +261,7 @@ def run_batch(sheet: pd.DataFrame, out: str | Path, client: Client, workflow: st
                 except Exception as exc:  # noqa: BLE001
                     drop(name, exc)
                 else:
-                    del active[name]
+                    active.pop(name)["lock"].release()
                     record(slide["entry"], status="ok", error="", reused=False, bundle=str(bundle), **metrics)
             fill()
     summary = write_summary([rows[e["name"]] for e in entries], sheet_columns, out)

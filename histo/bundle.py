@@ -6,32 +6,42 @@ last file written, and the folder only takes its final name after that.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 import pandas as pd
+from histo.errors import HistoError
 from histo.tiling import Tile
 
 SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".svs", ".ndpi", ".mrxs", ".png", ".jpg", ".jpeg")
+MAX_NAME = 120  # characters of a bundle name (file systems allow 255 bytes; room for prefixes and suffixes)
 
 
 def slide_name(path: str | Path) -> str:
     """Bundle name of a slide: its file name without extensions (``a.ome.tif`` → ``a``), made
-    safe as a single folder name (it can never escape the output folder)."""
+    safe as a single folder name: ASCII letters, digits, ``._-`` only, no leading dot, at most
+    MAX_NAME characters (longer names end in a hash of the whole), so it can never escape the
+    output folder or hide there."""
     name = Path(path).name
     for suffix in SLIDE_SUFFIXES:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "slide"
-    return name
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "slide"
+    if len(safe) > MAX_NAME:
+        safe = f"{safe[:MAX_NAME - 9]}-{hashlib.sha256(name.encode(errors='surrogateescape')).hexdigest()[:8]}"
+    return safe
 
 
 def partial_dir(out: Path, name: str) -> Path:
@@ -40,7 +50,8 @@ def partial_dir(out: Path, name: str) -> Path:
 
 
 def finish(partial: Path, final: Path, run: dict) -> Path:
-    """Write ``run.json`` last, then move the bundle to its final name (replacing an older one)."""
+    """Write ``run.json`` last, then move the bundle to its final name (replacing an older one,
+    which is put back if the move fails)."""
     tmp = partial / "run.json.tmp"
     tmp.write_text(json.dumps(run, indent=2, default=str))
     os.replace(tmp, partial / "run.json")
@@ -48,11 +59,80 @@ def finish(partial: Path, final: Path, run: dict) -> Path:
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
-        os.replace(partial, final)
+        try:
+            os.replace(partial, final)
+        except OSError:
+            os.replace(old, final)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(partial, final)
     return final
+
+
+@contextmanager
+def write_errors(partial: Path):
+    """An OSError while a bundle is built (disk full, no permission, read-only folder) becomes a
+    HistoError naming the file; the half-built ``partial`` folder is removed. Complete bundles,
+    renamed into place only when whole, are untouched."""
+    try:
+        yield
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        problem = exc.strerror or str(exc).removeprefix(f"[Errno {exc.errno}] ")
+        raise HistoError(exc.filename or partial.parent, f"cannot write the bundle: {problem}; "
+                                                         "the bundles already complete are kept") from None
+
+
+def bundle_lock(out: Path, name: str) -> OutputLock:
+    """The lock of bundle ``name`` in ``out`` (created if missing): one writer per bundle."""
+    with write_errors(partial_dir(out, name)):
+        out.mkdir(parents=True, exist_ok=True)
+    return OutputLock(out / f".{name}.lock", f"the bundle '{name}'")
+
+
+class OutputLock:
+    """An exclusive lock on the file ``path`` (``flock``) while this process writes what it guards.
+
+    The kernel drops the lock when the process exits or is killed, so a lock left by a killed run
+    never blocks the next one. The file holds the holder's pid, host and start time, quoted to the
+    process that is refused. ``what`` names what is guarded, for that message."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what, self.fd = Path(path), what, None
+
+    def acquire(self) -> OutputLock:
+        """Take the lock, or raise HistoError naming the folder and the holder."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise HistoError(self.path.parent, f"cannot write into this folder: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "starting"
+            os.close(fd)
+            raise HistoError(self.path.parent, f"{self.what} is being written by another histo process "
+                                               f"({holder}); wait for it to end or use another output folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now():%Y-%m-%d %H:%M:%S}".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Drop the lock (closing the file drops it); a no-op when not held."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self):
+        self.release()
 
 
 def is_complete(bundle: Path) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from histo.errors import HistoError
@@ -23,11 +24,15 @@ def _sample(args) -> None:
 
 
 def _run(args) -> None:
-    from histo.slide import open_slide
+    from histo.export import import_annotations
+    from histo.slide import check_stain, open_slide
     from histo.workflow import load_workflow
 
-    load_workflow(args.workflow)  # fail fast, before any worker starts
-    open_slide(args.slide, mpp=args.mpp)
+    wf = load_workflow(args.workflow)  # fail fast, before any worker starts
+    slide = open_slide(args.slide, mpp=args.mpp)
+    check_stain(slide, wf)
+    if args.annotations:
+        import_annotations(args.annotations, slide.mpp)
     from histo.cluster import dask_client
     from histo.pipeline import run_slide
 
@@ -181,6 +186,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # docrep (under squidpy) warns about its own docstrings on import: noise before our one line
+    warnings.filterwarnings("ignore", category=SyntaxWarning, module="docrep")
     args = parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     try:

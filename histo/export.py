@@ -29,6 +29,7 @@ KIND_COLORS = {  # QuPath classification colours, RGB 0–255
 }
 ID_COLUMNS = ("region_id", "kind", "name", "parent_id", "tissue_id")
 NOT_FEATURES = ("cell_id", "x_um", "y_um", "label")  # numeric cell columns that are not features
+MAX_COORD_PX = 1e9  # annotation coordinates beyond this are not on any slide (and overflow areas)
 
 
 def _number(value) -> float | None:
@@ -100,7 +101,9 @@ def import_annotations(path: str | Path, mpp: float, object_types: tuple[str, ..
     not GeoJSON, a feature without an area geometry, invalid coordinates, an invalid polygon.
     """
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except RecursionError:
+        raise HistoError(path, "not GeoJSON annotations: nested too deeply") from None
     except OSError as exc:
         raise HistoError(path, f"cannot read the annotation file: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -121,6 +124,8 @@ def import_annotations(path: str | Path, mpp: float, object_types: tuple[str, ..
         if not isinstance(feat, dict) or feat.get("type") != "Feature":
             raise HistoError(path, f"{where}: not a GeoJSON Feature")
         props = feat.get("properties") or {}
+        if not isinstance(props, dict):
+            raise HistoError(path, f"{where}: 'properties' is not an object")
         if object_types is not None and props.get("objectType", "annotation") not in object_types:
             continue
         geom = _geometry(path, where, feat.get("geometry"), repair)
@@ -143,8 +148,10 @@ def _geometry(path, where: str, geo, repair: bool = False) -> shapely.Geometry:
                                "are imported)")
     try:
         geom = shape(geo)
-    except (ValueError, TypeError, IndexError, AttributeError, shapely.errors.GEOSException) as exc:
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, shapely.errors.GEOSException) as exc:
         raise HistoError(path, f"{where}: invalid {geo['type']} coordinates ({exc})") from None
+    if not (np.abs(shapely.get_coordinates(geom)) <= MAX_COORD_PX).all():  # NaN fails too
+        raise HistoError(path, f"{where}: {geo['type']} coordinates that are not numbers within ±{MAX_COORD_PX:.0e} px")
     if repair and not geom.is_valid:
         geom = shapely.union_all([g for g in shapely.get_parts(shapely.make_valid(geom))
                                   if isinstance(g, (Polygon, MultiPolygon))])

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 import uuid
@@ -23,20 +24,22 @@ import pandas as pd
 from distributed import Client, Future, as_completed
 
 from histo import __version__
-from histo.bundle import concat_cells, file_fingerprint, finish, partial_dir, read_parts, slide_name
+from histo.bundle import (bundle_lock, concat_cells, file_fingerprint, finish, partial_dir, read_parts, slide_name,
+                          write_errors)
 from histo.cluster import dask_client
 from histo.labels import create_pyramid, downsample_level, write_chunk
 from histo.models import ModelSpec, compute_percentiles, resolve_model
 from histo.progress import progress_bar
 from histo.provenance import versions
 from histo.segment import SegmentJob, segment_tile
-from histo.slide import Slide, open_slide
+from histo.slide import Slide, check_stain, open_slide, skip_unreadable_tiles
 from histo.structures import analyse_cells, write_outputs
 from histo.tiling import Tile, align_up, tile_grid
 from histo.tissue import detect_tissue
 from histo.workflow import load_workflow
 
 MIN_HALO_PX = 64  # px at the model's µm/px: context the U-Net needs beyond the largest nucleus
+UNREADABLE = ".unreadable.json"  # a tile task's record of slide tiles it read as glass, beside its part
 
 
 def plan_tiles(slide: Slide, tissue, grid_mpp: float, max_nucleus_um: float, segmentation: dict
@@ -116,6 +119,7 @@ class SlidePlan:
     annotations: str | Path | None
     started: datetime
     timings: dict[str, float] = field(default_factory=dict)  # s
+    unreadable: list[dict] = field(default_factory=list)  # slide tiles read as glass by this process
 
 
 def _digest(data: bytes | str) -> str:
@@ -153,38 +157,65 @@ def plan_slide(slide_path: str | Path, out_dir: str | Path, workflow: str | Path
     t = time.perf_counter()
     wf = workflow if isinstance(workflow, dict) else load_workflow(workflow)
     slide = open_slide(slide_path, mpp=mpp)
+    check_stain(slide, wf)
     spec = resolve_model(model or wf["model"], stain="fluo" if wf["stain"] == "if" else "he")
     timings["open_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    tissue = detect_tissue(slide, mpp=wf["tissue"]["mpp"], min_area_um2=wf["tissue"]["min_area_um2"])
-    # the model's µm/px, or the slide level's own where that is within 1 % (read unscaled)
-    grid_mpp = slide.effective_mpp(spec.mpp)
-    shape, tiles = plan_tiles(slide, tissue, grid_mpp, spec.max_nucleus_um, wf["segmentation"])
-    percentiles = slide_percentiles(slide, tissue, spec)
+    with skip_unreadable_tiles() as unreadable:
+        tissue = detect_tissue(slide, mpp=wf["tissue"]["mpp"], min_area_um2=wf["tissue"]["min_area_um2"])
+        # the model's µm/px, or the slide level's own where that is within 1 % (read unscaled)
+        grid_mpp = slide.effective_mpp(spec.mpp)
+        shape, tiles = plan_tiles(slide, tissue, grid_mpp, spec.max_nucleus_um, wf["segmentation"])
+        percentiles = slide_percentiles(slide, tissue, spec)
     timings["tissue_s"] = time.perf_counter() - t
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     name = slide_name(slide_path)
     partial = partial_dir(out_dir, name)
-    shutil.rmtree(partial, ignore_errors=True)
-    # a fresh name per plan: a tile task left over from a killed run cannot write into this run
-    parts = partial / f"parts-{uuid.uuid4().hex[:12]}"
-    parts.mkdir(parents=True)
+    with write_errors(partial):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        # a fresh name per plan: a tile task left over from a killed run cannot write into this run
+        parts = partial / f"parts-{uuid.uuid4().hex[:12]}"
+        parts.mkdir(parents=True)
 
     seg = wf["segmentation"]
     job = SegmentJob(str(Path(slide_path).resolve()), slide.mpp, spec, grid_mpp, shape[1], str(parts),
                      seg["prob_thresh"], seg["nms_thresh"], percentiles, wf["stain"],
                      tuple(slide.channel_names) if wf["stain"] == "if" else None)
     return SlidePlan(Path(slide_path), out_dir, name, partial, wf, spec, slide, tissue, grid_mpp, shape, tiles,
-                     percentiles, job, mpp, annotations, started, timings)
+                     percentiles, job, mpp, annotations, started, timings, unreadable)
+
+
+def segment_tile_reporting(job: SegmentJob, tile: Tile) -> dict:
+    """:func:`segment_tile` with unreadable slide tiles read as glass (their nuclei are lost) and
+    listed in ``<tile>.unreadable.json`` beside the tile's part, for :func:`finish_slide`."""
+    with skip_unreadable_tiles() as unreadable:
+        summary = segment_tile(job, tile)
+    if unreadable:
+        path = Path(job.parts_dir) / f"{tile.name}{UNREADABLE}"
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(unreadable))
+        os.replace(tmp, path)
+    return summary
 
 
 def submit_tiles(client: Client, plan: SlidePlan) -> list[Future]:
-    """One task per tile of ``plan``; each returns a summary with timings (keys ending ``_s``)."""
-    return client.map(segment_tile, [plan.job] * len(plan.tiles), plan.tiles,
+    """One task per tile of ``plan``; each returns a summary with timings (keys ending ``_s``).
+    A task whose worker dies is rerun elsewhere by the scheduler (its part is written atomically)."""
+    return client.map(segment_tile_reporting, [plan.job] * len(plan.tiles), plan.tiles,
                       key=[f"segment-{plan.job.parts_dir}-{t.name}" for t in plan.tiles])
+
+
+def unreadable_tiles(plan: SlidePlan, parts: Path) -> list[dict]:
+    """Every slide tile read as glass for ``plan`` (by this process or a tile task), once each,
+    with its box in level-0 µm added."""
+    found = plan.unreadable + [t for f in sorted(parts.glob(f"*{UNREADABLE}")) for t in json.loads(f.read_text())]
+    unique = {(t["level"], t["y_px"], t["x_px"]): t for t in found}
+    mpps = plan.slide.mpps
+    return [{**t, **{f"{k}_um": round(t[f"{k}_px"] * mpps[t["level"]], 3) for k in ("x", "y", "width", "height")}}
+            for _, t in sorted(unique.items())]
 
 
 def add_timings(totals: dict[str, float], summary: dict) -> None:
@@ -196,18 +227,28 @@ def add_timings(totals: dict[str, float], summary: dict) -> None:
 
 def finish_slide(client: Client, plan: SlidePlan, task_totals: dict[str, float], show_progress: bool = True) -> Path:
     """After every tile task of ``plan`` has written its part: cell types, regions, metrics, exports,
-    ``cells.parquet``, the label pyramid, then ``run.json`` and the rename; returns the bundle path."""
+    ``cells.parquet``, the label pyramid, then ``run.json`` and the rename; returns the bundle path.
+    An OSError (disk full) becomes a HistoError and the partial bundle is removed."""
+    with write_errors(plan.partial):
+        return _finish(client, plan, task_totals, show_progress)
+
+
+def _finish(client: Client, plan: SlidePlan, task_totals: dict[str, float], show_progress: bool) -> Path:
     timings, tiles, partial, parts = plan.timings, plan.tiles, plan.partial, Path(plan.job.parts_dir)
     t = time.perf_counter()
     columns = [c for c in plan.job.schema.names if c not in ("polygon", "tile")]
     cells = read_parts(parts, tiles, columns)
-    extra, regions, metrics, structure_report = analyse_cells(cells, plan.slide, plan.tissue, plan.wf, plan.annotations)
-    timings["structures_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    n_cells, groups = concat_cells(parts, tiles, partial / "cells.parquet", plan.job.schema, extra)
+    with skip_unreadable_tiles() as unreadable:
+        extra, regions, metrics, structure_report = analyse_cells(cells, plan.slide, plan.tissue, plan.wf,
+                                                                  plan.annotations)
+        timings["structures_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        n_cells, groups = concat_cells(parts, tiles, partial / "cells.parquet", plan.job.schema, extra)
+        cells = pd.concat([cells, extra], axis=1).assign(label=np.arange(1, n_cells + 1, dtype=np.int32))
+        write_outputs(partial, plan.name, cells, regions, metrics, plan.slide, plan.wf)
+    plan.unreadable += unreadable
+    tile_errors = unreadable_tiles(plan, parts)
     shutil.rmtree(parts)
-    cells = pd.concat([cells, extra], axis=1).assign(label=np.arange(1, n_cells + 1, dtype=np.int32))
-    write_outputs(partial, plan.name, cells, regions, metrics, plan.slide, plan.wf)
     timings["outputs_s"] = time.perf_counter() - t
     t = time.perf_counter()
     _labels(client, partial / "cells.parquet", groups, tiles, plan.shape, partial / "labels.ome.zarr", plan.grid_mpp, show_progress)
@@ -235,7 +276,10 @@ def finish_slide(client: Client, plan: SlidePlan, task_totals: dict[str, float],
         "timings_s": timings,
         "task_timings_s": task_totals,
         "versions": versions(),
-        "warnings": [] if tiles else ["no tissue found: the bundle has no nuclei"],
+        "tile_errors": tile_errors,
+        "warnings": ([] if tiles else ["no tissue found: the bundle has no nuclei"])
+                    + ([f"{len(tile_errors)} unreadable slide tile(s) read as glass, their nuclei missing: "
+                        "see tile_errors"] if tile_errors else []),
     }
     return finish(partial, plan.out_dir / plan.name, run)
 
@@ -255,11 +299,18 @@ def run_slide(
     ``workflow`` is a preset name, a YAML path or an already validated dict; ``model`` overrides the
     workflow's model; ``mpp`` (µm/px) overrides or supplies the slide's pixel size. Without a
     ``client`` a LocalCluster is started for this call and closed after it. ``annotations`` is a
-    QuPath GeoJSON whose polygons become ``annotation`` regions.
+    QuPath GeoJSON whose polygons become ``annotation`` regions. While it runs, another process
+    that writes the same bundle is refused (:func:`histo.bundle.bundle_lock`).
     """
-    plan = plan_slide(slide_path, out_dir, workflow, model, mpp, annotations)
-    with (nullcontext(client) if client else dask_client()) as cl:
-        t = time.perf_counter()
-        task_totals = _segment(cl, plan, show_progress)
-        plan.timings["segment_s"] = time.perf_counter() - t
-        return finish_slide(cl, plan, task_totals, show_progress)
+    with bundle_lock(Path(out_dir), slide_name(slide_path)):
+        plan = plan_slide(slide_path, out_dir, workflow, model, mpp, annotations)
+        try:
+            with (nullcontext(client) if client else dask_client()) as cl:
+                t = time.perf_counter()
+                with write_errors(plan.partial):
+                    task_totals = _segment(cl, plan, show_progress)
+                plan.timings["segment_s"] = time.perf_counter() - t
+                return finish_slide(cl, plan, task_totals, show_progress)
+        except BaseException:
+            shutil.rmtree(plan.partial, ignore_errors=True)
+            raise

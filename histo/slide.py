@@ -9,6 +9,7 @@ slide, grid pixel i spanning level-0 µm [i·mpp, (i+1)·mpp).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import threading
 from dataclasses import dataclass, field
@@ -20,10 +21,13 @@ from dask.base import tokenize
 from scipy import sparse
 
 from histo.errors import SlideError
-from histo.tiff_tiles import DTYPES, MAX_SIDE, TiffReader
+from histo.tiff_tiles import DTYPES, PLAUSIBLE_MPP, TiffReader, TileError, skip_unreadable_tiles, skipped
+
+__all__ = ["Slide", "check_stain", "open_slide", "skip_unreadable_tiles"]
 
 _TOL = 0.01  # a level serves a request whose µm/px is within 1 % of its own, as is
 _BLOCK = 2048  # resampling works on windows of at most about this many level px per side
+MAX_IMAGE_PX = 1 << 28  # a PNG / JPEG is decoded whole: at most this many px (768 MiB as RGB)
 _READERS: dict[tuple[str, str], object] = {}
 _LOCK = threading.Lock()
 
@@ -106,27 +110,43 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     """Open a slide lazily (reads metadata, no pixels). ``mpp`` (level-0 µm/px) overrides the file's.
 
     Raises :class:`SlideError` for a missing, unreadable, truncated or absurd file, an unsupported
-    pixel type, or when neither the file nor ``mpp`` gives the pixel size.
+    pixel type, or when neither the file nor ``mpp`` gives a plausible pixel size (0.01–20 µm/px).
     """
     if not Path(path).exists():
         raise SlideError(path, "file not found")
     path = Path(path).absolute()
-    if mpp is not None and not (0 < mpp < math.inf):
-        raise SlideError(path, f"pixel size must be a positive number of µm/px, not {mpp}")
+    if mpp is not None and not _plausible(mpp):
+        raise SlideError(path, f"pixel size must be {PLAUSIBLE_MPP[0]}–{PLAUSIBLE_MPP[1]} µm/px, not {mpp}")
     reader = _open_any(path)
     with _LOCK:
         _remember(reader)
     return _slide(path, reader, mpp)
 
 
+def check_stain(slide: Slide, wf: dict) -> None:
+    """A brightfield workflow (stain ``he`` or ``ihc``) needs an 8-bit RGB slide (8-bit gray and
+    RGBA are made RGB): a 16-bit, float or multichannel one is a SlideError."""
+    if wf["stain"] != "if" and slide.kind != "brightfield":
+        raise SlideError(slide.path, f"{slide.levels[0].dtype} image with {slide.levels[0].shape[2]} channel(s) is not "
+                                     f"8-bit RGB, which the workflow '{wf['name']}' (stain {wf['stain']}) needs")
+
+
 def _reopen(path: str, mpp: float, backend: str) -> Slide:
     return _slide(Path(path), _reader(Path(path), backend), mpp)
 
 
+def _plausible(mpp) -> bool:
+    return isinstance(mpp, numbers.Real) and PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]
+
+
 def _slide(path: Path, reader, mpp: float | None) -> Slide:
-    mpp = mpp or reader.mpp
-    if not mpp:
-        raise SlideError(path, "no pixel size in the file; give one with --mpp")
+    if mpp is None:
+        mpp = reader.mpp
+        if not mpp:
+            raise SlideError(path, "no pixel size in the file; give one with --mpp")
+        if not _plausible(mpp):
+            raise SlideError(path, f"implausible pixel size in the file ({mpp:g} µm/px, expected "
+                                   f"{PLAUSIBLE_MPP[0]}–{PLAUSIBLE_MPP[1]}); give the right one with --mpp")
     bf, channels = reader.brightfield, reader.out_channels
     names = reader.channel_names if len(reader.channel_names) == channels else \
         (["R", "G", "B"] if bf else [f"ch{i}" for i in range(channels)])
@@ -253,11 +273,15 @@ class _Image(_Region):
 
         data = path.read_bytes()
         format = "png" if data.startswith(b"\x89PNG") else "jpeg"
+        h, w = _image_size(data)
+        if h * w > MAX_IMAGE_PX:
+            raise SlideError(path, f"absurd dimensions {w}×{h} px for a {format} image (decoded whole: "
+                                   f"at most {MAX_IMAGE_PX:,} px; tile it as a pyramidal TIFF)")
         try:
             a = imagecodecs.png_decode(data) if format == "png" else imagecodecs.jpeg_decode(data)
         except Exception as exc:
             raise SlideError(path, f"corrupt {format} image: {exc}") from None
-        if a.ndim not in (2, 3) or a.dtype not in DTYPES or max(a.shape[:2]) > MAX_SIDE:
+        if a.ndim not in (2, 3) or a.dtype not in DTYPES or not 0 < a.size <= MAX_IMAGE_PX * 4:
             raise SlideError(path, f"unsupported image: {a.dtype} {a.shape}")
         self.path, self.format, self.mpp, self.channel_names = path, format, None, []
         self.data = a[:, :, None] if a.ndim == 2 else a
@@ -292,10 +316,31 @@ class _OpenSlide(_Region):
         try:
             img = self.osr.read_region((round(x0 * ds), round(y0 * ds)), level, (x1 - x0, y1 - y0))
         except Exception as exc:
-            raise SlideError(self.path, f"tile at level {level} {x0},{y0} unreadable: {exc}") from None
+            error = TileError(self.path, level, x0, y0, x1 - x0, y1 - y0, str(exc))
+            if skipped(error):
+                return np.full((y1 - y0, x1 - x0, 4), fill, np.uint8)
+            raise error from None
         a = np.asarray(img).copy()
         a[a[..., 3] == 0] = 255  # no data (transparent) is glass
         return a
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from a PNG's IHDR or a JPEG's frame header, without decoding; (0, 0) if absent."""
+    if data.startswith(b"\x89PNG"):
+        return (int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")) if len(data) >= 24 else (0, 0)
+    i = 2
+    while i + 9 <= len(data):
+        if data[i] != 0xFF:
+            return 0, 0
+        marker = data[i + 1]
+        if marker == 0xFF or 0xD0 <= marker <= 0xD8 or marker == 0x01:  # fill byte, markers without length
+            i += 1 if marker == 0xFF else 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame marker
+            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return 0, 0
 
 
 def _open_any(path: Path):

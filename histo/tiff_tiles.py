@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-from contextlib import contextmanager
 import xml.etree.ElementTree as ET
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,38 @@ DTYPES = frozenset(np.dtype(t) for t in ("uint8", "uint16", "int16", "uint32", "
 _UM_PER_UNIT = {"Å": 1e-4, "nm": 1e-3, "µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0,
                 "mm": 1e3, "cm": 1e4, "m": 1e6, "in": 25400.0}
 _UM_PER_RESUNIT = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}  # inch, cm, mm, µm
+
+
+class TileError(SlideError):
+    """One tile of a slide cannot be read; ``where`` = its level and px box on that level."""
+
+    def __init__(self, path, level: int, x: int, y: int, w: int, h: int, problem: str):
+        self.where = {"level": level, "x_px": x, "y_px": y, "width_px": w, "height_px": h, "problem": problem}
+        super().__init__(path, f"tile at level {level} {x},{y} unreadable: {problem}")
+
+
+_SKIPPED: ContextVar[list | None] = ContextVar("histo_skipped_tiles", default=None)
+
+
+@contextmanager
+def skip_unreadable_tiles():
+    """Within this block (this thread or task), a slide tile that cannot be read reads as
+    background instead of raising :class:`TileError`; yields the list its ``where`` is added to."""
+    skipped: list[dict] = []
+    token = _SKIPPED.set(skipped)
+    try:
+        yield skipped
+    finally:
+        _SKIPPED.reset(token)
+
+
+def skipped(exc: TileError) -> bool:
+    """True (and ``exc`` recorded) inside :func:`skip_unreadable_tiles`, else False: raise it."""
+    found = _SKIPPED.get()
+    if found is None:
+        return False
+    found.append(exc.where)
+    return True
 
 
 @dataclass
@@ -114,7 +147,12 @@ class TiffReader:
                 ys, xs = slice(max(y0, ty0), min(y1, ty0 + th)), slice(max(x0, tx0), min(x1, tx0 + tw))
                 for p in range(lv.offsets.shape[0]):
                     for q in range(planes):
-                        tile = self._tile(lv, level, p, q, ty, tx)
+                        try:
+                            tile = self._tile(lv, level, p, q, ty, tx)
+                        except TileError as exc:
+                            if skipped(exc):
+                                continue  # this tile stays background
+                            raise
                         if tile is None:
                             continue
                         c = (p * planes + q) * spp
@@ -126,17 +164,22 @@ class TiffReader:
         off, n = int(lv.offsets[page, plane, ty, tx]), int(lv.counts[page, plane, ty, tx])
         if off == 0 or n == 0:
             return None
-        where = f"tile at level {level} {tx * lv.seg[1]},{ty * lv.seg[0]}"
-        data = os.pread(self.fd, n, off)
-        if len(data) < n:
-            raise SlideError(self.path, f"{where} unreadable: truncated file")
         index = (plane * lv.offsets.shape[2] + ty) * lv.offsets.shape[3] + tx
+        spp = self.channels // lv.offsets.shape[0] // lv.offsets.shape[1]
         try:
+            data = os.pread(self.fd, n, off)
+            if len(data) < n:
+                raise ValueError("truncated file")
             tile = lv.decode(data, index, jpegtables=lv.jpegtables[page],
                              jpegheader=lv.jpegheader, _fullsize=True)[0]
-        except Exception as exc:  # any codec error: the tile's bytes are corrupt
-            raise SlideError(self.path, f"{where} unreadable: {exc}") from None
-        return tile.reshape(tile.shape[-3], tile.shape[-2], -1)
+            tile = tile.reshape(tile.shape[-3], tile.shape[-2], -1)
+            if tile.shape[0] < lv.seg[0] or tile.shape[1] < lv.seg[1] or tile.shape[2] != spp:
+                raise ValueError(f"decodes to {tile.shape[0]}×{tile.shape[1]} px × {tile.shape[2]} samples, "
+                                 f"not {lv.seg[0]}×{lv.seg[1]} × {spp}")
+        except Exception as exc:  # a read or codec error: this tile's bytes are bad
+            raise TileError(self.path, level, tx * lv.seg[1], ty * lv.seg[0], lv.seg[1], lv.seg[0],
+                            str(exc) or type(exc).__name__) from None
+        return tile
 
     def __del__(self):
         if getattr(self, "fd", None) is not None:
