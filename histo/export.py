@@ -73,7 +73,7 @@ def regions_geojson(regions: gpd.GeoDataFrame, mpp: float, metrics: pd.DataFrame
                 "parent_id": _text(rec.get("parent_id")),
                 "tissue_id": _text(rec.get("tissue_id")),
                 "measurements": measurements,
-                "geometry_um": shapely.to_wkt(geom, rounding_precision=2),
+                "geometry_um": shapely.to_wkt(shapely.set_precision(geom, 0.01), rounding_precision=2),  # valid once rounded
             },
         })
     return {"type": "FeatureCollection", "properties": {"units": "level-0 px", "mpp": mpp}, "features": features}

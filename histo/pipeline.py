@@ -36,7 +36,7 @@ from histo.slide import Slide, check_stain, open_slide, skip_unreadable_tiles
 from histo.structures import analyse_cells, write_outputs
 from histo.tiling import Tile, align_up, tile_grid
 from histo.tissue import detect_tissue
-from histo.workflow import load_workflow
+from histo.workflow import load_workflow, nucleus_channel
 
 MIN_HALO_PX = 64  # px at the model's µm/px: context the U-Net needs beyond the largest nucleus
 UNREADABLE = ".unreadable.json"  # a tile task's record of slide tiles it read as glass, beside its part
@@ -54,12 +54,14 @@ def plan_tiles(slide: Slide, tissue, grid_mpp: float, max_nucleus_um: float, seg
     return shape, tile_grid(shape, tile_px, align_up(halo_px), tissue.mask, tissue.mpp / grid_mpp)
 
 
-def slide_percentiles(slide: Slide, tissue, model: ModelSpec) -> tuple | None:
+def slide_percentiles(slide: Slide, tissue, model: ModelSpec, channel: int | None = None) -> tuple | None:
     """Per-slide normalisation values for percentile-normalised models, from tissue pixels of a
-    low-resolution level (the same values then apply to every tile)."""
+    low-resolution level (the same values then apply to every tile); ``channel``: only that one."""
     if model.normalize.get("kind") != "percentile":
         return None
     thumb = slide.thumbnail(tissue.mpp)
+    if channel is not None:
+        thumb = thumb[..., channel]
     h, w = min(thumb.shape[0], tissue.mask.shape[0]), min(thumb.shape[1], tissue.mask.shape[1])
     mask = tissue.mask[:h, :w] if tissue.mask[:h, :w].any() else None
     return compute_percentiles(thumb[:h, :w], model, mask)
@@ -159,6 +161,9 @@ def plan_slide(slide_path: str | Path, out_dir: str | Path, workflow: str | Path
     slide = open_slide(slide_path, mpp=mpp)
     check_stain(slide, wf)
     spec = resolve_model(model or wf["model"], stain="fluo" if wf["stain"] == "if" else "he")
+    # a one-channel (fluorescence) model reads the workflow's nucleus channel of a multiplex slide
+    one_channel = wf["stain"] == "if" and spec.n_channels == 1
+    channel = nucleus_channel(wf, slide.channel_names, slide_path) if one_channel else None
     timings["open_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -167,7 +172,7 @@ def plan_slide(slide_path: str | Path, out_dir: str | Path, workflow: str | Path
         # the model's µm/px, or the slide level's own where that is within 1 % (read unscaled)
         grid_mpp = slide.effective_mpp(spec.mpp)
         shape, tiles = plan_tiles(slide, tissue, grid_mpp, spec.max_nucleus_um, wf["segmentation"])
-        percentiles = slide_percentiles(slide, tissue, spec)
+        percentiles = slide_percentiles(slide, tissue, spec, channel)
     timings["tissue_s"] = time.perf_counter() - t
 
     out_dir = Path(out_dir)
@@ -183,7 +188,7 @@ def plan_slide(slide_path: str | Path, out_dir: str | Path, workflow: str | Path
     seg = wf["segmentation"]
     job = SegmentJob(str(Path(slide_path).resolve()), slide.mpp, spec, grid_mpp, shape[1], str(parts),
                      seg["prob_thresh"], seg["nms_thresh"], percentiles, wf["stain"],
-                     tuple(slide.channel_names) if wf["stain"] == "if" else None)
+                     tuple(slide.channel_names) if wf["stain"] == "if" else None, channel)
     return SlidePlan(Path(slide_path), out_dir, name, partial, wf, spec, slide, tissue, grid_mpp, shape, tiles,
                      percentiles, job, mpp, annotations, started, timings, unreadable)
 

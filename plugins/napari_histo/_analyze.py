@@ -24,7 +24,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 from superqt.utils import GeneratorWorker
 
-from histo.bundle import partial_dir, slide_name
+from histo.bundle import bundle_lock, partial_dir, slide_name
 from histo.workflow import list_workflows
 from napari_histo._bundle import origin_file
 
@@ -70,17 +70,18 @@ def analyse(slide: dict, box_um, out: Path, workflow: str, model: str | None, cl
     from histo.pipeline import add_timings, finish_slide, plan_slide, submit_tiles
 
     path = Path(slide["path"]) if box_um is None else write_crop(slide, box_um, out / "crops")
-    try:
-        plan = plan_slide(path, out, workflow, model, mpp=slide["mpp"])
-        totals: dict[str, float] = {}
-        yield 0, len(plan.tiles)
-        for done, future in enumerate(as_completed(submit_tiles(client, plan)), 1):
-            add_timings(totals, future.result())
-            yield done, len(plan.tiles)
-        bundle = finish_slide(client, plan, totals, show_progress=False)
-    except BaseException:
-        shutil.rmtree(partial_dir(out, slide_name(path)), ignore_errors=True)
-        raise
+    with bundle_lock(out, slide_name(path)):  # another writer of this bundle is refused
+        try:
+            plan = plan_slide(path, out, workflow, model, mpp=slide["mpp"])
+            totals: dict[str, float] = {}
+            yield 0, len(plan.tiles)
+            for done, future in enumerate(as_completed(submit_tiles(client, plan)), 1):
+                add_timings(totals, future.result())
+                yield done, len(plan.tiles)
+            bundle = finish_slide(client, plan, totals, show_progress=False)
+        except BaseException:
+            shutil.rmtree(partial_dir(out, slide_name(path)), ignore_errors=True)
+            raise
     if cancelled.is_set():  # cancelled after its last task: the bundle is discarded all the same
         shutil.rmtree(bundle, ignore_errors=True)
         raise CancelledError("analysis cancelled")
