@@ -47,5 +47,12 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None):
         with Client(scheduler) as client:
             yield client
         return
-    with local_cluster(n_workers) as cluster, Client(cluster) as client:
-        yield client
+    cluster = local_cluster(n_workers)
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        try:
+            cluster.close(timeout=60)
+        except TimeoutError:  # a worker slow to exit under load is killed all the same
+            pass
