@@ -56,7 +56,8 @@ def test_regions_geojson_is_a_qupath_feature_collection(bundle, tmp_path):
         px = shape(feat["geometry"])
         assert px.is_valid and px.geom_type in ("Polygon", "MultiPolygon")
         assert px.area * MPP**2 == pytest.approx(rec.geometry.area, rel=1e-3)  # level-0 pixels
-        assert shapely.from_wkt(props["geometry_um"]).equals_exact(rec.geometry, 0.01)
+        um = shapely.from_wkt(props["geometry_um"])  # snapped to 0.01 µm, kept valid
+        assert um.is_valid and shapely.hausdorff_distance(um, rec.geometry) < 0.02
     aggregate = next(f["properties"] for f in data["features"] if f["properties"]["kind"] == "aggregate")
     assert {"grade", "radial_layers", "n_cells", "density_lymphocyte_per_mm2"} <= set(aggregate["measurements"])
     lining = next(f["properties"] for f in data["features"] if f["properties"]["kind"] == "lining")
