@@ -190,11 +190,11 @@ def test_grades_and_edges():
 
 
 def test_params_follow_the_workflow_schema():
-    from histo.workflow import _check
+    from histo.workflow import check_section
 
     for tissue_type in ("lymph-node", "synovium"):
         params = region_params(tissue_type)
-        assert _check(params, REGION_PARAMS_SCHEMA, "regions", "<test>") == params
+        assert check_section(params, REGION_PARAMS_SCHEMA, "regions", "<test>") == params
         assert params["structures"] == TISSUE_DEFAULTS[tissue_type]["structures"]
     tuned = region_params("synovium", {"aggregate": {"eps_um": 15.0}})
     assert tuned["aggregate"]["eps_um"] == 15.0 and tuned["aggregate"]["min_samples"] == 5
