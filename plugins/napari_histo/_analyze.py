@@ -16,7 +16,7 @@ from concurrent.futures import CancelledError
 from pathlib import Path
 
 import numpy as np
-from distributed import as_completed
+from distributed import wait
 from magicgui.widgets import ComboBox, Container, FileEdit, LineEdit
 from napari.layers import Shapes
 from napari.utils.notifications import show_error, show_info
@@ -29,6 +29,7 @@ from histo.workflow import list_workflows
 from napari_histo._bundle import origin_file
 
 WHOLE_SLIDE = "whole slide"
+POLL_S = 0.25  # how often a run looks for Cancel while its tile tasks run (s)
 
 
 def write_crop(slide: dict, box_um: tuple[float, float, float, float], folder: Path) -> Path:
@@ -65,8 +66,9 @@ def rectangle_um(layer) -> tuple[float, float, float, float]:
 def analyse(slide: dict, box_um, out: Path, workflow: str, model: str | None, client, cancelled: threading.Event):
     """Generator: the bundle of the slide ``slide`` (:func:`read_slide` metadata), or of its rectangle
     ``box_um`` (None = whole slide), made on ``client``; yields (tiles done, tiles total) as tile
-    tasks finish and returns the bundle's path. Closing ``client`` cancels the run's tasks; a failed
-    or cancelled run (``cancelled`` set) leaves no bundle, partial or complete."""
+    tasks finish and returns the bundle's path. Setting ``cancelled`` cancels the tile tasks within
+    ``POLL_S`` (or, once they are all done, discards the bundle when it is written); a failed or
+    cancelled run leaves no bundle, partial or complete. ``client`` is used by this thread only."""
     from histo.pipeline import add_timings, finish_slide, plan_slide, submit_tiles
 
     path = Path(slide["path"]) if box_um is None else write_crop(slide, box_um, out / "crops")
@@ -75,14 +77,24 @@ def analyse(slide: dict, box_um, out: Path, workflow: str, model: str | None, cl
             plan = plan_slide(path, out, workflow, model, mpp=slide["mpp"])
             totals: dict[str, float] = {}
             yield 0, len(plan.tiles)
-            for done, future in enumerate(as_completed(submit_tiles(client, plan)), 1):
-                add_timings(totals, future.result())
+            pending, done = set(submit_tiles(client, plan)), 0
+            while pending:
+                if cancelled.is_set():
+                    client.cancel(list(pending))
+                    raise CancelledError("analysis cancelled")
+                try:
+                    finished, pending = wait(pending, timeout=POLL_S, return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    continue
+                for future in finished:
+                    add_timings(totals, future.result())
+                done += len(finished)
                 yield done, len(plan.tiles)
             bundle = finish_slide(client, plan, totals, show_progress=False)
         except BaseException:
             shutil.rmtree(partial_dir(out, slide_name(path)), ignore_errors=True)
             raise
-    if cancelled.is_set():  # cancelled after its last task: the bundle is discarded all the same
+    if cancelled.is_set():  # cancelled after its last tile task: the bundle is discarded all the same
         shutil.rmtree(bundle, ignore_errors=True)
         raise CancelledError("analysis cancelled")
     return bundle
@@ -93,13 +105,14 @@ class AnalyzeWidget(QWidget):
     progress bar of tiles segmented out of the total.
 
     ``client``: run on this Client's scheduler (default: a LocalCluster per run, or the scheduler
-    given in the form). Each run connects a Client of its own; Cancel closes it, which cancels the
-    run's tasks in whatever phase it is.
+    given in the form). Each run connects a Client of its own, used by the run's thread only (Dask
+    clients closed from another thread can hang the thread waiting on them); Cancel sets an event
+    that the run's thread acts on.
     """
 
     def __init__(self, viewer, client=None):
         super().__init__()
-        self.viewer, self.client, self.worker, self.run_client = viewer, client, None, None
+        self.viewer, self.client, self.worker = viewer, client, None
         self.cancelled, self.phase = threading.Event(), ""
         self.form = Container(widgets=[
             ComboBox(name="slide", choices=lambda _: [lyr for lyr in viewer.layers if "slide" in lyr.metadata]),
@@ -142,7 +155,7 @@ class AnalyzeWidget(QWidget):
             show_error(str(exc))
             return
         slide, out = f.slide.value.metadata["slide"], Path(f.out.value)
-        self.cancelled, self.run_client = threading.Event(), None
+        self.cancelled = threading.Event()
         # superqt's worker, not napari's thread_worker: napari's re-raises and relays every error (a
         # cancel included) as a traceback notification, and its task-status hook fails on errors
         self.worker = GeneratorWorker(self._work, slide, box, out, f.workflow.value, f.model.value or None, f.scheduler.value)
@@ -168,19 +181,14 @@ class AnalyzeWidget(QWidget):
         try:
             address = scheduler or (cluster.scheduler_address if cluster is not None else self.client.scheduler.address)
             with Client(address) as client:
-                self.run_client = client
-                if self.cancelled.is_set():  # Cancel came before there was a client to close
-                    raise CancelledError("analysis cancelled")
                 return (yield from analyse(slide, box, out, workflow, model, client, self.cancelled))
         finally:
             if cluster is not None:
                 cluster.close()
 
     def cancel(self):
-        """Stop the run: close its Dask client, which cancels its tasks; no bundle is left behind."""
+        """Stop the run: its thread cancels its tile tasks; no bundle is left behind."""
         self.cancelled.set()
-        if self.run_client is not None:
-            self.run_client.close()
         self.phase = "cancelling"
         self.status.setText("cancelling…")
 
