@@ -9,7 +9,11 @@ paths see the same pixels, with the same model and thresholds:
     statistics, write) on a LocalCluster whose workers were warmed by a run on a small slide;
 (b) the path a StarDist user would take instead: the whole image in memory (reading and
     normalising it is not timed) through ``StarDist2D.predict_instances_big`` with the StarDist
-    docs' blocks (4096 px or the image's edge if smaller, overlap 128, context 128), in this process, TensorFlow's default threads.
+    docs' blocks (4096 px or the image's edge if smaller, overlap 128, context 128), in this process,
+    TensorFlow's default threads, in float32 as StarDist runs (``--baseline-precision bfloat16``: with
+    the mixed precision histo uses where the CPU has bfloat16 units, to see what else differs).
+
+(a) runs in ``histo.models.inference_precision()`` (``$HISTO_PRECISION``, default ``auto``).
 
 Nuclei of (a), rasterised from ``cells.parquet``, are matched one-to-one to (b)'s label image at
 IoU ≥ 0.5. ``--scaling`` also times (a) with one worker. Peak memory is the summed RSS of this process
@@ -28,7 +32,7 @@ import tifffile
 
 from histo.cluster import dask_client
 from histo.evaluate import bundle_labels, score
-from histo.models import load_model, normalize_image, resolve_model
+from histo.models import PRECISIONS, inference_precision, load_model, normalize_image, resolve_model, use_precision
 from histo.pipeline import run_slide
 from histo.segment import warm_worker
 from histo.workflow import load_workflow
@@ -48,16 +52,17 @@ def generated(workdir: Path, size: int, mpp: float, seed: int = 7) -> Path:
 def histo_run(slide: Path, warm: Path, out: Path, workflow: str, model: str, workers: int):
     """Load the model in every worker, run ``warm`` (first imports), then time ``slide``: (bundle, wall s, peak GB, run.json)."""
     with dask_client(n_workers=workers) as client:
-        client.run(warm_worker, resolve_model(model))
+        client.run(warm_worker, resolve_model(model), inference_precision())
         run_slide(warm, out / "warm", workflow, model=model, client=client, show_progress=False)
         bundle, wall, peak = timed(run_slide, slide, out / f"w{workers}", workflow, model=model,
                                    client=client, show_progress=False)
     return bundle, wall, peak, json.loads((bundle / "run.json").read_text())
 
 
-def stardist_big(slide: Path, model: str):
+def stardist_big(slide: Path, model: str, precision: str):
     """(label image, wall s, peak GB) of ``predict_instances_big`` on the level-0 image in memory."""
     spec = resolve_model(model)
+    use_precision(precision)
     net = load_model(spec)
     x = normalize_image(tifffile.imread(slide, level=0), spec)
     big = BIG | {"block_size": min(BIG["block_size"], *x.shape[:2])}
@@ -73,21 +78,22 @@ def main() -> None:
     ap.add_argument("--scaling", action="store_true", help="also time histo run with one worker")
     ap.add_argument("--workflow", default="lymph-node-he")
     ap.add_argument("--model", help="default: the workflow's")
+    ap.add_argument("--baseline-precision", choices=PRECISIONS[1:], default="float32")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "histo-throughput")
     args = ap.parse_args()
     size = 2048 if args.quick else args.size
     model = args.model or load_workflow(args.workflow)["model"]
     mpp = resolve_model(model).mpp
     args.workdir.mkdir(parents=True, exist_ok=True)
-    slide, warm = generated(args.workdir, size, mpp), generated(args.workdir, 768, mpp, seed=1)
+    slide, warm = generated(args.workdir, size, mpp), generated(args.workdir, 1024, mpp, seed=1)  # 257 nuclei
 
     bundle, t_a, mem_a, run = histo_run(slide, warm, args.workdir / "out", args.workflow, model, args.workers)
     steps = {k.removesuffix("_s"): round(v, 1) for k, v in run["timings_s"].items()}
     tasks = {k.removesuffix("_s"): round(v, 1) for k, v in run["task_timings_s"].items()}
-    print(f"histo run: {t_a:.1f} s, {run['n_tiles']} tiles, {run['n_cells']} nuclei; steps (s) {steps}; "
+    print(f"histo run ({run['parameters']['precision']}): {t_a:.1f} s, {run['n_tiles']} tiles, {run['n_cells']} nuclei; steps (s) {steps}; "
           f"summed over tile tasks (s) {tasks}", flush=True)
-    labels_b, t_b, mem_b = stardist_big(slide, model)
-    print(f"predict_instances_big: {t_b:.1f} s, {int(labels_b.max())} nuclei", flush=True)
+    labels_b, t_b, mem_b = stardist_big(slide, model, args.baseline_precision)
+    print(f"predict_instances_big ({args.baseline_precision}): {t_b:.1f} s, {int(labels_b.max())} nuclei", flush=True)
     labels_a, _ = bundle_labels(bundle)
     f1 = score(labels_b, labels_a)["f1"]
     tissue_mpx = run["tissue"]["area_mm2"] / mpp**2  # mm² / (µm/px)² = Mpx

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -144,10 +145,11 @@ def is_complete(bundle: Path) -> bool:
 
 
 def concat_cells(parts_dir: Path, tiles: list[Tile], out: Path, schema: pa.Schema,
-                 extra: pd.DataFrame | None = None) -> tuple[int, dict[str, int]]:
+                 extra: pd.DataFrame | None = None, drop: np.ndarray | None = None) -> tuple[int, dict[str, int]]:
     """Stream the per-tile parts (columns ``schema``), in tile order, into ``cells.parquet`` (one row
-    group per non-empty tile), numbering the nuclei ``label`` = 1, 2, … in that order and appending
-    the columns of ``extra`` (one row per nucleus in the same order: cell types, region ids).
+    group per non-empty tile), leaving out the rows ``drop`` marks (a mask over the parts' rows in
+    that order), numbering the nuclei ``label`` = 1, 2, … and appending the columns of ``extra``
+    (one row per kept nucleus in the same order: cell types, region ids).
 
     Returns the number of cells and a map tile name → row group index. Holds one tile at a time.
     """
@@ -155,10 +157,13 @@ def concat_cells(parts_dir: Path, tiles: list[Tile], out: Path, schema: pa.Schem
     out_schema = schema.append(pa.field("label", pa.int32()))
     for field in extra_table.schema if extra_table is not None else ():
         out_schema = out_schema.append(field)
-    n, groups = 0, {}
+    n, read, groups = 0, 0, {}
     with pq.ParquetWriter(out, out_schema) as writer:
         for tile in tiles:
             part = pq.read_table(parts_dir / f"{tile.name}.parquet", schema=schema)
+            read += part.num_rows
+            if drop is not None:
+                part = part.filter(pa.array(~drop[read - part.num_rows:read]))
             if part.num_rows == 0:
                 continue
             part = part.append_column("label", pa.array(range(n + 1, n + 1 + part.num_rows), pa.int32()))
@@ -170,10 +175,12 @@ def concat_cells(parts_dir: Path, tiles: list[Tile], out: Path, schema: pa.Schem
     return n, groups
 
 
-def read_parts(parts_dir: Path, tiles: list[Tile], columns: list[str]) -> pd.DataFrame:
-    """``columns`` of all tiles' parts, concatenated in tile order (the order of ``concat_cells``)."""
+def read_parts(parts_dir: Path, tiles: list[Tile], columns: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """``columns`` of all tiles' parts, concatenated in tile order (the order of ``concat_cells``),
+    and each row's tile (its index in ``tiles``)."""
     tables = [pq.read_table(parts_dir / f"{t.name}.parquet", columns=columns) for t in tiles]
-    return pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame(columns=columns)
+    tile_index = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables])
+    return (pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame(columns=columns)), tile_index
 
 
 def file_fingerprint(path: Path, chunk: int = 1 << 22) -> dict:

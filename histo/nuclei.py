@@ -14,6 +14,9 @@ import shapely
 from histo.features import feature_columns
 from histo.tiling import Tile
 
+# two nuclei centred closer than this are one nucleus seen by two tiles (µm; nuclei are ≥ 4 µm across, DOMAIN)
+DUPLICATE_UM = 1.5
+
 CELL_SCHEMA = pa.schema(
     [
         ("cell_id", pa.int64()),
@@ -107,6 +110,25 @@ def owned(points: np.ndarray, tile: Tile) -> np.ndarray:
     """Which nucleus centres ``points`` (n, 2) as (y, x) read-box px lie in the tile's core."""
     grid = np.asarray(points, dtype=np.int64).reshape(-1, 2) + read_origin(tile)
     return tile.owns(grid[:, 1], grid[:, 0])
+
+
+def border_duplicates(xy_um: np.ndarray, prob: np.ndarray, tile_index: np.ndarray, radius_um: float = DUPLICATE_UM
+                      ) -> np.ndarray:
+    """Which nuclei are a second copy of a nucleus that a neighbouring tile also kept: centroids
+    ``xy_um`` (n, 2) closer than ``radius_um`` from different tiles (``tile_index``); of each pair
+    the lower ``prob`` goes. Ownership by centre (:func:`owned`) keeps each nucleus once when two
+    tiles predict it alike; where they differ slightly at a border (bfloat16 arithmetic, a grid
+    point's tie), the same nucleus can be centred in both cores."""
+    drop = np.zeros(len(xy_um), bool)
+    if len(xy_um) < 2:
+        return drop
+    from scipy.spatial import cKDTree
+
+    pairs = cKDTree(xy_um).query_pairs(radius_um, output_type="ndarray")
+    pairs = pairs[tile_index[pairs[:, 0]] != tile_index[pairs[:, 1]]]
+    lower = np.where(prob[pairs[:, 0]] < prob[pairs[:, 1]], pairs[:, 0], pairs[:, 1])
+    drop[lower] = True
+    return drop
 
 
 def empty_cells(feature_names=None) -> pd.DataFrame:

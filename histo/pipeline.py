@@ -28,7 +28,8 @@ from histo.bundle import (bundle_lock, concat_cells, file_fingerprint, finish, p
                           write_errors)
 from histo.cluster import dask_client
 from histo.labels import create_pyramid, downsample_level, write_chunk
-from histo.models import ModelSpec, compute_percentiles, resolve_model
+from histo.models import ModelSpec, compute_percentiles, inference_precision, resolve_model
+from histo.nuclei import border_duplicates
 from histo.progress import progress_bar
 from histo.provenance import versions
 from histo.segment import SegmentJob, segment_tile
@@ -77,17 +78,25 @@ def _segment(client: Client, plan: SlidePlan, show: bool) -> dict:
     return totals
 
 
-def _labels(client: Client, cells: Path, groups: dict, tiles: list[Tile], shape, zarr_path: Path, mpp: float, show: bool) -> None:
-    """Rasterise the label pyramid from ``cells.parquet`` on the cluster."""
+def _submit_labels(client: Client, cells: Path, groups: dict, tiles: list[Tile], shape, zarr_path: Path,
+                   mpp: float) -> tuple[list, list[Future]]:
+    """Create the label pyramid and submit the rasterising of its level 0 from ``cells.parquet`` on
+    the cluster, a task per tile; returns (the pyramid's arrays, the tasks)."""
     chunk = tiles[0].x1 - tiles[0].x0 if tiles else 1024
     arrays = create_pyramid(zarr_path, shape, chunk, mpp)
     by_pos = {(t.row, t.col): t for t in tiles}
     # row groups of the tile and its 8 neighbours: every nucleus that can reach the tile's chunk
     near = {t.name: [groups[n.name] for dr in (-1, 0, 1) for dc in (-1, 0, 1)
                      if (n := by_pos.get((t.row + dr, t.col + dc))) and n.name in groups] for t in tiles}
-    chunks = [t for t in tiles if near[t.name]]
-    with progress_bar("writing labels", len(chunks) + len(arrays) - 1, show) as advance:
-        futures = [client.submit(write_chunk, str(cells), near[t.name], str(zarr_path), t, mpp, pure=False) for t in chunks]
+    # behind the tasks submitted next (statistics, figures): the client waits for those first
+    return arrays, [client.submit(write_chunk, str(cells), near[t.name], str(zarr_path), t, mpp, pure=False, priority=-1)
+                    for t in tiles if near[t.name]]
+
+
+def _finish_labels(client: Client, arrays: list, futures: list[Future], zarr_path: Path, show: bool) -> None:
+    """Wait for level 0 of the label pyramid (:func:`_submit_labels`), then downsample each level on the cluster."""
+    chunk = arrays[0].chunks[-1]
+    with progress_bar("writing labels", len(futures) + len(arrays) - 1, show) as advance:
         for future in as_completed(futures):
             future.result()
             advance()
@@ -188,7 +197,7 @@ def plan_slide(slide_path: str | Path, out_dir: str | Path, workflow: str | Path
     seg = wf["segmentation"]
     job = SegmentJob(str(Path(slide_path).resolve()), slide.mpp, spec, grid_mpp, shape[1], str(parts),
                      seg["prob_thresh"], seg["nms_thresh"], percentiles, wf["stain"],
-                     tuple(slide.channel_names) if wf["stain"] == "if" else None, channel)
+                     tuple(slide.channel_names) if wf["stain"] == "if" else None, channel, inference_precision())
     return SlidePlan(Path(slide_path), out_dir, name, partial, wf, spec, slide, tissue, grid_mpp, shape, tiles,
                      percentiles, job, mpp, annotations, started, timings, unreadable)
 
@@ -242,22 +251,32 @@ def _finish(client: Client, plan: SlidePlan, task_totals: dict[str, float], show
     timings, tiles, partial, parts = plan.timings, plan.tiles, plan.partial, Path(plan.job.parts_dir)
     t = time.perf_counter()
     columns = [c for c in plan.job.schema.names if c not in ("polygon", "tile")]
-    cells = read_parts(parts, tiles, columns)
+    cells, tile_index = read_parts(parts, tiles, columns)
+    drop = border_duplicates(cells[["x_um", "y_um"]].to_numpy(), cells["prob"].to_numpy(), tile_index)
+    cells = cells[~drop].reset_index(drop=True)
     with skip_unreadable_tiles() as unreadable:
         extra, regions, metrics, structure_report = analyse_cells(cells, plan.slide, plan.tissue, plan.wf,
                                                                   plan.annotations)
         timings["structures_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        n_cells, groups = concat_cells(parts, tiles, partial / "cells.parquet", plan.job.schema, extra)
+        n_cells, groups = concat_cells(parts, tiles, partial / "cells.parquet", plan.job.schema, extra, drop)
         cells = pd.concat([cells, extra], axis=1).assign(label=np.arange(1, n_cells + 1, dtype=np.int32))
-        write_outputs(partial, plan.name, cells, regions, metrics, plan.slide, plan.wf)
+        timings["cells_table_s"] = time.perf_counter() - t
+        # the label pyramid is rasterised on the workers alongside the statistics, figures and exports
+        zarr_path = partial / "labels.ome.zarr"
+        arrays, label_tasks = _submit_labels(client, partial / "cells.parquet", groups, tiles, plan.shape, zarr_path,
+                                             plan.grid_mpp)
+        try:
+            timings.update(write_outputs(partial, plan.name, cells, regions, metrics, plan.slide, plan.wf, client))
+        except BaseException:
+            client.cancel(label_tasks)  # nothing writes into the partial bundle once it is removed
+            raise
+    t = time.perf_counter()
+    _finish_labels(client, arrays, label_tasks, zarr_path, show_progress)
+    timings["labels_s"] = time.perf_counter() - t  # waiting for them after the outputs
     plan.unreadable += unreadable
     tile_errors = unreadable_tiles(plan, parts)
     shutil.rmtree(parts)
-    timings["outputs_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    _labels(client, partial / "cells.parquet", groups, tiles, plan.shape, partial / "labels.ome.zarr", plan.grid_mpp, show_progress)
-    timings["labels_s"] = time.perf_counter() - t
 
     slide, tissue = plan.slide, plan.tissue
     input_info = file_fingerprint(plan.slide_path)
@@ -273,10 +292,12 @@ def _finish(client: Client, plan: SlidePlan, task_totals: dict[str, float], show
         "model": plan.spec.to_dict(),
         "parameters": {"grid_mpp": plan.grid_mpp, "grid_shape_px": list(plan.shape),
                        "tile_px": tiles[0].x1 - tiles[0].x0 if tiles else None,
-                       "halo_px": tiles[0].halo if tiles else None, "percentiles": plan.percentiles},
+                       "halo_px": tiles[0].halo if tiles else None, "percentiles": plan.percentiles,
+                       "precision": plan.job.precision},
         "tissue": {"pieces": len(tissue.pieces), "area_mm2": sum(p.area for p in tissue.pieces) / 1e6},
         "n_tiles": len(tiles),
         "n_cells": n_cells,
+        "n_border_duplicates_removed": int(drop.sum()),
         **structure_report,
         "timings_s": timings,
         "task_timings_s": task_totals,

@@ -249,11 +249,21 @@ def _table(frame: pd.DataFrame, cols: list[str]) -> str:
 
 
 def report_html(name: str, thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame, metrics: pd.DataFrame,
-                tissue_type: str, neighbourhood: dict | None = None, lymphoid: tuple[str, ...] = ("lymphocyte",)) -> str:
+                tissue_type: str, neighbourhood: dict | None = None, lymphoid: tuple[str, ...] = ("lymphocyte",),
+                figures: dict[str, bytes | None] | None = None) -> str:
     """The per-slide report as one self-contained HTML string: cell-type map, density map of the
     ``lymphoid`` cell types (those follicles / aggregates are made of), the follicle / aggregate (and
     lining) tables, the slide metrics and, with ``neighbourhood``
-    (:func:`histo.neighbourhood.neighbourhood_stats`), the slide's neighbourhood plots."""
+    (:func:`histo.neighbourhood.neighbourhood_stats`), the slide's neighbourhood plots.
+    ``figures``: those plots drawn already (``overview``, ``density``, ``neighbourhood`` PNG bytes,
+    e.g. on a cluster); the missing ones are drawn here."""
+    figures = dict(figures or {})
+    if "overview" not in figures:
+        figures["overview"] = overview_figure(thumbnail, thumb_mpp, regions, cells)
+    if "density" not in figures:
+        figures["density"] = density_figure(thumbnail, thumb_mpp, regions, cells, tuple(lymphoid))
+    if "neighbourhood" not in figures:
+        figures["neighbourhood"] = neighbourhood_figure(neighbourhood) if neighbourhood else None
     slide = metrics[metrics.kind == "slide"].iloc[0]
     lymphoid = tuple(lymphoid)
     slide_rows = _expand(SLIDE_ROWS, _cell_types(cells), lymphoid)
@@ -265,14 +275,14 @@ def report_html(name: str, thumbnail: np.ndarray, thumb_mpp: float, regions, cel
         "<p class=note>Numbers are µm / mm². Grades and Krenn-like scores are H&amp;E proxies "
         "(DOMAIN §7) to be calibrated on pathologist review; the pathotype proxy is not a Humby/PEAC pathotype.</p>",
         "<div class=row><div><h2>Cell types and regions</h2>",
-        _img(overview_figure(thumbnail, thumb_mpp, regions, cells), "cell-type map"),
+        _img(figures["overview"], "cell-type map"),
         f"</div><div><h2>{html.escape(' + '.join(lymphoid)).capitalize()} density</h2>",
-        _img(density_figure(thumbnail, thumb_mpp, regions, cells, lymphoid), "lymphoid density map"),
+        _img(figures["density"], "lymphoid density map"),
         "</div></div>",
         f"<h2>Slide</h2><table class=t>{slide_html}</table>",
         f"<h2>{kind.capitalize()}s</h2>", _table(metrics[metrics.kind == kind], _expand(STRUCTURE_COLUMNS, [], lymphoid)),
     ]
-    nhood = neighbourhood_figure(neighbourhood) if neighbourhood else None
+    nhood = figures["neighbourhood"]
     if nhood is not None:
         parts += ["<h2>Neighbourhood (whole slide)</h2>", _img(nhood, "neighbourhood statistics"),
                   "<p class=note>Delaunay / radius graph in µm; co-occurrence and Ripley's L on a seeded sample "
@@ -292,9 +302,9 @@ def report_html(name: str, thumbnail: np.ndarray, thumb_mpp: float, regions, cel
 
 def write_report(path: str | Path, name: str, thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame,
                  metrics: pd.DataFrame, tissue_type: str, neighbourhood: dict | None = None,
-                 lymphoid: tuple[str, ...] = ("lymphocyte",)) -> Path:
+                 lymphoid: tuple[str, ...] = ("lymphocyte",), figures: dict[str, bytes | None] | None = None) -> Path:
     """Write :func:`report_html` to ``path`` (``report.html``)."""
     path = Path(path)
-    path.write_text(report_html(name, thumbnail, thumb_mpp, regions, cells, metrics, tissue_type, neighbourhood, lymphoid),
-                    encoding="utf-8")
+    path.write_text(report_html(name, thumbnail, thumb_mpp, regions, cells, metrics, tissue_type, neighbourhood, lymphoid,
+                                figures), encoding="utf-8")
     return path

@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from histo.models import ModelSpec, load_model, normalize_image, resolve_model
+from histo.models import (ModelSpec, inference_precision, load_model, normalize_image, one_graph_for_all_shapes,
+                          resolve_model, use_precision)
 from histo.features import nucleus_features
 from histo.nuclei import cell_schema, owned, tile_cells
 from histo.slide import open_slide
@@ -39,6 +40,7 @@ class SegmentJob:
     stain: str = "he"  # which nucleus stain features to measure (histo.features)
     channel_names: tuple | None = None  # channel names of fluorescence slides
     nucleus_channel: int | None = None  # fluorescence: the one channel the nucleus model reads
+    precision: str = "float32"  # the network's arithmetic (histo.models.inference_precision)
 
     @property
     def schema(self) -> pa.Schema:
@@ -53,25 +55,29 @@ def _slide(path: str, mpp: float):
 _MODELS: dict = {}
 
 
-def _model(spec: ModelSpec):
-    """The worker's loaded model for ``spec`` (loaded on first use, then kept)."""
-    key = (spec.name, str(spec.path))
+def _model(spec: ModelSpec, precision: str):
+    """The worker's loaded model for ``spec`` running in ``precision`` (loaded on first use, then kept)."""
+    key = (spec.name, str(spec.path), precision)
     if key not in _MODELS:
+        use_precision(precision)
         _MODELS[key] = load_model(spec)
+        one_graph_for_all_shapes(_MODELS[key])
     return _MODELS[key]
 
 
-def warm_worker(spec: ModelSpec) -> None:
-    """Load ``spec`` into this worker process's model cache now (``client.run(warm_worker, spec)``),
-    so that no tile task pays for it later."""
-    _model(spec)
+def warm_worker(spec: ModelSpec, precision: str) -> None:
+    """Load ``spec`` in ``precision`` into this worker process's model cache now
+    (``client.run(warm_worker, spec, precision)``) and trace its graph on a small image, so that no
+    tile task pays for either later."""
+    channels = (spec.n_channels,) if spec.n_channels > 1 else ()
+    _model(spec, precision).predict(np.zeros((96, 128, *channels), np.float32), axes="YXC" if channels else "YX")
 
 
 def predict_tile(job: SegmentJob, tile: Tile) -> tuple:
     """StarDist on the tile's read box; returns its pixels, (coord, points, prob) in read-box px and
     timings (s)."""
     t0 = time.perf_counter()
-    model = _model(job.model)
+    model = _model(job.model, job.precision)
     t1 = time.perf_counter()
     img = _slide(job.slide_path, job.slide_mpp).read(*tile.read_box, mpp=job.grid_mpp)
     t2 = time.perf_counter()
@@ -118,5 +124,5 @@ def whole_image_centres(slide_path: str, model: str) -> np.ndarray:
     mpp = slide.effective_mpp(spec.mpp)
     h, w = (int(np.ceil(s * slide.mpp / mpp)) for s in slide.shape)
     img = normalize_image(slide.read(0, 0, w, h, mpp=mpp), spec)
-    _, det = load_model(spec).predict_instances(img, axes="YXC", return_labels=False, show_tile_progress=False)
+    _, det = _model(spec, inference_precision()).predict_instances(img, axes="YXC", return_labels=False, show_tile_progress=False)
     return (det["points"][:, ::-1] + 0.5) * mpp

@@ -6,16 +6,18 @@ each), after the tiles are segmented and before ``cells.parquet`` is written.
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pandas as pd
 
 from histo.export import import_annotations, write_h5ad, write_metrics, write_regions_geojson
 from histo.metrics import region_metrics
-from histo.neighbourhood import neighbourhood_metrics, neighbourhood_stats
+from histo.neighbourhood import input_columns, neighbourhood_metrics, neighbourhood_stats
 from histo.phenotypes import classify_he, gate_markers
 from histo.regions import assign_cells, find_regions, region_params
-from histo.report import thumbnail, write_overview, write_report
+from histo.report import density_figure, neighbourhood_figure, overview_figure, thumbnail, write_report
 
 def cell_types(cells: pd.DataFrame, wf: dict) -> tuple[pd.Categorical | None, dict]:
     """Cell types (H&E rules, or marker gates for IHC / IF) and the report of thresholds used."""
@@ -46,22 +48,51 @@ def analyse_cells(cells: pd.DataFrame, slide, tissue, wf: dict, annotations: str
     return extra, regions, metrics, {"cell_types": type_report, "regions": {k: int(v) for k, v in counts.items()}}
 
 
-def write_outputs(folder: Path, name: str, cells: pd.DataFrame, regions, metrics: pd.DataFrame, slide, wf: dict) -> None:
-    """regions.geojson, metrics.csv/.parquet, cells.h5ad, overview.png and report.html.
+def _submit(client, fn, *args):
+    """``fn(*args)`` as a task on ``client``'s cluster (a Dask Future), or here and now without a
+    client (a done Future); future arguments are resolved either way."""
+    if client is not None:
+        return client.submit(fn, *args, pure=False)
+    done = Future()
+    done.set_result(fn(*(a.result() if isinstance(a, Future) else a for a in args)))
+    return done
+
+
+def write_outputs(folder: Path, name: str, cells: pd.DataFrame, regions, metrics: pd.DataFrame, slide,
+                  wf: dict, client=None) -> dict[str, float]:
+    """regions.geojson, metrics.csv/.parquet, cells.h5ad, overview.png and report.html; returns the
+    seconds until the neighbourhood statistics were in (``neighbourhood_s``), then for the tables,
+    GeoJSON and h5ad (``exports_s``), then until the figures were in and the report written
+    (``report_s``).
 
     ``cells`` carry ``cell_type`` and the region ids; unless the workflow turns them off, the
     neighbourhood statistics (histo.neighbourhood) go to cells.h5ad ``uns["neighbourhood"]``,
-    their summary columns to the metrics and their plots to the report."""
+    their summary columns to the metrics and their plots to the report. With ``client``, the
+    statistics and the report's figures are computed as tasks on its workers, side by side, while
+    this process writes the tables (the workers are idle once the tiles are done)."""
+    t0 = time.perf_counter()
+    thumb, thumb_mpp = thumbnail(slide)
+    structure = "follicle" if wf["tissue_type"] == "lymph-node" else "aggregate"
+    lymphoid = tuple(region_params(wf["tissue_type"], wf["regions"])[structure]["cell_types"])
+    run_nhood = wf["neighbourhood"]["run"]
+    nhood = _submit(client, neighbourhood_stats, cells[input_columns(cells, wf["neighbourhood"])], wf["neighbourhood"]
+                    ) if run_nhood else None
+    plotted = cells[["x_um", "y_um", "cell_type"]]
+    figures = {"overview": _submit(client, overview_figure, thumb, thumb_mpp, regions, plotted),
+               "density": _submit(client, density_figure, thumb, thumb_mpp, regions, plotted, lymphoid)}
+    if run_nhood:
+        figures["neighbourhood"] = _submit(client, neighbourhood_figure, nhood)
     uns = {"histo": {"workflow": wf["name"], "tissue_type": wf["tissue_type"]}}
-    nhood = neighbourhood_stats(cells, wf["neighbourhood"]) if wf["neighbourhood"]["run"] else None
-    if nhood is not None:
-        uns["neighbourhood"] = nhood
+    if run_nhood:
+        uns["neighbourhood"] = nhood = nhood.result()
         metrics = metrics.merge(neighbourhood_metrics(nhood), on="region_id", how="left")
+    t1 = time.perf_counter()
     write_regions_geojson(regions, folder / "regions.geojson", slide.mpp, metrics)
     write_metrics(metrics, folder)
     write_h5ad(cells, folder / "cells.h5ad", uns=uns)
-    thumb, thumb_mpp = thumbnail(slide)
-    write_overview(folder / "overview.png", thumb, thumb_mpp, regions, cells)
-    structure = "follicle" if wf["tissue_type"] == "lymph-node" else "aggregate"
-    lymphoid = region_params(wf["tissue_type"], wf["regions"])[structure]["cell_types"]
-    write_report(folder / "report.html", name, thumb, thumb_mpp, regions, cells, metrics, wf["tissue_type"], nhood, lymphoid)
+    t2 = time.perf_counter()
+    figures = {k: f.result() for k, f in figures.items()}
+    (folder / "overview.png").write_bytes(figures["overview"])
+    write_report(folder / "report.html", name, thumb, thumb_mpp, regions, cells, metrics, wf["tissue_type"], nhood,
+                 lymphoid, figures)
+    return {"neighbourhood_s": t1 - t0, "exports_s": t2 - t1, "report_s": time.perf_counter() - t2}

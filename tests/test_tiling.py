@@ -1,6 +1,6 @@
 import numpy as np
 
-from histo.nuclei import cell_ids, polygon_area, tile_cells
+from histo.nuclei import border_duplicates, cell_ids, polygon_area, tile_cells
 from histo.tiling import ALIGN, Tile, tile_grid
 
 
@@ -63,3 +63,11 @@ def test_id_centres_invert_cell_ids():
     pts = np.array([[3, 7], [0, 0], [9, 1]])  # (y, x) grid px
     xy = id_centres_um(cell_ids(pts, 10), 10, 0.5)
     assert np.allclose(xy, (pts[:, ::-1] + 0.5) * 0.5)
+
+
+def test_border_duplicates_drop_the_weaker_copy_from_another_tile():
+    xy = np.array([[10.0, 10.0], [10.8, 10.3], [50.0, 50.0], [50.5, 50.0], [90.0, 90.0]])
+    prob = np.array([0.9, 0.95, 0.8, 0.7, 0.99])
+    tile = np.array([0, 1, 2, 2, 3])  # the pair at 50 µm lies in one tile: two nuclei, both kept
+    assert border_duplicates(xy, prob, tile).tolist() == [True, False, False, False, False]
+    assert not border_duplicates(xy[:1], prob[:1], tile[:1]).any()
