@@ -1,6 +1,6 @@
 """``histo run`` against StarDist's own tiling (``predict_instances_big``) on one generated slide.
 
-    python bench/throughput.py [--quick] [--size PX] [--workers 2] [--scaling] [--workdir DIR]
+    python bench/throughput.py [--quick] [--size PX] [--workers 2] [--rounds 3] [--scaling] [--workdir DIR]
 
 The slide is a generated lymph node at the model's pixel size (0.25 µm/px for ``histo-he``), so both
 paths see the same pixels, with the same model and thresholds:
@@ -16,7 +16,8 @@ paths see the same pixels, with the same model and thresholds:
 (a) runs in ``histo.models.inference_precision()`` (``$HISTO_PRECISION``, default ``auto``).
 
 Nuclei of (a), rasterised from ``cells.parquet``, are matched one-to-one to (b)'s label image at
-IoU ≥ 0.5. ``--scaling`` also times (a) with one worker. Peak memory is the summed RSS of this process
+IoU ≥ 0.5. Each path is timed ``--rounds`` times in a row (the 2 cores' speed swings from moment to
+moment, STACK.md) and the medians are compared. ``--scaling`` also times (a) with one worker. Peak memory is the summed RSS of this process
 and its children during each path. The last line is
 ``speedup=<b/a> agreement_f1=<F1 of a against b> mpx_per_s=<tissue Mpx per s of a>`` and peak GB.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -42,6 +44,10 @@ from memwatch import timed
 BIG = {"block_size": 4096, "min_overlap": 128, "context": 128}  # block_size at most the image's edge
 
 
+def _rounded(walls: list[float]) -> list[float]:
+    return [round(w, 1) for w in walls]
+
+
 def generated(workdir: Path, size: int, mpp: float, seed: int = 7) -> Path:
     path = workdir / f"ln-{size}-{mpp}.ome.tif"
     if not path.exists():
@@ -49,30 +55,41 @@ def generated(workdir: Path, size: int, mpp: float, seed: int = 7) -> Path:
     return path
 
 
-def histo_run(slide: Path, warm: Path, out: Path, workflow: str, model: str, workers: int):
-    """Load the model in every worker, run ``warm`` (first imports), then time ``slide``: (bundle, wall s, peak GB, run.json)."""
+def histo_run(slide: Path, warm: Path, out: Path, workflow: str, model: str, workers: int, rounds: int):
+    """Load the model in every worker, run ``warm`` (first imports, JIT), then time ``slide``
+    ``rounds`` times: (bundle, median wall s, wall s of each round, peak GB of the first round, run.json)."""
     with dask_client(n_workers=workers) as client:
         client.run(warm_worker, resolve_model(model), inference_precision())
         run_slide(warm, out / "warm", workflow, model=model, client=client, show_progress=False)
-        bundle, wall, peak = timed(run_slide, slide, out / f"w{workers}", workflow, model=model,
-                                   client=client, show_progress=False)
-    return bundle, wall, peak, json.loads((bundle / "run.json").read_text())
+        walls, peak = [], 0.0
+        for r in range(rounds):
+            bundle, wall, round_peak = timed(run_slide, slide, out / f"w{workers}-{r}", workflow, model=model,
+                                             client=client, show_progress=False)
+            walls.append(wall)
+            peak = peak or round_peak
+    return bundle, statistics.median(walls), walls, peak, json.loads((bundle / "run.json").read_text())
 
 
-def stardist_big(slide: Path, model: str, precision: str):
-    """(label image, wall s, peak GB) of ``predict_instances_big`` on the level-0 image in memory."""
+def stardist_big(slide: Path, model: str, precision: str, rounds: int):
+    """(label image, median wall s, wall s of each round, peak GB) of ``predict_instances_big`` on
+    the level-0 image in memory, ``rounds`` times."""
     spec = resolve_model(model)
     use_precision(precision)
     net = load_model(spec)
     x = normalize_image(tifffile.imread(slide, level=0), spec)
     big = BIG | {"block_size": min(BIG["block_size"], *x.shape[:2])}
-    (labels, _), wall, peak = timed(net.predict_instances_big, x, axes="YXC", show_progress=False, **big)
-    return labels, wall, peak
+    walls, peak = [], 0.0
+    for _ in range(rounds):
+        (labels, _), wall, round_peak = timed(net.predict_instances_big, x, axes="YXC", show_progress=False, **big)
+        walls.append(wall)
+        peak = max(peak, round_peak)
+    return labels, statistics.median(walls), walls, peak
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a 2,048² slide (under a minute)")
+    ap.add_argument("--quick", action="store_true", help="a 2,048² slide (about a minute and a half)")
+    ap.add_argument("--rounds", type=int, default=3, help="timed runs of each path; medians are compared (default 3)")
     ap.add_argument("--size", type=int, default=6144, help="slide edge, px (default 6144)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--scaling", action="store_true", help="also time histo run with one worker")
@@ -87,19 +104,21 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     slide, warm = generated(args.workdir, size, mpp), generated(args.workdir, 1024, mpp, seed=1)  # 257 nuclei
 
-    bundle, t_a, mem_a, run = histo_run(slide, warm, args.workdir / "out", args.workflow, model, args.workers)
+    out = args.workdir / "out"
+    bundle, t_a, walls_a, mem_a, run = histo_run(slide, warm, out, args.workflow, model, args.workers, args.rounds)
     steps = {k.removesuffix("_s"): round(v, 1) for k, v in run["timings_s"].items()}
     tasks = {k.removesuffix("_s"): round(v, 1) for k, v in run["task_timings_s"].items()}
-    print(f"histo run ({run['parameters']['precision']}): {t_a:.1f} s, {run['n_tiles']} tiles, {run['n_cells']} nuclei; steps (s) {steps}; "
-          f"summed over tile tasks (s) {tasks}", flush=True)
-    labels_b, t_b, mem_b = stardist_big(slide, model, args.baseline_precision)
-    print(f"predict_instances_big ({args.baseline_precision}): {t_b:.1f} s, {int(labels_b.max())} nuclei", flush=True)
+    print(f"histo run ({run['parameters']['precision']}): median {t_a:.1f} s of {_rounded(walls_a)}, {run['n_tiles']} tiles, "
+          f"{run['n_cells']} nuclei; last round's steps (s) {steps}; summed over tile tasks (s) {tasks}", flush=True)
+    labels_b, t_b, walls_b, mem_b = stardist_big(slide, model, args.baseline_precision, args.rounds)
+    print(f"predict_instances_big ({args.baseline_precision}): median {t_b:.1f} s of {_rounded(walls_b)}, "
+          f"{int(labels_b.max())} nuclei", flush=True)
     labels_a, _ = bundle_labels(bundle)
     f1 = score(labels_b, labels_a)["f1"]
     tissue_mpx = run["tissue"]["area_mm2"] / mpp**2  # mm² / (µm/px)² = Mpx
     if args.scaling:
-        _, t_1, _, _ = histo_run(slide, warm, args.workdir / "out", args.workflow, model, 1)
-        print(f"scaling: 1 worker {t_1:.1f} s, {args.workers} workers {t_a:.1f} s, "
+        _, t_1, walls_1, _, _ = histo_run(slide, warm, out, args.workflow, model, 1, args.rounds)
+        print(f"scaling: 1 worker median {t_1:.1f} s of {_rounded(walls_1)}, {args.workers} workers {t_a:.1f} s, "
               f"throughput ratio {t_1 / t_a:.2f}", flush=True)
     print(f"slide {size}² at {mpp} µm/px, tissue {tissue_mpx:.1f} Mpx of {size * size / 1e6:.1f} Mpx; "
           f"peak memory histo {mem_a:.2f} GB, predict_instances_big {mem_b:.2f} GB")
