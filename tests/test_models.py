@@ -251,3 +251,17 @@ def test_shipped_model_segments_fresh_generated_tiles(tmp_path):
         P.append(model.predict_instances(normalize_image(img, spec), verbose=False)[0])
     s = matching_dataset(Y, P, thresh=0.5, show_progress=False)
     assert s.f1 > 0.7, s
+
+
+def test_inference_precision_from_the_environment(monkeypatch):
+    from histo.models import inference_precision
+
+    monkeypatch.setenv("HISTO_PRECISION", "float32")
+    assert inference_precision() == "float32"
+    assert inference_precision("bfloat16") == "bfloat16"
+    monkeypatch.setenv("HISTO_PRECISION", "auto")
+    flags = set(open("/proc/cpuinfo").read().split())
+    assert inference_precision() == ("bfloat16" if {"amx_bf16", "avx512_bf16"} & flags else "float32")
+    monkeypatch.setenv("HISTO_PRECISION", "fp8")
+    with pytest.raises(HistoError, match="HISTO_PRECISION='fp8'"):
+        inference_precision()

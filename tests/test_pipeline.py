@@ -44,6 +44,9 @@ def test_bundle_is_complete_and_consistent(ln_bundle):
     assert {"cell_id", "x_um", "y_um", "polygon", "area_um2", "prob", "label"} <= set(cells.columns)
     assert cells.cell_id.is_unique and (cells.label.to_numpy() == np.arange(1, len(cells) + 1)).all()
     assert run["input"]["mpp"] == pytest.approx(0.5) and run["model"]["name"] == "histo-he"
+    assert run["parameters"]["precision"] in ("float32", "bfloat16") and run["n_border_duplicates_removed"] >= 0
+    steps = {"segment_s", "structures_s", "neighbourhood_s", "exports_s", "report_s", "labels_s"}
+    assert steps <= set(run["timings_s"]) and all(run["timings_s"][k] >= 0 for k in steps)
     root = zarr.open_group(str(bundle / "labels.ome.zarr"), mode="r")
     level0 = root["0"][:]
     assert level0.shape == tuple(run["parameters"]["grid_shape_px"]) and len(list(root.array_keys())) >= 2
