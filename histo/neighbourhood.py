@@ -41,8 +41,7 @@ def cells_adata(cells: pd.DataFrame, params: dict) -> ad.AnnData:
     columns of ``params["kinds"]`` and the Moran features; ``obsm["spatial"]`` in µm) with the spatial graph in ``obsp``."""
     types = [t for t in CELL_TYPES if t in set(cells["cell_type"].astype(str))]
     types += sorted(set(cells["cell_type"].astype(str)) - set(types))
-    keep = input_columns(cells, params)[3:]
-    obs = cells[keep].reset_index(drop=True).assign(
+    obs = cells[_obs_columns(cells, params)].reset_index(drop=True).assign(
         cell_type=pd.Categorical(cells["cell_type"].astype(str).to_numpy(), categories=types))
     obs.index = obs.index.astype(str)
     adata = ad.AnnData(obs=obs, obsm={"spatial": cells[["x_um", "y_um"]].to_numpy(np.float64)})
@@ -54,9 +53,12 @@ def cells_adata(cells: pd.DataFrame, params: dict) -> ad.AnnData:
 def input_columns(cells: pd.DataFrame, params: dict | None = None) -> list[str]:
     """The columns of ``cells`` that :func:`neighbourhood_stats` reads: ``x_um``, ``y_um``,
     ``cell_type``, the ``<kind>_id`` columns and the Moran features."""
-    p = nhood_params(params)
-    return (["x_um", "y_um", "cell_type"] + [f"{k}_id" for k in p["kinds"] if f"{k}_id" in cells]
-            + _features(cells, p))
+    return ["x_um", "y_um", "cell_type", *_obs_columns(cells, nhood_params(params))]
+
+
+def _obs_columns(cells: pd.DataFrame, params: dict) -> list[str]:
+    """The ``<kind>_id`` columns of ``params["kinds"]`` that ``cells`` has, and its Moran features."""
+    return [f"{k}_id" for k in params["kinds"] if f"{k}_id" in cells] + _features(cells, params)
 
 
 def _features(table: pd.DataFrame, params: dict) -> list[str]:

@@ -129,6 +129,13 @@ def region_params(tissue_type: str, overrides: dict | None = None) -> dict:
     return out
 
 
+def lymphoid_cell_types(tissue_type: str, overrides: dict | None = None) -> tuple[str, ...]:
+    """The cell types the tissue's lymphoid structures (lymph node: follicles; synovium: aggregates)
+    are made of, per ``region_params(tissue_type, overrides)``."""
+    structure = "follicle" if tissue_type == "lymph-node" else "aggregate"
+    return tuple(region_params(tissue_type, overrides)[structure]["cell_types"])
+
+
 def used_cell_types(params: dict, tissue_type: str) -> dict[str, list]:
     """The ``<section>.cell_types`` lists read by the wanted ``structures`` of ``params`` (a
     ``region_params`` dict), by section: follicles read their own and the germinal centres' (the

@@ -136,13 +136,6 @@ def overview_figure(thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.
     return _png(fig)
 
 
-def write_overview(path: str | Path, thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame) -> Path:
-    """Write :func:`overview_figure` to ``path`` (``overview.png``)."""
-    path = Path(path)
-    path.write_bytes(overview_figure(thumbnail, thumb_mpp, regions, cells))
-    return path
-
-
 def density_figure(thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame,
                    lymphoid: tuple[str, ...] = ("lymphocyte",)) -> bytes:
     """PNG bytes: density per mm² within 25 µm (§7.1) of the ``lymphoid`` cell types (the cells

@@ -29,8 +29,8 @@ from histo.aggregates import count_inside, grade
 from histo.errors import HistoError
 from histo.export import ID_COLUMNS, regions_geojson, write_metrics
 from histo.metrics import region_metrics
-from histo.regions import KINDS, assign_cells, edge_truncated, mantle_thickness, region_params
-from histo.report import thumbnail, thumbnail_mpp, write_overview, write_report
+from histo.regions import KINDS, assign_cells, edge_truncated, lymphoid_cell_types, mantle_thickness, region_params
+from histo.report import overview_figure, thumbnail, thumbnail_mpp, write_report
 
 REVIEW_STATES = ("unreviewed", "accepted", "rejected")
 HOSTS = ("follicle", "aggregate")  # kinds that hold germinal centres
@@ -223,11 +223,12 @@ def redraw_figures(bundle: Path, run: dict, regions: gpd.GeoDataFrame, cells: pd
     wf = run["workflow"]
     thumb, thumb_mpp = slide_thumbnail(run)
     nhood = saved_neighbourhood(bundle)
-    structure = "follicle" if wf["tissue_type"] == "lymph-node" else "aggregate"
-    lymphoid = region_params(wf["tissue_type"], wf["regions"])[structure]["cell_types"]  # as histo.structures
-    _replace(bundle / "overview.png", lambda tmp: write_overview(tmp, thumb, thumb_mpp, regions, cells))
+    lymphoid = lymphoid_cell_types(wf["tissue_type"], wf["regions"])
+    overview = overview_figure(thumb, thumb_mpp, regions, cells)  # the PNG file and the report's map
+    _replace(bundle / "overview.png", lambda tmp: tmp.write_bytes(overview))
     _replace(bundle / "report.html", lambda tmp: write_report(tmp, bundle.name, thumb, thumb_mpp, regions, cells, metrics,
-                                                              wf["tissue_type"], nhood, lymphoid))
+                                                              wf["tissue_type"], nhood, lymphoid,
+                                                              {"overview": overview}))
 
 
 def save_review(bundle: str | Path, regions: gpd.GeoDataFrame) -> pd.DataFrame:

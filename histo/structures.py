@@ -16,7 +16,7 @@ from histo.export import import_annotations, write_h5ad, write_metrics, write_re
 from histo.metrics import region_metrics
 from histo.neighbourhood import input_columns, neighbourhood_metrics, neighbourhood_stats
 from histo.phenotypes import classify_he, gate_markers
-from histo.regions import assign_cells, find_regions, region_params
+from histo.regions import assign_cells, find_regions, lymphoid_cell_types
 from histo.report import density_figure, neighbourhood_figure, overview_figure, thumbnail, write_report
 
 def cell_types(cells: pd.DataFrame, wf: dict) -> tuple[pd.Categorical | None, dict]:
@@ -72,18 +72,16 @@ def write_outputs(folder: Path, name: str, cells: pd.DataFrame, regions, metrics
     this process writes the tables (the workers are idle once the tiles are done)."""
     t0 = time.perf_counter()
     thumb, thumb_mpp = thumbnail(slide)
-    structure = "follicle" if wf["tissue_type"] == "lymph-node" else "aggregate"
-    lymphoid = tuple(region_params(wf["tissue_type"], wf["regions"])[structure]["cell_types"])
+    lymphoid = lymphoid_cell_types(wf["tissue_type"], wf["regions"])
     run_nhood = wf["neighbourhood"]["run"]
     nhood = _submit(client, neighbourhood_stats, cells[input_columns(cells, wf["neighbourhood"])], wf["neighbourhood"]
                     ) if run_nhood else None
     plotted = cells[["x_um", "y_um", "cell_type"]]
     figures = {"overview": _submit(client, overview_figure, thumb, thumb_mpp, regions, plotted),
                "density": _submit(client, density_figure, thumb, thumb_mpp, regions, plotted, lymphoid)}
-    if run_nhood:
-        figures["neighbourhood"] = _submit(client, neighbourhood_figure, nhood)
     uns = {"histo": {"workflow": wf["name"], "tissue_type": wf["tissue_type"]}}
     if run_nhood:
+        figures["neighbourhood"] = _submit(client, neighbourhood_figure, nhood)
         uns["neighbourhood"] = nhood = nhood.result()
         metrics = metrics.merge(neighbourhood_metrics(nhood), on="region_id", how="left")
     t1 = time.perf_counter()

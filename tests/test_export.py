@@ -17,7 +17,7 @@ from histo.errors import HistoError
 from histo.export import import_annotations, regions_geojson, write_h5ad, write_regions_geojson
 from histo.metrics import region_metrics
 from histo.regions import assign_cells, find_regions
-from histo.report import write_overview, write_report
+from histo.report import overview_figure, write_report
 
 MPP = 0.5
 
@@ -139,7 +139,8 @@ def test_h5ad_opens_in_anndata_and_squidpy(bundle, tmp_path):
 
 def test_overview_and_report(bundle, tmp_path):
     slide, cells, regions, metrics, thumb, thumb_mpp = bundle
-    png = write_overview(tmp_path / "overview.png", thumb, thumb_mpp, regions, cells)
+    png = tmp_path / "overview.png"
+    png.write_bytes(overview_figure(thumb, thumb_mpp, regions, cells))
     with Image.open(png) as img:
         assert img.format == "PNG" and img.width >= 800
         assert np.asarray(img.convert("RGB")).std() > 10
