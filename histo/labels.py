@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numba
 import numpy as np
 import pyarrow.parquet as pq
 import shapely
 import zarr
-from skimage.draw import polygon as fill_polygon
 
 from histo.tiling import Tile
 
@@ -24,16 +24,45 @@ MIN_LEVEL_PX = 512  # stop adding levels once the longer side is this small
 def rasterise(polygons_um: np.ndarray, labels: np.ndarray, mpp: float, origin_px: tuple[int, int], shape) -> np.ndarray:
     """Label image of ``shape`` whose top-left is grid px ``origin_px`` (x, y).
 
-    ``polygons_um`` are shapely polygons (µm); they are drawn in order, later ones on top. A pixel
-    belongs to a polygon when its centre (``(i + 0.5)·mpp`` µm) lies inside.
+    ``polygons_um`` are shapely polygons (µm; their exterior rings are drawn); they are drawn in
+    order, later ones on top. A pixel belongs to a polygon when its centre (``(i + 0.5)·mpp`` µm)
+    lies inside (even-odd rule; a centre on a left or top edge is inside, on a right or bottom one not).
     """
     out = np.zeros(shape, dtype=np.int32)
-    x0, y0 = origin_px
-    for poly, label in zip(polygons_um, labels):
-        xy = shapely.get_coordinates(shapely.get_exterior_ring(poly))
-        rr, cc = fill_polygon(xy[:, 1] / mpp - 0.5 - y0, xy[:, 0] / mpp - 0.5 - x0, shape=shape)
-        out[rr, cc] = label
+    if len(polygons_um):
+        rings = shapely.get_exterior_ring(np.asarray(polygons_um))
+        xy, ring = shapely.get_coordinates(rings, return_index=True)
+        offsets = np.searchsorted(ring, np.arange(len(rings) + 1))
+        _fill(out, xy[:, 0] / mpp - 0.5 - origin_px[0], xy[:, 1] / mpp - 0.5 - origin_px[1], offsets,
+              np.asarray(labels, dtype=np.int32))
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill(out, xs, ys, offsets, labels):  # pragma: no cover - compiled
+    """Scanline fill of polygon k (vertices ``xs, ys[offsets[k]:offsets[k + 1]]``, px with pixel
+    centres on integers) with ``labels[k]``, in order. A row's edge crossings come in pairs (a closed
+    ring); pixel c of the row is inside between a pair when crossing_0 ≤ c < crossing_1.
+    skimage.draw.polygon (a point-in-polygon test per pixel of the bounding box, 0.36 ms per
+    nucleus) took 0.13 s for a 1,024² chunk's 360 nuclei; this takes a tenth of that."""
+    h, w = out.shape
+    for k in range(len(offsets) - 1):
+        a, b = offsets[k], offsets[k + 1]
+        if b - a < 3:
+            continue
+        cross = np.empty(b - a, np.float64)
+        r0, r1 = max(int(np.ceil(ys[a:b].min())), 0), min(int(np.floor(ys[a:b].max())), h - 1)
+        for r in range(r0, r1 + 1):
+            n = 0
+            for i in range(a, b):
+                j = i + 1 if i + 1 < b else a
+                if (ys[i] <= r) != (ys[j] <= r):
+                    cross[n] = xs[i] + (r - ys[i]) * (xs[j] - xs[i]) / (ys[j] - ys[i])
+                    n += 1
+            row = np.sort(cross[:n])
+            for p in range(0, n - 1, 2):
+                for c in range(max(int(np.ceil(row[p])), 0), min(int(np.ceil(row[p + 1])), w)):
+                    out[r, c] = labels[k]
 
 
 def create_pyramid(path: Path, shape: tuple[int, int], chunk: int, mpp: float) -> list[zarr.Array]:
@@ -61,9 +90,13 @@ def write_chunk(cells_path: str, row_groups: list[int], zarr_path: str, tile: Ti
     region = (tile.y1 - tile.y0, tile.x1 - tile.x0)
     if row_groups:
         table = pq.ParquetFile(cells_path).read_row_groups(row_groups, columns=["label", "polygon"])
-        order = np.argsort(table.column("label").to_numpy())
-        polygons = shapely.from_wkb(table.column("polygon").to_numpy(zero_copy_only=False)[order])
-        chunk = rasterise(polygons, table.column("label").to_numpy()[order], mpp, (tile.x0, tile.y0), region)
+        polygons = shapely.from_wkb(table.column("polygon").to_numpy(zero_copy_only=False))
+        # only the nuclei that reach the chunk (the neighbours' tiles hold 8 chunks' worth more)
+        x0, y0, x1, y1 = shapely.bounds(polygons).T / mpp
+        labels = table.column("label").to_numpy()
+        near = (x1 >= tile.x0) & (x0 < tile.x1) & (y1 >= tile.y0) & (y0 < tile.y1)
+        order = np.argsort(labels[near])
+        chunk = rasterise(polygons[near][order], labels[near][order], mpp, (tile.x0, tile.y0), region)
     else:
         chunk = np.zeros(region, dtype=np.int32)
     if chunk.any():

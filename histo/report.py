@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from PIL import Image
 
 from histo.export import KIND_COLORS
 from histo.metrics import type_column
@@ -29,6 +30,7 @@ MAX_POINTS = 200_000
 DENSITY_RADIUS_UM = 25.0  # §7.1: lymphocytes within 25 µm
 THUMB_MAX_PX = 4000  # longer side of the overview thumbnail, px
 THUMB_MIN_MPP = 2.0  # µm/px: no finer than this (overlays need no more)
+DPI = 110  # figure px per inch
 
 
 def thumbnail_mpp(shape_px, mpp: float) -> float:
@@ -67,13 +69,18 @@ def cell_colors(types: list[str]) -> dict[str, str]:
 
 
 def _figure(thumbnail: np.ndarray, thumb_mpp: float, fade: float, width_in: float = 10.0):
-    """Figure with the thumbnail (blended ``fade`` towards white) on the left 80 %, µm axes."""
+    """Figure with the thumbnail (blended ``fade`` towards white) on the left 80 %, µm axes. The
+    thumbnail is resampled once to its size on the canvas (PIL, Lanczos), so matplotlib draws it
+    pixel for pixel: a third of the time of matplotlib's own Lanczos on the float image."""
     h, w = thumbnail.shape[:2]
-    fig = Figure(figsize=(width_in, max(3.0, 0.8 * width_in * h / w)), dpi=110)
+    fig = Figure(figsize=(width_in, max(3.0, 0.8 * width_in * h / w)), dpi=DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0.0, 0.0, 0.8, 1.0))
-    img = (thumbnail[..., :3].astype(np.float32) * (1 - fade) + 255 * fade).astype(np.uint8)
-    ax.imshow(img, extent=(0, w * thumb_mpp, h * thumb_mpp, 0), interpolation="lanczos")
+    scale = min(0.8 * fig.bbox.width / w, fig.bbox.height / h)  # canvas px per thumbnail px
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    img = np.asarray(Image.fromarray(np.ascontiguousarray(thumbnail[..., :3])).resize(size, Image.Resampling.LANCZOS))
+    img = (img.astype(np.float32) * (1 - fade) + 255 * fade).astype(np.uint8)
+    ax.imshow(img, extent=(0, w * thumb_mpp, h * thumb_mpp, 0), interpolation="nearest")
     ax.set_axis_off()
     return fig, ax
 
@@ -109,8 +116,9 @@ def _scalebar(ax, width_um: float):
 
 
 def _png(fig) -> bytes:
+    """The figure as PNG bytes; zlib level 1: a fifth of level 6's time for files ~15 % larger."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=DPI, pil_kwargs={"compress_level": 1})
     return buf.getvalue()
 
 
@@ -167,9 +175,11 @@ def neighbourhood_figure(result: dict, region_id: str = "slide") -> bytes | None
         return None
     types = list(result["cell_types"])
     colors = list(cell_colors(types).values())
-    fig = Figure(figsize=(15, 4.4), dpi=110, layout="constrained")
+    # fixed margins: constrained layout measured every label repeatedly, half the figure's time
+    fig = Figure(figsize=(15, 4.4), dpi=DPI)
     FigureCanvasAgg(fig)
-    heat, occ, rip = fig.subplots(1, 3)
+    heat, occ, rip = fig.subplots(1, 3, gridspec_kw={"left": 0.07, "right": 0.99, "bottom": 0.2, "top": 0.92,
+                                                      "wspace": 0.3})
     if "nhood_zscore" in r:
         z = r["nhood_zscore"]
         top = max(float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0, 1.0)

@@ -8,10 +8,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import shapely
 import zarr
 from scipy.spatial import cKDTree
 
 from histo.bundle import is_complete
+from histo.labels import rasterise
 from histo.matching import match_points
 from histo.nuclei import id_centres_um
 from histo.pipeline import run_slide
@@ -52,6 +54,10 @@ def test_bundle_is_complete_and_consistent(ln_bundle):
     assert level0.shape == tuple(run["parameters"]["grid_shape_px"]) and len(list(root.array_keys())) >= 2
     drawn = np.unique(level0[level0 > 0])
     assert set(drawn) <= set(cells.label) and len(drawn) > 0.95 * len(cells)
+    # chunk by chunk, each from its 3×3 tiles' nuclei, equals all nuclei drawn at once
+    whole = rasterise(shapely.from_wkb(cells.polygon), cells.label.to_numpy(), run["parameters"]["grid_mpp"], (0, 0),
+                      level0.shape)
+    assert np.array_equal(level0, whole)
     # a nucleus's label sits at its centroid (µm → grid px at the model's µm/px)
     sample = cells.sample(200, random_state=0)
     grid_mpp = run["parameters"]["grid_mpp"]
