@@ -6,7 +6,8 @@ The slide is a generated lymph node at the model's pixel size (0.25 µm/px for `
 paths see the same pixels, with the same model and thresholds:
 
 (a) ``histo run`` end to end (read, tissue, segment, features, cell types, regions, neighbourhood
-    statistics, write) on a LocalCluster whose workers were warmed by a run on a small slide;
+    statistics, write) on a LocalCluster whose workers were warmed by a run on a small slide (and
+    that slide's neighbourhood statistics in every worker: Squidpy's numba compiles per process);
 (b) the path a StarDist user would take instead: the whole image in memory (reading and
     normalising it is not timed) through ``StarDist2D.predict_instances_big`` with the StarDist
     docs' blocks (4096 px or the image's edge if smaller, overlap 128, context 128), in this process,
@@ -30,11 +31,13 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 import tifffile
 
 from histo.cluster import dask_client
 from histo.evaluate import bundle_labels, score
 from histo.models import PRECISIONS, inference_precision, load_model, normalize_image, resolve_model, use_precision
+from histo.neighbourhood import input_columns, neighbourhood_stats
 from histo.pipeline import run_slide
 from histo.segment import warm_worker
 from histo.workflow import load_workflow
@@ -55,12 +58,20 @@ def generated(workdir: Path, size: int, mpp: float, seed: int = 7) -> Path:
     return path
 
 
+def warm_statistics(bundle: Path, params: dict) -> None:
+    """The neighbourhood statistics of ``bundle``'s cells, for their numba JIT in this worker."""
+    cells = pd.read_parquet(bundle / "cells.parquet")
+    neighbourhood_stats(cells[input_columns(cells, params)], params)
+
+
 def histo_run(slide: Path, warm: Path, out: Path, workflow: str, model: str, workers: int, rounds: int):
-    """Load the model in every worker, run ``warm`` (first imports, JIT), then time ``slide``
+    """Load the model in every worker, run ``warm`` (first imports, JIT) and its statistics in every
+    worker (the run computes them in one; Squidpy compiles them per process), then time ``slide``
     ``rounds`` times: (bundle, median wall s, wall s of each round, peak GB of the first round, run.json)."""
     with dask_client(n_workers=workers) as client:
         client.run(warm_worker, resolve_model(model), inference_precision())
-        run_slide(warm, out / "warm", workflow, model=model, client=client, show_progress=False)
+        warmed = run_slide(warm, out / "warm", workflow, model=model, client=client, show_progress=False)
+        client.run(warm_statistics, warmed, load_workflow(workflow)["neighbourhood"])
         walls, peak = [], 0.0
         for r in range(rounds):
             bundle, wall, round_peak = timed(run_slide, slide, out / f"w{workers}-{r}", workflow, model=model,
@@ -72,12 +83,14 @@ def histo_run(slide: Path, warm: Path, out: Path, workflow: str, model: str, wor
 
 def stardist_big(slide: Path, model: str, precision: str, rounds: int):
     """(label image, median wall s, wall s of each round, peak GB) of ``predict_instances_big`` on
-    the level-0 image in memory, ``rounds`` times."""
+    the level-0 image in memory, ``rounds`` times after an untimed run (as histo's workers, warm: a
+    cohort's blocks share one shape, so a StarDist user pays the graph's tracing once)."""
     spec = resolve_model(model)
     use_precision(precision)
     net = load_model(spec)
     x = normalize_image(tifffile.imread(slide, level=0), spec)
     big = BIG | {"block_size": min(BIG["block_size"], *x.shape[:2])}
+    net.predict_instances_big(x, axes="YXC", show_progress=False, **big)  # untimed: traces the block's graph
     walls, peak = [], 0.0
     for _ in range(rounds):
         (labels, _), wall, round_peak = timed(net.predict_instances_big, x, axes="YXC", show_progress=False, **big)

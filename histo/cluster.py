@@ -29,7 +29,7 @@ def local_cluster(n_workers: int | None = None) -> LocalCluster:
     """A LocalCluster of ``n_workers`` single-threaded processes (default: one per core); its
     scheduler and HTTP endpoints listen on localhost only, on free ports."""
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_ENV}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ, "distributed.worker.profile.enabled": False}):
         return LocalCluster(
             n_workers=n_workers or available_cores(),
             threads_per_worker=1,

@@ -36,13 +36,19 @@ def nhood_params(overrides: dict | None = None) -> dict:
     return p
 
 
+def cell_type_order(cells: pd.DataFrame) -> list[str]:
+    """The cell types of ``cells`` in the order every matrix uses: CELL_TYPES order, then others sorted."""
+    present = set(cells["cell_type"].astype(str))
+    return [t for t in CELL_TYPES if t in present] + sorted(present - set(CELL_TYPES))
+
+
 def cells_adata(cells: pd.DataFrame, params: dict) -> ad.AnnData:
-    """AnnData of the cells (obs: ``cell_type`` categorical in CELL_TYPES order, the ``<kind>_id``
-    columns of ``params["kinds"]`` and the Moran features; ``obsm["spatial"]`` in µm) with the spatial graph in ``obsp``."""
-    types = [t for t in CELL_TYPES if t in set(cells["cell_type"].astype(str))]
-    types += sorted(set(cells["cell_type"].astype(str)) - set(types))
+    """AnnData of the cells (obs: ``cell_type`` categorical in :func:`cell_type_order`, the
+    ``<kind>_id`` columns of ``params["kinds"]`` and the Moran features; ``obsm["spatial"]`` in µm)
+    with the spatial graph in ``obsp``."""
+    params = nhood_params(params)
     obs = cells[_obs_columns(cells, params)].reset_index(drop=True).assign(
-        cell_type=pd.Categorical(cells["cell_type"].astype(str).to_numpy(), categories=types))
+        cell_type=pd.Categorical(cells["cell_type"].astype(str).to_numpy(), categories=cell_type_order(cells)))
     obs.index = obs.index.astype(str)
     adata = ad.AnnData(obs=obs, obsm={"spatial": cells[["x_um", "y_um"]].to_numpy(np.float64)})
     build = sq.gr.spatial_neighbors_delaunay if params["graph"] == "delaunay" else sq.gr.spatial_neighbors_radius
@@ -153,32 +159,75 @@ def _moran(adata: ad.AnnData, feats: list[str], seed: int) -> np.ndarray:
     return res["I"].reindex(feats).to_numpy(np.float64)
 
 
+def _region_cells(obs: pd.DataFrame, p: dict) -> dict[str, np.ndarray]:
+    """Row positions in ``obs`` of each region of ``p["kinds"]`` with ≥ ``min_cells`` cells, in kind
+    then id order (``<kind>_id`` columns: categorical, or the text ids of a read cells.parquet)."""
+    out = {}
+    for kind in p["kinds"]:
+        col = f"{kind}_id"
+        if col not in obs:
+            continue
+        ids = pd.Categorical(obs[col])
+        order = np.argsort(ids.codes, kind="stable")
+        bounds = np.searchsorted(ids.codes[order], np.arange(len(ids.categories) + 1))  # missing ids (−1) first, skipped
+        for k, rid in enumerate(ids.categories):
+            if bounds[k + 1] - bounds[k] >= p["min_cells"]:
+                out[str(rid)] = order[bounds[k]:bounds[k + 1]]
+    return out
+
+
+def _has_graph(cells: pd.DataFrame, p: dict) -> bool:
+    return len(cells) >= max(p["min_cells"], 3)  # no graph without 3 cells; no region can reach min_cells
+
+
+def region_groups(cells: pd.DataFrame, params: dict | None, n_groups: int) -> list[list[str]]:
+    """The region ids :func:`neighbourhood_stats` analyses, as tasks for a cluster: ``["slide"]``
+    first (the report's figure needs only it), then the other regions in ≤ ``n_groups`` groups of
+    about equal cell counts (largest first, each to the lightest group). Empty with too few cells."""
+    p = nhood_params(params)
+    if not _has_graph(cells, p):
+        return []
+    sizes = sorted(((len(idx), rid) for rid, idx in _region_cells(cells.reset_index(drop=True), p).items()), reverse=True)
+    groups: list[list[str]] = [[] for _ in range(max(1, min(n_groups, len(sizes))))]
+    load = [0] * len(groups)
+    for n, rid in sizes:
+        k = load.index(min(load))
+        groups[k].append(rid)
+        load[k] += n
+    return [["slide"]] + [g for g in groups if g]
+
+
+def group_stats(cells: pd.DataFrame, params: dict | None, region_ids: list[str]) -> dict[str, dict]:
+    """:func:`region_stats` of each of ``region_ids`` (``slide``: all cells) on the graph of all
+    ``cells`` (:func:`cells_adata`). Each group task builds that graph itself: a tenth of its time
+    or less, and the tasks then go to whichever worker is free (a shared graph task pinned them all
+    to the worker holding it)."""
+    p = nhood_params(params)
+    adata = cells_adata(cells, p)
+    types = list(adata.obs["cell_type"].cat.categories)
+    cells_of = _region_cells(adata.obs, p) if set(region_ids) - {"slide"} else {}
+    return {rid: region_stats((adata if rid == "slide" else adata[cells_of[rid]]).copy(), types, p) for rid in region_ids}
+
+
+def stats_result(cells: pd.DataFrame, params: dict | None, groups: list[dict[str, dict]]) -> dict:
+    """The result of :func:`neighbourhood_stats` from the :func:`group_stats` of its :func:`region_groups`."""
+    regions = {rid: stats for g in groups for rid, stats in g.items()}
+    p = nhood_params(params)
+    order = ["slide", *_region_cells(cells.reset_index(drop=True), p)] if regions else []
+    return {"cell_types": cell_type_order(cells), "params": _plain(p), "regions": {rid: regions[rid] for rid in order}}
+
+
 def neighbourhood_stats(cells: pd.DataFrame, params: dict | None = None) -> dict:
     """Statistics for the slide and each region of ``params["kinds"]`` with ≥ ``min_cells`` cells.
 
     ``cells``: ``x_um``, ``y_um``, ``cell_type`` and the ``<kind>_id`` columns of
     :func:`histo.regions.assign_cells`. Returns ``{"cell_types": [...], "params": {...},
     "regions": {region_id: region_stats}}``, storable in AnnData ``uns``. Same input and seed give
-    the same numbers.
+    the same numbers. On a cluster the same comes from a :func:`group_stats` task per
+    :func:`region_groups` group and :func:`stats_result`.
     """
-    p = nhood_params(params)
-    if len(cells) < max(p["min_cells"], 3):  # no graph without 3 cells; no region can reach min_cells
-        return {"cell_types": sorted(set(cells["cell_type"].astype(str))), "params": _plain(p), "regions": {}}
-    adata = cells_adata(cells, p)
-    types = list(adata.obs["cell_type"].cat.categories)
-    out = {"slide": region_stats(adata.copy(), types, p)}
-    for kind in p["kinds"]:
-        col = f"{kind}_id"
-        if col not in adata.obs:
-            continue
-        ids = pd.Categorical(adata.obs[col])  # categorical (assign_cells) or text ids (a read cells.parquet)
-        order = np.argsort(ids.codes, kind="stable")
-        bounds = np.searchsorted(ids.codes[order], np.arange(len(ids.categories) + 1))
-        for k, rid in enumerate(ids.categories):
-            idx = order[bounds[k]:bounds[k + 1]]
-            if len(idx) >= p["min_cells"]:
-                out[str(rid)] = region_stats(adata[idx].copy(), types, p)
-    return {"cell_types": types, "params": _plain(p), "regions": out}
+    groups = region_groups(cells, params, 1)
+    return stats_result(cells, params, [group_stats(cells, params, sum(groups, []))] if groups else [])
 
 
 def _plain(p: dict) -> dict:

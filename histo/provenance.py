@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 from importlib import metadata
 
@@ -13,6 +14,12 @@ PACKAGES = ("numpy", "dask", "distributed", "tifffile", "imagecodecs", "zarr", "
 
 def versions(packages: tuple[str, ...] = PACKAGES) -> dict:
     """Python, histo and the installed ``packages`` (distribution names) with their versions."""
+    return dict(_versions(packages))
+
+
+@functools.cache
+def _versions(packages: tuple[str, ...]) -> dict:
+    """:func:`versions`, looked up once per process (0.05 s, at the end of every run)."""
     found = {"python": platform.python_version(), "histo": __version__}
     for name in packages:
         try:

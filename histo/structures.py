@@ -14,7 +14,8 @@ import pandas as pd
 
 from histo.export import import_annotations, write_h5ad, write_metrics, write_regions_geojson
 from histo.metrics import region_metrics
-from histo.neighbourhood import input_columns, neighbourhood_metrics, neighbourhood_stats
+from histo.neighbourhood import (cell_type_order, group_stats, input_columns, neighbourhood_metrics,
+                                 region_groups, stats_result)
 from histo.phenotypes import classify_he, gate_markers
 from histo.regions import assign_cells, find_regions, lymphoid_cell_types
 from histo.report import density_figure, neighbourhood_figure, overview_figure, thumbnail, write_report
@@ -48,14 +49,19 @@ def analyse_cells(cells: pd.DataFrame, slide, tissue, wf: dict, annotations: str
     return extra, regions, metrics, {"cell_types": type_report, "regions": {k: int(v) for k, v in counts.items()}}
 
 
-def _submit(client, fn, *args):
-    """``fn(*args)`` as a task on ``client``'s cluster (a Dask Future), or here and now without a
-    client (a done Future); future arguments are resolved either way."""
+def _submit(client, fn, *args, priority: int = 0):
+    """``fn(*args)`` as a task on ``client``'s cluster (a Dask Future; higher ``priority`` first), or
+    here and now without a client (a done Future); future arguments are resolved either way."""
     if client is not None:
-        return client.submit(fn, *args, pure=False)
+        return client.submit(fn, *args, pure=False, priority=priority)
     done = Future()
     done.set_result(fn(*(a.result() if isinstance(a, Future) else a for a in args)))
     return done
+
+
+def _slide_figure(types: list[str], slide_group: dict) -> bytes | None:
+    """The report's neighbourhood figure from the slide's :func:`group_stats` alone."""
+    return neighbourhood_figure({"cell_types": types, "regions": slide_group})
 
 
 def write_outputs(folder: Path, name: str, cells: pd.DataFrame, regions, metrics: pd.DataFrame, slide,
@@ -71,18 +77,23 @@ def write_outputs(folder: Path, name: str, cells: pd.DataFrame, regions, metrics
     statistics and the report's figures are computed as tasks on its workers, side by side, while
     this process writes the tables (the workers are idle once the tiles are done)."""
     t0 = time.perf_counter()
+    params = wf["neighbourhood"]
+    if params["run"]:
+        # first (the longest chain): the slide's statistics, then its figure; beside them the regions' in groups
+        nhood_in = cells[input_columns(cells, params)]
+        groups = region_groups(nhood_in, params, len(client.nthreads()) - 1 if client is not None else 1)
+        parts = [_submit(client, group_stats, nhood_in, params, g, priority=2 - bool(k)) for k, g in enumerate(groups)]
     thumb, thumb_mpp = thumbnail(slide)
     lymphoid = lymphoid_cell_types(wf["tissue_type"], wf["regions"])
-    run_nhood = wf["neighbourhood"]["run"]
-    nhood = _submit(client, neighbourhood_stats, cells[input_columns(cells, wf["neighbourhood"])], wf["neighbourhood"]
-                    ) if run_nhood else None
     plotted = cells[["x_um", "y_um", "cell_type"]]
     figures = {"overview": _submit(client, overview_figure, thumb, thumb_mpp, regions, plotted),
                "density": _submit(client, density_figure, thumb, thumb_mpp, regions, plotted, lymphoid)}
     uns = {"histo": {"workflow": wf["name"], "tissue_type": wf["tissue_type"]}}
-    if run_nhood:
-        figures["neighbourhood"] = _submit(client, neighbourhood_figure, nhood)
-        uns["neighbourhood"] = nhood = nhood.result()
+    nhood = None
+    if params["run"]:
+        if parts:
+            figures["neighbourhood"] = _submit(client, _slide_figure, cell_type_order(nhood_in), parts[0], priority=2)
+        uns["neighbourhood"] = nhood = stats_result(nhood_in, params, [f.result() for f in parts])
         metrics = metrics.merge(neighbourhood_metrics(nhood), on="region_id", how="left")
     t1 = time.perf_counter()
     write_regions_geojson(regions, folder / "regions.geojson", slide.mpp, metrics)

@@ -9,7 +9,7 @@ import pytest
 
 from histo.errors import HistoError, WorkflowError
 from histo.metrics import region_metrics
-from histo.neighbourhood import neighbourhood_stats, nhood_params
+from histo.neighbourhood import group_stats, neighbourhood_stats, nhood_params, region_groups, stats_result
 from histo.regions import assign_cells, find_regions
 from histo.slide import open_slide
 from histo.structures import write_outputs
@@ -66,17 +66,29 @@ def test_same_seed_same_numbers_and_sample_bound(node):
     other = neighbourhood_stats(cells, {**params, "seed": 1, "kinds": []})
     assert first["regions"].keys() == again["regions"].keys()
     assert {"slide", "tissue-1"} | set(regions[regions.kind == "follicle"].region_id) == set(first["regions"])
-    for rid, r in first["regions"].items():
-        for key, value in r.items():
-            same = value.equals(again["regions"][rid][key]) if isinstance(value, pd.DataFrame) else \
-                np.array_equal(value, again["regions"][rid][key], equal_nan=np.asarray(value).dtype.kind == "f")
-            assert same, (rid, key)
+    _assert_same(first, again)
+    for r in first["regions"].values():
         n = r["n_cells"]
         assert r["co_occurrence_n_cells"] == min(n, 800) and r["ripley_n_cells"] == min(n, 500)
         assert np.isnan(r["centrality"].to_numpy()).all() == (n > 5_000)
     assert not np.array_equal(first["regions"]["slide"]["nhood_zscore"], other["regions"]["slide"]["nhood_zscore"])
     assert not np.array_equal(first["regions"]["slide"]["ripley_L"], other["regions"]["slide"]["ripley_L"],
                               equal_nan=True)  # another sample
+    # as a cluster computes them: one graph, the slide alone, the regions in groups of about equal cells
+    groups = region_groups(cells, params, 3)
+    assert groups[0] == ["slide"] and len(groups) == 4 and sorted(sum(groups[1:], [])) == sorted(set(first["regions"]) - {"slide"})
+    split = stats_result(cells, params, [group_stats(cells, params, g) for g in reversed(groups)])
+    assert list(split["regions"]) == list(first["regions"]) and split["cell_types"] == first["cell_types"]
+    _assert_same(first, split)
+
+
+def _assert_same(a: dict, b: dict):
+    """Every statistic of every region of result ``a`` equals ``b``'s (NaN equal to NaN)."""
+    for rid, r in a["regions"].items():
+        for key, value in r.items():
+            same = value.equals(b["regions"][rid][key]) if isinstance(value, pd.DataFrame) else \
+                np.array_equal(value, b["regions"][rid][key], equal_nan=np.asarray(value).dtype.kind == "f")
+            assert same, (rid, key)
 
 
 def test_bundle_files_carry_the_statistics(node, generated, tmp_path):

@@ -11,6 +11,9 @@ def test_cores_partition_the_image():
         owner[t.y0 : t.y1, t.x0 : t.x1] += 1
         x, y, w, h = t.read_box
         assert x % ALIGN == 0 and y % ALIGN == 0 and t.halo == 48
+        # core + halo, clipped to the image: nothing read past its edge
+        assert (x, y) == (max(t.x0 - 48, 0), max(t.y0 - 48, 0))
+        assert (x + w, y + h) == (min(t.x1 + 48, 2500), min(t.y1 + 48, 1000))
     assert (owner == 1).all()
 
 
@@ -35,14 +38,14 @@ def _discs(points, r=5.0, n_rays=32):
 
 
 def test_tile_cells_keeps_core_nuclei_in_um():
-    tile = Tile(0, 1, 1024, 0, 2048, 1024, 64)  # read box starts at x = 960, y = -64
+    tile = Tile(0, 1, 1024, 0, 2048, 1024, 64, 4096, 4096)  # read box starts at x = 960, y = 0 (the top edge)
     points = np.array([[164, 164], [164, 1100], [1100, 500]])  # (y, x) in read-box px
     table = tile_cells(_discs(points), points, np.array([0.9, 0.8, 0.7]), tile, mpp=0.5, grid_width=4096)
-    # read-box (164, 164) -> grid (100, 1124) is in the core; x = 2060 and y = 1036 are not
+    # read-box (164, 164) -> grid (164, 1124) is in the core; x = 2060 and y = 1100 are not
     assert len(table) == 1
     row = table.iloc[0]
-    assert row.cell_id == 100 * 4096 + 1124 and row.prob == np.float32(0.9)
-    assert abs(row.x_um - (1124 + 0.5) * 0.5) < 1e-6 and abs(row.y_um - (100 + 0.5) * 0.5) < 1e-6
+    assert row.cell_id == 164 * 4096 + 1124 and row.prob == np.float32(0.9)
+    assert abs(row.x_um - (1124 + 0.5) * 0.5) < 1e-6 and abs(row.y_um - (164 + 0.5) * 0.5) < 1e-6
     assert abs(row.area_um2 - polygon_area(_discs(points[:1]))[0] * 0.25) < 1e-3
     assert abs(row.area_um2 - np.pi * 2.5**2) < 0.5
 
