@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from histo.bundle import SLIDE_SUFFIXES, OutputLock, bundle_lock, file_fingerprint, is_complete, slide_name
 from histo.errors import HistoError
-from histo.models import resolve_model
+from histo.models import inference_precision, resolve_model
 from histo.pipeline import add_timings, finish_slide, plan_slide, run_fingerprint, submit_tiles
 from histo.workflow import WORKFLOW_DIR, load_workflow
 
@@ -114,7 +114,7 @@ def is_current(bundle: Path, slide: Path, wf: dict, model: str | None, mpp: floa
     same_file = stat.st_size == seen.get("size_bytes") and stat.st_mtime == seen.get("mtime")
     sha = seen["sha256"] if same_file else file_fingerprint(slide)["sha256"]
     spec = resolve_model(model or wf["model"], stain="fluo" if wf["stain"] == "if" else "he")
-    return run["fingerprint"] == run_fingerprint(sha, wf, spec, mpp, None)
+    return run["fingerprint"] == run_fingerprint(sha, wf, spec, mpp, None, inference_precision())
 
 
 def slide_metrics(bundle: Path) -> dict:

@@ -147,14 +147,16 @@ def _model_files_digest(folder: str | None) -> str | None:
 
 
 def run_fingerprint(input_sha256: str, wf: dict, spec: ModelSpec, mpp: float | None,
-                    annotations: str | Path | None) -> str:
+                    annotations: str | Path | None, precision: str) -> str:
     """SHA-256 of what a bundle depends on: the input's content, the validated workflow, the model
-    (description and files, not its location), the ``mpp`` override (µm/px) and the annotations'
-    content. Equal fingerprints give equal bundles; ``run.json`` stores it as ``fingerprint``."""
+    (description and files, not its location), the ``mpp`` override (µm/px), the annotations'
+    content and the network's ``precision`` (:func:`histo.models.inference_precision`). Equal
+    fingerprints give equal bundles; ``run.json`` stores it as ``fingerprint``."""
     model = {k: v for k, v in spec.to_dict().items() if k != "path"}
     model["files_sha256"] = _model_files_digest(None if spec.path is None else str(spec.path))
     parts = {"input_sha256": input_sha256, "workflow": wf, "model": model, "mpp": mpp,
-             "annotations_sha256": None if annotations is None else file_fingerprint(Path(annotations))["sha256"]}
+             "annotations_sha256": None if annotations is None else file_fingerprint(Path(annotations))["sha256"],
+             "precision": precision}
     return _digest(json.dumps(parts, sort_keys=True, default=str))
 
 
@@ -285,7 +287,8 @@ def _finish(client: Client, plan: SlidePlan, task_totals: dict[str, float], show
         "histo_version": __version__,
         "started": plan.started.isoformat(),
         "finished": datetime.now(timezone.utc).isoformat(),
-        "fingerprint": run_fingerprint(input_info["sha256"], plan.wf, plan.spec, plan.mpp, plan.annotations),
+        "fingerprint": run_fingerprint(input_info["sha256"], plan.wf, plan.spec, plan.mpp, plan.annotations,
+                                       plan.job.precision),
         "input": {**input_info, "format": slide.format, "mpp": slide.mpp,
                   "mpp_source": "argument" if plan.mpp else "file", "shape_px": list(slide.shape), "levels": len(slide.levels)},
         "workflow": plan.wf,

@@ -99,7 +99,7 @@ def test_second_run_redoes_nothing(slides, reference, client):
     assert elapsed < 20, elapsed
 
 
-def test_fingerprint_follows_content_and_parameters(slides, reference):
+def test_fingerprint_follows_content_and_parameters(slides, reference, monkeypatch):
     out, _ = reference
     wf = load_workflow("lymph-node-he")
     slide, bundle = slides / "a.ome.tif", out / "a"
@@ -113,6 +113,9 @@ def test_fingerprint_follows_content_and_parameters(slides, reference):
     assert not is_current(bundle, slide, load_workflow("synovium-he"), None, None)
     assert not is_current(bundle, slide, wf, None, MPP)  # an --mpp override is a parameter
     assert not is_current(bundle, slides / "c.ome.tif", wf, None, None)  # another slide's content
+    made_in = json.loads((bundle / "run.json").read_text())["parameters"]["precision"]
+    monkeypatch.setenv("HISTO_PRECISION", "float32" if made_in == "bfloat16" else "bfloat16")
+    assert not is_current(bundle, slide, wf, None, None)  # the network's arithmetic differs
 
 
 def test_killed_run_restarts_to_the_same_tables(slides, reference, client, tmp_path):
