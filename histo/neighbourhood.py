@@ -45,8 +45,7 @@ def cell_type_order(cells: pd.DataFrame) -> list[str]:
 def cells_adata(cells: pd.DataFrame, params: dict) -> ad.AnnData:
     """AnnData of the cells (obs: ``cell_type`` categorical in :func:`cell_type_order`, the
     ``<kind>_id`` columns of ``params["kinds"]`` and the Moran features; ``obsm["spatial"]`` in µm)
-    with the spatial graph in ``obsp``."""
-    params = nhood_params(params)
+    with the spatial graph in ``obsp``; ``params`` checked by :func:`nhood_params`."""
     obs = cells[_obs_columns(cells, params)].reset_index(drop=True).assign(
         cell_type=pd.Categorical(cells["cell_type"].astype(str).to_numpy(), categories=cell_type_order(cells)))
     obs.index = obs.index.astype(str)
