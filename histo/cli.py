@@ -66,6 +66,7 @@ def _train(args) -> None:
                      patch_size=args.patch, batch_size=args.batch, val_fraction=args.val_fraction,
                      learning_rate=args.learning_rate, stain_scale=args.stain_scale,
                      seed=args.seed, finalize=not args.keep_checkpoint, notes=args.note or None,
+                     init_weights=args.init,
                      command="histo " + " ".join(args.argv))
     print(f"wrote model {out}")
 
@@ -164,6 +165,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--keep-checkpoint", action="store_true",
                    help="keep weights_last.h5 and train_state.json so the run can be extended later")
     t.add_argument("--note", action="append", help="a line for the model card; repeatable")
+    t.add_argument("--init", help="model folder to start from (fine-tuning: its architecture and weights)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("evaluate", help="score nuclei against annotated images (F1, PQ, AJI)")

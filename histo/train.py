@@ -387,6 +387,7 @@ def train(
     overwrite: bool = False,
     extra_callbacks: list | None = None,
     return_model: bool = False,
+    init_weights: Path | str | None = None,
     verbose: int = 1,
 ):
     """Train (or resume) a StarDist 2D model for RGB H&E nuclei; returns the model folder.
@@ -417,6 +418,8 @@ def train(
     extra_callbacks : more Keras callbacks (run after the checkpoint/state ones).
     overwrite : a folder that already holds a trained model (weights_best.h5) and no unfinished
         run to resume is an error unless ``overwrite=True``.
+    init_weights : a model folder (``config.json`` + ``weights_best.h5``) whose architecture and
+        weights a new run starts from (fine-tuning); ignored when resuming, recorded in the card.
     """
     t_start = time.time()
     out_dir = Path(out_dir).resolve()
@@ -483,6 +486,7 @@ def train(
             "complete": False,
             "seed": int(seed),
             "stain_scale": float(HEAugmenter.stain_scale if stain_scale is None else stain_scale),
+            "init_weights": _init_name(init_weights),
         }
 
     X = [_as_float(x) for x in X_u8]
@@ -496,6 +500,8 @@ def train(
         model = StarDist2D(None, name=model_name, basedir=str(basedir))
         model.load_weights("weights_last.h5")
     else:
+        if init_weights is not None:
+            n_rays, grid, unet_n_depth, unet_n_filter_base = _init_architecture(Path(init_weights))
         conf = Config2D(
             n_rays=n_rays,
             grid=tuple(grid),
@@ -516,6 +522,8 @@ def train(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="output path for model already exists")
             model = StarDist2D(conf, name=model_name, basedir=str(basedir))
+        if init_weights is not None:
+            model.keras_model.load_weights(str(Path(init_weights) / "weights_best.h5"))
         _write_json(state_path, state)
 
     if augment is True:
@@ -638,6 +646,7 @@ def train(
             "machine": f"{platform.machine()} {os.cpu_count()} CPU(s), {platform.system()}",
             "command": command,
             "history": state.get("history", []),
+            "init_weights": state.get("init_weights"),
         },
         "validation": scores,
         "versions": versions(),
@@ -656,6 +665,21 @@ def train(
               f"(P {scores.get('precision')}, R {scores.get('recall')}), thresholds {card['thresholds']}",
               flush=True)
     return (out_dir, model) if return_model else out_dir
+
+
+def _init_name(init_weights: Path | str | None) -> str | None:
+    """How the card names the model a run started from: its folder name (no machine paths)."""
+    return None if init_weights is None else Path(init_weights).resolve().name
+
+
+def _init_architecture(folder: Path) -> tuple[int, tuple[int, int], int, int]:
+    """(n_rays, grid, unet depth, base filters) of the model folder a run starts from."""
+    conf = _read_json(folder / "config.json")
+    if conf is None or not (folder / "weights_best.h5").is_file():
+        raise HistoError(folder, "cannot start from this model: it needs config.json and weights_best.h5")
+    if conf.get("n_channel_in") != 3 or conf.get("n_classes") not in (None, 0):
+        raise HistoError(folder, "cannot start from this model: it is not a 3-channel StarDist model without classes")
+    return int(conf["n_rays"]), tuple(conf["grid"]), int(conf["unet_n_depth"]), int(conf["unet_n_filter_base"])
 
 
 def read_mpp_table(path: Path | str) -> dict[str, float]:
