@@ -7,11 +7,13 @@ A preset names the tissue, the stain, the nucleus model and the parameters of ea
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from histo.cohort_endpoints import NEVER, check_endpoints
 from histo.errors import SlideError, WorkflowError
 from histo.phenotypes import HE_RULES_SCHEMA, HE_TYPES, check_gates
 from histo.regions import REGION_PARAMS_SCHEMA, STRUCTURES, TISSUE_TYPES, region_params, used_cell_types
@@ -61,9 +63,47 @@ SCHEMA: dict[str, Any] = {
                    "max_cells": (int, 10_000)},  # L function; memory ≈ (n²/2)·(8 + n_steps) bytes for n cells of one type
         "moran": {"run": (bool, True), "features": (list, ["area_um2", "hematoxylin_od", "eccentricity"])},
     },
+    "endpoints": {  # the cohort report's endpoints (histo.cohort_endpoints: items, units, pooling over slides)
+        "primary": (list, []),  # [{metric, unit, label, pool, region, column}]: one test family
+        "exploratory": (list, []),  # declared exploratory endpoints: the second family
+        "rest": (bool, True),  # every other numeric slide metric is exploratory too (unit from its name)
+        "never": (list, NEVER),  # glob patterns of metrics never tested (sampling sizes, counts)
+    },
 }
 
 STAINS = ("he", "ihc", "if")
+
+# Allowed values (inclusive) of numeric keys, by dotted name; every other number, alone or in a list,
+# must be finite and ≥ 0. A negative halo silently lost nuclei; NaN ended in a traceback.
+RANGES: dict[str, tuple[float, float]] = {
+    "segmentation.tile_um": (32.0, 2048.0),  # 128–8192 px at 0.25 µm/px
+    "segmentation.halo_um": (0.0, 256.0),
+    "segmentation.prob_thresh": (0.0, 1.0),
+    "segmentation.nms_thresh": (0.0, 1.0),
+    "tissue.mpp": (0.5, 100.0),
+    "cell_types.lymphocyte_max_eccentricity": (0.0, 1.0),
+    "cell_types.lymphocyte_min_solidity": (0.0, 1.0),
+    "cell_types.stromal_min_eccentricity": (0.0, 1.0),
+    "cell_types.dense_fraction": (1e-4, 1.0),
+    "regions.grid_um": (0.5, 100.0),
+    "regions.follicle.min_cell_fraction": (0.0, 1.0),
+    "regions.follicle.min_dense_fraction": (0.0, 1.0),
+    "regions.germinal_centre.min_large_fraction": (0.0, 1.0),
+    "regions.germinal_centre.edge_large_fraction": (0.0, 1.0),
+    "regions.germinal_centre.min_inside_fraction": (0.0, 1.0),
+    "regions.aggregate.min_samples": (1, 1e6),
+    "regions.lining.segment_um": (1.0, 1e4),
+    "regions.lining.bin_um": (0.1, 100.0),
+    "regions.scores.lymphoid_area_fraction": (0.0, 1.0),
+    "neighbourhood.max_edge_um": (0.1, 1e4),
+    "neighbourhood.nhood_enrichment.n_perms": (1, 100_000),
+    "neighbourhood.co_occurrence.max_um": (0.1, 1e4),
+    "neighbourhood.co_occurrence.step_um": (0.1, 1e4),
+    "neighbourhood.co_occurrence.max_cells": (2, 200_000),
+    "neighbourhood.ripley.max_um": (0.1, 1e4),
+    "neighbourhood.ripley.n_steps": (2, 1000),
+    "neighbourhood.ripley.max_cells": (2, 100_000),
+}
 
 
 def check_section(section: dict, schema: dict, where: str, path: str) -> dict:
@@ -85,8 +125,25 @@ def check_section(section: dict, schema: dict, where: str, path: str) -> dict:
         types = types if isinstance(types, tuple) else (types,)
         if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
             raise WorkflowError(path, f"'{name}' has the wrong type: {value!r} ({type(value).__name__})")
+        _check_numbers(value, default, name, path)
         out[key] = float(value) if float in types and isinstance(value, int) and not isinstance(value, bool) else value
     return out
+
+
+def _check_numbers(value, default, name: str, path: str) -> None:
+    """A number (or each number of a list) is finite and within RANGES[name], else ≥ 0; a list whose
+    default holds numbers holds only numbers."""
+    lo, hi = RANGES.get(name, (0.0, math.inf))
+    numeric = isinstance(default, list) and default and all(isinstance(x, Number) for x in default)
+    for x in value if isinstance(value, list) else [value]:
+        if not isinstance(x, Number) or isinstance(x, bool):
+            if numeric:
+                raise WorkflowError(path, f"'{name}' must hold numbers, not {x!r}")
+            continue
+        if not math.isfinite(x):
+            raise WorkflowError(path, f"'{name}' must be a finite number, not {x!r}")
+        if not lo <= x <= hi:
+            raise WorkflowError(path, f"'{name}' must be {f'{lo:g}–{hi:g}' if hi < math.inf else f'≥ {lo:g}'}, not {x!r}")
 
 
 def validate(data: dict, path: str = "<workflow>") -> dict:
@@ -96,13 +153,12 @@ def validate(data: dict, path: str = "<workflow>") -> dict:
         raise WorkflowError(path, f"'stain' must be one of {', '.join(STAINS)}, got {wf['stain']!r}")
     if wf["tissue_type"] not in TISSUE_TYPES:
         raise WorkflowError(path, f"'tissue_type' must be one of {', '.join(TISSUE_TYPES)}, got {wf['tissue_type']!r}")
-    if wf["segmentation"]["tile_um"] <= 0:
-        raise WorkflowError(path, "'segmentation.tile_um' must be positive")
     try:
         check_gates(wf["marker_gates"]["gates"], wf["marker_gates"]["auto"])
     except ValueError as exc:
         raise WorkflowError(path, f"'marker_gates': {exc}") from None
     _check_structures(wf, path)
+    wf["endpoints"] = check_endpoints(wf["endpoints"], path)
     return wf
 
 
@@ -149,6 +205,17 @@ def nucleus_channel(wf: dict, channel_names: list[str], slide: str) -> int:
     return index
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` without aliases: a few hundred bytes of nested ``*refs`` expand to gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"YAML aliases (*{self.peek_event().anchor}) are not allowed "
+                                 f"(line {mark.line + 1}); write the values out")
+        return super().compose_node(parent, index)
+
+
 def load_workflow(name_or_path: str | Path | None) -> dict:
     """Load a preset by name (``workflows/NAME.yaml``) or by path; ``None`` gives the defaults."""
     if name_or_path is None:
@@ -160,7 +227,7 @@ def load_workflow(name_or_path: str | Path | None) -> dict:
         known = ", ".join(sorted(p.stem for p in WORKFLOW_DIR.glob("*.yaml")))
         raise WorkflowError(name_or_path, f"no such workflow file or preset (presets: {known})")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _NoAliasLoader(path.read_text()).get_single_data()
     except yaml.YAMLError as exc:
         raise WorkflowError(path, f"not valid YAML: {str(exc).splitlines()[0]}") from None
     wf = validate(data, str(path))

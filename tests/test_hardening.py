@@ -215,6 +215,48 @@ def test_workflow_yaml_is_loaded_safely(tmp_path):
         load_workflow(typed)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("segmentation: {halo_um: -100}", "'segmentation.halo_um' must be 0–256, not -100"),
+    ("segmentation: {tile_um: .nan}", "'segmentation.tile_um' must be a finite number, not nan"),
+    ("segmentation: {tile_um: 1.0e+6}", "'segmentation.tile_um' must be 32–2048, not 1000000.0"),
+    ("segmentation: {prob_thresh: 1.5}", "'segmentation.prob_thresh' must be 0–1, not 1.5"),
+    ("tissue: {min_area_um2: -.inf}", "'tissue.min_area_um2' must be a finite number, not -inf"),
+    ("regions: {grid_um: 0}", "'regions.grid_um' must be 0.5–100, not 0"),
+    ("regions: {aggregate: {grade_min_layers: [2, -6, 11]}}", "'regions.aggregate.grade_min_layers' must be ≥ 0, not -6"),
+    ("regions: {lining: {deep_um: [60, x]}}", "'regions.lining.deep_um' must hold numbers, not 'x'"),
+    ("neighbourhood: {ripley: {n_steps: 0}}", "'neighbourhood.ripley.n_steps' must be 2–1000, not 0"),
+    ("cell_types: {dense_fraction: 2}", "'cell_types.dense_fraction' must be 0.0001–1, not 2"),
+])
+def test_workflow_numbers_out_of_range_are_named(tmp_path, text, message):
+    path = tmp_path / "wf.yaml"
+    path.write_text(f"name: x\n{text}\n")
+    with pytest.raises(WorkflowError, match=re.escape(f"{path}: {message}")):
+        load_workflow(path)
+
+
+def test_every_range_names_a_workflow_key():
+    from histo.workflow import RANGES, SCHEMA
+
+    for name in RANGES:
+        spec = SCHEMA
+        for part in name.split("."):
+            spec = spec[part]
+        assert isinstance(spec, tuple), name
+
+
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """395 bytes of nested aliases would expand to 9⁹ strings (issue 21: a MemoryError after segmenting)."""
+    refs = ["&a [lol,lol,lol,lol,lol,lol,lol,lol,lol]"] + [
+        f"&{b} [{','.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(f"name: bomb\nneighbourhood:\n  run: false\n  kinds: [{', '.join(refs)}]\n")
+    assert len(bomb.read_bytes()) < 400
+    t = time.perf_counter()
+    with pytest.raises(WorkflowError, match=r"bomb.yaml: not valid YAML: YAML aliases \(\*a\) are not allowed \(line 4\)"):
+        load_workflow(bomb)
+    assert time.perf_counter() - t < 1
+
+
 def test_sample_sheet_missing_paths_and_clashing_columns(tmp_path):
     (tmp_path / "a.svs").write_bytes(b"x")
     sheet = tmp_path / "sheet.csv"
