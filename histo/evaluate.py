@@ -44,9 +44,10 @@ def _overlaps(truth: np.ndarray, pred: np.ndarray):
     return t_area, p_area, pairs // base, pairs % base, inter
 
 
-def score(truth: np.ndarray, pred: np.ndarray, thresh: float = 0.5) -> dict:
+def score(truth: np.ndarray, pred: np.ndarray, thresh: float = 0.5, pairs: list | None = None) -> dict:
     """The counts (``COUNTS``) and scores of one image; ``truth`` and ``pred`` are label images of
-    the same shape (0 = background)."""
+    the same shape (0 = background). ``pairs``, a list, receives the matched (true id, predicted id)
+    arrays."""
     if truth.shape != pred.shape:
         raise ValueError(f"truth {truth.shape} and prediction {pred.shape} differ in shape")
     t_area, p_area, ti, pi, inter = _overlaps(truth, pred)
@@ -64,6 +65,8 @@ def score(truth: np.ndarray, pred: np.ndarray, thresh: float = 0.5) -> dict:
         r, c = linear_sum_assignment(m, maximize=True)
         hit = m[r, c] >= thresh
         tp, sum_iou = int(hit.sum()), float(m[r, c][hit].sum())
+        if pairs is not None:
+            pairs += [rows[r[hit]], cols[c[hit]]]
 
     # AJI: each true nucleus with its best-IoU prediction (which may serve several), + unused predictions
     order = np.lexsort((-iou, ti))
@@ -94,9 +97,50 @@ def scores_from_counts(c: dict) -> dict:
 
 
 def pooled(rows: pd.DataFrame) -> dict:
-    """Scores over all images: counts summed, then the scores of the sums."""
+    """Scores over all images: counts summed, then the scores of the sums (per class too, when typed)."""
     counts = {k: rows[k].sum() for k in COUNTS}
-    return counts | scores_from_counts(counts)
+    classes = [c[3:] for c in rows.columns if c.startswith("tp_")]
+    typed = {f"{k}_{c}": rows[f"{k}_{c}"].sum() for c in classes for k in ("tp", "fp", "fn")}
+    return counts | scores_from_counts(counts) | typed | class_f1(typed, classes)
+
+
+# ---------------------------------------------------------------- nucleus classes
+def class_counts(true_cls: np.ndarray, pred_cls: np.ndarray, true_ids: np.ndarray, pred_ids: np.ndarray,
+                 classes: list[str]) -> dict:
+    """Per class c, the field's typed detection counts (HoVer-Net's F_c): ``tp_c`` = matched pairs
+    where both say c, ``fp_c`` = nuclei called c without a matched true c, ``fn_c`` = true c
+    without a matched call of c. ``true_cls`` / ``pred_cls``: the class of every true / predicted
+    nucleus; ``true_ids`` / ``pred_ids``: the matched pairs as indices into them."""
+    mt, mp = true_cls[true_ids], pred_cls[pred_ids]
+    out = {}
+    for c in classes:
+        tp = int(np.sum((mt == c) & (mp == c)))
+        out |= {f"tp_{c}": tp, f"fp_{c}": int(np.sum(pred_cls == c)) - tp, f"fn_{c}": int(np.sum(true_cls == c)) - tp}
+    return out
+
+
+def class_f1(counts: dict, classes: list[str]) -> dict:
+    """``f1_<class>`` from :func:`class_counts` (summed over images)."""
+    f1 = {}
+    for c in classes:
+        tp, fp, fn = counts[f"tp_{c}"], counts[f"fp_{c}"], counts[f"fn_{c}"]
+        f1[f"f1_{c}"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+    return f1
+
+
+def read_type_table(path: str | Path) -> pd.DataFrame:
+    """``tile, label, class`` from a CSV ``tile,label,type`` (histo.train_classes.read_types)."""
+    from histo.train_classes import read_types
+
+    return read_types(path)
+
+
+def bundle_classes(bundle: str | Path) -> np.ndarray:
+    """The called class of every nucleus of a bundle, in ``cells.parquet`` order (= the labels of
+    :func:`bundle_labels` minus 1): ``cell_type``, with ``large`` counted as ``other`` (the typed
+    datasets' classes have no "large")."""
+    types = pq.read_table(Path(bundle) / "cells.parquet", columns=["cell_type"]).column("cell_type").to_pandas()
+    return types.astype(str).replace({"large": "other"}).to_numpy()
 
 
 # ---------------------------------------------------------------- reading truth and predictions
@@ -146,13 +190,31 @@ def bundle_labels(bundle: str | Path) -> tuple[np.ndarray, float]:
 
 
 def evaluate(truth_dir: str | Path, bundles_dir: str | Path | None = None, pred_dir: str | Path | None = None,
-             thresh: float = 0.5, errors: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per truth file plus a ``pooled`` row. Predictions are the bundles
-    ``bundles_dir/<stem>/`` or the files ``pred_dir/<stem>.*`` (label masks or GeoJSON outlines in
-    pixels). A missing prediction, or a stem in ``errors`` (e.g. from :func:`run_images`), is a row
-    with its ``error``."""
+             thresh: float = 0.5, errors: dict[str, str] | None = None, types: pd.DataFrame | None = None
+             ) -> pd.DataFrame:
+    """One row per truth file plus a ``pooled`` row.
+
+    Parameters
+    ----------
+    truth_dir : instance masks or GeoJSON outlines (px), one per image.
+    bundles_dir, pred_dir : predictions, exactly one: the bundles ``bundles_dir/<stem>/`` or the
+        files ``pred_dir/<stem>.*`` (label masks or GeoJSON outlines in pixels).
+    thresh : IoU at which a nucleus counts as found.
+    errors : {stem: message} of images that could not be run (e.g. from :func:`run_images`).
+    types : with bundles, a type per true nucleus (:func:`read_type_table`): adds per class
+        ``tp_/fp_/fn_/f1_<class>`` (:func:`class_counts`) and ``table.attrs["confusion"]``, the
+        matched nuclei's true × called classes.
+
+    Returns
+    -------
+    pandas.DataFrame : one row per image (a missing prediction is a row with its ``error``), then ``pooled``.
+    """
     if (bundles_dir is None) == (pred_dir is None):
         raise ValueError("give exactly one of bundles_dir and pred_dir")
+    if types is not None and bundles_dir is None:
+        raise ValueError("typed scores need bundles (their cell types)")
+    classes = sorted(set(types["class"])) if types is not None else []
+    confusion = []
     preds = truth_files(pred_dir) if pred_dir is not None else {}
     rows = []
     for stem, path in truth_files(truth_dir).items():
@@ -174,10 +236,26 @@ def evaluate(truth_dir: str | Path, bundles_dir: str | Path | None = None, pred_
             if truth.shape != pred.shape:
                 raise HistoError(path, f"truth is {truth.shape[1]}×{truth.shape[0]} px but the prediction is "
                                        f"{pred.shape[1]}×{pred.shape[0]} px")
-            rows.append({"image": stem} | score(truth, pred, thresh))
+            pairs: list = []
+            row = {"image": stem} | score(truth, pred, thresh, pairs)
+            if types is not None:
+                own = types[types["tile"] == stem]
+                labels, ok = own["label"].to_numpy(), own["label"].to_numpy() <= truth.max()
+                true_cls = np.full(int(truth.max()) + 1, "", dtype=object)  # "": no type, counts for no class
+                true_cls[labels[ok]] = own["class"].to_numpy()[ok]
+                true_cls[np.setdiff1d(np.arange(true_cls.size), np.unique(truth))] = ""  # labels not in the mask
+                pred_cls = np.concatenate([[""], bundle_classes(Path(bundles_dir) / stem)])
+                ti, pi = pairs if pairs else (np.zeros(0, int), np.zeros(0, int))
+                row |= class_counts(true_cls, pred_cls, ti, pi, classes)
+                row |= class_f1(row, classes)
+                confusion.append(pd.crosstab(pd.Series(true_cls[ti], name="true"), pd.Series(pred_cls[pi], name="called")))
+            rows.append(row)
         except HistoError as exc:
             rows.append({"image": stem, "error": str(exc)})
-    return with_pooled(pd.DataFrame(rows))
+    table = with_pooled(pd.DataFrame(rows))
+    if confusion:
+        table.attrs["confusion"] = pd.concat(confusion).groupby(level=0).sum().fillna(0).astype(int)
+    return table
 
 
 def with_pooled(table: pd.DataFrame) -> pd.DataFrame:
@@ -192,10 +270,14 @@ def with_pooled(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_table(table: pd.DataFrame) -> str:
-    """The scores as a fixed-width text table (3 decimals)."""
+    """The scores as a fixed-width text table (3 decimals), per-class F1 and the confusion matrix if typed."""
     cols = ["image", "n_true", "n_pred", "tp", "fp", "fn", "precision", "recall", "f1", "mean_iou", "pq", "aji"]
+    cols += [c for c in table.columns if c.startswith("f1_")]
     cols += ["error"] if "error" in table and table["error"].notna().any() else []
-    return table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="")
+    text = table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="")
+    if "confusion" in table.attrs:
+        text += "\n\nmatched nuclei, true (rows) × called (columns):\n" + table.attrs["confusion"].to_string()
+    return text
 
 
 def run_images(truth_dir: str | Path, images_dir: str | Path, bundles_dir: str | Path, image_mpp,
@@ -241,6 +323,7 @@ def record_in_card(folder: str | Path, dataset: str, table: pd.DataFrame, comman
     pooled = table.set_index("image").loc["pooled"]
     entry = {"dataset": dataset, "n_images": len(scored), "command": command,
              "pooled": {k: float(pooled[k]) for k in ("precision", "recall", "f1", "mean_iou", "pq", "aji")}
+             | {k: round(float(pooled[k]), 4) for k in table.columns if k.startswith("f1_")}
              | {"n_true": int(pooled["n_true"]), "n_pred": int(pooled["n_pred"])},
              "f1_per_image": {r.image: round(float(r.f1), 4) for r in scored.itertuples()}}
     card["evaluations"] = [e for e in card.get("evaluations", []) if e["dataset"] != dataset] + [entry]

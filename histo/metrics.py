@@ -16,7 +16,7 @@ import shapely
 from histo.lining import krenn_lining
 from histo.regions import KINDS, assign_cells, region_params
 
-CELL_TYPES = ("lymphocyte", "large", "stromal", "lining", "other")
+CELL_TYPES = ("lymphocyte", "large", "stromal", "epithelial", "lining", "other")
 KRENN_VERSION = "2006"  # §1: sum bands 0–1 none, 2–4 low, 5–9 high (Krenn 2006 Histopathology 49:358)
 
 

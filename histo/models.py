@@ -113,6 +113,7 @@ class ModelSpec:
     max_nucleus_um : largest expected nucleus diameter in µm: the tile halo must be wider.
     source : "folder" | "shipped" | "env" | "registry".
     n_rays, grid : from config.json (grid: the network's output subsampling).
+    classes : nucleus classes of the folder's classifier (``histo.nucleus_classes``), or None.
     """
 
     name: str
@@ -125,6 +126,7 @@ class ModelSpec:
     source: str = "folder"
     n_rays: int | None = None
     grid: tuple[int, ...] | None = None
+    classes: tuple[str, ...] | None = None
 
     def __hash__(self) -> int:  # dict fields are unhashable; usable as a cache key (one model per worker)
         return hash((self.name, None if self.path is None else str(self.path), self.mpp, self.source))
@@ -279,7 +281,18 @@ def _spec_from_folder(folder: Path, source: str, name: str | None = None) -> Mod
         source=source,
         n_rays=int(config["n_rays"]) if "n_rays" in config else None,
         grid=tuple(int(g) for g in grid) if grid is not None else None,
+        classes=_classes(folder, card),
     )
+
+
+def _classes(folder: Path, card: dict | None) -> tuple[str, ...] | None:
+    """The classes of the folder's nucleus classifier, when it has one (file and card section)."""
+    from histo.nucleus_classes import CLASSIFIER_FILE
+
+    section = (card or {}).get("nucleus_classes")
+    if not section or not (folder / CLASSIFIER_FILE).is_file():
+        return None
+    return tuple(str(c) for c in section["classes"])
 
 
 def resolve_model(spec: str | os.PathLike | None, stain: str = "he") -> ModelSpec:

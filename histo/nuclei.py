@@ -30,11 +30,14 @@ CELL_SCHEMA = pa.schema(
 )
 
 
-def cell_schema(stain: str, channel_names=None) -> pa.Schema:
-    """Columns of a tile's cells table: :data:`CELL_SCHEMA` plus the stain's nucleus features."""
+def cell_schema(stain: str, channel_names=None, classes: bool = False) -> pa.Schema:
+    """Columns of a tile's cells table: :data:`CELL_SCHEMA` plus the stain's nucleus features, and
+    with ``classes`` the learned ``nucleus_class`` and its probability (histo.nucleus_classes)."""
     schema = CELL_SCHEMA
     for name in feature_columns(stain, channel_names):
         schema = schema.append(pa.field(name, pa.float32()))
+    if classes:
+        schema = schema.append(pa.field("nucleus_class", pa.string())).append(pa.field("nucleus_class_prob", pa.float32()))
     return schema
 
 

@@ -1,8 +1,9 @@
-"""Cell types: H&E morphology rules, and marker gating for IHC / immunofluorescence.
+"""Cell types: H&E (learned nucleus classes or morphology rules), and marker gating for IHC / IF.
 
 Both work on the whole slide's cells table (after the tiles are concatenated) and return a
 ``pandas.Categorical`` plus a small JSON-ready report of the thresholds actually used (for
 run.json). Features and their units are those of :mod:`histo.features` and :mod:`histo.nuclei`.
+No stain constant is absolute: haematoxylin references are measured on the slide itself.
 """
 
 from __future__ import annotations
@@ -14,16 +15,15 @@ from scipy.spatial import cKDTree
 from skimage.filters import threshold_otsu
 
 Number = (int, float)
-HE_TYPES = ("lymphocyte", "large", "stromal", "other")
+HE_TYPES = ("lymphocyte", "large", "stromal", "epithelial", "other")
 
 # key -> (accepted types, default), the format of histo.workflow.SCHEMA (section `cell_types:`).
 # [L] read in the cited source, [P] our proxy (DOMAIN.md tags). Areas µm², OD decadic (histo.features).
 HE_RULES_SCHEMA: dict = {
+    "learned": (bool, True),  # use the model's learned nucleus classes (histo.nucleus_classes) where it has them
     "calibrate": (bool, True),  # measure the two lymphocyte references below on the slide (DOMAIN §6)
     "lymphocyte_area_um2": (Number, 28.0),  # µm², reference small-lymphocyte nucleus area, 27–29 (Baek 2010) [L];
     #   calibrated: mode of the areas in the densest `dense_fraction` of nuclei (DOMAIN §6) [P]
-    "lymphocyte_hematoxylin_od": (Number, 0.8),  # OD, reference lymphocyte haematoxylin OD [P];
-    #   calibrated: median of the dense nuclei that pass the lymphocyte size and shape rules
     "lymphocyte_min_area_um2": (Number, 15.0),  # µm², DOMAIN §6 [P]; areas scale with measured / reference area
     "lymphocyte_max_area_um2": (Number, 40.0),  # µm², DOMAIN §6 [P]
     "lymphocyte_max_eccentricity": (Number, 0.7),  # DOMAIN §6 [P]
@@ -36,7 +36,7 @@ HE_RULES_SCHEMA: dict = {
     "stromal_min_axis_ratio": (Number, 2.5),  # major / minor axis, DOMAIN §6 [P]
     "dense_fraction": (Number, 0.05),  # the densest 5 % of nuclei give the references (DOMAIN §6) [P]
     "density_radius_um": (Number, 25.0),  # µm, neighbourhood for density (DOMAIN §7.1) [P]
-    "min_reference_cells": (int, 50),  # fewer reference nuclei: keep the preset references (reported)
+    "min_reference_cells": (int, 50),  # fewer dense reference nuclei: the slide-wide fallbacks (reported)
 }
 DEFAULT_HE_RULES: dict = {key: default for key, (_, default) in HE_RULES_SCHEMA.items()}
 DENSITY_SAMPLE = 100_000  # nuclei whose neighbours are counted for the calibration
@@ -49,39 +49,71 @@ def _area_mode(area: np.ndarray) -> float:
     return float(edges[np.argmax(gaussian_filter1d(counts.astype(float), 2.0))] + 0.5)
 
 
-def _calibrate(cells: pd.DataFrame, rules: dict, round_: np.ndarray) -> tuple[float, float, int] | int:
-    """Measured (lymphocyte area µm², lymphocyte H OD, n reference nuclei), or the count if too few.
-
-    Density (neighbours within ``density_radius_um``) is counted around every k-th nucleus only,
-    at most ``DENSITY_SAMPLE`` of them (1M nuclei: 18 s → 2 s on 2 busy cores).
-    """
+def _dense_sample(cells: pd.DataFrame, rules: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of the nuclei whose density was counted, which of them are in the densest
+    ``dense_fraction``). Density (neighbours within ``density_radius_um``) is counted around every
+    k-th nucleus only, at most ``DENSITY_SAMPLE`` of them (1M nuclei: 18 s → 2 s on 2 busy cores)."""
     xy = cells[["x_um", "y_um"]].to_numpy(np.float64)
     sample = np.arange(0, len(xy), -(-len(xy) // DENSITY_SAMPLE))
     density = cKDTree(xy).query_ball_point(xy[sample], rules["density_radius_um"], return_length=True, workers=-1)
-    area = cells["area_um2"].to_numpy(np.float64)[sample]
-    dense = (density >= np.quantile(density, 1 - rules["dense_fraction"])) & np.isfinite(area)
-    if dense.sum() < rules["min_reference_cells"]:
-        return int(dense.sum())
-    mode = _area_mode(area[dense])
-    scale = mode / rules["lymphocyte_area_um2"]
-    ref = dense & round_[sample] & (area >= rules["lymphocyte_min_area_um2"] * scale) \
-        & (area <= rules["lymphocyte_max_area_um2"] * scale)
-    od = cells["hematoxylin_od"].to_numpy(np.float64)[sample][ref]
-    od = od[np.isfinite(od)]
-    if od.size < rules["min_reference_cells"]:
-        return int(od.size)
-    return mode, float(np.median(od)), int(od.size)
+    return sample, density >= np.quantile(density, 1 - rules["dense_fraction"])
+
+
+def _references(cells: pd.DataFrame, rules: dict, round_: np.ndarray) -> dict:
+    """The slide's lymphocyte references: area mode (µm²) and median haematoxylin OD, and where
+    they came from (``source``), in order of preference:
+
+    ``dense``: round lymphocyte-sized nuclei among the densest ``dense_fraction`` (DOMAIN §6);
+    ``slide``: round lymphocyte-sized nuclei anywhere on the slide (a small crop has too few dense
+    ones); ``all``: every nucleus (OD median; area from the preset). Never a preset OD.
+    """
+    area = cells["area_um2"].to_numpy(np.float64)
+    od = cells["hematoxylin_od"].to_numpy(np.float64)
+    n_min = rules["min_reference_cells"]
+    ref_area = rules["lymphocyte_area_um2"]
+    if rules["calibrate"] and len(cells):
+        sample, dense = _dense_sample(cells, rules)
+        if dense.sum() >= n_min:
+            ref_area = _area_mode(area[sample][dense])
+    scale = ref_area / rules["lymphocyte_area_um2"]
+    sized = round_ & (area >= rules["lymphocyte_min_area_um2"] * scale) & (area <= rules["lymphocyte_max_area_um2"] * scale)
+    candidates = []
+    if rules["calibrate"] and len(cells):
+        in_dense = np.zeros(len(cells), bool)
+        in_dense[sample[dense]] = True
+        candidates.append(("dense", in_dense & sized))
+    candidates += [("slide", sized), ("all", np.ones(len(cells), bool))]
+    for source, pick in candidates:
+        values = od[pick & np.isfinite(od)]
+        if values.size >= n_min or source == "all":
+            return {"source": source, "n_reference_cells": int(values.size), "lymphocyte_area_um2": ref_area,
+                    "lymphocyte_hematoxylin_od": float(np.median(values)) if values.size else float("nan")}
+    raise AssertionError("unreachable")
 
 
 def classify_he(cells: pd.DataFrame, rules: dict | None = None) -> tuple[pd.Categorical, dict]:
-    """H&E nucleus types from shape and haematoxylin OD; first matching rule wins:
+    """H&E nucleus types: learned classes where the cells table has them, else morphology rules.
 
-    lymphocyte = lymphocyte-sized, round (eccentricity, solidity) and dark; stromal = elongated
-    (eccentricity or axis ratio); large = area ≥ bound and pale; everything else ``other``.
-    ``rules`` (partial dicts allowed) override :data:`DEFAULT_HE_RULES`. With ``calibrate`` the
-    reference lymphocyte area and OD are measured on the slide (needs ``x_um``, ``y_um``) and all
-    area bounds scale by measured / preset area. Returns the types (categories :data:`HE_TYPES`)
-    and the thresholds used.
+    Parameters
+    ----------
+    cells : one row per nucleus with ``area_um2``, ``eccentricity``, ``solidity``,
+        ``major_axis_um``, ``minor_axis_um``, ``hematoxylin_od``, ``x_um``, ``y_um`` (µm, OD), and
+        optionally ``nucleus_class`` (histo.nucleus_classes: lymphocyte, epithelial, stromal, other).
+    rules : overrides of :data:`DEFAULT_HE_RULES` (partial dicts allowed).
+
+    Returns
+    -------
+    types : pandas.Categorical with categories :data:`HE_TYPES`.
+    report : the references and thresholds used, where they came from, and the counts.
+
+    Notes
+    -----
+    Learned (``learned`` and ``nucleus_class`` present): each nucleus keeps its class, except that a
+    non-epithelial nucleus ≥ ``large_min_area_um2`` and paler than ``large_max_od_ratio`` × the
+    slide's lymphocytes is ``large`` (the germinal-centre cue: centroblasts, macrophages); the
+    lymphocyte references are the learned lymphocytes' area mode and median OD. Rules: lymphocyte =
+    lymphocyte-sized, round and dark; stromal = elongated; large = large and pale; else other. The
+    references come from the slide (:func:`_references`); area bounds scale with the area mode.
     """
     unknown = set(rules or {}) - set(DEFAULT_HE_RULES)
     if unknown:
@@ -91,11 +123,16 @@ def classify_he(cells: pd.DataFrame, rules: dict | None = None) -> tuple[pd.Cate
     if missing:
         raise ValueError(f"cells table lacks the column(s): {', '.join(missing)}")
     col = {c: cells[c].to_numpy(np.float64) for c in HE_COLUMNS}
-    round_ = (col["eccentricity"] < r["lymphocyte_max_eccentricity"]) & (col["solidity"] >= r["lymphocyte_min_solidity"])
-    found = _calibrate(cells, r, round_) if r["calibrate"] and len(cells) else None
-    calibrated = isinstance(found, tuple)
-    ref_area, ref_od, n_ref = found if calibrated else (r["lymphocyte_area_um2"], r["lymphocyte_hematoxylin_od"], found)
-    scale = ref_area / r["lymphocyte_area_um2"]
+    area, od = col["area_um2"], col["hematoxylin_od"]
+    learned = r["learned"] and "nucleus_class" in cells
+    if learned:
+        cls = cells["nucleus_class"].astype(str).to_numpy()
+        refs = _learned_references(cls, area, od, r)
+    else:
+        round_ = (col["eccentricity"] < r["lymphocyte_max_eccentricity"]) & (col["solidity"] >= r["lymphocyte_min_solidity"])
+        refs = _references(cells, r, round_)
+    scale = refs["lymphocyte_area_um2"] / r["lymphocyte_area_um2"]
+    ref_od = refs["lymphocyte_hematoxylin_od"]
     t = {
         "lymphocyte_min_area_um2": r["lymphocyte_min_area_um2"] * scale,
         "lymphocyte_max_area_um2": r["lymphocyte_max_area_um2"] * scale,
@@ -103,24 +140,42 @@ def classify_he(cells: pd.DataFrame, rules: dict | None = None) -> tuple[pd.Cate
         "large_min_area_um2": r["large_min_area_um2"] * scale,
         "large_max_hematoxylin_od": r["large_max_od_ratio"] * ref_od,
     }
-    area, od = col["area_um2"], col["hematoxylin_od"]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = col["major_axis_um"] / col["minor_axis_um"]
-    lymphocyte = (area >= t["lymphocyte_min_area_um2"]) & (area <= t["lymphocyte_max_area_um2"]) & round_ \
-        & (od >= t["lymphocyte_min_hematoxylin_od"])
-    stromal = (col["eccentricity"] > r["stromal_min_eccentricity"]) | (ratio >= r["stromal_min_axis_ratio"])
     large = (area >= t["large_min_area_um2"]) & (od < t["large_max_hematoxylin_od"])
-    code = np.select([lymphocyte, stromal, large], [0, 2, 1], 3)  # codes of HE_TYPES
+    if learned:
+        epithelial = cls == "epithelial"
+        code = np.select([epithelial, large, cls == "lymphocyte", cls == "stromal"], [3, 1, 0, 2], 4)
+        t = {k: v for k, v in t.items() if k.startswith("large")}
+    else:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = col["major_axis_um"] / col["minor_axis_um"]
+        lymphocyte = (area >= t["lymphocyte_min_area_um2"]) & (area <= t["lymphocyte_max_area_um2"]) & round_ \
+            & (od >= t["lymphocyte_min_hematoxylin_od"])
+        stromal = (col["eccentricity"] > r["stromal_min_eccentricity"]) | (ratio >= r["stromal_min_axis_ratio"])
+        code = np.select([lymphocyte, stromal, large], [0, 2, 1], 4)  # codes of HE_TYPES
     types = pd.Categorical.from_codes(code, categories=list(HE_TYPES))
     report = {
-        "calibrated": calibrated,  # False: presets used (calibrate off, or too few reference nuclei)
-        "n_reference_cells": n_ref,
-        "lymphocyte_area_um2": ref_area,
+        "method": "learned" if learned else "rules",
+        "reference_source": refs["source"],  # where the lymphocyte references were measured (see _references)
+        "calibrated": refs["source"] in ("dense", "learned"),
+        "n_reference_cells": refs["n_reference_cells"],
+        "lymphocyte_area_um2": refs["lymphocyte_area_um2"],
         "lymphocyte_hematoxylin_od": ref_od,
         **t,
         "counts": {k: int(v) for k, v in types.value_counts().items()},
     }
     return types, report
+
+
+def _learned_references(cls: np.ndarray, area: np.ndarray, od: np.ndarray, rules: dict) -> dict:
+    """Lymphocyte references from the nuclei the classifier calls lymphocytes (``learned``), or
+    from all nuclei's OD and the preset area when there are fewer than ``min_reference_cells`` (``all``)."""
+    lym = (cls == "lymphocyte") & np.isfinite(od) & np.isfinite(area)
+    if lym.sum() >= rules["min_reference_cells"]:
+        return {"source": "learned", "n_reference_cells": int(lym.sum()), "lymphocyte_area_um2": _area_mode(area[lym]),
+                "lymphocyte_hematoxylin_od": float(np.median(od[lym]))}
+    ok = np.isfinite(od)
+    return {"source": "all", "n_reference_cells": int(ok.sum()), "lymphocyte_area_um2": rules["lymphocyte_area_um2"],
+            "lymphocyte_hematoxylin_od": float(np.median(od[ok])) if ok.any() else float("nan")}
 
 
 def _gmm_split(x: np.ndarray, iterations: int = 500) -> float:

@@ -24,7 +24,8 @@ from histo.export import KIND_COLORS
 from histo.metrics import type_column
 from histo.regions import Grid, disc_sum, grid_counts
 
-CELL_COLORS = {"lymphocyte": "#1f1a8a", "large": "#ff8c00", "stromal": "#2ca02c", "lining": "#e0119d", "other": "#7f7f7f"}
+CELL_COLORS = {"lymphocyte": "#1f1a8a", "large": "#ff8c00", "stromal": "#2ca02c", "epithelial": "#d4a017", "lining": "#e0119d",
+               "other": "#7f7f7f"}
 MORE_COLORS = ("#d62728", "#1f77b4", "#9467bd", "#8c564b", "#17becf", "#bcbd22", "#e377c2", "#ff7f0e")  # gated types
 MAX_POINTS = 200_000
 DENSITY_RADIUS_UM = 25.0  # §7.1: lymphocytes within 25 µm

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from histo.models import (ModelSpec, inference_precision, load_model, normalize_image, one_graph_for_all_shapes,
                           resolve_model, use_precision)
 from histo.features import nucleus_features
+from histo.nucleus_classes import load_classifier, predict_classes, tile_patches
 from histo.nuclei import cell_schema, owned, tile_cells
 from histo.slide import open_slide
 from histo.tiling import Tile
@@ -43,8 +44,13 @@ class SegmentJob:
     precision: str = "float32"  # the network's arithmetic (histo.models.inference_precision)
 
     @property
+    def classify(self) -> bool:
+        """Whether the tiles' nuclei get learned classes (an H&E model with a nucleus classifier)."""
+        return self.stain == "he" and self.model.classes is not None and self.model.path is not None
+
+    @property
     def schema(self) -> pa.Schema:
-        return cell_schema(self.stain, self.channel_names)
+        return cell_schema(self.stain, self.channel_names, self.classify)
 
 
 @functools.lru_cache(maxsize=4)
@@ -105,6 +111,8 @@ def segment_tile(job: SegmentJob, tile: Tile) -> dict:
     keep = owned(points, tile)
     coord, points, prob = coord[keep], points[keep], prob[keep]
     features = nucleus_features(img, coord, job.grid_mpp, job.stain, job.channel_names)
+    if job.classify:
+        features = features.assign(**nucleus_classes(img, coord, points, job))
     t1 = time.perf_counter()
     cells = tile_cells(coord, points, prob, tile, job.grid_mpp, job.grid_width, features)
     part = Path(job.parts_dir) / f"{tile.name}.parquet"
@@ -114,6 +122,15 @@ def segment_tile(job: SegmentJob, tile: Tile) -> dict:
     timings["features_s"] = t1 - t0
     timings["table_write_s"] = time.perf_counter() - t1
     return {"tile": tile.name, "n_cells": len(cells), **timings}
+
+
+def nucleus_classes(img: np.ndarray, coord: np.ndarray, points: np.ndarray, job: SegmentJob) -> dict:
+    """``nucleus_class`` (the classifier's most probable class) and ``nucleus_class_prob`` per nucleus;
+    the classifier runs in the precision the worker's StarDist model set (:func:`_model`)."""
+    probs = predict_classes(load_classifier(str(job.model.path)), tile_patches(img, coord, points, job.grid_mpp))
+    best = np.argmax(probs, axis=1)
+    return {"nucleus_class": np.asarray(job.model.classes, dtype=object)[best],
+            "nucleus_class_prob": probs[np.arange(len(best)), best].astype(np.float32)}
 
 
 def whole_image_centres(slide_path: str, model: str) -> np.ndarray:

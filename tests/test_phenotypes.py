@@ -88,9 +88,9 @@ def test_calibration_follows_a_paler_slide_and_larger_masks(node_cells):
     calibrated, report = classify_he(shifted)
     assert (np.asarray(calibrated) == np.asarray(base)).mean() >= 0.97
     assert report["lymphocyte_hematoxylin_od"] == pytest.approx(0.6 * classify_he(node_cells)[1]["lymphocyte_hematoxylin_od"], rel=0.02)
-    fixed, report = classify_he(shifted, {"calibrate": False})
-    assert not report["calibrated"] and report["lymphocyte_min_hematoxylin_od"] == pytest.approx(0.6)
-    assert scores(fixed, shifted.truth)["lymphocyte_recall"] < 0.7  # presets miss a pale slide's lymphocytes
+    slide_wide, report = classify_he(shifted, {"calibrate": False})  # no density: every round lymphocyte-sized nucleus
+    assert not report["calibrated"] and report["reference_source"] == "slide"
+    assert scores(slide_wide, shifted.truth)["lymphocyte_recall"] >= 0.8  # still relative to the slide, not a preset
 
 
 def test_he_rules_schema_and_errors(node_cells):
@@ -101,10 +101,29 @@ def test_he_rules_schema_and_errors(node_cells):
         classify_he(node_cells, {"lymphocyte_area": 3})
     with pytest.raises(ValueError, match="hematoxylin_od"):
         classify_he(node_cells.drop(columns="hematoxylin_od"))
-    few, report = classify_he(node_cells.iloc[:30])  # too few for calibration: presets, said so
-    assert not report["calibrated"] and report["lymphocyte_hematoxylin_od"] == DEFAULT_HE_RULES["lymphocyte_hematoxylin_od"]
+    few, report = classify_he(node_cells.iloc[:30])  # too few for any reference set: all nuclei's OD, said so
+    assert not report["calibrated"] and report["reference_source"] == "all"
+    assert report["lymphocyte_hematoxylin_od"] == pytest.approx(np.median(node_cells.hematoxylin_od.iloc[:30]))
     empty, report = classify_he(node_cells.iloc[:0])
     assert len(empty) == 0 and report["counts"]["lymphocyte"] == 0
+
+
+def test_learned_classes_are_kept_and_large_pale_nuclei_split_off(node_cells):
+    """With a ``nucleus_class`` column the learned class wins; large pale non-epithelial nuclei are ``large``."""
+    learned = np.where(node_cells.truth == "lymphocyte", "lymphocyte", np.where(node_cells.truth == "stromal", "stromal",
+                                                                                 "other")).astype(object)
+    learned[:5] = "epithelial"
+    cells = node_cells.assign(nucleus_class=learned)
+    types, report = classify_he(cells)
+    called = np.asarray(types)
+    assert report["method"] == "learned" and report["reference_source"] == "learned"
+    assert (called[:5] == "epithelial").all()
+    truth = node_cells.truth.to_numpy()
+    assert (called[5:][truth[5:] == "large"] == "large").mean() >= 0.8
+    assert (called[5:][truth[5:] == "lymphocyte"] == "lymphocyte").mean() >= 0.95
+    assert report["lymphocyte_hematoxylin_od"] == pytest.approx(np.median(cells.hematoxylin_od[learned == "lymphocyte"]))
+    rules_only, report = classify_he(cells, {"learned": False})
+    assert report["method"] == "rules" and "epithelial" not in set(np.asarray(rules_only))
 
 
 def test_gate_markers_order_auto_and_report():
@@ -199,7 +218,7 @@ def test_structure_cell_types_must_be_the_workflows_own(tmp_path, change, messag
 def test_he_structure_cell_types_are_the_rules_types(tmp_path):
     path = tmp_path / "he.yaml"
     path.write_text("stain: he\nregions:\n  follicle:\n    cell_types: [B cell]\n")
-    with pytest.raises(WorkflowError, match=r"'B cell' is not a cell type .* gives: lymphocyte, large, stromal, other"):
+    with pytest.raises(WorkflowError, match=r"'B cell' is not a cell type .* gives: lymphocyte, large, stromal, epithelial, other"):
         load_workflow(path)
     path.write_text("stain: if\n")  # gates missing: the default (H&E) follicle cells are not this workflow's
     with pytest.raises(WorkflowError, match=r"'regions\.follicle\.cell_types': 'lymphocyte' is not a cell type .* gives: other"):
