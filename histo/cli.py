@@ -71,6 +71,20 @@ def _train(args) -> None:
     print(f"wrote model {out}")
 
 
+def _train_classes(args) -> None:
+    from histo.train import pairs_from_folders, pixel_sizes
+    from histo.train_classes import read_types, train_classes
+
+    pairs = pairs_from_folders(args.images, args.masks)
+    mpp = pixel_sizes(args.image_mpp, args.images)(pairs[0][0].stem)
+    datasets = [(pairs, mpp, read_types(args.types), str(args.images), args.licence or "unknown")]
+    section = train_classes(datasets, args.model, epochs=args.epochs, val_fraction=args.val_fraction, seed=args.seed,
+                            command="histo " + " ".join(args.argv))
+    v = section["validation"]
+    print(f"wrote {Path(args.model) / section['file']}: validation accuracy {v['accuracy']}, "
+          f"lymphocyte F1 {v['lymphocyte']['f1']}")
+
+
 def _evaluate(args) -> None:
     from histo.evaluate import evaluate, format_table, run_images
 
@@ -90,9 +104,16 @@ def _evaluate(args) -> None:
     elif not (bundles or args.pred):
         raise HistoError(args.truth, "give --bundles (histo bundles), --pred (label masks or GeoJSON) or "
                                      "--images (run histo on them first)")
+    types = None
+    if args.types:
+        from histo.evaluate import read_type_table
+
+        types = read_type_table(args.types)
     table = evaluate(args.truth, bundles_dir=bundles, pred_dir=None if bundles else args.pred,
-                     thresh=args.iou, errors=errors)
+                     thresh=args.iou, errors=errors, types=types)
     table.to_csv(out / "scores.csv", index=False)
+    if "confusion" in table.attrs:
+        table.attrs["confusion"].to_csv(out / "confusion.csv")
     if args.record:
         from histo.evaluate import record_in_card
 
@@ -168,6 +189,19 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--init", help="model folder to start from (fine-tuning: its architecture and weights)")
     t.set_defaults(func=_train)
 
+    c = sub.add_parser("train-classes", help="train the H&E nucleus classifier of a model from typed nuclei")
+    c.add_argument("images", help="folder of RGB images (TIFF/PNG)")
+    c.add_argument("masks", help="folder of instance masks with the same file stems")
+    c.add_argument("types", help="CSV tile,label,type: a type per nucleus (lymphocyte/inflammatory, epithelial, "
+                   "stromal/spindle, other)")
+    c.add_argument("--model", required=True, help="nucleus model folder to add the classifier to")
+    c.add_argument("--image-mpp", required=True, help="µm per px of the images (one number)")
+    c.add_argument("--licence", help="licence of these images (goes into the model card)")
+    c.add_argument("--epochs", type=int, default=30)
+    c.add_argument("--val-fraction", type=float, default=0.15, help="share of tiles held out (by tile)")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=_train_classes)
+
     e = sub.add_parser("evaluate", help="score nuclei against annotated images (F1, PQ, AJI)")
     e.add_argument("truth", help="folder of truth instance masks (.tif/.png) or QuPath GeoJSON nucleus outlines")
     e.add_argument("--out", required=True, help="folder for scores.csv (and bundles/ with --images)")
@@ -179,6 +213,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--workflow", default="lymph-node-he", help="with --images: preset name or YAML file")
     e.add_argument("--record", metavar="DATASET",
                    help="with --model FOLDER: add the pooled scores under this name to the model's card.json and MODEL.md")
+    e.add_argument("--types", help="CSV tile,label,type of the true nuclei: per-class F1 (matched and both say the "
+                   "class) in scores.csv, the confusion matrix in confusion.csv")
     e.add_argument("--iou", type=float, default=0.5, help="IoU at which a nucleus counts as found (default 0.5)")
     e.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
     e.add_argument("--scheduler", help="address of an existing dask.distributed scheduler")
