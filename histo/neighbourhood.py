@@ -24,6 +24,9 @@ from histo.regions import KINDS
 from histo.workflow import SCHEMA, check_section
 
 GRAPHS = ("delaunay", "radius")
+# statistics between cell types: skipped (and the reason recorded) in a region of one type, where squidpy
+# raises or their value means nothing
+PAIR_STATS = ("nhood_enrichment", "interaction_matrix", "centrality_scores", "co_occurrence")
 
 
 def nhood_params(overrides: dict | None = None) -> dict:
@@ -99,12 +102,21 @@ def region_stats(adata: ad.AnnData, types: list[str], params: dict) -> dict:
     closeness; NaN above ``centrality_scores.max_cells``); ``co_occurrence`` (types × types ×
     distances: P(b within d of a) / P(b)), ``co_occurrence_um``, ``co_occurrence_n_cells`` (sample
     size); ``ripley_L`` (types × distances, per-type L whose complete spatial randomness value is d),
-    ``ripley_um``, ``ripley_n_cells``; ``moran_I`` (per ``moran_features``).
+    ``ripley_um``, ``ripley_n_cells``; ``moran_I`` (per ``moran_features``); ``skipped``
+    ({statistic: reason}, only when some were: :data:`PAIR_STATS` in a region of one cell type, Moran's
+    I in a region without graph edges).
     """
     p, seed = params, params["seed"]
     adata.obs["cell_type"] = adata.obs["cell_type"].cat.remove_unused_categories()
     present = list(adata.obs["cell_type"].cat.categories)
     out: dict = {"n_cells": int(adata.n_obs)}
+    skipped = {s: f"needs 2 cell types, the region has {len(present)} ({', '.join(present)})"
+               for s in PAIR_STATS if p[s]["run"] and len(present) < 2}
+    if p["moran"]["run"] and adata.obsp["spatial_connectivities"].nnz == 0:
+        skipped["moran"] = "no graph edge between the region's cells"
+    p = {**p, **{s: {**p[s], "run": False} for s in skipped}}
+    if skipped:
+        out["skipped"] = skipped
     if p["nhood_enrichment"]["run"]:
         z, count = sq.gr.nhood_enrichment(adata, "cell_type", n_perms=p["nhood_enrichment"]["n_perms"], seed=seed,
                                           copy=True, n_jobs=1, show_progress_bar=False)
@@ -175,8 +187,15 @@ def _region_cells(obs: pd.DataFrame, p: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def _has_graph(cells: pd.DataFrame, p: dict) -> bool:
-    return len(cells) >= max(p["min_cells"], 3)  # no graph without 3 cells; no region can reach min_cells
+def _no_graph(cells: pd.DataFrame, p: dict) -> str | None:
+    """Why ``cells`` get no statistics at all (None: they do): no graph without 3 cells off one line,
+    and no region can reach ``min_cells``."""
+    if len(cells) < max(p["min_cells"], 3):
+        return f"{len(cells)} cells: fewer than " + (f"min_cells ({p['min_cells']})" if p["min_cells"] > 3 else "3")
+    xy = cells[["x_um", "y_um"]].to_numpy(np.float64)
+    if np.linalg.matrix_rank(xy - xy.mean(axis=0)) < 2:
+        return f"all {len(cells)} cells lie on one line: no Delaunay graph"
+    return None
 
 
 def region_groups(cells: pd.DataFrame, params: dict | None, n_groups: int) -> list[list[str]]:
@@ -184,7 +203,7 @@ def region_groups(cells: pd.DataFrame, params: dict | None, n_groups: int) -> li
     first (the report's figure needs only it), then the other regions in ≤ ``n_groups`` groups of
     about equal cell counts (largest first, each to the lightest group). Empty with too few cells."""
     p = nhood_params(params)
-    if not _has_graph(cells, p):
+    if _no_graph(cells, p):
         return []
     sizes = sorted(((len(idx), rid) for rid, idx in _region_cells(cells.reset_index(drop=True), p).items()), reverse=True)
     groups: list[list[str]] = [[] for _ in range(max(1, min(n_groups, len(sizes))))]
@@ -213,7 +232,11 @@ def stats_result(cells: pd.DataFrame, params: dict | None, groups: list[dict[str
     regions = {rid: stats for g in groups for rid, stats in g.items()}
     p = nhood_params(params)
     order = ["slide", *_region_cells(cells.reset_index(drop=True), p)] if regions else []
-    return {"cell_types": cell_type_order(cells), "params": _plain(p), "regions": {rid: regions[rid] for rid in order}}
+    regions = {rid: dict(regions[rid]) for rid in order}
+    skipped = {rid: r.pop("skipped") for rid, r in regions.items() if "skipped" in r}
+    if not regions and (why := _no_graph(cells, p)):
+        skipped["slide"] = {"all": why}
+    return {"cell_types": cell_type_order(cells), "params": _plain(p), "regions": regions, "skipped": skipped}
 
 
 def neighbourhood_stats(cells: pd.DataFrame, params: dict | None = None) -> dict:
@@ -221,7 +244,9 @@ def neighbourhood_stats(cells: pd.DataFrame, params: dict | None = None) -> dict
 
     ``cells``: ``x_um``, ``y_um``, ``cell_type`` and the ``<kind>_id`` columns of
     :func:`histo.regions.assign_cells`. Returns ``{"cell_types": [...], "params": {...},
-    "regions": {region_id: region_stats}}``, storable in AnnData ``uns``. Same input and seed give
+    "regions": {region_id: region_stats}, "skipped": {region_id: {statistic: reason}}}``, storable in
+    AnnData ``uns``; a slide or region of one cell type or a handful of cells skips what it cannot
+    compute and says why in ``skipped``, it never fails. Same input and seed give
     the same numbers. On a cluster the same comes from a :func:`group_stats` task per
     :func:`region_groups` group and :func:`stats_result`.
     """

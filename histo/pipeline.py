@@ -269,7 +269,8 @@ def _finish(client: Client, plan: SlidePlan, task_totals: dict[str, float], show
         arrays, label_tasks = _submit_labels(client, partial / "cells.parquet", groups, tiles, plan.shape, zarr_path,
                                              plan.grid_mpp)
         try:
-            timings.update(write_outputs(partial, plan.name, cells, regions, metrics, plan.slide, plan.wf, client))
+            timings.update(write_outputs(partial, plan.name, cells, regions, metrics, plan.slide, plan.wf, client,
+                                         structure_report))
         except BaseException:
             client.cancel(label_tasks)  # nothing writes into the partial bundle once it is removed
             raise

@@ -40,13 +40,15 @@ def analyse_cells(cells: pd.DataFrame, slide, tissue, wf: dict, annotations: str
     types, type_report = cell_types(cells, wf)
     cells = cells.assign(cell_type=types if types is not None else pd.Categorical(["other"] * len(cells)))
     regions = find_regions(cells, tissue.pieces, wf["tissue_type"], wf["regions"])
+    candidates = regions.attrs.get("candidates", [])
     if annotations:
         regions = pd.concat([regions, import_annotations(annotations, slide.mpp)], ignore_index=True)
     ids = assign_cells(cells, regions)
     metrics = region_metrics(pd.concat([cells, ids], axis=1), regions, wf["tissue_type"], wf["regions"])
     extra = pd.concat([cells[["cell_type"]], ids], axis=1)
     counts = regions["kind"].value_counts().to_dict() if len(regions) else {}
-    return extra, regions, metrics, {"cell_types": type_report, "regions": {k: int(v) for k, v in counts.items()}}
+    return extra, regions, metrics, {"cell_types": type_report, "regions": {k: int(v) for k, v in counts.items()},
+                                     "structure_candidates": candidates}
 
 
 def _submit(client, fn, *args, priority: int = 0):
@@ -65,7 +67,7 @@ def _slide_figure(types: list[str], slide_group: dict) -> bytes | None:
 
 
 def write_outputs(folder: Path, name: str, cells: pd.DataFrame, regions, metrics: pd.DataFrame, slide,
-                  wf: dict, client=None) -> dict[str, float]:
+                  wf: dict, client=None, report: dict | None = None) -> dict[str, float]:
     """regions.geojson, metrics.csv/.parquet, cells.h5ad, overview.png and report.html; returns the
     seconds until the neighbourhood statistics were in (``neighbourhood_s``), then for the tables,
     GeoJSON and h5ad (``exports_s``), then until the figures were in and the report written
@@ -75,7 +77,8 @@ def write_outputs(folder: Path, name: str, cells: pd.DataFrame, regions, metrics
     neighbourhood statistics (histo.neighbourhood) go to cells.h5ad ``uns["neighbourhood"]``,
     their summary columns to the metrics and their plots to the report. With ``client``, the
     statistics and the report's figures are computed as tasks on its workers, side by side, while
-    this process writes the tables (the workers are idle once the tiles are done)."""
+    this process writes the tables (the workers are idle once the tiles are done). ``report`` (run.json's)
+    gains ``neighbourhood_skipped``: the statistics skipped per region and why (one cell type, too few cells)."""
     t0 = time.perf_counter()
     params = wf["neighbourhood"]
     if params["run"]:
@@ -94,6 +97,8 @@ def write_outputs(folder: Path, name: str, cells: pd.DataFrame, regions, metrics
         if parts:
             figures["neighbourhood"] = _submit(client, _slide_figure, cell_type_order(nhood_in), parts[0], priority=2)
         uns["neighbourhood"] = nhood = stats_result(nhood_in, params, [f.result() for f in parts])
+        if report is not None:
+            report["neighbourhood_skipped"] = nhood["skipped"]
         metrics = metrics.merge(neighbourhood_metrics(nhood), on="region_id", how="left")
     t1 = time.perf_counter()
     write_regions_geojson(regions, folder / "regions.geojson", slide.mpp, metrics)

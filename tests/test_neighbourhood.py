@@ -135,3 +135,71 @@ def test_too_few_cells_give_no_statistics():
     for table in (cells, cells.iloc[:0]):
         result = neighbourhood_stats(table)
         assert result["regions"] == {} and list(neighbourhood_metrics(result).columns) == ["region_id"]
+
+
+def _one_type_follicle(n: int = 900, seed: int = 2) -> pd.DataFrame:
+    """Cells on a jittered grid, B and T mixed, except a follicle (the left third) of B cells only."""
+    rng = np.random.default_rng(seed)
+    side = int(np.sqrt(n))
+    x, y = (np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2) * 10.0
+            + rng.uniform(-3, 3, (side * side, 2))).T
+    follicle = x < side * 10 / 3
+    return pd.DataFrame({"x_um": x, "y_um": y, "area_um2": rng.uniform(20, 40, x.size),
+                         "cell_type": np.where(follicle | (rng.random(x.size) < 0.5), "B", "T"),
+                         "follicle_id": pd.Categorical(np.where(follicle, "follicle-1", None))})
+
+
+def test_one_cell_type_skips_the_pair_statistics_and_says_why():
+    """A slide, or a region, whose cells all have one type completes (squidpy's nhood_enrichment raises
+    "Expected at least 2 clusters" there): the statistics between types are skipped, the reason kept."""
+    from histo.neighbourhood import PAIR_STATS, neighbourhood_metrics
+
+    cells = _one_type_follicle()
+    params = {"kinds": ["follicle"], "co_occurrence": {"max_cells": 500}, "ripley": {"max_cells": 500}}
+    res = neighbourhood_stats(cells, params)
+    assert set(res["regions"]) == {"slide", "follicle-1"} and set(res["skipped"]) == {"follicle-1"}
+    assert set(res["skipped"]["follicle-1"]) == set(PAIR_STATS)
+    assert "1 (B)" in res["skipped"]["follicle-1"]["co_occurrence"]
+    follicle, slide = res["regions"]["follicle-1"], res["regions"]["slide"]
+    assert {"nhood_zscore", "interaction", "centrality", "co_occurrence"} <= set(slide)
+    assert not {"nhood_zscore", "interaction", "centrality", "co_occurrence"} & set(follicle)
+    assert np.isfinite(follicle["ripley_L"][0]).all() and np.isfinite(follicle["moran_I"]).all()
+    metrics = neighbourhood_metrics(res).set_index("region_id")
+    assert np.isnan(metrics.at["follicle-1", "nhood_z_B__T"]) and np.isfinite(metrics.at["slide", "nhood_z_B__T"])
+    only_b = neighbourhood_stats(cells.assign(cell_type="B"), params)
+    assert set(only_b["skipped"]) == {"slide", "follicle-1"} and "nhood_zscore" not in only_b["regions"]["slide"]
+
+
+def test_a_handful_of_cells_or_a_line_of_them_say_why_there_are_none():
+    line = pd.DataFrame({"x_um": np.arange(60.0), "y_um": np.zeros(60), "cell_type": ["B", "T"] * 30})
+    assert "one line" in neighbourhood_stats(line)["skipped"]["slide"]["all"]
+    assert "min_cells (50)" in neighbourhood_stats(line.iloc[:10])["skipped"]["slide"]["all"]
+    apart = line.assign(x_um=line.x_um * 100, y_um=np.arange(60.0) % 2 * 100)  # cells 100 µm apart: no edge
+    assert "no graph edge" in neighbourhood_stats(apart)["skipped"]["slide"]["moran"]
+
+
+@pytest.mark.slow
+def test_a_real_patch_of_one_cell_type_completes(tmp_path):
+    """A real lymph-node crop whose nuclei all get one type (issue 21: FL_examples_106 did with the rules
+    of then; the learned classes now give it two, so the workflow's rules type every nucleus lymphocyte):
+    exit 0, and run.json says which statistics were skipped and why."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import ROOT, shared_path
+
+    patch = shared_path("data", "lymph_node_patches", "follicular_lymphoma", "FL_examples_106.jpg")
+    wf = yaml.safe_load((ROOT / "workflows" / "lymph-node-he.yaml").read_text())
+    wf["cell_types"] = {"learned": False, "calibrate": False, "lymphocyte_min_area_um2": 0,
+                        "lymphocyte_max_area_um2": 1e4, "lymphocyte_max_eccentricity": 1.0,
+                        "lymphocyte_min_solidity": 0, "lymphocyte_min_od_ratio": 0}
+    (tmp_path / "one-type.yaml").write_text(yaml.safe_dump(wf))
+    proc = subprocess.run([sys.executable, "-m", "histo.cli", "run", str(patch), "--mpp", "0.46", "--out",
+                           str(tmp_path), "--workflow", str(tmp_path / "one-type.yaml")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((tmp_path / "FL_examples_106" / "run.json").read_text())
+    assert run["status"] == "complete" and run["n_cells"] > 50
+    assert set(run["neighbourhood_skipped"]) == {"slide", "tissue-1"}
+    assert "1 (lymphocyte)" in run["neighbourhood_skipped"]["slide"]["nhood_enrichment"]
