@@ -26,10 +26,11 @@ demo: install $(SAMPLE)
 	@echo "bundle: out/lymph-node-sample/ (cells.parquet, labels.ome.zarr, run.json)"
 
 # napari tests run in a process of their own: TensorFlow (loaded by the model tests) and a napari
-# viewer in one process segfault (STACK.md)
+# viewer in one process segfault (STACK.md). Without Xvfb or a display they skip (tests/conftest.py);
+# exit code 5 (no test collected) is not a failure.
 test: install
 	$(BIN)/python -m pytest -q -ra -m "not gui"
-	$(BIN)/python -m pytest -q -ra -m gui
+	$(BIN)/python -m pytest -q -ra -m gui || [ $$? -eq 5 ]
 
 # Re-resolve the lock after editing requirements.in.
 lock:
