@@ -20,7 +20,7 @@ import tifffile
 
 from histo.augment import recolour
 from histo.cluster import dask_client
-from histo.evaluate import evaluate, run_images
+from histo.evaluate import evaluate, read_type_table, run_images
 from histo.train import _list_images, _read_array
 
 #: name → (hematoxylin, eosin) concentration factors
@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model")
     ap.add_argument("--workflow", default="lymph-node-he")
+    ap.add_argument("--types", help="CSV tile,label,type of the true nuclei: per-class F1 per change too")
     args = ap.parse_args()
     rows = []
     with dask_client(n_workers=2) as client:
@@ -52,12 +53,16 @@ def main() -> None:
             bundles = args.out / f"bundles-{name}"
             errors = run_images(args.truth, images, bundles, args.mpp, model=args.model, workflow=args.workflow,
                                 client=client, show_progress=False)
-            pooled = evaluate(args.truth, bundles_dir=bundles, errors=errors).iloc[-1]
+            types = read_type_table(args.types) if args.types else None
+            pooled = evaluate(args.truth, bundles_dir=bundles, errors=errors, types=types).iloc[-1]
             rows.append({"change": name, "h_factor": factors[0] if factors else 1.0,
                          "e_factor": factors[1] if factors else 1.0}
-                        | {k: pooled[k] for k in ("n_true", "n_pred", "precision", "recall", "f1", "pq", "aji")})
+                        | {k: pooled[k] for k in ("n_true", "n_pred", "precision", "recall", "f1", "pq", "aji")}
+                        | {k: pooled[k] for k in pooled.index if k.startswith("f1_")})
     table = pd.DataFrame(rows)
     table["f1_drop"] = table["f1"].iloc[0] - table["f1"]
+    if "f1_lymphocyte" in table:
+        table["f1_lymphocyte_drop"] = table["f1_lymphocyte"].iloc[0] - table["f1_lymphocyte"]
     table.to_csv(args.out / "stain_robustness.csv", index=False)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 

@@ -66,21 +66,32 @@ def _fill(out, xs, ys, offsets, labels):  # pragma: no cover - compiled
 
 
 def create_pyramid(path: Path, shape: tuple[int, int], chunk: int, mpp: float) -> list[zarr.Array]:
-    """Create the empty OME-Zarr label pyramid (zeros are implicit: empty chunks are not stored)."""
-    from ome_zarr.writer import write_multiscales_metadata
+    """Create the empty label pyramid (zeros are implicit: empty chunks are not stored): an OME-NGFF 0.5
+    label image (``multiscales`` and ``image-label``; arrays with ``dimension_names``), written through
+    ome-zarr-py's metadata writers. Its arrays are filled chunk by chunk on the cluster
+    (:func:`write_chunk`), which ome-zarr-py's whole-array writers do not do.
 
-    root = zarr.open_group(str(path), mode="w")
+    Pixel (i, j) of every level is the level-0 pixel (2ᵏi, 2ᵏj) (nearest-neighbour), whose centre lies
+    at ((2ᵏi + ½)·mpp) µm: each level's scale is 2ᵏ·mpp and its translation ½·mpp (pixel centres, as
+    NGFF places them), so other viewers overlay the labels on the slide without a half-pixel shift."""
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import add_metadata, write_multiscales_metadata
+
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
     arrays, datasets = [], []
     level, (h, w) = 0, shape
     while True:
-        arrays.append(root.create_array(str(level), shape=(h, w), chunks=(chunk, chunk), dtype="int32", fill_value=0))
+        arrays.append(root.create_array(str(level), shape=(h, w), chunks=(chunk, chunk), dtype="int32", fill_value=0,
+                                        dimension_names=("y", "x")))
         scale = mpp * 2**level
-        datasets.append({"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": [scale, scale]}]})
+        datasets.append({"path": str(level), "coordinateTransformations": [
+            {"type": "scale", "scale": [scale, scale]}, {"type": "translation", "translation": [mpp / 2, mpp / 2]}]})
         if max(h, w) <= MIN_LEVEL_PX:
             break
         level, h, w = level + 1, math.ceil(h / 2), math.ceil(w / 2)
     axes = [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
-    write_multiscales_metadata(root, datasets, axes=axes, name="nuclei")
+    write_multiscales_metadata(root, datasets, fmt=FormatV05(), axes=axes, name="nuclei")
+    add_metadata(root, {"image-label": {"version": "0.5"}}, fmt=FormatV05())
     return arrays
 
 

@@ -7,7 +7,7 @@ It is a separate network rather than StarDist's own class head (``n_classes``) s
 without types (MoNuSeg) still train the outlines, and the classes can be retrained in minutes
 without touching the outlines (``histo train-classes``).
 
-Input: a ``PATCH_PX``² window at ``PATCH_MPP`` µm/px (24 µm) centred on the nucleus, RGB as x/255
+Input: a ``PATCH_PX``² window at ``PATCH_MPP`` µm/px (32 µm) centred on the nucleus, RGB as x/255
 plus a fourth channel that is 1 inside the nucleus's own outline. Classes follow CoNSeP's types
 (``CLASS_ALIASES``): lymphocyte (CoNSeP "inflammatory": lymphocytes, plasma cells, neutrophils),
 epithelial, stromal (CoNSeP "spindle": fibroblasts, muscle, endothelium), other.
@@ -26,7 +26,7 @@ CLASSES = ("lymphocyte", "epithelial", "stromal", "other")
 CLASS_ALIASES = {"inflammatory": "lymphocyte", "spindle": "stromal", "fibroblast": "stromal",
                  "lymphocytes": "lymphocyte", "epithelium": "epithelial"}
 PATCH_MPP = 0.5  # µm/px of the patches
-PATCH_PX = 48  # patch edge, px (24 µm)
+PATCH_PX = 64  # patch edge, px (32 µm)
 CLASSIFIER_FILE = "nucleus_classes.keras"
 
 
@@ -76,15 +76,16 @@ def tile_patches(img: np.ndarray, coord: np.ndarray, points: np.ndarray, mpp: fl
 
 
 def network(n_classes: int = len(CLASSES)):
-    """The classifier: four conv blocks (16–128 filters), global average pooling, softmax."""
+    """The classifier: four conv blocks (16–128 filters, batch-normalised), global average pooling, softmax."""
     import keras
     from keras import layers
 
     inp = keras.Input((PATCH_PX, PATCH_PX, 4))
     x = inp
     for filters in (16, 32, 64, 128):
-        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
-        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        for _ in range(2):
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+            x = layers.Activation("relu")(layers.BatchNormalization()(x))
         x = layers.MaxPooling2D()(x) if filters < 128 else x
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(0.3)(x)

@@ -54,6 +54,9 @@ REGION_PARAMS_SCHEMA: dict = {
         "split_um": (Number, 60.0),  # watershed splits touching follicles whose centres are ≥ this apart [P]
         "open_um": (Number, 30.0),  # opening radius: trims spurs of dense paracortex < 60 µm wide [P]
         "min_area_um2": (Number, 30_000.0),  # ≥ 0.03 mm² (§7.4b; follicle ⌀ 200–1,000 µm, §3)
+        "min_cells_per_mm2": (Number, 6000.0),  # absolute floor: dense pixels and kept follicles hold ≥ this many
+        #   follicle cells per mm² (lymphocytes in TLS 12,800 ± 2,600 vs 4,000 outside, §2 Barmpoutis 2021) [P from L]
+        "min_cells": (int, 45),  # ≥ 45 follicle cells (TLS minimum, §2 Barmpoutis 2021) [L]
     },
     "germinal_centre": {  # §7.4
         "cell_types": (list, ["large"]),  # the "large pale" nuclei (centroblasts, tingible-body macrophages, §3); [] = none
@@ -208,17 +211,20 @@ def mask_polygons(mask: np.ndarray, grid: Grid) -> list[Polygon]:
 # ----------------------------------------------------------------------------------- structures
 
 
-def find_follicles(cells: pd.DataFrame, piece: Polygon, params: dict) -> list[Polygon]:
+def find_follicles(cells: pd.DataFrame, piece: Polygon, params: dict, log: list | None = None) -> list[Polygon]:
     """Lymph-node follicles in one tissue piece (§7.4b [P]).
 
     A pixel is dense where the density of the follicle cells (``follicle.cell_types``, Gaussian of
-    FWHM ``smooth_fwhm_um``) is ≥ ``min_density_ratio`` × the piece's median (H&E: small
-    lymphocytes; the paracortex dominates a node), or, with ``min_cell_fraction`` set, where they
-    are ≥ that fraction of all nuclei (gated B cells). A pixel is follicular where it is dense or
-    where the density of germinal-centre cells (``germinal_centre.cell_types``) is ≥
-    ``large_density_ratio`` × its median (a germinal centre inside the mantle ring). Rings are closed
-    and filled, touching follicles split by a distance watershed, outlines opened by ``open_um``;
-    kept: ≥ ``min_area_um2`` with ≥ ``min_dense_fraction`` dense.
+    FWHM ``smooth_fwhm_um``) is ≥ ``min_cells_per_mm2`` (an absolute floor: a slide without lymphoid
+    tissue has none) and ≥ ``min_density_ratio`` × the piece's median (H&E: small lymphocytes; the
+    paracortex dominates a node), or, with ``min_cell_fraction`` set, where they are ≥ that fraction
+    of all nuclei (gated B cells). A pixel is follicular where it is dense or where the density of
+    germinal-centre cells (``germinal_centre.cell_types``) is ≥ ``large_density_ratio`` × its median
+    (a germinal centre inside the mantle ring). Rings are closed and filled, touching follicles split
+    by a distance watershed, outlines opened by ``open_um``; kept: ≥ ``min_area_um2`` with
+    ≥ ``min_dense_fraction`` dense, ≥ ``min_cells`` follicle cells and their mean density ≥
+    ``min_cells_per_mm2``. ``log``, a list, receives one dict per candidate: its numbers and why it
+    was kept or dropped.
     """
     p = params["follicle"]
     grid, mask = piece_grid(piece, params["grid_um"])
@@ -228,6 +234,7 @@ def find_follicles(cells: pd.DataFrame, piece: Polygon, params: dict) -> list[Po
     dl = smooth_density(grid_counts(grid, lym.x_um, lym.y_um), mask, grid, sigma)
     dL = smooth_density(grid_counts(grid, large.x_um, large.y_um), mask, grid, sigma)
     ml, mL = np.median(dl[mask]) if mask.any() else 0.0, np.median(dL[mask]) if mask.any() else 0.0
+    floor = p["min_cells_per_mm2"] / 1e6  # per µm²
     if p["min_cell_fraction"] is not None:
         d_all = smooth_density(grid_counts(grid, cells.x_um, cells.y_um), mask, grid, sigma)
         dense = mask & (dl > 0) & (dl >= p["min_cell_fraction"] * d_all)
@@ -235,6 +242,7 @@ def find_follicles(cells: pd.DataFrame, piece: Polygon, params: dict) -> list[Po
         dense = mask & (dl >= p["min_density_ratio"] * ml)
     else:
         return []
+    dense &= dl >= floor
     m = dense | (mask & (dL >= p["large_density_ratio"] * mL) if mL > 0 else dense)
     m = ndi.binary_fill_holes(ndi.binary_closing(m, disk(max(1, round(p["close_um"] / grid.px)))) & mask)
     dist = ndi.distance_transform_edt(m)
@@ -247,11 +255,26 @@ def find_follicles(cells: pd.DataFrame, piece: Polygon, params: dict) -> list[Po
     idx = np.arange(1, lab.max() + 1)
     dense_frac = ndi.mean(dense, lab, idx) if len(idx) else np.zeros(0)
     out = []
-    for i in idx[dense_frac >= p["min_dense_fraction"]]:
+    lxy = lym[["x_um", "y_um"]].to_numpy(np.float64)
+    for i, frac in zip(idx, dense_frac):
         for g in mask_polygons(lab == i, grid):
             g = g.buffer(-p["open_um"], quad_segs=4).buffer(p["open_um"], quad_segs=4)
             parts = [q for q in shapely.get_parts(g) if isinstance(q, Polygon)]
-            if parts and (best := max(parts, key=lambda q: q.area)).area >= p["min_area_um2"]:
+            if not parts:
+                continue
+            best = max(parts, key=lambda q: q.area)
+            n = int(shapely.contains_xy(best, lxy[:, 0], lxy[:, 1]).sum()) if len(lxy) else 0
+            density = n / best.area * 1e6
+            reason = ("kept" if frac >= p["min_dense_fraction"] and best.area >= p["min_area_um2"] and n >= p["min_cells"]
+                      and density >= p["min_cells_per_mm2"] else
+                      "dense_fraction" if frac < p["min_dense_fraction"] else "area" if best.area < p["min_area_um2"]
+                      else "cells" if n < p["min_cells"] else "density")
+            if log is not None:
+                c = best.centroid
+                log.append({"kind": "follicle", "x_um": round(c.x, 1), "y_um": round(c.y, 1),
+                            "area_um2": round(best.area, 1), "dense_fraction": round(float(frac), 3), "n_cells": n,
+                            "cells_per_mm2": round(density, 1), "result": reason})
+            if reason == "kept":
                 out.append(best)
     return out
 
@@ -332,20 +355,21 @@ def find_regions(cells: pd.DataFrame, pieces: list[Polygon], tissue_type: str, p
     ``params``: a ``region_params(tissue_type)`` dict or overrides of it; its ``structures`` say what
     to look for (lymph node: follicles and their germinal centres; synovium: graded aggregates,
     germinal centres in them, lining). A slide without lymphocytes gives no follicles or aggregates.
+    ``attrs["candidates"]`` of the result lists every follicle candidate and why it was kept or dropped.
     """
     params = region_params(tissue_type, params)
     want = set(params["structures"])
     tissue = [dict(region_id=f"tissue-{i}", kind="tissue", name="tissue", parent_id=None, tissue_id=f"tissue-{i}",
                    area_um2=float(p.area), edge_truncated=False, geometry=p) for i, p in enumerate(pieces, 1)]
     xy = cells[["x_um", "y_um"]].to_numpy(np.float64)
-    hosts, gcs, lining = [], [], []
+    hosts, gcs, lining, log = [], [], [], []
     for t in tissue:
         piece, tid = t["geometry"], t["region_id"]
         bx = _in_box(xy, piece.bounds)
         sub = cells[bx][shapely.contains_xy(piece, xy[bx, 0], xy[bx, 1])]
         found = []
         if "follicle" in want:
-            found += [dict(kind="follicle", geometry=g) for g in find_follicles(sub, piece, params)]
+            found += [dict(kind="follicle", geometry=g) for g in find_follicles(sub, piece, params, log)]
         if "aggregate" in want:
             found += [dict(kind="aggregate", **a) for a in find_aggregates(sub, piece, params)]
         for f in found:  # has_gc unknown (None) where germinal centres are not looked for
@@ -370,7 +394,9 @@ def find_regions(cells: pd.DataFrame, pieces: list[Polygon], tissue_type: str, p
         if h["kind"] == "follicle":
             inner = [g["geometry"] for g in gcs if g["parent_id"] == h["region_id"]]
             h["mantle_thickness_um"] = mantle_thickness(h["geometry"], inner)
-    return _frame(rows + _numbered(lining, "lining"))
+    out = _frame(rows + _numbered(lining, "lining"))
+    out.attrs["candidates"] = log
+    return out
 
 
 def _in_box(xy: np.ndarray, bounds) -> np.ndarray:

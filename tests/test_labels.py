@@ -44,3 +44,33 @@ def test_matches_skimage_away_from_ties():
 
 def test_empty():
     assert not rasterise(np.array([]), np.array([]), 1.0, (0, 0), (3, 4)).any()
+
+
+def test_pyramid_is_valid_ngff_labels(tmp_path):
+    """OME-NGFF 0.5 label image: ome-zarr-models accepts it, ome-zarr-py reads it as labels; pixel centres
+    at ((2ᵏi + ½)·mpp) µm on every level (nearest-neighbour levels)."""
+    import zarr
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    from histo.labels import create_pyramid, downsample_level
+
+    path = tmp_path / "labels.ome.zarr"
+    arrays = create_pyramid(path, (1500, 1100), 512, 0.5)
+    arrays[0][3:5, 7:9] = 4
+    for level in range(1, len(arrays)):
+        downsample_level(str(path), level, slice(0, arrays[level].shape[0]), slice(0, arrays[level].shape[1]))
+    group = zarr.open_group(str(path), mode="r")
+    model = ImageLabel.from_zarr(group)  # raises on invalid metadata or arrays without dimension_names
+    assert model.attributes.ome.image_label is not None
+    assert all(group[str(k)].metadata.dimension_names == ("y", "x") for k in range(len(arrays)))
+    datasets = model.attributes.ome.multiscales[0].datasets
+    assert len(datasets) == len(arrays) == 3
+    for k, ds in enumerate(datasets):
+        scale, translation = ds.coordinateTransformations
+        assert list(scale.scale) == [0.5 * 2**k] * 2 and list(translation.translation) == [0.25, 0.25]
+    # level 1 pixel (2, 4) is level 0 pixel (4, 8): its centre 4 · 1.0 + 0.25 = 4.25 µm = (8 + ½) · 0.5
+    assert group["1"][2, 4] == 4
+    node = next(iter(Reader(parse_url(str(path)))()))
+    assert any(isinstance(spec, Label) for spec in node.specs)

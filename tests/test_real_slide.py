@@ -29,3 +29,8 @@ def test_real_svs_gives_nuclei_on_tissue_and_none_on_glass(client, tmp_path):
     inside = shapely.contains_xy(pieces.buffer(10 / um_per_px), cells.x_um / um_per_px, cells.y_um / um_per_px)
     assert inside.mean() > 0.99, f"{(~inside).sum()} nuclei off the tissue"
     assert (bundle / "overview.png").stat().st_size > 10_000
+    # skin has no lymphoid follicle: every candidate is dropped by the absolute density floor, and said why
+    assert run["regions"] == {"tissue": 1}, run["regions"]
+    candidates = run["structure_candidates"]
+    assert candidates and all(c["result"] != "kept" for c in candidates)
+    assert all(c["cells_per_mm2"] < 6000 for c in candidates if c["result"] == "dense_fraction")
