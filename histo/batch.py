@@ -267,5 +267,19 @@ def _run_batch(sheet: pd.DataFrame, out: Path, client: Client, workflow: str | N
     summary = write_summary([rows[e["name"]] for e in entries], sheet_columns, out)
     metrics = [c for c in summary.columns if c not in (*sheet_columns, *RUN_COLUMNS)
                and is_numeric_dtype(summary[c]) and not is_bool_dtype(summary[c])]
-    write_cohort(summary, metrics, out, console)
+    write_cohort(summary, metrics, out, console, tissue_workflows(entries, workflow))
     return summary
+
+
+def tissue_workflows(entries: list[dict], workflow: str | None) -> dict[str, dict]:
+    """tissue (the sheet's spelling, ``""`` without one) → the validated workflow of its first slide
+    whose workflow loads: where the cohort report reads that tissue's endpoints."""
+    out: dict[str, dict] = {}
+    for entry in entries:
+        tissue = str(entry.get("tissue") or "")
+        if tissue not in out:
+            try:
+                out[tissue] = load_workflow(workflow_for(entry, workflow))
+            except HistoError:  # that slide failed for it and is in the summary; a later slide may name another
+                continue
+    return out

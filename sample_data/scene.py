@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -109,26 +109,76 @@ class Scene:
 # ----------------------------------------------------------------------------------- layout
 
 
-def make_scene(kind: str, size: int, seed: int, mpp: float = 0.5) -> Scene:
-    """Lay out a synthetic ``kind`` slide ("lymph-node" or "synovium") of ``size``² px at ``mpp``."""
+TREATMENTS = ("belimumab",)  # the treatment effects make_scene can build in
+
+
+def make_scene(kind: str, size: int, seed: int, mpp: float = 0.5, section: int = 0,
+               treatment: str | None = None) -> Scene:
+    """Lay out a synthetic ``kind`` slide ("lymph-node" or "synovium") of ``size``² px at ``mpp`` µm/px.
+
+    ``section`` > 0 is another section of the same block: the same layout (tissue, structures,
+    vessels) with its nuclei and textures drawn anew, as a follow-up biopsy of one patient's node.
+    ``treatment="belimumab"`` (lymph node) builds in BAFF blockade (DOMAIN §3): a third of the
+    follicles gone, the rest smaller and with a thinner mantle (:func:`shrink_follicles`). The
+    defaults (section 0, no treatment) give the same scene as before these options existed.
+    """
     if kind not in ("lymph-node", "synovium"):
         raise ValueError(f"unknown sample kind {kind!r}: expected 'lymph-node' or 'synovium'")
-    size, seed, mpp = int(size), int(seed), float(mpp)
+    if treatment is not None and (treatment not in TREATMENTS or kind != "lymph-node"):
+        raise ValueError(f"unknown treatment {treatment!r} for {kind!r}: expected one of {TREATMENTS} (lymph node)")
+    size, seed, mpp, section = int(size), int(seed), float(mpp), int(section)
     kcode = 1 if kind == "lymph-node" else 2
     rng = np.random.default_rng([seed, kcode, 1])
     W = size * mpp
     params = dict(
         h_scale=float(rng.uniform(0.88, 1.12)),
         e_scale=float(rng.uniform(0.85, 1.15)),
-        seed=seed * 7919 + kcode,
+        seed=seed * 7919 + kcode + 104_729 * section,
+        section=section,
+        treatment=treatment,
     )
     if kind == "lymph-node":
         pieces, structs, linings, vessels = _layout_node(rng, W, params)
     else:
         pieces, structs, linings, vessels = _layout_synovium(rng, W, params)
+    if treatment == "belimumab":
+        structs = shrink_follicles(structs, np.random.default_rng([seed, kcode, 2]))
     nb = int(np.ceil(W / BLOCK_UM))
     return Scene(kind, size, seed, mpp, pieces, structs, linings, vessels, params,
                  cache_blocks=max(64, 16 * (nb + 2)))
+
+
+def shrink_follicles(structs: list[Structure], rng, drop: float = 1 / 3, follicle_scale: float = 0.75,
+                     gc_scale: float = 0.9) -> list[Structure]:
+    """Follicles after BAFF blockade (DOMAIN §3: fewer and smaller follicles, thinner mantle, the
+    germinal centre changing less): each follicle is dropped with probability ``drop`` (with its
+    germinal centre; at least one follicle stays), the others shrink about their centre to
+    ``follicle_scale`` of their radius and their germinal centres to ``gc_scale``, so the mantle
+    (follicle − GC) thins; a GC keeps its side of the follicle, its offset scaled with the mantle."""
+    follicles = [i for i, s in enumerate(structs) if s.kind == "follicle"]
+    gone = set(np.asarray(follicles)[rng.random(len(follicles)) < drop].tolist())
+    if follicles and len(gone) == len(follicles):
+        gone.discard(follicles[int(rng.integers(len(follicles)))])
+    out: list[Structure] = []
+    new_index: dict[int, int] = {}
+    for i, s in enumerate(structs):
+        if i in gone or (s.kind == "germinal_centre" and s.parent in gone):
+            continue
+        b = s.blob
+        if s.kind == "follicle":
+            blob = replace(b, ax=b.ax * follicle_scale, ay=b.ay * follicle_scale)
+            new_index[i] = len(out)
+            out.append(replace(s, blob=blob))
+        elif s.kind == "germinal_centre":
+            f = structs[s.parent].blob
+            rf, rg = np.sqrt(f.ax * f.ay), np.sqrt(b.ax * b.ay)
+            k = (follicle_scale * rf - gc_scale * rg) / max(rf - rg, 1e-9)  # mantle ratio: the GC's offset
+            cx, cy = f.cx + (b.cx - f.cx) * k, f.cy + (b.cy - f.cy) * k
+            blob = replace(b, cx=cx, cy=cy, ax=b.ax * gc_scale, ay=b.ay * gc_scale)
+            out.append(replace(s, blob=blob, parent=new_index[s.parent]))
+        else:
+            out.append(s)
+    return out
 
 
 def _grid_ok(grid: dict, cell: float, x: float, y: float, r: float, gap: float) -> bool:

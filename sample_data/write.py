@@ -136,7 +136,8 @@ def truth_geojson(scene) -> dict:
             props["layers"] = float(s.layers)
         feats.append(_feature(poly, props))
     return dict(type="FeatureCollection",
-                properties=dict(kind=scene.kind, seed=scene.seed, size_px=scene.size, mpp=scene.mpp, units="µm"),
+                properties=dict(kind=scene.kind, seed=scene.seed, size_px=scene.size, mpp=scene.mpp, units="µm",
+                                section=scene.params.get("section", 0), treatment=scene.params.get("treatment")),
                 features=feats)
 
 
@@ -166,7 +167,7 @@ def _lining_polygon(b, lin) -> Polygon:
 
 
 def write_sample(kind: str, out, size: int = 4096, seed: int = 0, mpp: float = 0.5, tile: int = 512,
-                 workers: int | None = None) -> dict:
+                 workers: int | None = None, section: int = 0, treatment: str | None = None) -> dict:
     """Write a synthetic ``kind`` slide to ``out`` (DIR/NAME.ome.tif) with its truth files.
 
     Writes the pyramidal OME-TIFF (RGB, JPEG q90 tiles of ``tile`` px, level 0 ``size``² px at
@@ -174,10 +175,12 @@ def write_sample(kind: str, out, size: int = 4096, seed: int = 0, mpp: float = 0
     nucleus: id, x_um, y_um, cell_type, area_um2, region) and NAME.truth.geojson (structures, µm).
     Returns dict(image, truth, geojson, n_nuclei, levels=[(w, h), ...], mpp, kind, seed).
     ``workers`` > 1 renders tiles in threads (same output; on a busy 2-core machine 1 was faster).
+    ``section`` and ``treatment`` (``"belimumab"``): another section of the same tissue, a built-in
+    treatment effect (:func:`histo_sample.scene.make_scene`).
     """
     import tifffile
 
-    scene = sc.make_scene(kind, size, seed, mpp)
+    scene = sc.make_scene(kind, size, seed, mpp, section, treatment)
     img, truth, gj = truth_paths(out)
     img.parent.mkdir(parents=True, exist_ok=True)
     sizes = level_sizes(size)

@@ -21,7 +21,6 @@ from histo_sample import write_sample
 from histo.batch import is_current, read_input, run_batch
 from histo.bundle import is_complete
 from histo.cluster import WORKER_ENV
-from histo.cohort import MIN_PAIRS, paired_tests, write_cohort
 from histo.errors import HistoError
 from histo.workflow import load_workflow
 
@@ -219,27 +218,18 @@ def test_generated_cohort_gives_paired_rows(slides, reference, client, tmp_path)
 
     cohort = pd.read_csv(out / "cohort.csv")
     assert set(zip(cohort.tissue, cohort.patient)) == {("lymph node", "P1"), ("synovium", "P2")}
-    n_cells = cohort[cohort.metric == "n_cells"].set_index("patient")
-    assert n_cells.loc["P1", "pre"] == summary.loc["a", "n_cells"] and n_cells.loc["P1", "post"] == summary.loc["c", "n_cells"]
-    assert n_cells.loc["P2", "slides_pre"] == "b" and n_cells.loc["P2", "slides_post"] == "d"
-    assert np.allclose(cohort["difference"], cohort["post"] - cohort["pre"])
+    density = cohort[cohort.metric == "density_cells_per_mm2"].set_index("patient")
+    assert density.loc["P1", "pre"] == pytest.approx(summary.loc["a", "density_cells_per_mm2"])
+    assert density.loc["P1", "post"] == pytest.approx(summary.loc["c", "density_cells_per_mm2"])
+    assert density.loc["P2", "slides_pre"] == "b" and density.loc["P2", "slides_post"] == "d"
+    assert density.loc["P1", "area_mm2_pre"] == pytest.approx(summary.loc["a", "area_mm2"])
+    assert np.allclose(cohort["change"], cohort["post"] - cohort["pre"])
+    assert not cohort.metric.str.endswith("_n_cells").any() and "n_cells" not in set(cohort.metric)
     tests = pd.read_csv(out / "cohort_tests.csv")
-    assert (tests.n_pairs == 1).all() and tests.p_value.isna().all()
-    assert (out / "cohort_lymph-node.png").stat().st_size > 0 and (out / "cohort_synovium.png").stat().st_size > 0
-
-
-def test_wilcoxon_only_with_enough_pairs(tmp_path):
-    def summary(n_patients):
-        return pd.DataFrame([dict(name=f"{p}{tp}", patient=f"P{p}", timepoint=tp, tissue="synovium", status="ok",
-                                  density=p + shift + 0.1 * p * p)
-                             for p in range(n_patients) for tp, shift in (("pre", 0.0), ("post", 10.0))])
-
-    pairs = write_cohort(summary(MIN_PAIRS + 2), ["density"], tmp_path)
-    test = paired_tests(pairs).iloc[0]
-    assert test.n_pairs == MIN_PAIRS + 2 and test.median_difference == pytest.approx(10)
-    assert test.p_value == pytest.approx(2 / 2 ** (MIN_PAIRS + 2))  # exact: every difference positive
-    few = paired_tests(write_cohort(summary(MIN_PAIRS - 1), ["density"], tmp_path)).iloc[0]
-    assert few.n_pairs == MIN_PAIRS - 1 and pd.isna(few.p_value) and "not tested" in few.test
+    assert (tests.n == 1).all() and tests.p_value.isna().all()
+    primary = tests[tests.family == "primary"]  # each tissue's preset declares its primary endpoints
+    assert {"fraction_area_follicle", "krenn_sum"} <= set(primary.metric)
+    assert (out / "cohort.html").stat().st_size > 0
 
 
 def test_sample_sheet_errors_name_the_file(tmp_path):
