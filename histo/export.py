@@ -30,6 +30,7 @@ KIND_COLORS = {  # QuPath classification colours, RGB 0–255
 ID_COLUMNS = ("region_id", "kind", "name", "parent_id", "tissue_id")
 NOT_FEATURES = ("cell_id", "x_um", "y_um", "label")  # numeric cell columns that are not features
 MAX_COORD_PX = 1e9  # annotation coordinates beyond this are not on any slide (and overflow areas)
+UNITS = {"_um": "µm", "_um2": "µm²", "_od": "optical density"}  # cells.h5ad uns["units"], by column suffix
 
 
 def _number(value) -> float | None:
@@ -178,7 +179,8 @@ def write_h5ad(cells: pd.DataFrame, path: str | Path, uns: dict | None = None) -
     """Write the cells as AnnData: ``obs`` = the cells table without binary columns (polygons; text
     columns as categoricals, index = ``cell_id``), ``X`` = the numeric feature columns (float32;
     ``var_names`` = their names; not ids, coordinates or labels), ``obsm["spatial"]`` = (x_um, y_um)
-    in µm, ``uns`` = ``uns`` with ``uns["histo"]["spatial_units"] = "um"`` added. Opens in scanpy/squidpy."""
+    in µm, ``uns`` = ``uns`` with ``uns["histo"]["spatial_units"] = "um"``, the units of the columns
+    (``uns["units"]``) and :func:`squidpy_uns` added. Opens in scanpy/squidpy."""
     obs = cells.drop(columns=[c for c in cells.columns if cells[c].dtype == object and _is_bytes(cells[c])])
     for c in obs.columns:
         if obs[c].dtype == object or pd.api.types.is_string_dtype(obs[c]):
@@ -186,12 +188,54 @@ def write_h5ad(cells: pd.DataFrame, path: str | Path, uns: dict | None = None) -
     feats = [c for c in obs.columns if c not in NOT_FEATURES and pd.api.types.is_numeric_dtype(obs[c])
              and not pd.api.types.is_bool_dtype(obs[c])]
     obs.index = (cells["cell_id"] if "cell_id" in cells else pd.RangeIndex(len(cells))).astype(str).to_numpy()
+    uns = {**(uns or {}), "histo": {**(uns or {}).get("histo", {}), "spatial_units": "um"}}
+    if "cell_type" in obs:
+        from histo.report import type_colors  # histo.report imports this module
+
+        uns |= squidpy_uns(obs, type_colors(cells), uns.get("neighbourhood"))
+    uns["units"] = {"spatial": "µm", **{c: unit for c in obs.columns for end, unit in UNITS.items() if c.endswith(end)}}
     adata = ad.AnnData(X=obs[feats].to_numpy(np.float32) if feats else np.zeros((len(obs), 0), np.float32),
                        obs=obs, var=pd.DataFrame(index=feats),
-                       obsm={"spatial": cells[["x_um", "y_um"]].to_numpy(np.float64)},
-                       uns={**(uns or {}), "histo": {**(uns or {}).get("histo", {}), "spatial_units": "um"}})
+                       obsm={"spatial": cells[["x_um", "y_um"]].to_numpy(np.float64)}, uns=uns)
     adata.write_h5ad(path)
     return Path(path)
+
+
+def squidpy_uns(obs: pd.DataFrame, colors: dict[str, str], nhood: dict | None) -> dict:
+    """``cell_type_colors`` (``colors``: :func:`histo.report.type_colors`) and the slide's statistics of
+    ``nhood`` (:func:`histo.neighbourhood.neighbourhood_stats`) under the keys squidpy's functions write,
+    cluster key ``cell_type``, so that ``sq.pl.nhood_enrichment``, ``interaction_matrix``,
+    ``centrality_scores``, ``co_occurrence`` and ``ripley`` plot them. Sets ``obs["cell_type"]``'s
+    categories to the types present, in the statistics' order. Ripley's ``L_stat`` is histo's per-type L
+    (:func:`histo.neighbourhood._ripley`); its ``sims_stat`` is complete spatial randomness, L = d (none
+    simulated); ``moranI`` holds I only."""
+    col = obs["cell_type"].cat.remove_unused_categories()
+    slide = (nhood or {}).get("regions", {}).get("slide", {})
+    if nhood and set(nhood["cell_types"]) == set(col.cat.categories):
+        col = col.cat.reorder_categories(list(nhood["cell_types"]))
+    obs["cell_type"] = col
+    types = list(col.cat.categories)
+    out: dict = {"cell_type_colors": np.array([colors.get(t, "#808080") for t in types], dtype=object)}
+    if not slide or list(nhood["cell_types"]) != types:
+        return out
+    if "nhood_zscore" in slide:
+        out["cell_type_nhood_enrichment"] = {"zscore": slide["nhood_zscore"], "count": slide["nhood_count"]}
+    if "interaction" in slide:
+        out["cell_type_interactions"] = slide["interaction"]
+    if "centrality" in slide:
+        out["cell_type_centrality_scores"] = slide["centrality"]
+    if "co_occurrence" in slide:
+        out["cell_type_co_occurrence"] = {"occ": slide["co_occurrence"],
+                                          "interval": np.r_[0.0, slide["co_occurrence_um"]]}  # edges from 0 µm
+    if "ripley_L" in slide:
+        bins = np.asarray(slide["ripley_um"], np.float64)
+        long = pd.DataFrame({"bins": np.tile(bins, len(types)), "stats": np.asarray(slide["ripley_L"]).ravel(),
+                             "cell_type": pd.Categorical(np.repeat(types, len(bins)), categories=types)})
+        out["cell_type_ripley_L"] = {"L_stat": long, "bins": bins,
+                                     "sims_stat": pd.DataFrame({"bins": bins, "simulations": 0, "stats": bins})}
+    if len(slide.get("moran_features", ())):
+        out["moranI"] = pd.DataFrame({"I": slide["moran_I"]}, index=[str(f) for f in slide["moran_features"]])
+    return out
 
 
 def _is_bytes(col: pd.Series) -> bool:

@@ -62,6 +62,12 @@ def _cell_types(cells: pd.DataFrame) -> list[str]:
     return [t for t in listed if t in present]
 
 
+def type_colors(cells: pd.DataFrame) -> dict[str, str]:
+    """The colour of each cell type present in ``cells``, as the overview, the report, napari and
+    ``cells.h5ad`` (``uns["cell_type_colors"]``) draw it."""
+    return cell_colors(_cell_types(cells))
+
+
 def cell_colors(types: list[str]) -> dict[str, str]:
     """A colour per cell type (``types`` present, in category order): :data:`CELL_COLORS` for the H&E
     types, :data:`MORE_COLORS` in turn for others; the overview and napari's cell-type layer use it."""
@@ -131,7 +137,7 @@ def overview_figure(thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.
     sub = cells.sample(max_points, random_state=0) if len(cells) > max_points else cells
     pt_per_um = 8.0 * 72 / (thumbnail.shape[1] * thumb_mpp)
     size = float(np.clip((7.0 * pt_per_um) ** 2, 0.3, 16))  # a dot ≈ a 7 µm nucleus
-    colors = cell_colors(_cell_types(cells))
+    colors = type_colors(cells)
     for t, c in colors.items():
         m = sub.cell_type == t
         ax.scatter(sub.x_um[m], sub.y_um[m], s=size, c=c, lw=0, alpha=0.8, rasterized=True)

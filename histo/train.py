@@ -318,6 +318,8 @@ def _model_md(card: dict) -> str:
             lines.append(f"| {ev['dataset']} | {ev['n_images']} | {sc['n_true']} | {sc['precision']:.3f} | "
                          f"{sc['recall']:.3f} | {sc['f1']:.3f} | {sc['mean_iou']:.3f} | {sc['pq']:.3f} | {sc['aji']:.3f} |")
         lines += [""] + [f"- {ev['dataset']}: `{ev['command']}`" for ev in evals if ev.get("command")]
+    if card.get("nucleus_classes"):
+        lines += _classes_md(card["nucleus_classes"])
     if card.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in card["notes"]]
     licences = sorted({s.get("licence", "unknown") for s in t.get("sources", [])})
@@ -326,6 +328,27 @@ def _model_md(card: dict) -> str:
               "A model inherits the obligations of its training data (e.g. CC BY-NC-SA: "
               "non-commercial use, attribution, share-alike).", ""]
     return "\n".join(lines)
+
+
+def _classes_md(c: dict) -> list[str]:
+    """The model card's section on the nucleus classifier (histo.train_classes)."""
+    v = c.get("validation", {})
+    lines = ["", "## Nucleus classes", "",
+             f"A separate classifier (`{c['file']}`, histo.nucleus_classes) gives every nucleus one of "
+             f"{', '.join(c['classes'])} from a {c.get('patch_px')}² patch at {c.get('patch_mpp')} µm/px and the "
+             "nucleus outline; histo's typing keeps the class and splits off large pale nuclei (`large`)."]
+    for src in c.get("sources", []):
+        lines.append(f"- Data: {src['name']} ({src['n_tiles']} tiles at {src['mpp']} µm/px), licence: {src['licence']}.")
+    if c.get("n_train_nuclei"):
+        lines.append(f"- {c['n_train_nuclei']} training nuclei ({c.get('train_counts')}), {c['n_val_nuclei']} validation "
+                     f"nuclei in the validation tiles {', '.join(c.get('val_tiles', []))}; best epoch {c.get('best_epoch')} of "
+                     f"{c.get('epochs_run')}; {c.get('wall_time_s', 0):.0f} s.")
+    if v:
+        lines.append(f"- Validation on the expert outlines (class only): accuracy {v['accuracy']}; F1 "
+                     + ", ".join(f"{k} {v[k]['f1']}" for k in c["classes"] if k in v) + ".")
+    if c.get("command"):
+        lines.append(f"- Command: `{c['command']}`")
+    return lines
 
 
 def write_model_md(folder: Path | str) -> Path:

@@ -137,6 +137,36 @@ def test_h5ad_opens_in_anndata_and_squidpy(bundle, tmp_path):
     assert adata.obsp["spatial_connectivities"].nnz > 4 * len(cells)
 
 
+def test_h5ad_statistics_plot_with_squidpy(bundle, tmp_path):
+    """The slide's statistics under squidpy's keys: sq.pl plots them; colours as the report draws them."""
+    import anndata as ad
+    import matplotlib
+    import squidpy as sq
+
+    from histo.neighbourhood import neighbourhood_stats
+    from histo.report import type_colors
+    from histo.workflow import load_workflow
+
+    matplotlib.use("Agg")
+    cells = bundle[1].head(3000).copy()
+    nhood = neighbourhood_stats(cells, load_workflow("synovium-he")["neighbourhood"])
+    adata = ad.read_h5ad(write_h5ad(cells, tmp_path / "cells.h5ad", uns={"neighbourhood": nhood}))
+    types = list(adata.obs["cell_type"].cat.categories)
+    assert types == list(nhood["cell_types"]) and len(types) >= 2
+    colors = type_colors(cells)
+    assert list(adata.uns["cell_type_colors"]) == [colors[t] for t in types]
+    assert adata.uns["units"]["spatial"] == "µm" and adata.uns["units"]["area_um2"] == "µm²"
+    slide = nhood["regions"]["slide"]
+    assert np.allclose(adata.uns["cell_type_nhood_enrichment"]["zscore"], slide["nhood_zscore"], equal_nan=True)
+    assert list(adata.uns["moranI"].index) == list(slide["moran_features"])
+    sq.pl.nhood_enrichment(adata, cluster_key="cell_type")
+    sq.pl.interaction_matrix(adata, cluster_key="cell_type")
+    sq.pl.centrality_scores(adata, cluster_key="cell_type")
+    sq.pl.co_occurrence(adata, cluster_key="cell_type", clusters=types[0])
+    sq.pl.ripley(adata, cluster_key="cell_type", mode="L")
+    matplotlib.pyplot.close("all")
+
+
 def test_overview_and_report(bundle, tmp_path):
     slide, cells, regions, metrics, thumb, thumb_mpp = bundle
     png = tmp_path / "overview.png"
