@@ -14,7 +14,9 @@ import queue
 import shutil
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -143,8 +145,9 @@ def _threads(client: Client) -> int:
     return max(1, sum(client.nthreads().values()))
 
 
-def run_batch(sheet: pd.DataFrame, out: str | Path, client: Client, workflow: str | None = None,
-              model: str | None = None, mpp: float | None = None, show_progress: bool = True) -> pd.DataFrame:
+def run_batch(sheet: pd.DataFrame, out: str | Path, client: Client | None = None, workflow: str | None = None,
+              model: str | None = None, mpp: float | None = None, show_progress: bool = True,
+              cluster: Callable[[], AbstractContextManager[Client]] | None = None) -> pd.DataFrame:
     """Analyse every slide of ``sheet`` (from :func:`read_input`) into ``out/<name>/`` on ``client``'s
     cluster; returns the summary table, also written to ``out/summary.csv`` after every slide, and
     writes the cohort tables (``histo.cohort``).
@@ -153,11 +156,14 @@ def run_batch(sheet: pd.DataFrame, out: str | Path, client: Client, workflow: st
     ``mpp`` columns fill in where they are not given). A slide that fails is recorded with its
     error; the others go on. Complete bundles with an unchanged fingerprint are reused. A second
     batch on the same ``out`` is refused while this one runs (HistoError naming the folder). An
-    OSError outside a slide (disk full while writing the summary) ends the batch with a HistoError."""
+    OSError outside a slide (disk full while writing the summary) ends the batch with a HistoError.
+    ``cluster``, instead of ``client``: a function giving a context manager that yields one (e.g.
+    :func:`histo.cluster.dask_client`), entered only once the lock is held: a refused batch starts none."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with OutputLock(out / ".histo-batch.lock", "this output folder"):
+        with OutputLock(out / ".histo-batch.lock", "this output folder"), \
+                (cluster() if cluster else nullcontext(client)) as client:
             return _run_batch(sheet, out, client, workflow, model, mpp, show_progress)
     except OSError as exc:
         raise HistoError(exc.filename or out, f"cannot write: {exc.strerror or exc}") from None

@@ -32,15 +32,15 @@ MAX_NAME = 120  # characters of a bundle name (file systems allow 255 bytes; roo
 def slide_name(path: str | Path) -> str:
     """Bundle name of a slide: its file name without extensions (``a.ome.tif`` → ``a``), made
     safe as a single folder name: ASCII letters, digits, ``._-`` only, no leading dot, at most
-    MAX_NAME characters (longer names end in a hash of the whole), so it can never escape the
-    output folder or hide there."""
+    MAX_NAME characters, so it can never escape the output folder or hide there. A name that had to
+    be changed ends in a short hash of the original, so ``a b`` and ``a_b`` get different bundles."""
     name = Path(path).name
     for suffix in SLIDE_SUFFIXES:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "slide"
-    if len(safe) > MAX_NAME:
+    if safe != name or len(safe) > MAX_NAME:
         safe = f"{safe[:MAX_NAME - 9]}-{hashlib.sha256(name.encode(errors='surrogateescape')).hexdigest()[:8]}"
     return safe
 
@@ -181,6 +181,22 @@ def read_parts(parts_dir: Path, tiles: list[Tile], columns: list[str]) -> tuple[
     tables = [pq.read_table(parts_dir / f"{t.name}.parquet", columns=columns) for t in tiles]
     tile_index = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables])
     return (pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame(columns=columns)), tile_index
+
+
+def check_same_input(bundle: Path, slide: Path) -> None:
+    """HistoError naming ``bundle`` when it holds the results of another input file than ``slide``
+    (the SHA-256 in its ``run.json``; not recomputed when path, size and mtime are the ones recorded)."""
+    try:
+        seen = json.loads((bundle / "run.json").read_text())["input"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no bundle there, or no record of its input
+    stat = slide.stat()
+    if (seen.get("path"), seen.get("size_bytes"), seen.get("mtime")) == (str(slide.resolve()), stat.st_size,
+                                                                          stat.st_mtime):
+        return
+    if file_fingerprint(slide)["sha256"] != seen.get("sha256"):
+        raise HistoError(bundle, f"this bundle holds the results of another input ({seen.get('path')}); "
+                                 "give --overwrite to replace it, or another --out")
 
 
 def file_fingerprint(path: Path, chunk: int = 1 << 22) -> dict:

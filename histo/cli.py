@@ -24,6 +24,7 @@ def _sample(args) -> None:
 
 
 def _run(args) -> None:
+    from histo.bundle import check_same_input, slide_name
     from histo.export import import_annotations
     from histo.slide import check_stain, open_slide
     from histo.workflow import load_workflow
@@ -33,6 +34,8 @@ def _run(args) -> None:
     check_stain(slide, wf)
     if args.annotations:
         import_annotations(args.annotations, slide.mpp)
+    if not args.overwrite:
+        check_same_input(Path(args.out) / slide_name(args.slide), slide.path)
     from histo.cluster import dask_client
     from histo.pipeline import run_slide
 
@@ -51,9 +54,8 @@ def _batch(args) -> None:
     if args.workflow:
         load_workflow(args.workflow)
 
-    with dask_client(args.scheduler, args.workers) as client:
-        summary = run_batch(sheet, args.out, client, workflow=args.workflow, model=args.model, mpp=args.mpp,
-                            show_progress=not args.quiet)
+    summary = run_batch(sheet, args.out, workflow=args.workflow, model=args.model, mpp=args.mpp,
+                        show_progress=not args.quiet, cluster=lambda: dask_client(args.scheduler, args.workers))
     ok = summary["status"].eq("ok")
     print(f"{ok.sum()} ok ({summary['reused'].sum()} reused), {(~ok).sum()} failed; wrote {Path(args.out) / 'summary.csv'}")
 
@@ -146,6 +148,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--annotations", help="QuPath GeoJSON of regions to measure (level-0 pixel coordinates)")
     r.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
     r.add_argument("--scheduler", help="address of an existing dask.distributed scheduler")
+    r.add_argument("--overwrite", action="store_true", help="replace a bundle of the same name made from another input")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=_run)
 

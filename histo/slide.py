@@ -8,9 +8,11 @@ slide, grid pixel i spanning level-0 µm [i·mpp, (i+1)·mpp).
 
 from __future__ import annotations
 
+import errno
 import math
 import numbers
 import os
+import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +23,13 @@ from dask.base import tokenize
 from scipy import sparse
 
 from histo.errors import SlideError
-from histo.tiff_tiles import DTYPES, PLAUSIBLE_MPP, TiffReader, TileError, skip_unreadable_tiles, skipped
+from histo.tiff_tiles import (DTYPES, MAX_DECODE_PX, PLAUSIBLE_MPP, TiffReader, TileError, jpeg_frame,
+                               skip_unreadable_tiles, skipped)
 
 __all__ = ["Slide", "check_stain", "open_slide", "skip_unreadable_tiles"]
 
 _TOL = 0.01  # a level serves a request whose µm/px is within 1 % of its own, as is
 _BLOCK = 2048  # resampling works on windows of at most about this many level px per side
-MAX_IMAGE_PX = 1 << 28  # a PNG / JPEG is decoded whole: at most this many px (768 MiB as RGB)
 _READERS: dict[tuple[str, str], object] = {}
 _LOCK = threading.Lock()
 
@@ -112,8 +114,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     Raises :class:`SlideError` for a missing, unreadable, truncated or absurd file, an unsupported
     pixel type, or when neither the file nor ``mpp`` gives a plausible pixel size (0.01–20 µm/px).
     """
-    if not Path(path).exists():
-        raise SlideError(path, "file not found")
+    _check_regular_file(path)
     path = Path(path).absolute()
     if mpp is not None and not _plausible(mpp):
         raise SlideError(path, f"pixel size must be {PLAUSIBLE_MPP[0]}–{PLAUSIBLE_MPP[1]} µm/px, not {mpp}")
@@ -121,6 +122,22 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     with _LOCK:
         _remember(reader)
     return _slide(path, reader, mpp)
+
+
+def _check_regular_file(path: str | Path) -> None:
+    """SlideError unless ``path`` is a regular file (through symlinks): a FIFO would block the first read
+    forever, a device or folder is no slide."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise SlideError(path, "file not found") from None
+    except OSError as exc:
+        problem = "symbolic link loop" if exc.errno == errno.ELOOP else exc.strerror
+        raise SlideError(path, f"cannot open: {problem}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" \
+            if stat.S_ISSOCK(mode) else "a device"
+        raise SlideError(path, f"not a slide: {kind}, not a regular file")
 
 
 def check_stain(slide: Slide, wf: dict) -> None:
@@ -273,15 +290,15 @@ class _Image(_Region):
 
         data = path.read_bytes()
         format = "png" if data.startswith(b"\x89PNG") else "jpeg"
-        h, w = _image_size(data)
-        if h * w > MAX_IMAGE_PX:
+        h, w = _image_size(path, data, format)
+        if h * w > MAX_DECODE_PX:
             raise SlideError(path, f"absurd dimensions {w}×{h} px for a {format} image (decoded whole: "
-                                   f"at most {MAX_IMAGE_PX:,} px; tile it as a pyramidal TIFF)")
+                                   f"at most {MAX_DECODE_PX:,} px; tile it as a pyramidal TIFF)")
         try:
             a = imagecodecs.png_decode(data) if format == "png" else imagecodecs.jpeg_decode(data)
         except Exception as exc:
             raise SlideError(path, f"corrupt {format} image: {exc}") from None
-        if a.ndim not in (2, 3) or a.dtype not in DTYPES or not 0 < a.size <= MAX_IMAGE_PX * 4:
+        if a.ndim not in (2, 3) or a.dtype not in DTYPES or a.shape[:2] != (h, w):
             raise SlideError(path, f"unsupported image: {a.dtype} {a.shape}")
         self.path, self.format, self.mpp, self.channel_names = path, format, None, []
         self.data = a[:, :, None] if a.ndim == 2 else a
@@ -325,27 +342,27 @@ class _OpenSlide(_Region):
         return a
 
 
-def _image_size(data: bytes) -> tuple[int, int]:
-    """(height, width) from a PNG's IHDR or a JPEG's frame header, without decoding; (0, 0) if absent."""
-    if data.startswith(b"\x89PNG"):
-        return (int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")) if len(data) >= 24 else (0, 0)
-    i = 2
-    while i + 9 <= len(data):
-        if data[i] != 0xFF:
-            return 0, 0
-        marker = data[i + 1]
-        if marker == 0xFF or 0xD0 <= marker <= 0xD8 or marker == 0x01:  # fill byte, markers without length
-            i += 1 if marker == 0xFF else 2
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame marker
-            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return 0, 0
+def _image_size(path: Path, data: bytes, format: str) -> tuple[int, int]:
+    """(height, width) from a PNG's IHDR or a JPEG's frame header (as the decoder finds it), without
+    decoding; SlideError without one, or for a JPEG that is not gray or RGB (CMYK: no colour profile
+    here to make it RGB)."""
+    if format == "png":
+        if data[12:16] != b"IHDR" or len(data) < 24:
+            raise SlideError(path, "corrupt png image: no IHDR header")
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    frame = jpeg_frame(data)
+    if frame is None:
+        raise SlideError(path, "corrupt jpeg image: no frame header before the image data")
+    if frame[2] not in (1, 3):
+        kind = "CMYK or YCCK" if frame[2] == 4 else "not gray or RGB"
+        raise SlideError(path, f"unsupported jpeg colour space: {frame[2]} components ({kind}); convert it to RGB "
+                               "first (e.g. in QuPath or ImageMagick)")
+    return frame[0], frame[1]
 
 
 def _open_any(path: Path):
     """tifffile first, then PNG/JPEG by magic bytes, then OpenSlide."""
-    with open(path, "rb") if path.is_file() else open(os.devnull, "rb") as f:
+    with open(path, "rb") as f:
         head = f.read(4)
     is_tiff = head[:2] in (b"II", b"MM")
     try:

@@ -24,6 +24,9 @@ import tifffile
 from histo.errors import SlideError
 
 MAX_SIDE = 500_000
+MAX_DECODE_PX = 1 << 28  # px one decode may give: a tile, a strip, a whole PNG / JPEG (768 MiB as RGB)
+MAX_SEGMENTS = 1 << 21  # tiles or strips per level (a 200,000² px level in 256-px tiles has 610,000)
+MAX_PX_PER_BYTE = 10_000  # a level 0 over MAX_DECODE_PX px needs at least px / this bytes of file (slides: < 10)
 PLAUSIBLE_MPP = (0.01, 20.0)  # µm/px; resolution tags outside are DPI defaults, not microscopy
 DTYPES = frozenset(np.dtype(t) for t in ("uint8", "uint16", "int16", "uint32", "float32"))
 _UM_PER_UNIT = {"Å": 1e-4, "nm": 1e-3, "µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0,
@@ -74,6 +77,7 @@ class _Level:
     decode: object
     jpegtables: list[bytes | None]
     jpegheader: bytes | None
+    jpeg: bool  # JPEG segments with their own frame header (checked before decoding)
 
 
 class TiffReader:
@@ -107,6 +111,10 @@ class TiffReader:
         if end > size:
             raise SlideError(path, f"truncated: tile data runs to byte {end:,} but the file has "
                                    f"{size:,} bytes")
+        (h, w), px = self.levels[0].shape, self.levels[0].shape[0] * self.levels[0].shape[1]
+        if px > MAX_DECODE_PX and px > size * MAX_PX_PER_BYTE:
+            raise SlideError(path, f"declares {w:,}×{h:,} px in a file of {size:,} bytes: more than "
+                                   f"{MAX_PX_PER_BYTE:,} px per byte, not a slide")
         self.fd = os.open(path, os.O_RDONLY)
 
     def _level(self, axes: str, level, level0, index: int) -> _Level:
@@ -127,13 +135,20 @@ class TiffReader:
         grid = (-(-h // seg[0]), -(-w // seg[1]))
         planes = key.samplesperpixel if key.planarconfig == 2 else 1
         n = planes * grid[0] * grid[1]
+        kind = "tile" if key.is_tiled else "strip"
+        if seg[0] * seg[1] > MAX_DECODE_PX:
+            raise SlideError(self.path, f"absurd {kind} of {seg[1]:,}×{seg[0]:,} px at level {index} (one decode: "
+                                        f"at most {MAX_DECODE_PX:,} px)")
+        if n > MAX_SEGMENTS:
+            raise SlideError(self.path, f"absurd number of {kind}s at level {index}: {n:,} of {seg[1]}×{seg[0]} px "
+                                        f"(at most {MAX_SEGMENTS:,})")
         if any(len(p.dataoffsets) != n or len(p.databytecounts) != n for p in pages):
             raise SlideError(self.path, f"corrupt: level {index} has the wrong number of tiles")
         shape = (len(pages), planes, *grid)
         offsets = np.array([p.dataoffsets for p in pages], np.int64).reshape(shape)
         counts = np.array([p.databytecounts for p in pages], np.int64).reshape(shape)
         return _Level((h, w), seg, offsets, counts, key.decode,  # decode: built while the file is open
-                      [p.jpegtables for p in pages], key.jpegheader)
+                      [p.jpegtables for p in pages], key.jpegheader, key.compression == 7 and key.jpegheader is None)
 
     def read(self, level: int, y0: int, y1: int, x0: int, x1: int, fill: float) -> np.ndarray:
         """Pixels [y0, y1) × [x0, x1) of ``level`` (inside it) as (h, w, channels); empty tiles = ``fill``."""
@@ -170,6 +185,10 @@ class TiffReader:
             data = os.pread(self.fd, n, off)
             if len(data) < n:
                 raise ValueError("truncated file")
+            frame = jpeg_frame(data) if lv.jpeg else None
+            if lv.jpeg and (frame is None or frame[0] > lv.seg[0] or frame[1] > lv.seg[1]):
+                raise ValueError(f"JPEG frame header {'missing' if frame is None else f'of {frame[1]}×{frame[0]} px'} "
+                                 f"in a {lv.seg[1]}×{lv.seg[0]} px tile")
             tile = lv.decode(data, index, jpegtables=lv.jpegtables[page],
                              jpegheader=lv.jpegheader, _fullsize=True)[0]
             tile = tile.reshape(tile.shape[-3], tile.shape[-2], -1)
@@ -184,6 +203,27 @@ class TiffReader:
     def __del__(self):
         if getattr(self, "fd", None) is not None:
             os.close(self.fd)
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(height, width, components) of a JPEG's start-of-frame header, looked for as libjpeg does (bytes
+    before a marker skipped), without decoding; None when there is none before the scan data."""
+    i, n = 2, len(data)
+    while (i := data.find(b"\xff", i)) >= 0:
+        while i < n and data[i] == 0xFF:
+            i += 1
+        if i + 2 >= n:
+            return None
+        marker, i = data[i], i + 1
+        if marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD8:  # stuffed byte, markers without a length
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before them
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return (int.from_bytes(data[i + 3:i + 5], "big"), int.from_bytes(data[i + 5:i + 7], "big"),
+                    data[i + 7]) if i + 8 <= n else None
+        i += int.from_bytes(data[i:i + 2], "big")
+    return None
 
 
 @contextmanager

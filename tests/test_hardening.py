@@ -15,6 +15,7 @@ import time
 import zlib
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,7 +23,7 @@ import tifffile
 from scipy.spatial import cKDTree
 
 from histo.batch import read_input, run_batch
-from histo.bundle import OutputLock, is_complete, slide_name
+from histo.bundle import OutputLock, check_same_input, file_fingerprint, is_complete, slide_name
 from histo.errors import HistoError, SlideError, WorkflowError
 from histo.export import import_annotations
 from histo.pipeline import finish_slide, plan_slide, run_slide, submit_tiles
@@ -170,6 +171,84 @@ def test_absurd_sizes_in_metadata(tmp_path):
     bomb.write_bytes(_png_header(200_000, 200_000))
     with pytest.raises(SlideError, match=r"bomb.png: absurd dimensions 200000×200000 px for a png image"):
         open_slide(bomb, mpp=0.5)
+
+
+def lying_tiff(path: Path, width: int, height: int, seg: tuple[int, int] | None = None) -> Path:
+    """A BigTIFF (zlib, 8-bit RGB) declaring ``width``×``height`` px whose segments (``seg`` tiles, else one
+    strip of the whole image) all point at one small blob of zeros: a few bytes that claim a slide."""
+    sh, sw = seg or (height, width)
+    n = -(-height // sh) * -(-width // sw)
+    blob = zlib.compress(bytes(sh * sw * 3 if seg else 3))
+    layout = [(256, 4, [width]), (257, 4, [height]), (258, 3, [8, 8, 8]), (259, 3, [8]), (262, 3, [2]),
+              (277, 3, [3]), (284, 3, [1])]
+    layout += [(322, 4, [sw]), (323, 4, [sh])] if seg else [(278, 4, [sh])]
+    base = 16 + 8 + 20 * (len(layout) + 2) + 8
+    blob_at = base + 8 + 16 * n + 8  # after bits-per-sample and both offset arrays
+    layout += [(324 if seg else 273, 16, [blob_at] * n), (325 if seg else 279, 16, [len(blob)] * n)]
+    entries, extra = [], bytearray()
+    for code, kind, values in sorted(layout):
+        raw = np.array(values, {3: "<u2", 4: "<u4", 16: "<u8"}[kind]).tobytes()
+        value = raw.ljust(8, b"\0") if len(raw) <= 8 else struct.pack("<Q", base + len(extra))
+        extra += b"" if len(raw) <= 8 else raw
+        entries.append(struct.pack("<HHQ", code, kind, len(values)) + value)
+    head = b"II" + struct.pack("<HHHQQ", 43, 8, 0, 16, len(entries)) + b"".join(entries) + bytes(8)
+    path.write_bytes((head + extra).ljust(blob_at, b"\0") + blob)
+    return path
+
+
+def _jpeg_claiming(width: int, height: int, junk: bytes = b"\x00") -> bytes:
+    """A 16² px JPEG whose frame header says ``width``×``height``, with ``junk`` before that header
+    (libjpeg skips it: 'extraneous bytes before marker')."""
+    data = imagecodecs.jpeg_encode(np.zeros((16, 16, 3), np.uint8))
+    sof = data.index(b"\xff\xc0")
+    return data[:sof] + junk + data[sof:sof + 5] + struct.pack(">HH", height, width) + data[sof + 9:]
+
+
+def test_headers_that_lie_about_the_size_are_refused_before_decoding(tmp_path):
+    """Issue 21: a 1 KB TIFF claiming 100,000² px ran 269 s; 39 M tiny tiles 417 s; one junk byte before a JPEG's
+    frame header hid its size and 2.9 GB were decoded."""
+    cases = [
+        (lying_tiff(tmp_path / "strip.tif", 100_000, 100_000), r"absurd strip of 100,000×100,000 px at level 0"),
+        (lying_tiff(tmp_path / "sparse.tif", 100_000, 100_000, seg=(4096, 4096)),
+         r"declares 100,000×100,000 px in a file of [0-9,]+ bytes"),
+        (lying_tiff(tmp_path / "tiny-tiles.tif", 24_000, 24_000, seg=(16, 16)),
+         r"absurd number of tiles at level 0: 2,250,000 of 16×16 px"),
+    ]
+    jpeg = tmp_path / "junk.jpg"
+    jpeg.write_bytes(_jpeg_claiming(30_000, 30_000))
+    cases.append((jpeg, r"absurd dimensions 30000×30000 px for a jpeg image"))
+    for path, message in cases:
+        t = time.perf_counter()
+        with pytest.raises(SlideError, match=re.escape(f"{path}: ") + message):
+            open_slide(path, mpp=0.5)
+        assert time.perf_counter() - t < 5, path
+    small = tmp_path / "small-junk.jpg"  # junk before a true header: still read
+    small.write_bytes(_jpeg_claiming(16, 16, b"\x00\x17"))
+    assert open_slide(small, mpp=0.5).shape == (16, 16)
+
+
+def test_a_jpeg_tile_whose_header_claims_more_than_the_tile_is_not_decoded(tmp_path):
+    path = tmp_path / "tiles.tif"
+    tifffile.imwrite(path, RNG.integers(0, 255, (64, 64, 3), np.uint8), tile=(32, 32), compression="jpeg",
+                     metadata=None)
+    with tifffile.TiffFile(path) as tif:
+        off, n = tif.pages[0].dataoffsets[1], tif.pages[0].databytecounts[1]
+    data = bytearray(path.read_bytes())
+    sof = data.index(b"\xff\xc0", off, off + n)
+    data[sof + 5:sof + 9] = struct.pack(">HH", 40_000, 40_000)
+    path.write_bytes(bytes(data))
+    with pytest.raises(SlideError, match="tile at level 0 32,0 unreadable: JPEG frame header of 40000×40000 px in a "
+                                         "32×32 px tile"):
+        open_slide(path, mpp=0.5).read(0, 0, 64, 64, 0.5)
+
+
+def test_cmyk_jpeg_is_refused_with_a_message(tmp_path):
+    path = tmp_path / "cmyk.jpg"
+    path.write_bytes(imagecodecs.jpeg8_encode(np.full((16, 16, 4), 100, np.uint8), colorspace="cmyk",
+                                              outcolorspace="cmyk"))
+    with pytest.raises(SlideError, match=re.escape(f"{path}: unsupported jpeg colour space: 4 components (CMYK or "
+                                                   "YCCK); convert it to RGB")):
+        open_slide(path, mpp=0.5)
 
 
 def test_unreadable_tile_reads_as_glass_inside_the_skip_block(tmp_path):
@@ -336,6 +415,44 @@ def test_debug_shows_the_traceback(cli_inputs, tmp_path):
     assert done.returncode != 0 and "Traceback" in done.stderr and "SlideError" in done.stderr
 
 
+def test_special_files_and_symlink_loops_fail_at_once(tmp_path):
+    fifo = tmp_path / "x.svs"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    loop = tmp_path / "loop.svs"
+    loop.symlink_to(tmp_path / "loop.svs")
+    (tmp_path / "folder.tif").mkdir()
+    for path, problem in [(fifo, "not a slide: a FIFO, not a regular file"),
+                          (loop, "cannot open: symbolic link loop"),
+                          (tmp_path / "folder.tif", "not a slide: a folder, not a regular file")]:
+        with pytest.raises(SlideError, match=re.escape(f"{path}: {problem}")):
+            open_slide(path, mpp=0.5)
+    result = subprocess.run([sys.executable, "-m", "histo.cli", "run", str(fifo), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)
+    assert_clean_error(result, fifo, "a FIFO")
+
+
+def test_run_refuses_to_replace_the_bundle_of_another_input(generated, tmp_path):
+    """Issue 21: a/A.ome.tif then b/A.ome.tif into one folder silently replaced A's bundle."""
+    slide = generated("lymph-node", 1024, 2)
+    bundle = tmp_path / "out" / slide_name(slide)
+    bundle.mkdir(parents=True)
+    other = {"path": "/elsewhere/A.ome.tif", "size_bytes": 1, "mtime": 0.0, "sha256": "0" * 64}
+    (bundle / "run.json").write_text(json.dumps({"status": "complete", "input": other}))
+    assert_clean_error(histo("run", slide, "--out", tmp_path / "out"), bundle,
+                       "this bundle holds the results of another input (/elsewhere/A.ome.tif); give --overwrite")
+    assert json.loads((bundle / "run.json").read_text())["input"] == other  # untouched
+    (bundle / "run.json").write_text(json.dumps({"status": "complete", "input": file_fingerprint(slide)}))
+    check_same_input(bundle, slide)  # the same input: replaced as before
+
+
+def test_names_that_clean_to_the_same_string_get_different_bundles():
+    names = ["a b.svs", "a_b.svs", "a?b.svs", "é.svs", "ü.svs", ".a_b.svs"]
+    bundles = [slide_name(n) for n in names]
+    assert len(set(bundles)) == len(names), bundles
+    assert bundles[1] == "a_b" and re.fullmatch(r"a_b-[0-9a-f]{8}", bundles[0]) and bundles[3].startswith("slide-")
+    assert slide_name("lymph-node-1024-2-0p5.ome.tif") == "lymph-node-1024-2-0p5"  # clean names unchanged
+
+
 # ---- two writers on one output folder -----------------------------------------------------------
 
 HOLD = ("import sys, time; from pathlib import Path; from histo.bundle import OutputLock; "
@@ -365,6 +482,23 @@ def test_second_batch_on_one_folder_is_refused_and_a_killed_holder_blocks_nothin
     with OutputLock(out / ".histo-batch.lock", "it"):  # SIGKILLed holder: the kernel dropped its lock
         pass
     assert not (out / "summary.csv").exists()
+
+
+def test_second_batch_command_is_refused_before_its_cluster_starts(generated, tmp_path):
+    """Issue 21: the refusal came after 28 s, once the second batch had started its cluster."""
+    out = tmp_path / "out"
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text(f"slide\n{generated('lymph-node', 1024, 2)}\n")
+    proc = _holder(out / ".histo-batch.lock")
+    try:
+        t = time.perf_counter()
+        result = histo("batch", sheet, "--out", out)
+        took = time.perf_counter() - t
+    finally:
+        proc.kill()
+        proc.wait()
+    assert_clean_error(result, out, "this output folder is being written by another histo process")
+    print(f"second batch refused in {took:.1f} s (the whole command, imports included)")
 
 
 def test_second_writer_of_one_bundle_is_refused(generated, tmp_path):
