@@ -1,12 +1,14 @@
-"""Neighbourhood statistics over the cells with Squidpy, per slide and per region.
+"""Neighbourhood statistics over the cells, per slide and per region: squidpy's statistics, with the
+ones that cost more than linear time in squidpy (centralities through networkx, co-occurrence and
+Ripley over all pairs) recomputed here from sparse matrices and KD-trees, same numbers.
 
 One spatial graph over all cells, in µm: a Delaunay triangulation with edges longer than
 ``max_edge_um`` cut, or every pair closer than ``max_edge_um`` (``graph: radius``). A region uses
 that graph's edges between its own cells. For the slide (``region_id`` ``slide``) and every region
 of the chosen kinds with ≥ ``min_cells`` cells: neighbourhood enrichment z-scores, the interaction
 matrix (edge counts), centrality scores per cell type, Moran's I of chosen features, and, on a
-seeded sample of ≤ ``max_cells`` cells because their cost is quadratic in cells (STACK.md),
-co-occurrence ratios and Ripley's L. Matrices are indexed by the slide's cell types in one order
+seeded sample of ≤ ``max_cells`` cells (squidpy's cost was quadratic in cells, STACK.md; here it
+grows with the pairs closer than the largest distance), co-occurrence ratios and Ripley's L. Matrices are indexed by the slide's cell types in one order
 (NaN where a region lacks a type). Results are arrays and DataFrames that AnnData writes to
 ``uns``; :func:`neighbourhood_metrics` flattens them into named metric columns.
 """
@@ -16,7 +18,10 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sps
 import squidpy as sq
+from scipy.sparse.csgraph import dijkstra
+from scipy.spatial import ConvexHull, cKDTree
 
 from histo.errors import HistoError
 from histo.metrics import CELL_TYPES
@@ -26,6 +31,7 @@ from histo.workflow import SCHEMA, check_section
 GRAPHS = ("delaunay", "radius")
 # statistics between cell types: skipped (and the reason recorded) in a region of one type, where squidpy
 # raises or their value means nothing
+CENTRALITIES = ("degree_centrality", "average_clustering", "closeness_centrality")  # squidpy's column names
 PAIR_STATS = ("nhood_enrichment", "interaction_matrix", "centrality_scores", "co_occurrence")
 
 
@@ -99,8 +105,9 @@ def region_stats(adata: ad.AnnData, types: list[str], params: dict) -> dict:
 
     Keys (µm; matrices over ``types``): ``n_cells``; ``nhood_zscore``, ``nhood_count``;
     ``interaction`` (graph edges between types); ``centrality`` (types × degree, clustering,
-    closeness; NaN above ``centrality_scores.max_cells``); ``co_occurrence`` (types × types ×
-    distances: P(b within d of a) / P(b)), ``co_occurrence_um``, ``co_occurrence_n_cells`` (sample
+    closeness: :func:`centrality_scores`; NaN above ``centrality_scores.max_cells``);
+    ``co_occurrence`` (types × types × distances: P(b within d of a) / P(b), :func:`co_occurrence`),
+    ``co_occurrence_um``, ``co_occurrence_n_cells`` (sample
     size); ``ripley_L`` (types × distances, per-type L whose complete spatial randomness value is d),
     ``ripley_um``, ``ripley_n_cells``; ``moran_I`` (per ``moran_features``); ``skipped``
     ({statistic: reason}, only when some were: :data:`PAIR_STATS` in a region of one cell type, Moran's
@@ -123,23 +130,21 @@ def region_stats(adata: ad.AnnData, types: list[str], params: dict) -> dict:
         z = np.where(np.isfinite(z), z, np.nan)  # a type whose neighbours never vary under permutation
         out |= {"nhood_zscore": _square(z, present, types), "nhood_count": _square(count, present, types)}
     if p["interaction_matrix"]["run"]:
-        out["interaction"] = _square(sq.gr.interaction_matrix(adata, "cell_type", copy=True), present, types)
+        out["interaction"] = _square(_interaction(adata), present, types)
     if p["centrality_scores"]["run"]:
         if adata.n_obs <= p["centrality_scores"]["max_cells"]:
-            scores = sq.gr.centrality_scores(adata, "cell_type", copy=True, n_jobs=1, show_progress_bar=False)
-            out["centrality"] = scores.reindex(types).astype(np.float64)
+            out["centrality"] = centrality_scores(adata).reindex(types)
         else:
-            out["centrality"] = pd.DataFrame(np.nan, index=types, columns=["degree_centrality", "average_clustering",
-                                                                           "closeness_centrality"])
+            out["centrality"] = pd.DataFrame(np.nan, index=types, columns=list(CENTRALITIES))
     if p["co_occurrence"]["run"]:
         c = p["co_occurrence"]
         sub = _sample(adata, c["max_cells"], seed)
-        interval = np.arange(0.0, c["max_um"] + c["step_um"] / 2, c["step_um"])
-        occ, interval = sq.gr.co_occurrence(sub, "cell_type", interval=interval, copy=True)
+        interval = np.arange(0.0, c["max_um"] + c["step_um"] / 2, c["step_um"]).astype(np.float32)  # as squidpy
+        occ = co_occurrence(sub, interval)
         out |= {"co_occurrence": _square(occ, list(sub.obs["cell_type"].cat.categories), types),
-                "co_occurrence_um": np.asarray(interval[1:], np.float64), "co_occurrence_n_cells": int(sub.n_obs)}
+                "co_occurrence_um": interval[1:].astype(np.float64), "co_occurrence_n_cells": int(sub.n_obs)}
     if p["ripley"]["run"]:
-        out |= _ripley(_sample(adata, p["ripley"]["max_cells"], seed), types, p["ripley"], seed)
+        out |= _ripley(_sample(adata, p["ripley"]["max_cells"], seed), types, p["ripley"])
     if p["moran"]["run"]:
         feats = _features(adata.obs, p)
         out["moran_features"] = np.asarray(feats, dtype=str)
@@ -147,18 +152,79 @@ def region_stats(adata: ad.AnnData, types: list[str], params: dict) -> dict:
     return out
 
 
-def _ripley(sub: ad.AnnData, types: list[str], p: dict, seed: int) -> dict:
-    """Ripley's L per type on ``sub``. Squidpy scales every type's K by the intensity of all cells;
-    multiplying its L by n_all / n_type gives the type's own L (= d under complete spatial
-    randomness, no edge correction). Squidpy reuses one seeded pattern for every simulation, so
-    only one is run and its envelope is not kept."""
-    res = sq.gr.ripley(sub, "cell_type", mode="L", max_dist=p["max_um"], n_steps=p["n_steps"], n_simulations=1,
-                       seed=seed, copy=True)
-    wide = res["L_stat"].pivot(index="cell_type", columns="bins", values="stats")
-    n = sub.obs["cell_type"].value_counts()
-    wide = wide.mul(sub.n_obs / n.reindex(wide.index).astype(float), axis=0)
-    return {"ripley_L": wide.reindex(types).to_numpy(np.float64), "ripley_um": np.asarray(res["bins"], np.float64),
-            "ripley_n_cells": int(sub.n_obs)}
+def centrality_scores(adata: ad.AnnData) -> pd.DataFrame:
+    """Squidpy's ``centrality_scores`` per cell type (networkx's group degree centrality, average
+    clustering and group closeness centrality on the unweighted graph), exact, from sparse matrices:
+    one multi-source breadth-first search per type (``scipy.sparse.csgraph.dijkstra``, ``min_only``)
+    instead of networkx in Python, so linear in cells. Rows: the categories of ``obs["cell_type"]``."""
+    g = adata.obsp["spatial_connectivities"]
+    a = sps.csr_matrix((g != 0) + (g.T != 0), dtype=np.float64)  # symmetric 0/1, as networkx sees it
+    a.setdiag(0)
+    a.eliminate_zeros()
+    n, deg = a.shape[0], np.diff(a.indptr)
+    triangles = np.asarray(a.multiply(a @ a).sum(axis=1)).ravel() / 2
+    clustering = np.divide(2 * triangles, deg * (deg - 1.0), out=np.zeros(n), where=deg > 1)
+    codes, types = adata.obs["cell_type"].cat.codes.to_numpy(), adata.obs["cell_type"].cat.categories
+    rows = []
+    for k in range(len(types)):
+        group = codes == k
+        others = n - int(group.sum())
+        touched = (a @ group.astype(np.float64) > 0) & ~group  # outside the group, next to it
+        dist = dijkstra(a, indices=np.flatnonzero(group), unweighted=True, min_only=True)[~group]
+        total = dist[np.isfinite(dist)].sum()  # networkx: unreachable cells add 0, and 1 / 0 → 0
+        rows.append((touched.sum() / others if others else np.nan, clustering[group].mean() if group.any() else np.nan,
+                     others / total if total else 0.0))
+    return pd.DataFrame(rows, index=pd.Index(types), columns=list(CENTRALITIES), dtype=np.float64)
+
+
+def _interaction(adata: ad.AnnData) -> np.ndarray:
+    """Squidpy's ``interaction_matrix``: graph edges from cells of type a to type b (both directions)."""
+    g = adata.obsp["spatial_connectivities"].tocsr()
+    codes = adata.obs["cell_type"].cat.codes.to_numpy()
+    k, n = len(adata.obs["cell_type"].cat.categories), adata.n_obs
+    onehot = sps.csr_matrix((np.ones(n), (np.arange(n), codes)), shape=(n, k))
+    edges = sps.csr_matrix((np.ones(g.nnz), g.indices, g.indptr), shape=g.shape)  # every stored edge counts 1
+    return (onehot.T @ edges @ onehot).toarray()
+
+
+def co_occurrence(sub: ad.AnnData, interval: np.ndarray) -> np.ndarray:
+    """Squidpy's ``co_occurrence`` ratios (types × types × ``interval[1:]``: P(b within d of a) / P(b),
+    over ordered pairs of distinct cells within d), with the pair counts from KD-trees: only pairs
+    closer than the largest d are visited, not all n² (squidpy 1.8's numba loop). Coordinates are
+    rounded to float32 as squidpy does."""
+    xy = sub.obsm["spatial"].astype(np.float32).astype(np.float64)
+    codes, k = sub.obs["cell_type"].cat.codes.to_numpy(), len(sub.obs["cell_type"].cat.categories)
+    trees = [cKDTree(xy[codes == a]) for a in range(k)]
+    counts = np.zeros((k, k, len(interval) - 1))
+    for a in range(k):
+        for b in range(a, k):
+            pairs = trees[a].count_neighbors(trees[b], interval[1:].astype(np.float64))  # d ≤ r, cumulative
+            counts[a, b] = counts[b, a] = pairs - (trees[a].n if a == b else 0)  # not a cell with itself
+    near = counts.sum(axis=0)  # (type b, d): pairs whose second cell is of type b
+    share = near / near.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        occ = counts.transpose(1, 0, 2) / near[None, :, :] / share[:, None, :]  # [i, c] = P(i near c) / P(i)
+    return np.where((share[:, None, :] != 0) & (near[None, :, :] != 0), occ, 0.0)
+
+
+def _ripley(sub: ad.AnnData, types: list[str], p: dict) -> dict:
+    """Ripley's L per type on ``sub``, as squidpy's ``ripley(mode="L")`` (pairs closer than d, K over
+    the intensity of all cells in their convex hull, no edge correction) with the pairs counted by a
+    KD-tree instead of all pairwise distances, and then multiplied by n_all / n_type: the type's own
+    L, = d under complete spatial randomness. Squidpy's simulation envelope is not computed (it
+    reused one seeded pattern for every simulation)."""
+    xy = sub.obsm["spatial"].astype(np.float64)
+    n, area = len(xy), ConvexHull(xy).volume
+    support = np.linspace(0, p["max_um"], p["n_steps"])
+    r = np.nextafter(support, -np.inf)  # squidpy counts d < support; count_neighbors counts d ≤ r
+    codes, present = sub.obs["cell_type"].cat.codes.to_numpy(), list(sub.obs["cell_type"].cat.categories)
+    out = np.full((len(types), len(support)), np.nan)
+    for k, t in enumerate(present):
+        tree = cKDTree(xy[codes == k])
+        pairs = np.zeros(len(support))
+        pairs[support > 0] = (tree.count_neighbors(tree, r[support > 0]) - tree.n) / 2  # unordered, not itself
+        out[types.index(t)] = np.sqrt(pairs * 2 / n / (n / area) / np.pi) * n / tree.n
+    return {"ripley_L": out, "ripley_um": support, "ripley_n_cells": int(n)}
 
 
 def _moran(adata: ad.AnnData, feats: list[str], seed: int) -> np.ndarray:

@@ -203,3 +203,28 @@ def test_a_real_patch_of_one_cell_type_completes(tmp_path):
     assert run["status"] == "complete" and run["n_cells"] > 50
     assert set(run["neighbourhood_skipped"]) == {"slide", "tissue-1"}
     assert "1 (lymphocyte)" in run["neighbourhood_skipped"]["slide"]["nhood_enrichment"]
+
+
+def test_sparse_statistics_equal_squidpy_and_networkx(node):
+    """Centralities (sparse, breadth-first), interaction matrix, co-occurrence and Ripley's L (KD-tree
+    pair counts) give squidpy's own numbers (networkx for the centralities) on a small graph with gaps."""
+    import squidpy as sq
+
+    from histo.neighbourhood import _interaction, _ripley, cells_adata, centrality_scores, co_occurrence
+
+    _, _, bt = node
+    window = bt[(bt.x_um < bt.x_um.min() + 500) & (bt.y_um < bt.y_um.min() + 700)]
+    assert 1_000 < len(window) < 5_000
+    adata = cells_adata(window, nhood_params({"kinds": [], "max_edge_um": 12.0}))  # short edges: isolated cells
+    assert (np.diff(adata.obsp["spatial_connectivities"].indptr) == 0).any()
+    ours, theirs = centrality_scores(adata), sq.gr.centrality_scores(adata, "cell_type", copy=True, n_jobs=1)
+    pd.testing.assert_frame_equal(ours, theirs[ours.columns].astype(np.float64), rtol=1e-12, check_names=False)
+    assert np.array_equal(_interaction(adata), sq.gr.interaction_matrix(adata, "cell_type", copy=True))
+    interval = np.arange(0.0, 205.0, 10.0).astype(np.float32)
+    occ, _ = sq.gr.co_occurrence(adata, "cell_type", interval=interval, copy=True)
+    assert np.allclose(co_occurrence(adata, interval), occ, rtol=1e-9, atol=0)
+    types = list(adata.obs.cell_type.cat.categories)
+    res = sq.gr.ripley(adata, "cell_type", mode="L", max_dist=100.0, n_steps=21, n_simulations=1, seed=0, copy=True)
+    wide = res["L_stat"].pivot(index="cell_type", columns="bins", values="stats").reindex(types)
+    wide = wide.mul(adata.n_obs / adata.obs.cell_type.value_counts().reindex(types).astype(float), axis=0)
+    assert np.allclose(_ripley(adata, types, {"max_um": 100.0, "n_steps": 21})["ripley_L"], wide.to_numpy(), rtol=1e-12)
