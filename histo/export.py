@@ -1,16 +1,20 @@
 """Bundle files from tables: ``regions.geojson`` (QuPath annotations), QuPath annotation import,
 ``metrics.csv`` / ``metrics.parquet`` and ``cells.h5ad`` (AnnData for scanpy / squidpy).
 
-QuPath GeoJSON (0.4+): a FeatureCollection; each Feature's geometry is in level-0 pixels (origin
-top-left) and its properties hold ``objectType``, ``name``, ``classification`` {``name``,
-``color``} and ``measurements`` (a flat name → number map); other properties are ignored by QuPath
-and carry our ids and the µm geometry.
+QuPath GeoJSON (0.4+, as QuPath's ``PathObjectTypeAdapters`` reads it): a FeatureCollection; each
+Feature has an ``id`` (a UUID: QuPath keeps it as the object's id) and a geometry in level-0 pixels (origin
+top-left); its properties hold ``objectType``, ``name``, ``classification`` {``name``, ``color``},
+``measurements`` (a flat name → number map) and ``metadata`` (a flat name → string map, which QuPath
+keeps through a round trip: histo's ids); other properties are ignored by QuPath and carry histo's ids
+again (for readers of the bundle) and the µm geometry. Written with ``json``: QuPath's layout is a
+handful of keys, and no maintained Python package writes it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import uuid
 from pathlib import Path
 
 import anndata as ad
@@ -29,6 +33,9 @@ KIND_COLORS = {  # QuPath classification colours, RGB 0–255
 }
 ID_COLUMNS = ("region_id", "kind", "name", "parent_id", "tissue_id")
 NOT_FEATURES = ("cell_id", "x_um", "y_um", "label")  # numeric cell columns that are not features
+# namespace of the features' UUIDs: a region's id is uuid5(ID_NAMESPACE, region_id), a nucleus's
+# uuid5(ID_NAMESPACE, "cell:<cell_id>"): the same on every run and after a review
+ID_NAMESPACE = uuid.UUID("6f1d2b0e-5c1a-4f3e-9a57-1e0f2c7d9b41")
 MAX_COORD_PX = 1e9  # annotation coordinates beyond this are not on any slide (and overflow areas)
 UNITS = {"_um": "µm", "_um2": "µm²", "_od": "optical density"}  # cells.h5ad uns["units"], by column suffix
 
@@ -61,8 +68,11 @@ def regions_geojson(regions: gpd.GeoDataFrame, mpp: float, metrics: pd.DataFrame
         values = {**rec, **(rows.loc[rec["region_id"]].to_dict() if rows is not None and rec["region_id"] in rows.index else {})}
         measurements = {k: v for k, v in ((k, _number(v)) for k, v in values.items() if k not in ID_COLUMNS) if v is not None}
         kind = rec["kind"]
+        ids = {k: v for k, v in (("region_id", rec["region_id"]), ("kind", kind), ("parent_id", _text(rec.get("parent_id"))),
+                                 ("tissue_id", _text(rec.get("tissue_id")))) if v is not None}
         features.append({
             "type": "Feature",
+            "id": str(uuid.uuid5(ID_NAMESPACE, rec["region_id"])),
             "geometry": mapping(px),
             "properties": {
                 "objectType": "annotation",
@@ -74,6 +84,7 @@ def regions_geojson(regions: gpd.GeoDataFrame, mpp: float, metrics: pd.DataFrame
                 "parent_id": _text(rec.get("parent_id")),
                 "tissue_id": _text(rec.get("tissue_id")),
                 "measurements": measurements,
+                "metadata": ids,
                 "geometry_um": shapely.to_wkt(shapely.set_precision(geom, 0.01), rounding_precision=2),  # valid once rounded
             },
         })
@@ -85,6 +96,47 @@ def write_regions_geojson(regions: gpd.GeoDataFrame, path: str | Path, mpp: floa
     path = Path(path)
     text = json.dumps(regions_geojson(regions, mpp, metrics), ensure_ascii=False, separators=(",", ":"))
     path.write_text(text, encoding="utf-8")
+    return path
+
+
+def cells_geojson(cells: pd.DataFrame, mpp: float, colors: dict[str, str] | None = None) -> dict:
+    """The nuclei of ``cells`` (``cells.parquet``: WKB polygons in µm) as QuPath detections on a slide of
+    ``mpp`` µm/px: ``objectType`` ``detection``, geometry = the nucleus in level-0 px, ``classification`` =
+    ``cell_type`` (coloured as in the report: ``colors``, :func:`histo.report.type_colors`),
+    ``measurements`` = the numeric columns (µm, µm², OD; not ids or coordinates), ``metadata`` = ``cell_id``
+    and ``label``; ``id`` a UUID from ``cell_id``."""
+    numeric = [c for c in cells.columns if c not in NOT_FEATURES and pd.api.types.is_numeric_dtype(cells[c])]
+    px = shapely.set_precision(shapely.transform(shapely.from_wkb(cells["polygon"].to_numpy()), lambda xy: xy / mpp), 0.01)
+    values = cells[numeric].astype(np.float64).to_numpy()
+    features = []
+    for k, (cell_id, label, kind) in enumerate(zip(cells["cell_id"], cells["label"], cells["cell_type"].astype(str))):
+        rgb = (colors or {}).get(kind, "#808080")
+        features.append({
+            "type": "Feature",
+            "id": str(uuid.uuid5(ID_NAMESPACE, f"cell:{cell_id}")),
+            "geometry": mapping(px[k]),
+            "properties": {
+                "objectType": "detection",
+                "classification": {"name": kind, "color": [int(rgb[i:i + 2], 16) for i in (1, 3, 5)]},
+                "isLocked": True,
+                "measurements": {n: v for n, v in zip(numeric, values[k]) if math.isfinite(v)},
+                "metadata": {"cell_id": str(cell_id), "label": str(label)},
+            },
+        })
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_cells_geojson(bundle: str | Path, path: str | Path | None = None) -> Path:
+    """Write the nuclei of ``bundle`` as QuPath detections (:func:`cells_geojson`) to ``path`` (default
+    ``bundle/cells.geojson``): File ▸ Import objects in QuPath, on the same slide."""
+    from histo.report import type_colors  # histo.report imports this module
+
+    bundle = Path(bundle)
+    path = Path(path) if path else bundle / "cells.geojson"
+    mpp = json.loads((bundle / "run.json").read_text(encoding="utf-8"))["input"]["mpp"]
+    cells = pd.read_parquet(bundle / "cells.parquet")
+    data = cells_geojson(cells, mpp, type_colors(cells))
+    path.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
     return path
 
 

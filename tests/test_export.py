@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ from PIL import Image
 from shapely.geometry import box, shape
 
 from histo.errors import HistoError
-from histo.export import import_annotations, regions_geojson, write_h5ad, write_regions_geojson
+from histo.export import cells_geojson, import_annotations, regions_geojson, write_h5ad, write_regions_geojson
 from histo.metrics import region_metrics
 from histo.regions import assign_cells, find_regions
 from histo.report import overview_figure, write_report
@@ -58,10 +59,38 @@ def test_regions_geojson_is_a_qupath_feature_collection(bundle, tmp_path):
         assert px.area * MPP**2 == pytest.approx(rec.geometry.area, rel=1e-3)  # level-0 pixels
         um = shapely.from_wkt(props["geometry_um"])  # snapped to 0.01 µm, kept valid
         assert um.is_valid and shapely.hausdorff_distance(um, rec.geometry) < 0.02
+        assert props["metadata"]["region_id"] == rec.region_id and props["metadata"]["kind"] == rec.kind
+        assert all(isinstance(v, str) for v in props["metadata"].values())  # QuPath keeps string metadata
+    ids = [uuid.UUID(f["id"]) for f in data["features"]]  # QuPath ≥ 0.4 takes the Feature's id as its UUID
+    assert len(set(ids)) == len(ids)
     aggregate = next(f["properties"] for f in data["features"] if f["properties"]["kind"] == "aggregate")
     assert {"grade", "radial_layers", "n_cells", "density_lymphocyte_per_mm2"} <= set(aggregate["measurements"])
     lining = next(f["properties"] for f in data["features"] if f["properties"]["kind"] == "lining")
     assert {"layers_median", "thickness_median_um", "krenn_lining"} <= set(lining["measurements"])
+    assert [f["id"] for f in regions_geojson(regions, MPP)["features"]] == [str(i) for i in ids]  # stable
+
+
+def test_cells_as_qupath_detections(bundle, tmp_path):
+    from histo.report import type_colors
+
+    cells = bundle[1].head(500).copy()
+    cells["polygon"] = [shapely.to_wkb(shapely.Point(x, y).buffer(3)) for x, y in zip(cells.x_um, cells.y_um)]
+    cells["label"] = np.arange(1, len(cells) + 1)
+    cells["area_um2"] = shapely.area(shapely.from_wkb(cells.polygon))
+    colors = type_colors(cells)
+    data = _strict(json.dumps(cells_geojson(cells, MPP, colors)))
+    assert data["type"] == "FeatureCollection" and len(data["features"]) == len(cells)
+    for feat, rec in zip(data["features"], cells.itertuples()):
+        props = feat["properties"]
+        assert feat["type"] == "Feature" and uuid.UUID(feat["id"]) and props["objectType"] == "detection"
+        assert props["classification"]["name"] == rec.cell_type
+        assert "#%02x%02x%02x" % tuple(props["classification"]["color"]) == colors[rec.cell_type].lower()
+        assert props["metadata"] == {"cell_id": str(rec.cell_id), "label": str(rec.label)}
+        assert props["measurements"]["area_um2"] == pytest.approx(rec.area_um2)
+        assert "x_um" not in props["measurements"] and "label" not in props["measurements"]
+        px = shape(feat["geometry"])  # level-0 pixels
+        assert px.centroid.distance(shapely.Point(rec.x_um / MPP, rec.y_um / MPP)) < 0.05
+    assert len({f["id"] for f in data["features"]}) == len(cells)
 
 
 def test_annotations_round_trip(bundle, tmp_path):
