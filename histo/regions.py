@@ -259,7 +259,7 @@ def find_follicles(cells: pd.DataFrame, piece: Polygon, params: dict, log: list 
     for i, frac in zip(idx, dense_frac):
         for g in mask_polygons(lab == i, grid):
             g = g.buffer(-p["open_um"], quad_segs=4).buffer(p["open_um"], quad_segs=4)
-            parts = [q for q in shapely.get_parts(g) if isinstance(q, Polygon)]
+            parts = [q for q in shapely.get_parts(g) if isinstance(q, Polygon) and q.area > 0]  # opening can empty it
             if not parts:
                 continue
             best = max(parts, key=lambda q: q.area)
