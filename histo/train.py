@@ -411,6 +411,7 @@ def train(
     extra_callbacks: list | None = None,
     return_model: bool = False,
     init_weights: Path | str | None = None,
+    nms_threshs: Sequence[float] = (0.3, 0.4, 0.5),
     verbose: int = 1,
 ):
     """Train (or resume) a StarDist 2D model for RGB H&E nuclei; returns the model folder.
@@ -443,6 +444,7 @@ def train(
         run to resume is an error unless ``overwrite=True``.
     init_weights : a model folder (``config.json`` + ``weights_best.h5``) whose architecture and
         weights a new run starts from (fine-tuning); ignored when resuming, recorded in the card.
+    nms_threshs : the NMS thresholds ``optimize_thresholds`` tries (each costs a sweep of prob thresholds).
     """
     t_start = time.time()
     out_dir = Path(out_dir).resolve()
@@ -613,7 +615,7 @@ def train(
     # thresholds on the validation images
     t_opt = time.time()
     if optimize:
-        model.optimize_thresholds(X_va, Y_va, predict_kwargs={"show_tile_progress": False})
+        model.optimize_thresholds(X_va, Y_va, nms_threshs=list(nms_threshs), predict_kwargs={"show_tile_progress": False})
     else:
         model.thresholds = {"prob": 0.5, "nms": 0.4}
         _write_json(out_dir / "thresholds.json", {"prob": 0.5, "nms": 0.4})

@@ -153,9 +153,10 @@ def train_classes(datasets: Sequence[tuple], model_dir: Path | str, epochs: int 
     net = network(len(CLASSES))
     net.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     stop = keras.callbacks.EarlyStopping(patience=patience, restore_best_weights=True)
+    best = keras.callbacks.ModelCheckpoint(model_dir / CLASSIFIER_FILE, save_best_only=True)  # safe to interrupt
     plateau = keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=max(2, patience // 2))
     hist = net.fit(Batches(), validation_data=(x_va, y_va), epochs=epochs, class_weight=weights,
-                   callbacks=[stop, plateau], verbose=2 if verbose else 0)
+                   callbacks=[stop, plateau, best], verbose=2 if verbose else 0)
     pred = np.argmax(net.predict(x_va, batch_size=256, verbose=0), axis=1)
     net.save(model_dir / CLASSIFIER_FILE)
     section = {
