@@ -68,7 +68,7 @@ def _train(args) -> None:
                      patch_size=args.patch, batch_size=args.batch, val_fraction=args.val_fraction,
                      learning_rate=args.learning_rate, stain_scale=args.stain_scale,
                      seed=args.seed, finalize=not args.keep_checkpoint, notes=args.note or None,
-                     init_weights=args.init,
+                     init_weights=args.init, nms_threshs=args.nms_threshs,
                      command="histo " + " ".join(args.argv))
     print(f"wrote model {out}")
 
@@ -190,6 +190,8 @@ def parser() -> argparse.ArgumentParser:
                    help="keep weights_last.h5 and train_state.json so the run can be extended later")
     t.add_argument("--note", action="append", help="a line for the model card; repeatable")
     t.add_argument("--init", help="model folder to start from (fine-tuning: its architecture and weights)")
+    t.add_argument("--nms-threshs", type=float, nargs="+", default=[0.3, 0.4, 0.5],
+                   help="NMS thresholds tried when the thresholds are optimised (default 0.3 0.4 0.5)")
     t.set_defaults(func=_train)
 
     c = sub.add_parser("train-classes", help="train the H&E nucleus classifier of a model from typed nuclei")
@@ -200,7 +202,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="nucleus model folder to add the classifier to")
     c.add_argument("--image-mpp", required=True, help="µm per px of the images (one number)")
     c.add_argument("--licence", help="licence of these images (goes into the model card)")
-    c.add_argument("--epochs", type=int, default=30)
+    c.add_argument("--epochs", type=int, default=40)
     c.add_argument("--val-fraction", type=float, default=0.15, help="share of tiles held out (by tile)")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=_train_classes)
