@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from histo.bundle import SLIDE_SUFFIXES, OutputLock, bundle_lock, file_fingerprint, is_complete, slide_name
 from histo.errors import HistoError
+from histo.export import spreadsheet_safe
 from histo.models import inference_precision, resolve_model
 from histo.pipeline import add_timings, finish_slide, plan_slide, run_fingerprint, submit_tiles
 from histo.workflow import WORKFLOW_DIR, load_workflow
@@ -136,7 +137,7 @@ def write_summary(rows: list[dict], sheet_columns: list[str], out: Path) -> pd.D
     first = [c for c in [*sheet_columns, *RUN_COLUMNS] if c in table.columns]
     table = table[first + [c for c in table.columns if c not in first]]
     tmp = out / ".summary.csv.tmp"
-    table.to_csv(tmp, index=False)
+    spreadsheet_safe(table).to_csv(tmp, index=False)
     os.replace(tmp, out / "summary.csv")
     return table
 

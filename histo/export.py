@@ -218,11 +218,32 @@ def _geometry(path, where: str, geo, repair: bool = False) -> shapely.Geometry:
     return geom
 
 
+def spreadsheet_safe(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` for a CSV file: text cells and column names that start with ``= + - @`` (or tab, CR)
+    and are not numbers get a leading ``'``, so a spreadsheet shows them instead of running them as
+    formulas (CSV injection). Number columns and numeric text (``-0.5``) are left as they are."""
+    def cell(value):
+        if not (isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r"))):
+            return value
+        try:
+            float(value)
+        except ValueError:
+            return f"'{value}"
+        return value
+
+    out = table.rename(columns=cell)
+    for i, dtype in enumerate(table.dtypes):
+        if not pd.api.types.is_numeric_dtype(dtype):
+            out.isetitem(i, table.iloc[:, i].map(cell))
+    return out
+
+
 def write_metrics(table: pd.DataFrame, folder: str | Path) -> tuple[Path, Path]:
-    """Write ``metrics.csv`` and ``metrics.parquet`` into ``folder``; returns both paths."""
+    """Write ``metrics.csv`` (:func:`spreadsheet_safe`) and ``metrics.parquet`` into ``folder``; returns
+    both paths."""
     folder = Path(folder)
     csv, parquet = folder / "metrics.csv", folder / "metrics.parquet"
-    table.to_csv(csv, index=False)
+    spreadsheet_safe(table).to_csv(csv, index=False)
     table.to_parquet(parquet, index=False)
     return csv, parquet
 

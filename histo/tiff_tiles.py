@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 import xml.etree.ElementTree as ET
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -88,6 +89,8 @@ class TiffReader:
 
     def __init__(self, path: Path):
         self.path = path
+        if (n := _first_segment_count(path)) > MAX_SEGMENTS:  # before tifffile loads n offsets
+            raise SlideError(path, f"absurd number of tiles or strips at level 0: {n:,} (at most {MAX_SEGMENTS:,})")
         with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
             self.format = ("ome-tiff" if tif.is_ome else "svs" if tif.is_svs
                            else "ndpi" if tif.is_ndpi else "tiff")
@@ -203,6 +206,26 @@ class TiffReader:
     def __del__(self):
         if getattr(self, "fd", None) is not None:
             os.close(self.fd)
+
+
+def _first_segment_count(path: Path) -> int:
+    """The number of tiles or strips that the first IFD of a TIFF / BigTIFF declares (the count of its
+    offsets tag), read from the IFD entry itself; 0 where the file is too short to say."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+        order = "<" if head[:2] == b"II" else ">"
+        big = head[2:4] in (b"\x2b\x00", b"\x00\x2b")
+        word, entry, counter = ("Q", 20, "Q") if big else ("I", 12, "H")
+        if len(head) < 16:
+            return 0
+        f.seek(struct.unpack(order + word, head[8:16] if big else head[4:8])[0])
+        raw = f.read(struct.calcsize(counter))
+        n = struct.unpack(order + counter, raw)[0] if len(raw) == struct.calcsize(counter) else 0
+        entries = f.read(min(n, 4096) * entry)
+    for i in range(0, len(entries) - entry + 1, entry):
+        if struct.unpack(order + "H", entries[i:i + 2])[0] in (273, 324):  # StripOffsets, TileOffsets
+            return struct.unpack(order + word, entries[i + 4:i + 4 + struct.calcsize(word)])[0]
+    return 0
 
 
 def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:

@@ -22,10 +22,10 @@ import pytest
 import tifffile
 from scipy.spatial import cKDTree
 
-from histo.batch import read_input, run_batch
+from histo.batch import read_input, run_batch, write_summary
 from histo.bundle import OutputLock, check_same_input, file_fingerprint, is_complete, slide_name
 from histo.errors import HistoError, SlideError, WorkflowError
-from histo.export import import_annotations
+from histo.export import import_annotations, write_metrics
 from histo.pipeline import finish_slide, plan_slide, run_slide, submit_tiles
 from histo.slide import check_stain, open_slide, skip_unreadable_tiles
 from histo.workflow import load_workflow
@@ -212,7 +212,7 @@ def test_headers_that_lie_about_the_size_are_refused_before_decoding(tmp_path):
         (lying_tiff(tmp_path / "sparse.tif", 100_000, 100_000, seg=(4096, 4096)),
          r"declares 100,000×100,000 px in a file of [0-9,]+ bytes"),
         (lying_tiff(tmp_path / "tiny-tiles.tif", 24_000, 24_000, seg=(16, 16)),
-         r"absurd number of tiles at level 0: 2,250,000 of 16×16 px"),
+         r"absurd number of tiles or strips at level 0: 2,250,000 \(at most 2,097,152\)"),
     ]
     jpeg = tmp_path / "junk.jpg"
     jpeg.write_bytes(_jpeg_claiming(30_000, 30_000))
@@ -377,6 +377,21 @@ def test_geojson_with_a_byte_order_mark_is_read(tmp_path):
     square = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]}
     path.write_text("\ufeff" + json.dumps({"type": "Feature", "geometry": square, "properties": {}}), encoding="utf-8")
     assert import_annotations(path, 0.5).area_um2.tolist() == [25.0]
+
+
+def test_csv_text_cells_cannot_become_spreadsheet_formulas(tmp_path):
+    """Issue 21: sheet cells beginning with = went verbatim into summary.csv (CSV injection for Excel users)."""
+    rows = [{"slide": "a.svs", "patient": "=cmd|' /C calc'!A0", "timepoint": "-1", "site": "@SUM(A1)",
+             "status": "ok", "n_cells": -3, "density": -0.5}]
+    write_summary(rows, ["slide", "patient", "timepoint", "site", "+x"], tmp_path)
+    summary = pd.read_csv(tmp_path / "summary.csv", dtype=str, keep_default_na=False).iloc[0].to_dict()
+    assert summary == {"slide": "a.svs", "patient": "'=cmd|' /C calc'!A0", "timepoint": "-1", "site": "'@SUM(A1)",
+                       "status": "ok", "n_cells": "-3", "density": "-0.5"}
+    write_metrics(pd.DataFrame({"region_id": ["slide", "annotation-1"], "name": [None, "-tumour"],
+                                "=region": ["x", "y"], "area_mm2": [1.5, -0.0]}), tmp_path)
+    metrics = pd.read_csv(tmp_path / "metrics.csv", dtype=str, keep_default_na=False)
+    assert list(metrics.columns) == ["region_id", "name", "'=region", "area_mm2"]
+    assert metrics["name"].tolist() == ["", "'-tumour"] and metrics["area_mm2"].tolist() == ["1.5", "-0.0"]
 
 
 # ---- the command line: one line, exit 2, --debug for the traceback ------------------------------
