@@ -235,6 +235,16 @@ def _read_json(p: Path, what: str) -> dict | None:
 
 
 def _spec_from_folder(folder: Path, source: str, name: str | None = None) -> ModelSpec:
+    """The spec of a model folder; ModelError naming the folder where a value in its JSON files is
+    not a number (e.g. ``"n_rays": "many"``)."""
+    try:
+        return _read_spec(folder, source, name)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(folder, f"a value in config.json, card.json or thresholds.json is not a number "
+                                 f"({exc})") from None
+
+
+def _read_spec(folder: Path, source: str, name: str | None) -> ModelSpec:
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise ModelError(folder, "model folder does not exist")
