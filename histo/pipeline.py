@@ -148,12 +148,13 @@ def _model_files_digest(folder: str | None) -> str | None:
 
 def run_fingerprint(input_sha256: str, wf: dict, spec: ModelSpec, mpp: float | None,
                     annotations: str | Path | None, precision: str) -> str:
-    """SHA-256 of what a bundle depends on: the input's content, the validated workflow, the model
-    (description and files, not its location), the ``mpp`` override (µm/px), the annotations'
-    content and the network's ``precision`` (:func:`histo.models.inference_precision`). Equal
+    """SHA-256 of what a bundle depends on: the input's content, the validated workflow (less its
+    cohort ``endpoints``), the model (description and files, not its location), the ``mpp`` override
+    (µm/px), the annotations' content and the network's ``precision`` (:func:`histo.models.inference_precision`). Equal
     fingerprints give equal bundles; ``run.json`` stores it as ``fingerprint``."""
     model = {k: v for k, v in spec.to_dict().items() if k != "path"}
     model["files_sha256"] = _model_files_digest(None if spec.path is None else str(spec.path))
+    wf = {k: v for k, v in wf.items() if k != "endpoints"}  # the cohort report's endpoints change no bundle
     parts = {"input_sha256": input_sha256, "workflow": wf, "model": model, "mpp": mpp,
              "annotations_sha256": None if annotations is None else file_fingerprint(Path(annotations))["sha256"],
              "precision": precision}
