@@ -290,7 +290,7 @@ def run_images(truth_dir: str | Path, images_dir: str | Path, bundles_dir: str |
     from histo.pipeline import run_slide
     from histo.train import _list_images, pixel_sizes
 
-    images = _list_images(Path(images_dir))
+    images = _list_images(Path(images_dir), MASK_EXT + (".jpg", ".jpeg"))  # histo run reads JPEG too
     mpp_of = pixel_sizes(image_mpp, images_dir)
     errors = {}
     with dask_client(None, None) if client is None else nullcontext(client) as cl:

@@ -336,6 +336,20 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path):
     assert time.perf_counter() - t < 1
 
 
+def test_model_folder_with_a_config_value_of_the_wrong_type_is_named(tmp_path):
+    from histo.errors import ModelError
+    from histo.models import resolve_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(ROOT / "models" / "histo-he", folder, ignore=shutil.ignore_patterns("*.h5"))
+    (folder / "weights_best.h5").write_bytes(b"")  # never loaded: the spec is refused first
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_rays": "many"}))
+    with pytest.raises(ModelError, match=re.escape(f"{folder}: a value in config.json, card.json or thresholds.json "
+                                                   "is not a number (invalid literal for int() with base 10: 'many')")):
+        resolve_model(folder)
+
+
 def test_sample_sheet_missing_paths_and_clashing_columns(tmp_path):
     (tmp_path / "a.svs").write_bytes(b"x")
     sheet = tmp_path / "sheet.csv"
@@ -565,6 +579,20 @@ def test_an_error_raised_in_a_worker_reaches_the_client_as_itself(client, tmp_pa
     with pytest.raises(SlideError) as err:
         client.submit(open_slide, gone, pure=False).result()
     assert (err.value.path, err.value.problem, str(err.value)) == (str(gone), "file not found", f"{gone}: file not found")
+
+
+def test_evaluate_images_sees_jpeg_images(client, tmp_path):
+    """Issue 21: histo evaluate --images did not list JPEG images ("no image with the truth file")."""
+    from histo.evaluate import run_images
+
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "images").mkdir()
+    imagecodecs.imwrite(tmp_path / "truth" / "a.png", np.zeros((32, 32), np.uint16))
+    imagecodecs.imwrite(tmp_path / "images" / "a.jpg", np.zeros((32, 32, 3), np.uint8))
+    sizes = tmp_path / "mpp.csv"
+    sizes.write_text("image,mpp\nb,0.25\n")  # a.jpg found, then refused for its missing size: nothing runs
+    errors = run_images(tmp_path / "truth", tmp_path / "images", tmp_path / "bundles", str(sizes), client=client)
+    assert errors == {"a": f"{tmp_path / 'images' / 'a.jpg'}: no pixel size for this image in {sizes}"}
 
 
 # ---- faults during a run: a bad tile, a killed worker, a full disk -------------------------------
