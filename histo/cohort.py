@@ -10,7 +10,8 @@ and slides behind each value are kept: :mod:`histo.cohort_endpoints`). Tests (sc
   Monte-Carlo permutation test), and the Hodges–Lehmann shift (median of all pairwise
   differences of changes, first arm − second) with its exact (Moses) confidence interval;
 * a test is not run where even the most extreme data could not give p ≤ 0.05 (e.g. 5 pairs:
-  smallest Wilcoxon p 2/2⁵ = 0.0625); the table says so.
+  smallest Wilcoxon p 2/2⁵ = 0.0625), nor between arms whose changes are all one value (an
+  endpoint that never varies would only dilute the q-values); the table says so.
 
 q-values: ``scipy.stats.false_discovery_control`` over the endpoints of one tissue, one family
 (primary / exploratory) and one comparison.
@@ -183,6 +184,8 @@ def between_arms_test(a: np.ndarray, b: np.ndarray) -> dict:
     if not (m and n):
         return {**row, "test": f"not tested: {m} and {n} patients with both timepoints"}
     row["estimate"], row["ci_low"], row["ci_high"] = hodges_lehmann(a, b)
+    if len(np.unique(np.concatenate([a, b]))) == 1:
+        return {**row, "test": f"not tested: every change is {a[0]:g}"}
     smallest = 2.0 / math.comb(m + n, m)
     if smallest > ALPHA:
         return {**row, "test": f"not tested: {m} and {n} patients; the smallest possible two-sided p would be "

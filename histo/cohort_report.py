@@ -44,7 +44,7 @@ def _png(fig: Figure) -> str:
 def paired_figure(pairs: pd.DataFrame, tests: pd.DataFrame, arms: list[str], ncols: int = 3) -> str:
     """One panel per endpoint of ``pairs`` (one tissue): per arm a line pre → post per patient in the
     arm's colour and the arm's medians as a thick line; the between-arm shift and q in the title."""
-    metrics = list(dict.fromkeys(pairs["metric"]))
+    metrics = [m for m in dict.fromkeys(tests["metric"]) if m in set(pairs["metric"])]  # declared order
     ncols = min(ncols, len(metrics))
     nrows = -(-len(metrics) // ncols)
     fig = Figure(figsize=(4.2 * ncols, 3.3 * nrows), layout="constrained")  # no pyplot state: thread-safe

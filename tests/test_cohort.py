@@ -79,6 +79,8 @@ def test_tests_say_which_ran_and_why_not():
     assert result["estimate"] == -10 and result["ci_low"] < -10 < result["ci_high"] < 0
     tied = between_arms_test(np.array([0.0, 0, 1, 1, 2, 2]), np.array([3.0, 3, 4, 4, 5, 5]))
     assert tied["test"] == "Mann–Whitney U, exact permutation (ties)" and tied["p_value"] == pytest.approx(2 / 924)
+    constant = between_arms_test(np.zeros(6), np.zeros(7))  # e.g. a cell type no slide has
+    assert np.isnan(constant["p_value"]) and constant["test"] == "not tested: every change is 0"
     small = between_arms_test(np.arange(3.0), np.arange(3.0) + 10)
     assert np.isnan(small["p_value"]) and "smallest possible two-sided p would be 0.1" in small["test"]
 
