@@ -1,12 +1,15 @@
-"""The ``histo`` command line: sample, run, batch, train, evaluate.
+"""The ``histo`` command line: sample, run, batch, train, evaluate, export.
 
 Errors in the input end with one line naming the file and the problem and a non-zero exit code;
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead. ``--debug``, ``-v`` and ``--log-level`` are taken before or
+after the subcommand.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -14,6 +17,11 @@ from pathlib import Path
 from histo.errors import HistoError
 
 EXIT_INPUT_ERROR = 2
+EXIT_CODES = """exit codes:
+  0    done (histo batch: the batch ran, whatever each slide's status: read summary.csv)
+  1    an unexpected error: a traceback (please report it)
+  2    bad input or usage: one line naming the file (or option) and the problem
+  130  interrupted (Ctrl-C): completed bundles are kept"""
 
 
 def _sample(args) -> None:
@@ -24,6 +32,8 @@ def _sample(args) -> None:
 
 
 def _run(args) -> None:
+    import shapely
+
     from histo.bundle import check_same_input, slide_name
     from histo.export import import_annotations
     from histo.slide import check_stain, open_slide
@@ -33,7 +43,11 @@ def _run(args) -> None:
     slide = open_slide(args.slide, mpp=args.mpp)
     check_stain(slide, wf)
     if args.annotations:
-        import_annotations(args.annotations, slide.mpp)
+        regions = import_annotations(args.annotations, slide.mpp)
+        h, w = (n * slide.mpp for n in slide.shape)
+        if (outside := ~regions.intersects(shapely.box(0, 0, w, h))).any():
+            raise HistoError(args.annotations, f"{regions.region_id[outside].iloc[0]} lies wholly outside the slide "
+                                               f"({w:,.0f} × {h:,.0f} µm): drawn on another image, or in other units?")
     if not args.overwrite:
         check_same_input(Path(args.out) / slide_name(args.slide), slide.path)
     from histo.cluster import dask_client
@@ -126,9 +140,41 @@ def _evaluate(args) -> None:
     print(f"wrote {out / 'scores.csv'}")
 
 
+def _export(args) -> None:
+    if not (args.spatialdata or args.qupath_cells):
+        raise HistoError(args.bundle, "say what to export: --spatialdata and/or --qupath-cells")
+    from histo.bundle import is_complete
+
+    if not is_complete(Path(args.bundle)):
+        raise HistoError(args.bundle, "not a complete histo bundle (no run.json saying so)")
+    if args.spatialdata:
+        from histo.spatialdata_store import write_spatialdata
+
+        print(f"wrote {write_spatialdata(args.bundle)}")
+    if args.qupath_cells:
+        from histo.export import write_cells_geojson
+
+        print(f"wrote {write_cells_geojson(args.bundle)}")
+
+
+def _common(p: argparse.ArgumentParser, default=None) -> None:
+    """Options taken before and after the subcommand (a subcommand's ``default`` is SUPPRESS: it keeps
+    what was given before it)."""
+    p.add_argument("--debug", action="store_true", default=False if default is None else default,
+                   help="show tracebacks (and every other package's lines, as -v)")
+    p.add_argument("-v", "--verbose", action="store_true", default=False if default is None else default,
+                   help="show other packages' lines too (TensorFlow, squidpy, spatialdata, Dask's INFO)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=default,
+                   help="level of histo's and Dask's log lines (default WARNING; INFO with -v)")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="histo", description="Whole-slide analysis of synovial and lymph-node biopsies.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    from importlib.metadata import version
+
+    p = argparse.ArgumentParser(prog="histo", description="Whole-slide analysis of synovial and lymph-node biopsies.",
+                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"histo {version('histo')}")
+    _common(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="write a generated H&E slide with ground truth")
@@ -202,7 +248,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="nucleus model folder to add the classifier to")
     c.add_argument("--image-mpp", required=True, help="µm per px of the images (one number)")
     c.add_argument("--licence", help="licence of these images (goes into the model card)")
-    c.add_argument("--epochs", type=int, default=40)
+    c.add_argument("--epochs", type=int, default=30)
     c.add_argument("--val-fraction", type=float, default=0.15, help="share of tiles held out (by tile)")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=_train_classes)
@@ -225,7 +271,38 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--scheduler", help="address of an existing dask.distributed scheduler")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_evaluate)
+
+    x = sub.add_parser("export", help="write a bundle in other tools' formats: SpatialData, QuPath detections")
+    x.add_argument("bundle", help="a histo bundle folder (OUT/<slide name>)")
+    x.add_argument("--spatialdata", action="store_true",
+                   help="BUNDLE/spatialdata.zarr: labels, nuclei and regions (µm), the cells table (spatialdata.read_zarr)")
+    x.add_argument("--qupath-cells", action="store_true",
+                   help="BUNDLE/cells.geojson: nuclei as QuPath detections classified by cell type (File > Import objects)")
+    x.set_defaults(func=_export)
+
+    for name, s in sub.choices.items():
+        _common(s, argparse.SUPPRESS)
+        s.epilog, s.formatter_class = EXIT_CODES, argparse.RawDescriptionHelpFormatter
+        if any("--scheduler" in a.option_strings for a in s._actions):
+            s.add_argument("--scheduler-file", help="a Dask scheduler file (dask scheduler --scheduler-file, dask-mpi, "
+                                                    "dask-jobqueue) instead of --scheduler; without either, "
+                                                    "DASK_SCHEDULER_ADDRESS, else a LocalCluster")
     return p
+
+
+def _setup_output(args) -> None:
+    """Logging and the other packages' noise as asked: quiet unless -v / --debug (HISTO_VERBOSE reaches
+    the Dask workers: histo.cluster)."""
+    loud = args.verbose or args.debug
+    if loud:
+        os.environ["HISTO_VERBOSE"] = "1"
+    level = args.log_level or ("INFO" if loud else "WARNING")
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("distributed").setLevel(level)
+    if not loud:
+        from histo.cluster import quiet_process
+
+        quiet_process()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,6 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=SyntaxWarning, module="docrep")
     args = parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
+    _setup_output(args)
+    if getattr(args, "scheduler_file", None) and not getattr(args, "scheduler", None):
+        from histo.cluster import scheduler_address
+
+        try:
+            args.scheduler = scheduler_address(None, args.scheduler_file)
+        except HistoError as exc:
+            print(f"histo: error: {exc}", file=sys.stderr)
+            return EXIT_INPUT_ERROR
     try:
         args.func(args)
     except HistoError as exc:

@@ -7,7 +7,7 @@ It is a separate network rather than StarDist's own class head (``n_classes``) s
 without types (MoNuSeg) still train the outlines, and the classes can be retrained in minutes
 without touching the outlines (``histo train-classes``).
 
-Input: a ``PATCH_PX``² window at ``PATCH_MPP`` µm/px (32 µm) centred on the nucleus, RGB as x/255
+Input: a ``PATCH_PX``² window at ``PATCH_MPP`` µm/px (24 µm) centred on the nucleus, RGB as x/255
 plus a fourth channel that is 1 inside the nucleus's own outline. Classes follow CoNSeP's types
 (``CLASS_ALIASES``): lymphocyte (CoNSeP "inflammatory": lymphocytes, plasma cells, neutrophils),
 epithelial, stromal (CoNSeP "spindle": fibroblasts, muscle, endothelium), other.
@@ -26,7 +26,7 @@ CLASSES = ("lymphocyte", "epithelial", "stromal", "other")
 CLASS_ALIASES = {"inflammatory": "lymphocyte", "spindle": "stromal", "fibroblast": "stromal",
                  "lymphocytes": "lymphocyte", "epithelium": "epithelial"}
 PATCH_MPP = 0.5  # µm/px of the patches
-PATCH_PX = 64  # patch edge, px (32 µm)
+PATCH_PX = 48  # patch edge, px (24 µm)
 CLASSIFIER_FILE = "nucleus_classes.keras"
 
 
@@ -66,26 +66,27 @@ def nucleus_patches(small: np.ndarray, outlines: list[np.ndarray], centres: np.n
     return out
 
 
-def tile_patches(img: np.ndarray, coord: np.ndarray, points: np.ndarray, mpp: float) -> np.ndarray:
-    """Patches of StarDist's nuclei in a tile: ``img`` RGB uint8 at ``mpp`` µm/px, ``coord``
-    (n, 2, n_rays) and ``points`` (n, 2) as (row, col) px of ``img`` (pixel centres on integers)."""
+def tile_patches(img: np.ndarray, coord: np.ndarray, points: np.ndarray, mpp: float,
+                 size: int = PATCH_PX) -> np.ndarray:
+    """Patches (``size``² px) of StarDist's nuclei in a tile: ``img`` RGB uint8 at ``mpp`` µm/px,
+    ``coord`` (n, 2, n_rays) and ``points`` (n, 2) as (row, col) px of ``img`` (pixel centres on integers)."""
     f = mpp / PATCH_MPP
     small = to_patch_scale(img, mpp)
     outlines = [np.stack([(c[0] + 0.5) * f - 0.5, (c[1] + 0.5) * f - 0.5], axis=1) for c in coord]
-    return nucleus_patches(small, outlines, (np.asarray(points, np.float64) + 0.5) * f - 0.5)
+    return nucleus_patches(small, outlines, (np.asarray(points, np.float64) + 0.5) * f - 0.5, size)
 
 
 def network(n_classes: int = len(CLASSES)):
-    """The classifier: four conv blocks (16–128 filters, batch-normalised), global average pooling, softmax."""
+    """The classifier: four conv blocks (16–128 filters), global average pooling, softmax. (Batch
+    normalisation was tried: its validation loss swung between epochs and its lymphocyte F1 was lower.)"""
     import keras
     from keras import layers
 
     inp = keras.Input((PATCH_PX, PATCH_PX, 4))
     x = inp
     for filters in (16, 32, 64, 128):
-        for _ in range(2):
-            x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-            x = layers.Activation("relu")(layers.BatchNormalization()(x))
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
         x = layers.MaxPooling2D()(x) if filters < 128 else x
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(0.3)(x)
@@ -100,9 +101,9 @@ def load_classifier(folder: str):
     import tensorflow as tf
 
     net = keras.models.load_model(Path(folder) / CLASSIFIER_FILE, compile=False)
-    graph = tf.function(lambda x: net(x, training=False),
-                        input_signature=[tf.TensorSpec((None, PATCH_PX, PATCH_PX, 4), tf.float32)])
-    graph.n_classes = int(net.output_shape[-1])
+    size = int(net.input_shape[1])  # the patch edge it was trained on
+    graph = tf.function(lambda x: net(x, training=False), input_signature=[tf.TensorSpec((None, size, size, 4), tf.float32)])
+    graph.n_classes, graph.patch_px = int(net.output_shape[-1]), size
     return graph
 
 

@@ -30,6 +30,8 @@ HE_RULES_SCHEMA: dict = {
     "lymphocyte_min_solidity": (Number, 0.9),  # DOMAIN §6 [P]
     "lymphocyte_min_od_ratio": (Number, 0.75),  # dark: H OD ≥ ratio × reference OD [P] (DOMAIN's slide-wide
     #   "top tercile" would call only a third of a node's lymphocytes lymphocytes, so the reference is used)
+    "large_classes": (list, ["lymphocyte", "stromal", "other"]),  # learned classes a large pale nucleus is taken from
+    #   (lymph node: add epithelial — a node has no epithelium, and a colon-trained classifier calls centroblasts so) [P]
     "large_min_area_um2": (Number, 45.0),  # µm², centroblast / macrophage > 45 (DOMAIN §6) [P]
     "large_max_od_ratio": (Number, 1.0),  # pale: H OD < ratio × reference OD, "below lymphocyte median" (§7.4) [P]
     "stromal_min_eccentricity": (Number, 0.9),  # fibroblast / synoviocyte, DOMAIN §6 [P]
@@ -109,7 +111,7 @@ def classify_he(cells: pd.DataFrame, rules: dict | None = None) -> tuple[pd.Cate
     Notes
     -----
     Learned (``learned`` and ``nucleus_class`` present): each nucleus keeps its class, except that a
-    non-epithelial nucleus ≥ ``large_min_area_um2`` and paler than ``large_max_od_ratio`` × the
+    nucleus of ``large_classes`` ≥ ``large_min_area_um2`` and paler than ``large_max_od_ratio`` × the
     slide's lymphocytes is ``large`` (the germinal-centre cue: centroblasts, macrophages); the
     lymphocyte references are the learned lymphocytes' area mode and median OD. Rules: lymphocyte =
     lymphocyte-sized, round and dark; stromal = elongated; large = large and pale; else other. The
@@ -142,8 +144,8 @@ def classify_he(cells: pd.DataFrame, rules: dict | None = None) -> tuple[pd.Cate
     }
     large = (area >= t["large_min_area_um2"]) & (od < t["large_max_hematoxylin_od"])
     if learned:
-        epithelial = cls == "epithelial"
-        code = np.select([epithelial, large, cls == "lymphocyte", cls == "stromal"], [3, 1, 0, 2], 4)
+        large &= np.isin(cls, r["large_classes"])
+        code = np.select([large, cls == "epithelial", cls == "lymphocyte", cls == "stromal"], [1, 3, 0, 2], 4)
         t = {k: v for k, v in t.items() if k.startswith("large")}
     else:
         with np.errstate(invalid="ignore", divide="ignore"):

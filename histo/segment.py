@@ -127,7 +127,8 @@ def segment_tile(job: SegmentJob, tile: Tile) -> dict:
 def nucleus_classes(img: np.ndarray, coord: np.ndarray, points: np.ndarray, job: SegmentJob) -> dict:
     """``nucleus_class`` (the classifier's most probable class) and ``nucleus_class_prob`` per nucleus;
     the classifier runs in the precision the worker's StarDist model set (:func:`_model`)."""
-    probs = predict_classes(load_classifier(str(job.model.path)), tile_patches(img, coord, points, job.grid_mpp))
+    graph = load_classifier(str(job.model.path))
+    probs = predict_classes(graph, tile_patches(img, coord, points, job.grid_mpp, graph.patch_px))
     best = np.argmax(probs, axis=1)
     return {"nucleus_class": np.asarray(job.model.classes, dtype=object)[best],
             "nucleus_class_prob": probs[np.arange(len(best)), best].astype(np.float32)}

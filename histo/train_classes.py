@@ -95,8 +95,8 @@ def class_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     return out
 
 
-def train_classes(datasets: Sequence[tuple], model_dir: Path | str, epochs: int = 40, batch: int = 64,
-                  val_fraction: float = 0.15, seed: int = 0, stain_scale: float = 0.4, patience: int = 10,
+def train_classes(datasets: Sequence[tuple], model_dir: Path | str, epochs: int = 30, batch: int = 64,
+                  val_fraction: float = 0.15, seed: int = 0, stain_scale: float = 0.4, patience: int = 6,
                   command: str | None = None, verbose: int = 1) -> dict:
     """Train the nucleus classifier into ``model_dir`` and return its card section.
 
