@@ -258,7 +258,8 @@ class _Region:
         return 3 if self.brightfield else self.channels
 
     def region(self, level: int, y: int, x: int, h: int, w: int, fill: float) -> np.ndarray:
-        """Level px [y, y+h) × [x, x+w), (h, w, out_channels), ``fill`` outside the level."""
+        """Level px [y, y+h) × [x, x+w), (h, w, out_channels), ``fill`` outside the level and for
+        non-finite values."""
         H, W = self.shapes[level]
         y0, y1, x0, x1 = max(y, 0), min(y + h, H), max(x, 0), min(x + w, W)
         if y0 >= y1 or x0 >= x1:
@@ -268,6 +269,8 @@ class _Region:
         else:
             out = np.full((h, w, self.channels), fill, self.dtype)
             out[y0 - y:y1 - y, x0 - x:x1 - x] = self.read(level, y0, y1, x0, x1, fill)
+        if out.dtype.kind == "f":  # NaN / inf in a float slide: no signal (an all-NaN slide is glass)
+            np.nan_to_num(out, copy=False, nan=fill, posinf=fill, neginf=fill)
         return _to_rgb(out) if self.brightfield else out
 
 

@@ -251,6 +251,19 @@ def test_cmyk_jpeg_is_refused_with_a_message(tmp_path):
         open_slide(path, mpp=0.5)
 
 
+def test_non_finite_pixels_of_a_float_slide_read_as_background(tmp_path):
+    """Issue 21: an all-NaN float image with lymph-node-if ended in a traceback (Otsu on NaN)."""
+    from histo.tissue import detect_tissue
+
+    a = np.full((3, 512, 512), np.nan, np.float32)
+    a[1, :10, :10] = np.inf
+    path = tmp_path / "nan.ome.tif"
+    tifffile.imwrite(path, a, tile=(256, 256), metadata={"axes": "CYX", "PhysicalSizeX": 0.5})
+    slide = open_slide(path)
+    assert slide.kind == "fluorescence" and not slide.read(0, 0, 512, 512, 0.5).any()
+    assert detect_tissue(slide, mpp=4.0).pieces == []  # glass: an empty bundle with "no tissue found"
+
+
 def test_unreadable_tile_reads_as_glass_inside_the_skip_block(tmp_path):
     a = RNG.integers(0, 200, (256, 384, 3), np.uint8)
     path = tiled(tmp_path / "bad.tif", a)
@@ -422,10 +435,16 @@ def cli_inputs(tmp_path_factory, generated):
         "type": "Polygon", "coordinates": [[[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]]}}))
     sheet = folder / "sheet.csv"
     sheet.write_text("slide,patient\nnowhere.svs,P1\n")
-    return {"rgb16": rgb16, "bomb": bomb, "bowtie": bowtie, "sheet": sheet, "slide": generated("lymph-node", 1024, 2)}
+    far = folder / "far.geojson"  # a valid square, 10,000 px beyond a 1024² px slide
+    far.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": {
+        "type": "Polygon", "coordinates": [[[1e4, 1e4], [1e4 + 50, 1e4], [1e4 + 50, 1e4 + 50], [1e4, 1e4]]]}}))
+    nan = folder / "nan.yaml"
+    nan.write_text("segmentation: {tile_um: .nan}\n")
+    return {"rgb16": rgb16, "bomb": bomb, "bowtie": bowtie, "sheet": sheet, "far": far, "nan": nan,
+            "lying": lying_tiff(folder / "lying.tif", 100_000, 100_000), "slide": generated("lymph-node", 1024, 2)}
 
 
-@pytest.mark.parametrize("case", ["rgb16", "bomb", "mpp", "annotations", "sheet"])
+@pytest.mark.parametrize("case", ["rgb16", "bomb", "mpp", "annotations", "sheet", "outside", "nan", "lying"])
 def test_cli_bad_input_is_one_line(cli_inputs, tmp_path, case):
     c, out = cli_inputs, tmp_path / "out"
     args, path, words = {
@@ -434,6 +453,10 @@ def test_cli_bad_input_is_one_line(cli_inputs, tmp_path, case):
         "mpp": (["run", c["slide"], "--mpp", 1e9], c["slide"], ["pixel size must be"]),
         "annotations": (["run", c["slide"], "--annotations", c["bowtie"]], c["bowtie"], ["self-intersecting polygon"]),
         "sheet": (["batch", c["sheet"]], c["sheet"], ["slide file not found"]),
+        "outside": (["run", c["slide"], "--annotations", c["far"]], c["far"],
+                    ["annotation-1 lies wholly outside the slide (512 × 512 µm)"]),
+        "nan": (["run", c["slide"], "--workflow", c["nan"]], c["nan"], ["'segmentation.tile_um' must be a finite number"]),
+        "lying": (["run", c["lying"], "--mpp", 0.5], c["lying"], ["absurd strip of 100,000×100,000 px"]),
     }[case]
     assert_clean_error(histo(*args, "--out", out), path, *words)
     assert not out.exists()  # refused before anything is written
