@@ -1,12 +1,11 @@
 """Analyze: run the pipeline (``histo.pipeline.plan_slide`` → ``submit_tiles`` → ``finish_slide``) on
 the whole slide or on a drawn rectangle, in Dask worker processes (TensorFlow never loads in
-napari's process), with a progress bar of tiles done, and open the bundle on the slide.
+napari's process), with a progress bar of tiles done (in the widget and napari's activity panel), and
+open the bundle on the slide.
 
 A rectangle is cut from level 0 into ``OUT/crops/NAME.ome.tif`` with ``NAME.origin.json`` (where it
 lies on its slide), and analysed as a crop; its bundle is placed back on the slide by the reader.
 """
-
-from __future__ import annotations
 
 import json
 import shutil
@@ -15,17 +14,20 @@ import time
 from concurrent.futures import CancelledError
 from pathlib import Path
 
+import dask
 import numpy as np
 from distributed import wait
 from magicgui.widgets import ComboBox, Container, FileEdit, LineEdit
 from napari.layers import Shapes
 from napari.utils.notifications import show_error, show_info
+from napari.viewer import Viewer
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 from superqt.utils import GeneratorWorker
 
 from histo.bundle import bundle_lock, partial_dir, slide_name
 from histo.workflow import list_workflows
+from napari_histo import _activity
 from napari_histo._bundle import origin_file
 
 WHOLE_SLIDE = "whole slide"
@@ -104,15 +106,16 @@ class AnalyzeWidget(QWidget):
     """Dock widget: slide, region, workflow, model, output folder, Dask scheduler; Run, Cancel, and a
     progress bar of tiles segmented out of the total.
 
-    ``client``: run on this Client's scheduler (default: a LocalCluster per run, or the scheduler
-    given in the form). Each run connects a Client of its own, used by the run's thread only (Dask
+    Each run uses the scheduler given in the form (it starts as Dask's configured ``scheduler-address``),
+    else a LocalCluster of its own, through a Client of its own used by the run's thread only (Dask
     clients closed from another thread can hang the thread waiting on them); Cancel sets an event
     that the run's thread acts on.
     """
 
-    def __init__(self, viewer, client=None):
+    def __init__(self, napari_viewer: Viewer):
         super().__init__()
-        self.viewer, self.client, self.worker = viewer, client, None
+        self.viewer = viewer = napari_viewer
+        self.worker, self.bar = None, None
         self.cancelled, self.phase = threading.Event(), ""
         self.form = Container(widgets=[
             ComboBox(name="slide", choices=lambda _: [lyr for lyr in viewer.layers if "slide" in lyr.metadata]),
@@ -121,7 +124,8 @@ class AnalyzeWidget(QWidget):
             ComboBox(name="workflow", choices=list_workflows()),
             LineEdit(name="model", tooltip="empty: the workflow's model"),
             FileEdit(name="out", mode="d", value=Path.home() / "histo-results"),
-            LineEdit(name="scheduler", tooltip="host:port of a Dask scheduler; empty: a local cluster"),
+            LineEdit(name="scheduler", value=dask.config.get("scheduler-address", None) or "",
+                     tooltip="address of a Dask scheduler (tcp://host:port); empty: a local cluster"),
         ])
         self.run_button, self.cancel_button = QPushButton("Run"), QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -169,7 +173,7 @@ class AnalyzeWidget(QWidget):
         self.progress.resetFormat()
         self.phase, self.started = "opening the slide, finding tissue", time.monotonic()
         self.timer.start(1000)
-        self.worker.start()
+        self.bar = _activity.start(self.worker, f"Analyze {Path(slide['path']).name}")
 
     def _work(self, slide, box, out, workflow, model, scheduler):
         """Generator run in the worker thread: :func:`analyse` on a Client of this run's own."""
@@ -177,10 +181,9 @@ class AnalyzeWidget(QWidget):
 
         from histo.cluster import local_cluster
 
-        cluster = None if scheduler or self.client is not None else local_cluster()
+        cluster = None if scheduler else local_cluster()
         try:
-            address = scheduler or (cluster.scheduler_address if cluster is not None else self.client.scheduler.address)
-            with Client(address) as client:
+            with Client(scheduler or cluster.scheduler_address) as client:
                 return (yield from analyse(slide, box, out, workflow, model, client, self.cancelled))
         finally:
             if cluster is not None:
@@ -197,6 +200,8 @@ class AnalyzeWidget(QWidget):
         self.progress.setRange(0, max(total, 1))
         self.progress.setValue(done if total else 1)
         self.progress.setFormat(f"{done} / {total} tiles (%p%)")
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
         if not self.cancelled.is_set():
             self.phase = "writing the bundle" if done == total else "segmenting tiles"
 

@@ -1,7 +1,8 @@
 """Export: a bundle's metrics table as CSV (plain, or Excel-friendly) and its regions as QuPath GeoJSON
-in the slide's level-0 pixels (a bundle of a rectangle is shifted back onto its slide)."""
+in the slide's level-0 pixels (a bundle of a rectangle is shifted back onto its slide).
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: magicgui reads the widget's annotations at run time.
+"""
 
 from pathlib import Path
 
@@ -31,8 +32,28 @@ def export_qupath(bundle: str | Path, out: str | Path) -> Path:
     return write_regions_geojson(regions.drop(columns="review"), out, slide["mpp"], metrics)
 
 
-@magic_factory(call_button="Export", bundle={"mode": "d"}, metrics_csv={"mode": "w", "filter": "*.csv"},
-               regions_geojson={"mode": "w", "filter": "*.geojson"})
+def beside(bundle: Path) -> tuple[Path, Path]:
+    """Default export files of ``bundle``: ``NAME.metrics.csv`` and ``NAME.qupath.geojson`` beside it."""
+    return bundle.with_name(f"{bundle.name}.metrics.csv"), bundle.with_name(f"{bundle.name}.qupath.geojson")
+
+
+def init_export(widget) -> None:
+    """The bundle of the topmost bundle layer of the current viewer, the export files beside it; a
+    bundle chosen later moves them beside it too."""
+    import napari
+
+    def follow(bundle):
+        widget.metrics_csv.value, widget.regions_geojson.value = beside(Path(bundle))
+
+    widget.bundle.changed.connect(follow)
+    viewer = napari.current_viewer()
+    shown = [lyr.metadata["bundle"] for lyr in (viewer.layers if viewer else []) if "bundle" in lyr.metadata]
+    if shown:
+        widget.bundle.value = shown[-1]
+
+
+@magic_factory(call_button="Export", widget_init=init_export, bundle={"mode": "d"},
+               metrics_csv={"mode": "w", "filter": "*.csv"}, regions_geojson={"mode": "w", "filter": "*.geojson"})
 def export_widget(bundle: Path, metrics_csv: Path = Path("metrics.csv"), excel: bool = True,
                   regions_geojson: Path = Path("regions.geojson")) -> None:
     """Write the bundle's metrics CSV and its regions for QuPath."""
@@ -41,6 +62,7 @@ def export_widget(bundle: Path, metrics_csv: Path = Path("metrics.csv"), excel: 
     from histo.errors import HistoError
 
     try:
+        read_run(bundle)  # a folder that is not a complete bundle: one line saying so
         export_metrics(bundle, metrics_csv, excel)
         export_qupath(bundle, regions_geojson)
     except HistoError as exc:

@@ -1,8 +1,6 @@
 """Review regions: a sortable table of a bundle's structures; accept, reject, reclassify, redraw or
 add regions on the regions layer, then *Save* writes them back, re-measures and redraws the
-overview and report (histo.review)."""
-
-from __future__ import annotations
+overview and report (histo.review) in a worker thread, shown in napari's activity panel."""
 
 from pathlib import Path
 
@@ -10,12 +8,15 @@ import numpy as np
 import pandas as pd
 from magicgui.widgets import ComboBox
 from napari.utils.notifications import show_error, show_info
+from napari.viewer import Viewer
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QHBoxLayout, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget
+from superqt.utils import FunctionWorker
 
 from histo.errors import HistoError
 from histo.regions import KINDS
 from histo.review import read_regions, save_review
+from napari_histo import _activity
 from napari_histo._bundle import region_colors, region_shapes, regions_from_shapes
 
 COLUMNS = ("region_id", "kind", "review", "grade", "area_mm2", "n_cells", "density_cells_per_mm2", "fraction_lymphocyte")
@@ -32,9 +33,9 @@ def regions_layers(viewer) -> list:
 class ReviewWidget(QWidget):
     """Dock widget: table of the structures of the chosen regions layer, review buttons, *Save*."""
 
-    def __init__(self, viewer):
+    def __init__(self, napari_viewer: Viewer):
         super().__init__()
-        self.viewer = viewer
+        self.viewer = viewer = napari_viewer
         self.layer_box = ComboBox(label="regions", choices=lambda _: regions_layers(viewer))
         self.kind_box = ComboBox(label="kind", choices=EDITABLE, value="aggregate")
         self.table = QTableWidget(0, len(COLUMNS))
@@ -129,6 +130,8 @@ class ReviewWidget(QWidget):
 
     def add(self):
         """Draw a new region of the chosen kind (polygon mode); it is accepted when drawn."""
+        self.table.clearSelection()
+        self.layer.selected_data = set()  # napari gives the selected shapes the current colours set below
         self.layer.feature_defaults = {"region_id": "", "kind": self.kind_box.value, "name": self.kind_box.value,
                                        "review": "accepted", "grade": np.nan}
         self.layer.current_face_color, self.layer.current_edge_color = (c[0] for c in region_colors(
@@ -138,22 +141,41 @@ class ReviewWidget(QWidget):
 
     def save(self):
         """Write the reviewed regions, their re-measured metrics and the redrawn overview and report
-        into the bundle; reload the layer."""
+        into the bundle, in a worker thread (the buttons wait meanwhile); then reload the layer."""
         layer = self.layer
         bundle = Path(layer.metadata["bundle"])
         offset = np.asarray(layer.metadata["offset_um"], float)
         try:
             regions = regions_from_shapes(layer.data, layer.features, offset, read_regions(bundle))
-            save_review(bundle, regions)
         except HistoError as exc:
             show_error(str(exc))
             return
         layer.mode = "pan_zoom"
         layer.selected_data = set()
-        data, features = region_shapes(read_regions(bundle), offset)
+        worker = FunctionWorker(write_review, bundle, regions, offset)
+        worker.returned.connect(lambda shapes: self._saved(layer, *shapes))
+        worker.errored.connect(lambda exc: show_error(f"{bundle.name}: review not saved: {exc}"))
+        worker.finished.connect(lambda: self.enable(True))
+        self.enable(False)
+        _activity.start(worker, f"{bundle.name}: saving the review")
+
+    def enable(self, on: bool):
+        """Review buttons on or off (off while a review is saved)."""
+        for button in self.buttons.values():
+            button.setEnabled(on)
+
+    def _saved(self, layer, data, features):
+        """Show the saved regions on ``layer``."""
         layer.data = []
         layer.add_polygons(data)
         layer.features = features
         layer.face_color, layer.edge_color = region_colors(features)
         self.refresh()
-        show_info(f"{bundle.name}: regions saved and re-measured ({len(regions)} regions); overview and report redrawn")
+        show_info(f"{Path(layer.metadata['bundle']).name}: regions saved and re-measured ({len(data)} shapes); "
+                  "overview and report redrawn")
+
+
+def write_review(bundle: Path, regions, offset) -> tuple[list, pd.DataFrame]:
+    """:func:`histo.review.save_review`, then the saved regions as shapes (worker thread: no Qt)."""
+    save_review(bundle, regions)
+    return region_shapes(read_regions(bundle), offset)
