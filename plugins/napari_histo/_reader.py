@@ -1,7 +1,9 @@
-"""Readers: a slide opens as a multiscale image in µm; a bundle folder as overlays on its slide.
+"""Readers: a slide file opens as a multiscale image in µm; a bundle folder (one holding ``run.json``)
+as overlays on its slide, with the cell-type legend docked. Anything else is left to other plugins
+(napari-ome-zarr, napari-spatialdata, napari's own reader).
 
-Problems with the input (not a bundle, an incomplete bundle, a bundle of another slide than the one
-shown, an unreadable slide) are shown as one-line error notifications, not tracebacks.
+Problems with the input (an incomplete bundle, a bundle of another slide than the one shown, an
+unreadable slide) are shown as one-line error notifications, not tracebacks.
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ from histo.bundle import SLIDE_SUFFIXES
 from histo.errors import HistoError
 
 NO_LAYERS = [(None,)]  # npe2's "read, nothing to add" sentinel
+SLIDE_FILES = tuple(s for s in SLIDE_SUFFIXES if s != ".ome.zarr")  # OME-Zarr folders: napari-ome-zarr's
+LEGEND = "Cell-type legend"  # the legend's display name in napari.yaml
 
 
 def get_reader(path):
-    """napari reader hook: slides by suffix; every other folder is read as a bundle (a folder that is
-    not one gets a clear message)."""
+    """napari reader hook: a slide file (by suffix) or a bundle folder (one holding ``run.json``);
+    None for anything else, so that another plugin reads it."""
     if isinstance(path, list):
         return None
     p = Path(path)
-    if p.name.lower().endswith(SLIDE_SUFFIXES) and p.exists():
+    if p.is_file() and p.name.lower().endswith(SLIDE_FILES):
         return reporting(read_slide)
-    if p.is_dir():
+    if (p / "run.json").is_file():
         return reporting(read_bundle)
     return None
 
@@ -55,18 +59,16 @@ def read_slide(path) -> list[tuple]:
     return [(slide.levels, meta, "image")]
 
 
-def shown_slides() -> list[dict]:
-    """Descriptions of the slides open in the current viewer (image layers from :func:`read_slide`)."""
-    import napari
-
-    viewer = napari.current_viewer()
+def shown_slides(viewer) -> list[dict]:
+    """Descriptions of the slides open in ``viewer`` (image layers from :func:`read_slide`)."""
     return [lyr.metadata["slide"] for lyr in (viewer.layers if viewer else []) if "slide" in lyr.metadata]
 
 
 def read_bundle(path) -> list[tuple]:
     """A bundle's overlays: nucleus labels, cell types and regions, placed on its slide. The slide
     itself is added too when the viewer shows no slide and the file is still where the run read it.
-    A bundle of another slide than the one shown is refused."""
+    A bundle of another slide than the one shown is refused. The cell-type legend is docked."""
+    import napari
     from napari.utils.notifications import show_warning
 
     from histo.review import read_run
@@ -75,7 +77,8 @@ def read_bundle(path) -> list[tuple]:
     bundle = Path(path).resolve()
     run = read_run(bundle)
     slide, offset = slide_of(run)
-    shown = shown_slides()
+    viewer = napari.current_viewer()
+    shown = shown_slides(viewer)
     layers = []
     if shown and not any(same_slide(s, slide) for s in shown):
         names = ", ".join(Path(s["path"]).name for s in shown)
@@ -86,4 +89,7 @@ def read_bundle(path) -> list[tuple]:
             layers += read_slide(slide["path"])
         else:
             show_warning(f"{bundle}: its slide {slide['path']} is not there; overlays are shown without it")
-    return layers + [nuclei_layer(bundle, offset), cell_type_layer(bundle, offset), regions_layer(bundle, offset)]
+    layers += [nuclei_layer(bundle, offset), cell_type_layer(bundle, offset), regions_layer(bundle, offset)]
+    if viewer is not None:  # the legend follows the layer list: it shows these once they are added
+        viewer.window.add_plugin_dock_widget("napari-histo", LEGEND)
+    return layers
