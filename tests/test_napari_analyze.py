@@ -1,12 +1,12 @@
-"""The Analyze widget under Xvfb: a drawn rectangle becomes a bundle placed on the slide, with the
-analysis in Dask worker processes and TensorFlow never imported in the viewer's process; the bar
-counts tiles; Cancel stops the tasks and leaves no bundle."""
-
-from __future__ import annotations
+"""The Analyze widget under Xvfb, opened from the Plugins menu: a drawn rectangle becomes a bundle
+placed on the slide, with the analysis in Dask worker processes and TensorFlow never imported in the
+viewer's process; the bars (the widget's, the activity panel's) count tiles; Cancel stops the tasks
+and leaves no bundle. The sample bundle shows its slide at once and is analysed in the background."""
 
 import json
 import sys
 
+import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,15 +17,20 @@ from histo.matching import match_points
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
 
 
-def test_analyze_rectangle(generated, client, make_napari_viewer, qtbot, tmp_path):
-    from napari_histo._analyze import AnalyzeWidget
+def analyze_widget(viewer, client):
+    """The Analyze widget as the Plugins menu opens it, on ``client``'s scheduler."""
+    widget = viewer.window.add_plugin_dock_widget("napari-histo", "Analyze")[1]
+    widget.form.scheduler.value = client.scheduler.address
+    return widget
 
+
+def test_analyze_rectangle(generated, client, make_napari_viewer, qtbot, tmp_path):
     slide = generated("synovium", size=1024, seed=3)
     viewer = make_napari_viewer()
     viewer.open(str(slide), plugin="napari-histo")
     box = np.array([[100.0, 150.0], [100.0, 330.0], [260.0, 330.0], [260.0, 150.0]])  # (y, x) µm
     shapes = viewer.add_shapes([box], shape_type="rectangle", name="roi")
-    widget = AnalyzeWidget(viewer, client=client)
+    widget = analyze_widget(viewer, client)
     form = widget.form
     form.region.value, form.workflow.value, form.out.value = shapes, "synovium-he", tmp_path
     values = []
@@ -41,6 +46,7 @@ def test_analyze_rectangle(generated, client, make_napari_viewer, qtbot, tmp_pat
     n_tiles = json.loads(open(f"{bundle}/run.json").read())["n_tiles"]
     assert n_tiles >= 1 and widget.progress.maximum() == n_tiles and values[-1] == n_tiles
     assert values == sorted(values) and widget.progress.text().endswith("(100%)")
+    assert widget.bar.total == widget.bar.n == n_tiles  # the activity panel's bar
     cells = pd.read_parquet(f"{bundle}/cells.parquet", columns=["x_um", "y_um"])
     grid = nuclei.scale[-1]
     assert np.allclose(nuclei.translate, np.array([100.0, 150.0]) + grid / 2)  # the crop's corner on the slide
@@ -64,12 +70,10 @@ def executing(client) -> dict:
 
 
 def test_cancel_leaves_no_bundle(generated, client, make_napari_viewer, qtbot, tmp_path):
-    from napari_histo._analyze import AnalyzeWidget
-
     slide = generated("lymph-node", size=3072, seed=4)  # 1.5 mm: dozens of tiles
     viewer = make_napari_viewer()
     viewer.open(str(slide), plugin="napari-histo")
-    widget = AnalyzeWidget(viewer, client=client)
+    widget = analyze_widget(viewer, client)
     widget.form.workflow.value, widget.form.out.value = "lymph-node-he", tmp_path  # region: the whole slide
     widget.run_button.click()
     qtbot.waitUntil(lambda: widget.progress.value() >= 1, timeout=600_000)  # a tile is done
@@ -85,3 +89,30 @@ def test_cancel_leaves_no_bundle(generated, client, make_napari_viewer, qtbot, t
     # the tile tasks are gone from the scheduler; those running at the cancel ended without a trace
     qtbot.waitUntil(lambda: not scheduled(client, "segment-") and not any(executing(client).values()), timeout=120_000)
     assert not partial_dir(tmp_path, name).exists() and not is_complete(tmp_path / name)
+
+
+def test_sample_bundle_analysed_on_first_open(client, make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    from napari_histo import _sample_data
+
+    monkeypatch.setenv("HISTO_SAMPLE_DIR", str(tmp_path))
+    monkeypatch.setattr(_sample_data, "SIZE_PX", 768)
+    viewer = make_napari_viewer()
+    with dask.config.set({"scheduler-address": client.scheduler.address}):  # the form's default scheduler
+        viewer.open_sample("napari-histo", "lymph-node-bundle")
+        assert [lyr.name for lyr in viewer.layers] == ["lymph-node-sample-768.ome.tif"]  # the slide at once
+        qtbot.waitUntil(lambda: "Analyze (napari-histo)" in viewer.window.dock_widgets)
+    widget = viewer.window.dock_widgets["Analyze (napari-histo)"]
+    assert not widget.run_button.isEnabled() and "analysing the sample slide" in messages()[-1]
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=600_000)
+    assert widget.status.text().startswith("bundle written"), widget.status.text()
+    assert len(viewer.layers) == 4 and "tensorflow" not in sys.modules  # the overlays, on the slide shown
+    again = make_napari_viewer()
+    again.open_sample("napari-histo", "lymph-node-bundle")  # now the bundle, at once
+    names = [lyr.name.split()[-1] for lyr in again.layers]
+    assert names == ["lymph-node-sample-768.ome.tif", "nuclei", "types", "regions"]
+
+
+def messages():
+    from napari.utils.notifications import notification_manager
+
+    return [str(n.message) for n in notification_manager.records]
