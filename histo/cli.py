@@ -165,7 +165,7 @@ def _common(p: argparse.ArgumentParser, default=None) -> None:
     p.add_argument("-v", "--verbose", action="store_true", default=False if default is None else default,
                    help="show other packages' lines too (TensorFlow, squidpy, spatialdata, Dask's INFO)")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=default,
-                   help="level of histo's and Dask's log lines (default WARNING; INFO with -v)")
+                   help="level of histo's and Dask's log lines (default: Dask's own, WARNING; INFO with -v)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -293,16 +293,18 @@ def parser() -> argparse.ArgumentParser:
 def _setup_output(args) -> None:
     """Logging and the other packages' noise as asked: quiet unless -v / --debug (HISTO_VERBOSE reaches
     the Dask workers: histo.cluster)."""
+    from histo.cluster import quiet_process  # imports distributed, whose logging setup comes before ours
+
     loud = args.verbose or args.debug
     if loud:
         os.environ["HISTO_VERBOSE"] = "1"
-    level = args.log_level or ("INFO" if loud else "WARNING")
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("distributed").setLevel(level)
-    if not loud:
-        from histo.cluster import quiet_process
-
+    else:
         quiet_process()
+    if loud or args.log_level:
+        level = args.log_level or "INFO"
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        for name in ("histo", "distributed"):
+            logging.getLogger(name).setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:

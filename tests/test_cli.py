@@ -70,3 +70,52 @@ def test_unknown_workflow_key(tmp_path, generated):
     wf.write_text("name: mine\nsegmentaton: {}\n")
     slide = generated("lymph-node", size=1024, seed=2)
     assert_clean_error(histo("run", slide, "--out", tmp_path, "--workflow", wf), wf, "segmentaton")
+
+
+def test_version_exit_codes_and_options_after_the_subcommand(capsys):
+    from histo.cli import parser
+
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--version"])
+    assert capsys.readouterr().out.startswith("histo 0.")
+    assert "exit codes:" in parser().format_help() and "130" in parser().format_help()
+    args = parser().parse_args(["run", "s.svs", "--out", "o", "--debug", "-v", "--log-level", "INFO"])
+    assert args.debug and args.verbose and args.log_level == "INFO"
+    args = parser().parse_args(["--debug", "run", "s.svs", "--out", "o"])  # before it too
+    assert args.debug and not args.verbose and args.log_level is None
+    assert parser().parse_args(["batch", "d", "--out", "o", "--scheduler-file", "s.json"]).scheduler_file == "s.json"
+
+
+def test_debug_after_the_subcommand_shows_the_traceback(tmp_path, monkeypatch):
+    from histo.cli import main
+    from histo.errors import HistoError
+
+    monkeypatch.setenv("HISTO_VERBOSE", "0")  # restored after: main sets it with --debug
+    assert main(["run", str(tmp_path / "nope.svs"), "--out", str(tmp_path)]) == 2
+    with pytest.raises(HistoError):
+        main(["run", str(tmp_path / "nope.svs"), "--out", str(tmp_path), "--debug"])
+
+
+def test_scheduler_file_and_environment(tmp_path, capsys):
+    import dask
+
+    from histo.cli import main
+    from histo.cluster import scheduler_address
+
+    (tmp_path / "scheduler.json").write_text(json.dumps({"address": "tcp://10.0.0.1:8786", "type": "Scheduler"}))
+    assert scheduler_address(None, str(tmp_path / "scheduler.json")) == "tcp://10.0.0.1:8786"
+    assert scheduler_address("tcp://a:1", str(tmp_path / "scheduler.json")) == "tcp://a:1"
+    with dask.config.set({"scheduler-address": "tcp://10.0.0.2:8786"}):  # what DASK_SCHEDULER_ADDRESS sets
+        assert scheduler_address() == "tcp://10.0.0.2:8786"
+    assert main(["batch", str(tmp_path), "--out", str(tmp_path / "o"), "--scheduler-file", str(tmp_path / "no.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no.json" in err[0] and "scheduler file" in err[0]
+
+
+def test_export_needs_a_bundle_and_a_format(tmp_path, capsys):
+    from histo.cli import main
+
+    assert main(["export", str(tmp_path), "--spatialdata"]) == 2
+    assert "not a complete histo bundle" in capsys.readouterr().err
+    assert main(["export", str(tmp_path)]) == 2
+    assert "--spatialdata" in capsys.readouterr().err

@@ -208,3 +208,70 @@ def test_overview_and_report(bundle, tmp_path):
     assert text.count("data:image/png;base64,") == 2
     assert "http" not in re.sub(r"base64,[A-Za-z0-9+/=]+", "", text)  # self-contained: nothing fetched
     assert "aggregate-1" in text and "krenn_sum" in text and "Lining" in text
+
+
+@pytest.fixture(scope="module")
+def small_bundle(bundle, tmp_path_factory):
+    """A bundle folder made from the generated truth (nuclei as 3 µm discs): what ``histo export`` reads."""
+    from histo.labels import create_pyramid, downsample_level, rasterise
+
+    slide, cells, regions, metrics, *_ = bundle
+    folder = tmp_path_factory.mktemp("bundle") / "synovium-2"
+    folder.mkdir()
+    x0, y0 = cells.x_um.median() - 300, cells.y_um.median() - 300  # a 600 µm square of tissue, moved to 0, 0
+    cells = cells[cells.x_um.between(x0 + 5, x0 + 595) & cells.y_um.between(y0 + 5, y0 + 595)].copy()
+    cells["x_um"] -= x0
+    cells["y_um"] -= y0
+    assert len(cells) > 100
+    cells["polygon"] = [shapely.to_wkb(shapely.Point(x, y).buffer(3)) for x, y in zip(cells.x_um, cells.y_um)]
+    cells["label"] = np.arange(1, len(cells) + 1)
+    cells.to_parquet(folder / "cells.parquet")
+    path = folder / "labels.ome.zarr"
+    arrays = create_pyramid(path, (1200, 1200), 512, MPP)
+    arrays[0][:] = rasterise(shapely.from_wkb(cells.polygon), cells.label.to_numpy(), MPP, (0, 0), (1200, 1200))
+    for level in range(1, len(arrays)):
+        downsample_level(str(path), level, slice(0, arrays[level].shape[0]), slice(0, arrays[level].shape[1]))
+    write_regions_geojson(regions, folder / "regions.geojson", MPP, metrics)
+    write_h5ad(cells, folder / "cells.h5ad")
+    run = {"status": "complete", "input": {"path": str(slide), "mpp": MPP}, "parameters": {"grid_mpp": MPP}}
+    (folder / "run.json").write_text(json.dumps(run))
+    return folder, cells, regions
+
+
+def test_spatialdata_store(small_bundle):
+    import spatialdata as sd
+    from spatialdata.transformations import get_transformation
+
+    from histo.spatialdata_store import write_spatialdata
+
+    folder, cells, regions = small_bundle
+    sdata = sd.read_zarr(write_spatialdata(folder))
+    assert set(sdata.labels) == {"nuclei_labels"} and set(sdata.shapes) == {"nuclei", "regions"}
+    labels = sdata.labels["nuclei_labels"]
+    assert labels["scale0"]["image"].shape == (1200, 1200) and len(labels.children) == 3  # as labels.ome.zarr
+    assert get_transformation(labels, "global").scale.tolist() == [MPP, MPP]
+    nuclei = sdata.shapes["nuclei"]
+    assert list(nuclei.index) == list(cells.label) and (nuclei.cell_type.to_numpy() == cells.cell_type.to_numpy()).all()
+    assert shapely.equals_exact(nuclei.geometry.to_numpy(), shapely.from_wkb(cells.polygon.to_numpy()), 1e-9).all()
+    assert list(sdata.shapes["regions"].index) == list(regions.region_id)
+    table = sdata.tables["cells"]
+    assert table.uns["spatialdata_attrs"] == {"region": "nuclei_labels", "region_key": "region", "instance_key": "label"}
+    assert (table.obs["label"].to_numpy() == cells.label.to_numpy()).all()
+    # a nucleus's label sits at its centre in the labels, read through the store's µm transform
+    level0 = labels["scale0"]["image"].to_numpy()
+    rows, cols = (cells.y_um / MPP).astype(int), (cells.x_um / MPP).astype(int)
+    assert (level0[rows, cols] == cells.label.to_numpy()).mean() > 0.99
+    assert sdata.attrs["histo"]["slide_mpp"] == MPP and sdata.attrs["histo"]["slide"].endswith(".ome.tif")
+
+
+def test_export_command_writes_qupath_cells(small_bundle):
+    import subprocess
+    import sys
+
+    folder, cells, _ = small_bundle
+    done = subprocess.run([sys.executable, "-m", "histo.cli", "export", str(folder), "--qupath-cells"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"wrote {folder / 'cells.geojson'}" and done.stderr == ""
+    data = _strict((folder / "cells.geojson").read_text(encoding="utf-8"))
+    assert [f["properties"]["metadata"]["label"] for f in data["features"]] == [str(v) for v in cells.label]
