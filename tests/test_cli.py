@@ -119,3 +119,32 @@ def test_export_needs_a_bundle_and_a_format(tmp_path, capsys):
     assert "not a complete histo bundle" in capsys.readouterr().err
     assert main(["export", str(tmp_path)]) == 2
     assert "--spatialdata" in capsys.readouterr().err
+
+
+QUIET_SCRIPT = '''
+import logging
+
+def work():
+    import squidpy  # docrep's SyntaxWarnings, spatialdata's logger
+    import tensorflow  # absl / oneDNN lines on load
+    logging.getLogger("spatialdata._logging").info("an INFO line")
+    return "ok"
+
+if __name__ == "__main__":
+    from histo.cli import _setup_output, parser
+    from histo.cluster import dask_client
+
+    _setup_output(parser().parse_args(["export", "x"]))
+    with dask_client(n_workers=1) as client:
+        print(client.submit(work).result())
+'''
+
+
+@pytest.mark.slow
+def test_workers_start_quiet(tmp_path):
+    """A worker that imports squidpy and TensorFlow and logs spatialdata INFO prints nothing (histo.cluster)."""
+    script = tmp_path / "quiet.py"
+    script.write_text(QUIET_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    assert done.stderr == "", done.stderr
