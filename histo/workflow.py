@@ -143,7 +143,8 @@ def _check_numbers(value, default, name: str, path: str) -> None:
         if not math.isfinite(x):
             raise WorkflowError(path, f"'{name}' must be a finite number, not {x!r}")
         if not lo <= x <= hi:
-            raise WorkflowError(path, f"'{name}' must be {f'{lo:g}–{hi:g}' if hi < math.inf else f'≥ {lo:g}'}, not {x!r}")
+            allowed = f"{lo:g}–{hi:g}" if hi < math.inf else f"≥ {lo:g}"
+            raise WorkflowError(path, f"'{name}' must be {allowed}, not {x!r}")
 
 
 def validate(data: dict, path: str = "<workflow>") -> dict:

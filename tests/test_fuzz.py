@@ -1,4 +1,5 @@
-"""Fuzzing (hypothesis) of what histo reads from users: slide files, QuPath GeoJSON, slide names.
+"""Fuzzing (hypothesis) of what histo reads from users: slide files and headers that lie about their
+size, workflow numbers, QuPath GeoJSON, slide names.
 
 Every input must be handled or refused with histo's own error (HistoError, one line naming the
 file); any other exception is a bug. Runs are derandomised (the same inputs every run) and bounded;
@@ -8,8 +9,10 @@ file); any other exception is a bug. Runs are derandomised (the same inputs ever
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import time
 from pathlib import Path
 
 import imagecodecs
@@ -20,9 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from histo.bundle import slide_name
-from histo.errors import HistoError
+from histo.errors import HistoError, WorkflowError
 from histo.export import import_annotations
 from histo.slide import open_slide
+from histo.tiff_tiles import MAX_DECODE_PX, MAX_PX_PER_BYTE
+from histo.workflow import RANGES, SCHEMA, validate
+from test_hardening import _jpeg_claiming, _png_header, lying_tiff
 
 EXAMPLES = int(os.environ.get("HISTO_FUZZ_EXAMPLES", "500"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -155,3 +161,90 @@ def test_slide_names_never_escape_the_output_folder(name):
     assert re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,119}", safe), safe
     out = Path("/out")
     assert (out / safe).parent == out and os.path.normpath(out / safe) == str(out / safe)
+
+
+def _numeric_keys(schema: dict, where: str = "") -> list[str]:
+    """Dotted names of the workflow keys that take numbers (alone or in lists)."""
+    out = []
+    for key, spec in schema.items():
+        name = f"{where}.{key}" if where else key
+        if isinstance(spec, dict):
+            out += _numeric_keys(spec, name)
+        elif {int, float} & set(spec[0] if isinstance(spec[0], tuple) else (spec[0],)) or (
+                isinstance(spec[1], list) and spec[1] and isinstance(spec[1][0], (int, float))):
+            out.append(name)
+    return out
+
+
+NUMERIC_KEYS = _numeric_keys(SCHEMA)
+
+
+@FUZZ
+@given(st.sampled_from(NUMERIC_KEYS), NUMBER | st.lists(NUMBER, max_size=3) | st.floats(-1e3, 1e4))
+def test_workflow_numbers_fuzz(key, value):
+    """Any number in any numeric key: a workflow whose numbers are finite and in range, or histo's
+    error naming that key."""
+    data: dict = {}
+    *sections, last = key.split(".")
+    node = data
+    for part in sections:
+        node = node.setdefault(part, {})
+    node[last] = value
+    try:
+        wf = validate(data, "wf.yaml")
+    except WorkflowError as exc:
+        assert f"'{key}'" in str(exc) and "\n" not in str(exc)
+        return
+    got = wf
+    for part in key.split("."):
+        got = got[part]
+    lo, hi = RANGES.get(key, (0, math.inf))
+    assert all(math.isfinite(x) and lo <= x <= hi for x in (got if isinstance(got, list) else [got]))
+
+
+@st.composite
+def lying_header(draw):
+    """A TIFF, JPEG or PNG whose header declares up to 2,000² px or over 2²⁸ px (up to 500,000²) in a few
+    bytes (sizes in between are decoded, within the budget, and only slow the fuzzing down)."""
+    kind = draw(st.sampled_from(["strip", "tiles", "jpeg", "png"]))
+    side = st.integers(16_385, 500_000) if draw(st.booleans()) else st.integers(1, 2_000)
+    width, height = draw(side), draw(side)
+    if kind == "jpeg":
+        width, height = min(width, 65_535), min(height, 65_535)
+        return kind, width, height, _jpeg_claiming(width, height, draw(st.binary(max_size=3)))
+    if kind == "png":
+        return kind, width, height, _png_header(width, height)
+    tile = 16 * draw(st.integers(1, 64))
+    if -(-width // tile) * -(-height // tile) > 100_000:  # the file would hold >1.6 MB of offsets
+        kind = "strip"
+    return kind, width, height, (tile, tile) if kind == "tiles" else None
+
+
+def test_lying_headers_fuzz(tmp_path):
+    """Headers that lie about the image size: refused within a second, or small enough to read."""
+    tried = {"opened": 0, "refused": 0}
+
+    @FUZZ
+    @given(lying_header())
+    def opener(case):
+        kind, width, height, extra = case
+        path = tmp_path / f"lie.{ {'jpeg': 'jpg', 'png': 'png'}.get(kind, 'tif') }"
+        if kind in ("jpeg", "png"):
+            path.write_bytes(extra)
+        else:
+            lying_tiff(path, width, height, seg=extra)
+        t = time.perf_counter()
+        try:
+            slide = open_slide(path, mpp=0.5)
+            assert width * height <= max(MAX_DECODE_PX, MAX_PX_PER_BYTE * path.stat().st_size)
+            slide.read(0, 0, min(width, 64), min(height, 64), 0.5)
+        except HistoError as exc:  # refused on open, or its tile on reading
+            assert exc.path == str(path) and "\n" not in str(exc)
+            tried["refused"] += 1
+        else:
+            tried["opened"] += 1
+        assert time.perf_counter() - t < 5
+
+    opener()
+    print(f"lying headers: {sum(tried.values())} inputs, {tried['opened']} opened, {tried['refused']} refused")
+    assert tried["refused"] > 0
