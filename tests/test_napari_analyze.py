@@ -1,12 +1,11 @@
 """The Analyze widget under Xvfb, opened from the Plugins menu: a drawn rectangle becomes a bundle
 placed on the slide, with the analysis in Dask worker processes and TensorFlow never imported in the
 viewer's process; the bars (the widget's, the activity panel's) count tiles; Cancel stops the tasks
-and leaves no bundle. The sample bundle shows its slide at once and is analysed in the background."""
+and leaves no bundle."""
 
 import json
 import sys
 
-import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -89,30 +88,3 @@ def test_cancel_leaves_no_bundle(generated, client, make_napari_viewer, qtbot, t
     # the tile tasks are gone from the scheduler; those running at the cancel ended without a trace
     qtbot.waitUntil(lambda: not scheduled(client, "segment-") and not any(executing(client).values()), timeout=120_000)
     assert not partial_dir(tmp_path, name).exists() and not is_complete(tmp_path / name)
-
-
-def test_sample_bundle_analysed_on_first_open(client, make_napari_viewer, qtbot, tmp_path, monkeypatch):
-    from napari_histo import _sample_data
-
-    monkeypatch.setenv("HISTO_SAMPLE_DIR", str(tmp_path))
-    monkeypatch.setattr(_sample_data, "SIZE_PX", 768)
-    viewer = make_napari_viewer()
-    with dask.config.set({"scheduler-address": client.scheduler.address}):  # the form's default scheduler
-        viewer.open_sample("napari-histo", "lymph-node-bundle")
-        assert [lyr.name for lyr in viewer.layers] == ["lymph-node-sample-768.ome.tif"]  # the slide at once
-        qtbot.waitUntil(lambda: "Analyze (napari-histo)" in viewer.window.dock_widgets)
-    widget = viewer.window.dock_widgets["Analyze (napari-histo)"]
-    assert not widget.run_button.isEnabled() and "analysing the sample slide" in messages()[-1]
-    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=600_000)
-    assert widget.status.text().startswith("bundle written"), widget.status.text()
-    assert len(viewer.layers) == 4 and "tensorflow" not in sys.modules  # the overlays, on the slide shown
-    again = make_napari_viewer()
-    again.open_sample("napari-histo", "lymph-node-bundle")  # now the bundle, at once
-    names = [lyr.name.split()[-1] for lyr in again.layers]
-    assert names == ["lymph-node-sample-768.ome.tif", "nuclei", "types", "regions"]
-
-
-def messages():
-    from napari.utils.notifications import notification_manager
-
-    return [str(n.message) for n in notification_manager.records]
