@@ -275,9 +275,11 @@ def parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a bundle in other tools' formats: SpatialData, QuPath detections")
     x.add_argument("bundle", help="a histo bundle folder (OUT/<slide name>)")
     x.add_argument("--spatialdata", action="store_true",
-                   help="BUNDLE/spatialdata.zarr: labels, nuclei and regions (µm), the cells table (spatialdata.read_zarr)")
+                   help="BUNDLE/spatialdata.zarr: labels, nuclei and regions (µm), the cells table "
+                        "(spatialdata.read_zarr)")
     x.add_argument("--qupath-cells", action="store_true",
-                   help="BUNDLE/cells.geojson: nuclei as QuPath detections classified by cell type (File > Import objects)")
+                   help="BUNDLE/cells.geojson: nuclei as QuPath detections classified by cell type "
+                        "(File > Import objects)")
     x.set_defaults(func=_export)
 
     for name, s in sub.choices.items():

@@ -133,7 +133,8 @@ def dask_client(scheduler: str | None = None, n_workers: int | None = None):
             yield client
     finally:
         # a worker slow to exit under load is killed all the same: not worth a warning and a traceback
-        quiet = {} if verbose() else {name: logging.getLogger(name) for name in ("distributed.nanny", "tornado.application")}
+        names = () if verbose() else ("distributed.nanny", "tornado.application")
+        quiet = {name: logging.getLogger(name) for name in names}
         levels = {name: log.level for name, log in quiet.items()}
         for log in quiet.values():
             log.setLevel(logging.CRITICAL)

@@ -106,7 +106,8 @@ def cells_geojson(cells: pd.DataFrame, mpp: float, colors: dict[str, str] | None
     ``measurements`` = the numeric columns (µm, µm², OD; not ids or coordinates), ``metadata`` = ``cell_id``
     and ``label``; ``id`` a UUID from ``cell_id``."""
     numeric = [c for c in cells.columns if c not in NOT_FEATURES and pd.api.types.is_numeric_dtype(cells[c])]
-    px = shapely.set_precision(shapely.transform(shapely.from_wkb(cells["polygon"].to_numpy()), lambda xy: xy / mpp), 0.01)
+    um = shapely.from_wkb(cells["polygon"].to_numpy())
+    px = shapely.set_precision(shapely.transform(um, lambda xy: xy / mpp), 0.01)
     values = cells[numeric].astype(np.float64).to_numpy()
     features = []
     for k, (cell_id, label, kind) in enumerate(zip(cells["cell_id"], cells["label"], cells["cell_type"].astype(str))):
@@ -266,7 +267,8 @@ def write_h5ad(cells: pd.DataFrame, path: str | Path, uns: dict | None = None) -
         from histo.report import type_colors  # histo.report imports this module
 
         uns |= squidpy_uns(obs, type_colors(cells), uns.get("neighbourhood"))
-    uns["units"] = {"spatial": "µm", **{c: unit for c in obs.columns for end, unit in UNITS.items() if c.endswith(end)}}
+    units = {c: unit for c in obs.columns for end, unit in UNITS.items() if c.endswith(end)}
+    uns["units"] = {"spatial": "µm", **units}
     adata = ad.AnnData(X=obs[feats].to_numpy(np.float32) if feats else np.zeros((len(obs), 0), np.float32),
                        obs=obs, var=pd.DataFrame(index=feats),
                        obsm={"spatial": cells[["x_um", "y_um"]].to_numpy(np.float64)}, uns=uns)

@@ -1,7 +1,8 @@
 """A bundle as a SpatialData store (``spatialdata.zarr``), for scverse tools and napari-spatialdata.
 
 Elements, all built and validated by spatialdata's own models and written by ``SpatialData.write``:
-``nuclei_labels`` (the label pyramid of ``labels.ome.zarr``, levels made again by spatialdata from level 0),
+``nuclei_labels`` (the label pyramid of ``labels.ome.zarr``, its levels made again by spatialdata from
+level 0),
 ``nuclei`` (polygons of ``cells.parquet``, index = the nucleus's ``label``) and ``regions`` (of
 ``regions.geojson``, index = ``region_id``) as shapes, and ``cells`` (``cells.h5ad``) as the table that
 annotates ``nuclei_labels`` (``region`` column, ``instance_key`` ``label``). Coordinate system
@@ -41,8 +42,9 @@ def write_spatialdata(bundle: str | Path, out: str | Path | None = None) -> Path
     root = zarr.open_group(str(bundle / "labels.ome.zarr"), mode="r")
     level0 = da.from_zarr(root["0"])
     n_levels = len(list(root.array_keys()))
+    to_um = {"global": Scale([mpp, mpp], axes=("y", "x"))}
     labels = Labels2DModel.parse(level0, dims=("y", "x"), scale_factors=[2] * (n_levels - 1) or None,
-                                 chunks=root["0"].chunks, transformations={"global": Scale([mpp, mpp], axes=("y", "x"))})
+                                 chunks=root["0"].chunks, transformations=to_um)
 
     cells = pd.read_parquet(bundle / "cells.parquet", columns=["label", "polygon", "cell_type"])
     nuclei = gpd.GeoDataFrame({"cell_type": cells["cell_type"].astype(str).to_numpy()},
@@ -61,10 +63,11 @@ def write_spatialdata(bundle: str | Path, out: str | Path | None = None) -> Path
         table = TableModel.parse(table, region=LABELS, region_key="region", instance_key="label")
 
     identity = {"global": Identity()}
-    shapes = {key: ShapesModel.parse(frame, transformations=identity) for key, frame in ((NUCLEI, nuclei), (REGIONS, regions))
-              if len(frame)}  # a slide of glass has neither
+    shapes = {key: ShapesModel.parse(frame, transformations=identity)
+              for key, frame in ((NUCLEI, nuclei), (REGIONS, regions)) if len(frame)}  # a slide of glass has neither
+    attrs = {"histo": {"slide": run["input"]["path"], "slide_mpp": run["input"]["mpp"], "units": "µm"}}
     sdata = sd.SpatialData(labels={LABELS: labels}, shapes=shapes, tables={TABLE: table} if table.n_obs else {},
-                           attrs={"histo": {"slide": run["input"]["path"], "slide_mpp": run["input"]["mpp"], "units": "µm"}})
+                           attrs=attrs)
     if out.exists():
         shutil.rmtree(out)
     with warnings.catch_warnings():  # zarr warns of a coming default once per chunk written

@@ -107,7 +107,8 @@ def test_scheduler_file_and_environment(tmp_path, capsys):
     assert scheduler_address("tcp://a:1", str(tmp_path / "scheduler.json")) == "tcp://a:1"
     with dask.config.set({"scheduler-address": "tcp://10.0.0.2:8786"}):  # what DASK_SCHEDULER_ADDRESS sets
         assert scheduler_address() == "tcp://10.0.0.2:8786"
-    assert main(["batch", str(tmp_path), "--out", str(tmp_path / "o"), "--scheduler-file", str(tmp_path / "no.json")]) == 2
+    missing = str(tmp_path / "no.json")
+    assert main(["batch", str(tmp_path), "--out", str(tmp_path / "o"), "--scheduler-file", missing]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no.json" in err[0] and "scheduler file" in err[0]
 

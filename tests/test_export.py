@@ -255,7 +255,8 @@ def test_spatialdata_store(small_bundle):
     assert shapely.equals_exact(nuclei.geometry.to_numpy(), shapely.from_wkb(cells.polygon.to_numpy()), 1e-9).all()
     assert list(sdata.shapes["regions"].index) == list(regions.region_id)
     table = sdata.tables["cells"]
-    assert table.uns["spatialdata_attrs"] == {"region": "nuclei_labels", "region_key": "region", "instance_key": "label"}
+    attrs = {"region": "nuclei_labels", "region_key": "region", "instance_key": "label"}
+    assert table.uns["spatialdata_attrs"] == attrs
     assert (table.obs["label"].to_numpy() == cells.label.to_numpy()).all()
     # a nucleus's label sits at its centre in the labels, read through the store's µm transform
     level0 = labels["scale0"]["image"].to_numpy()
