@@ -2,9 +2,9 @@
 on an existing scheduler (``--scheduler``, ``--scheduler-file``, ``DASK_SCHEDULER_ADDRESS``).
 
 Every worker, local or remote, is quieted at its start by :class:`QuietWorker` (a Dask worker plugin):
-docrep's SyntaxWarnings (squidpy 1.8.2 imports it), spatialdata's INFO lines and TensorFlow's absl /
-oneDNN lines at import (printed by its C++ libraries before any setting is read, so fd 2 is muted
-while it loads) do not reach the terminal. ``HISTO_VERBOSE=1`` (``histo -v``) leaves them all on.
+docrep's SyntaxWarnings (squidpy 1.8.2 imports it), squidpy's RuntimeWarnings, spatialdata's INFO lines
+and TensorFlow's absl / oneDNN lines at import (printed by its C++ libraries before any setting is read,
+so fd 2 is muted while it loads) do not reach the terminal. ``HISTO_VERBOSE=1`` (``histo -v``) leaves them all on.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ def quiet_process() -> None:
     """Warning filters and logging levels that keep this process's output to histo's own lines.
     spatialdata sets its logger's level from ``LOGLEVEL`` when it is imported (squidpy imports it)."""
     warnings.filterwarnings("ignore", category=SyntaxWarning, module="docrep")
+    # squidpy's z-scores divide by a zero spread for a type whose neighbours never vary (histo.neighbourhood
+    # turns those into NaN)
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="squidpy")
     os.environ.setdefault("LOGLEVEL", "WARNING")
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
