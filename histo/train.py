@@ -317,6 +317,11 @@ def _model_md(card: dict) -> str:
             sc = ev["pooled"]
             lines.append(f"| {ev['dataset']} | {ev['n_images']} | {sc['n_true']} | {sc['precision']:.3f} | "
                          f"{sc['recall']:.3f} | {sc['f1']:.3f} | {sc['mean_iou']:.3f} | {sc['pq']:.3f} | {sc['aji']:.3f} |")
+        typed = [ev for ev in evals if any(k.startswith("f1_") for k in ev["pooled"])]
+        for ev in typed:
+            lines += ["", f"Per-class F1 on {ev['dataset']} (matched at IoU ≥ 0.5 and both say the class): "
+                      + ", ".join(f"{k[3:]} {v:.3f}" for k, v in sorted(ev["pooled"].items()) if k.startswith("f1_"))
+                      + "."]
         lines += [""] + [f"- {ev['dataset']}: `{ev['command']}`" for ev in evals if ev.get("command")]
     if card.get("nucleus_classes"):
         lines += _classes_md(card["nucleus_classes"])

@@ -3,9 +3,9 @@
 Run from the repository root: ``python models/prepare_training_data.py ../train``. It writes
 
 - ``../train/consep-fit/{images,masks}``: links to the CoNSeP training tiles that are *not* held out
-  (``models/consep-split.csv`` names the split: 6 of 27 tiles held out by tile, seed 0; the held-out
-  tiles measure the outlines and the nucleus classes and are never trained on or used for
-  validation);
+  (``models/consep-split.csv`` names the split: 6 of 27 tiles held out by tile, seed 0);
+- ``../train/consep-held/{images,masks}``: links to the 6 held-out tiles, which measure the outlines
+  and the nucleus classes (``histo evaluate --types``) and are never trained on or used for validation;
 - ``../train/synth025/{images,masks}``: 12 generated 512² lymph-node / synovium tiles at 0.25 µm/px.
 
 The MoNuSeg training tiles are used in place (``../shared/data/monuseg/train``).
@@ -32,13 +32,14 @@ def consep_split(seed: int = 0) -> pd.DataFrame:
 def main(out: Path) -> None:
     split = consep_split()
     split.to_csv(SPLIT, index=False)
-    for kind, ext in (("images", ".png"), ("masks", ".tif")):
-        d = out / "consep-fit" / kind
-        d.mkdir(parents=True, exist_ok=True)
-        for tile in split.loc[split["split"] == "fit", "tile"]:
-            link = d / f"{tile}{ext}"
-            if not link.exists():
-                link.symlink_to((CONSEP / kind / f"{tile}{ext}").resolve())
+    for folder, part in (("consep-fit", "fit"), ("consep-held", "held_out")):
+        for kind, ext in (("images", ".png"), ("masks", ".tif")):
+            d = out / folder / kind
+            d.mkdir(parents=True, exist_ok=True)
+            for tile in split.loc[split["split"] == part, "tile"]:
+                link = d / f"{tile}{ext}"
+                if not link.exists():
+                    link.symlink_to((CONSEP / kind / f"{tile}{ext}").resolve())
     import histo_sample
 
     if not (out / "synth025" / "images").is_dir():
