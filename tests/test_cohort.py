@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import warnings
 
 import numpy as np
@@ -326,6 +327,8 @@ def test_generated_cohort_on_true_nuclei(tmp_path, true_nuclei_slides, effect):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("HISTO_COHORT_E2E"), reason="24 slides through histo batch (26 min on 2 "
+                    "loaded cores) for an effect not yet found there (xfail): set HISTO_COHORT_E2E=1 to run it")
 @pytest.mark.xfail(strict=False, reason="measured 2026-12-06 (24 slides, 26 min on 2 loaded cores): through the "
                    "pipeline's own nuclei and cell types the follicle finder on 0.77 mm slides is too noisy (one "
                    "post-belimumab slide 0.38 → 0.57, a control 0.38 → 0.23): follicle area fraction shift −0.086 "
