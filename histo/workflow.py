@@ -56,9 +56,9 @@ SCHEMA: dict[str, Any] = {
         "seed": (int, 0),  # permutations, samples and simulations
         "nhood_enrichment": {"run": (bool, True), "n_perms": (int, 100)},
         "interaction_matrix": {"run": (bool, True)},
-        "centrality_scores": {"run": (bool, True), "max_cells": (int, 200_000)},  # networkx: larger regions skipped
+        "centrality_scores": {"run": (bool, True), "max_cells": (int, 200_000)},  # larger regions skipped (NaN)
         "co_occurrence": {"run": (bool, True), "max_um": (Number, 200.0), "step_um": (Number, 10.0),
-                          "max_cells": (int, 20_000)},  # quadratic in cells: seeded sample of ≤ max_cells per region
+                          "max_cells": (int, 20_000)},  # seeded sample of ≤ max_cells per region
         "ripley": {"run": (bool, True), "max_um": (Number, 100.0), "n_steps": (int, 21),
                    "max_cells": (int, 10_000)},  # L function; memory ≈ (n²/2)·(8 + n_steps) bytes for n cells of one type
         "moran": {"run": (bool, True), "features": (list, ["area_um2", "hematoxylin_od", "eccentricity"])},
