@@ -20,8 +20,9 @@ import tifffile
 
 from histo.augment import recolour
 from histo.cluster import dask_client
-from histo.evaluate import evaluate, read_type_table, run_images
+from histo.evaluate import evaluate, run_images
 from histo.train import _list_images, _read_array
+from histo.train_classes import read_types
 
 #: name → (hematoxylin, eosin) concentration factors
 CHANGES = {"original": None, "pale-H-strong-E": (0.65, 1.35), "strong-H-pale-E": (1.35, 0.65)}
@@ -53,7 +54,7 @@ def main() -> None:
             bundles = args.out / f"bundles-{name}"
             errors = run_images(args.truth, images, bundles, args.mpp, model=args.model, workflow=args.workflow,
                                 client=client, show_progress=False)
-            types = read_type_table(args.types) if args.types else None
+            types = read_types(args.types) if args.types else None
             pooled = evaluate(args.truth, bundles_dir=bundles, errors=errors, types=types).iloc[-1]
             rows.append({"change": name, "h_factor": factors[0] if factors else 1.0,
                          "e_factor": factors[1] if factors else 1.0}

@@ -122,9 +122,9 @@ def _evaluate(args) -> None:
                                      "--images (run histo on them first)")
     types = None
     if args.types:
-        from histo.evaluate import read_type_table
+        from histo.train_classes import read_types
 
-        types = read_type_table(args.types)
+        types = read_types(args.types)
     table = evaluate(args.truth, bundles_dir=bundles, pred_dir=None if bundles else args.pred,
                      thresh=args.iou, errors=errors, types=types)
     table.to_csv(out / "scores.csv", index=False)

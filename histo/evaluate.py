@@ -128,13 +128,6 @@ def class_f1(counts: dict, classes: list[str]) -> dict:
     return f1
 
 
-def read_type_table(path: str | Path) -> pd.DataFrame:
-    """``tile, label, class`` from a CSV ``tile,label,type`` (histo.train_classes.read_types)."""
-    from histo.train_classes import read_types
-
-    return read_types(path)
-
-
 def bundle_classes(bundle: str | Path) -> np.ndarray:
     """The called class of every nucleus of a bundle, in ``cells.parquet`` order (= the labels of
     :func:`bundle_labels` minus 1): ``cell_type``, with ``large`` counted as ``other`` (the typed
@@ -201,7 +194,7 @@ def evaluate(truth_dir: str | Path, bundles_dir: str | Path | None = None, pred_
         files ``pred_dir/<stem>.*`` (label masks or GeoJSON outlines in pixels).
     thresh : IoU at which a nucleus counts as found.
     errors : {stem: message} of images that could not be run (e.g. from :func:`run_images`).
-    types : with bundles, a type per true nucleus (:func:`read_type_table`): adds per class
+    types : with bundles, a type per true nucleus (``histo.train_classes.read_types``): adds per class
         ``tp_/fp_/fn_/f1_<class>`` (:func:`class_counts`) and ``table.attrs["confusion"]``, the
         matched nuclei's true × called classes.
 

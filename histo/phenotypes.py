@@ -61,36 +61,44 @@ def _dense_sample(cells: pd.DataFrame, rules: dict) -> tuple[np.ndarray, np.ndar
     return sample, density >= np.quantile(density, 1 - rules["dense_fraction"])
 
 
+def _first_reference(candidates: list[tuple[str, np.ndarray, float]], od: np.ndarray, n_min: int,
+                     fallback_area: float) -> dict:
+    """The lymphocyte references from the first candidate ``(source, nuclei mask, area mode µm²)``
+    with ≥ ``n_min`` finite haematoxylin ODs, else from every nucleus (``all``, ``fallback_area``):
+    the area mode, the median OD and how many nuclei gave it."""
+    for source, pick, area in candidates:
+        values = od[pick & np.isfinite(od)]
+        if values.size >= n_min:
+            break
+    else:
+        source, values, area = "all", od[np.isfinite(od)], fallback_area
+    return {"source": source, "n_reference_cells": int(values.size), "lymphocyte_area_um2": area,
+            "lymphocyte_hematoxylin_od": float(np.median(values)) if values.size else float("nan")}
+
+
 def _references(cells: pd.DataFrame, rules: dict, round_: np.ndarray) -> dict:
-    """The slide's lymphocyte references: area mode (µm²) and median haematoxylin OD, and where
-    they came from (``source``), in order of preference:
+    """The slide's lymphocyte references (:func:`_first_reference`), in order of preference:
 
     ``dense``: round lymphocyte-sized nuclei among the densest ``dense_fraction`` (DOMAIN §6);
     ``slide``: round lymphocyte-sized nuclei anywhere on the slide (a small crop has too few dense
-    ones); ``all``: every nucleus (OD median; area from the preset). Never a preset OD.
+    ones); ``all``: every nucleus. The area mode is the dense nuclei's, else the preset. Never a preset OD.
     """
     area = cells["area_um2"].to_numpy(np.float64)
-    od = cells["hematoxylin_od"].to_numpy(np.float64)
-    n_min = rules["min_reference_cells"]
     ref_area = rules["lymphocyte_area_um2"]
-    if rules["calibrate"] and len(cells):
+    calibrate = rules["calibrate"] and len(cells)
+    if calibrate:
         sample, dense = _dense_sample(cells, rules)
-        if dense.sum() >= n_min:
+        if dense.sum() >= rules["min_reference_cells"]:
             ref_area = _area_mode(area[sample][dense])
     scale = ref_area / rules["lymphocyte_area_um2"]
     sized = round_ & (area >= rules["lymphocyte_min_area_um2"] * scale) & (area <= rules["lymphocyte_max_area_um2"] * scale)
-    candidates = []
-    if rules["calibrate"] and len(cells):
+    candidates = [("slide", sized, ref_area)]
+    if calibrate:
         in_dense = np.zeros(len(cells), bool)
         in_dense[sample[dense]] = True
-        candidates.append(("dense", in_dense & sized))
-    candidates += [("slide", sized), ("all", np.ones(len(cells), bool))]
-    for source, pick in candidates:
-        values = od[pick & np.isfinite(od)]
-        if values.size >= n_min or source == "all":
-            return {"source": source, "n_reference_cells": int(values.size), "lymphocyte_area_um2": ref_area,
-                    "lymphocyte_hematoxylin_od": float(np.median(values)) if values.size else float("nan")}
-    raise AssertionError("unreachable")
+        candidates.insert(0, ("dense", in_dense & sized, ref_area))
+    od = cells["hematoxylin_od"].to_numpy(np.float64)
+    return _first_reference(candidates, od, rules["min_reference_cells"], ref_area)
 
 
 def classify_he(cells: pd.DataFrame, rules: dict | None = None) -> tuple[pd.Categorical, dict]:
@@ -169,15 +177,11 @@ def classify_he(cells: pd.DataFrame, rules: dict | None = None) -> tuple[pd.Cate
 
 
 def _learned_references(cls: np.ndarray, area: np.ndarray, od: np.ndarray, rules: dict) -> dict:
-    """Lymphocyte references from the nuclei the classifier calls lymphocytes (``learned``), or
-    from all nuclei's OD and the preset area when there are fewer than ``min_reference_cells`` (``all``)."""
-    lym = (cls == "lymphocyte") & np.isfinite(od) & np.isfinite(area)
-    if lym.sum() >= rules["min_reference_cells"]:
-        return {"source": "learned", "n_reference_cells": int(lym.sum()), "lymphocyte_area_um2": _area_mode(area[lym]),
-                "lymphocyte_hematoxylin_od": float(np.median(od[lym]))}
-    ok = np.isfinite(od)
-    return {"source": "all", "n_reference_cells": int(ok.sum()), "lymphocyte_area_um2": rules["lymphocyte_area_um2"],
-            "lymphocyte_hematoxylin_od": float(np.median(od[ok])) if ok.any() else float("nan")}
+    """Lymphocyte references from the nuclei the classifier calls lymphocytes (``learned``), else
+    from every nucleus with the preset area (``all``; :func:`_first_reference`)."""
+    lym = (cls == "lymphocyte") & np.isfinite(area) & np.isfinite(od)
+    mode = _area_mode(area[lym]) if lym.any() else rules["lymphocyte_area_um2"]
+    return _first_reference([("learned", lym, mode)], od, rules["min_reference_cells"], rules["lymphocyte_area_um2"])
 
 
 def _gmm_split(x: np.ndarray, iterations: int = 500) -> float:

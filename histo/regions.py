@@ -263,12 +263,13 @@ def find_follicles(cells: pd.DataFrame, piece: Polygon, params: dict, log: list 
             if not parts:
                 continue
             best = max(parts, key=lambda q: q.area)
-            n = int(shapely.contains_xy(best, lxy[:, 0], lxy[:, 1]).sum()) if len(lxy) else 0
+            near = lxy[_in_box(lxy, best.bounds)]
+            n = int(shapely.contains_xy(best, near[:, 0], near[:, 1]).sum())
             density = n / best.area * 1e6
-            reason = ("kept" if frac >= p["min_dense_fraction"] and best.area >= p["min_area_um2"] and n >= p["min_cells"]
-                      and density >= p["min_cells_per_mm2"] else
-                      "dense_fraction" if frac < p["min_dense_fraction"] else "area" if best.area < p["min_area_um2"]
-                      else "cells" if n < p["min_cells"] else "density")
+            failed = [name for name, ok in (("dense_fraction", frac >= p["min_dense_fraction"]),
+                                            ("area", best.area >= p["min_area_um2"]), ("cells", n >= p["min_cells"]),
+                                            ("density", density >= p["min_cells_per_mm2"])) if not ok]
+            reason = failed[0] if failed else "kept"
             if log is not None:
                 c = best.centroid
                 log.append({"kind": "follicle", "x_um": round(c.x, 1), "y_um": round(c.y, 1),
