@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from histo.cluster import dask_client
-from histo.matching import match_points
-from histo.nuclei import id_centres_um
-from histo.pipeline import run_slide
-from histo.segment import whole_image_centres
+from histo.run.cluster import dask_client
+from histo.train.matching import match_points
+from histo.segment.nuclei import id_centres_um
+from histo.run.pipeline import run_slide
+from histo.segment.task import whole_image_centres
 from histo_sample import write_sample
 
 

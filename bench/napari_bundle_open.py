@@ -2,8 +2,8 @@
 of the label pyramid panning reads. Run under a display (``xvfb-run -a python bench/napari_bundle_open.py``).
 
 The bundle is synthetic and cheap (no StarDist): nuclei are 3 µm discs on a jittered 10 µm grid,
-written straight into ``labels.ome.zarr`` chunk by chunk (``histo.labels``), with a cells table,
-a tissue square with graded aggregates (``histo.metrics`` measures them) and a ``run.json``.
+written straight into ``labels.ome.zarr`` chunk by chunk (``histo.segment.labels``), with a cells table,
+a tissue square with graded aggregates (``histo.structures.metrics`` measures them) and a ``run.json``.
 The peer, measured in the same run, is the same bundle with N/10 nuclei: the last line prints
 ``creation_ratio`` (≈ 1 means layer creation does not grow with the number of nuclei).
 """
@@ -23,10 +23,10 @@ import pandas as pd
 import shapely
 import zarr
 
-from histo.bundle import is_complete
-from histo.export import write_metrics, write_regions_geojson
-from histo.labels import create_pyramid, downsample_level
-from histo.metrics import CELL_TYPES, region_metrics
+from histo.io.bundle import is_complete
+from histo.outputs.export import write_metrics, write_regions_geojson
+from histo.segment.labels import create_pyramid, downsample_level
+from histo.structures.metrics import CELL_TYPES, region_metrics
 
 SPACING_UM, RADIUS_UM, CHUNK = 10.0, 3.0, 1024
 

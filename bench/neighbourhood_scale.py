@@ -5,7 +5,7 @@
 For each size, lays out a synthetic lymph node (histo_sample's scene: tissue pieces, follicles
 with germinal centres, paracortex) big enough for that many truth nuclei, keeps a seeded subset of
 exactly N, finds and assigns the regions (once, cached as a parquet), then runs
-``histo.neighbourhood.neighbourhood_stats`` with the lymph-node-he preset's parameters in a child
+``histo.stats.neighbourhood.neighbourhood_stats`` with the lymph-node-he preset's parameters in a child
 process while sampling the process tree's resident memory (bench/peak_memory.py); centralities are
 computed at every size (``centrality_scores.max_cells`` raised to the cell count). Prints the
 statistics' own time and the seconds per statistic (summed over regions), the child's wall time,
@@ -33,7 +33,7 @@ CELLS_PER_MM2 = 5_000  # lower bound of the scene's nucleus density over its who
 
 def make_cells(n: int, path: Path, seed: int = 7) -> None:
     """Truth cells of a generated lymph node (≥ n nuclei, seeded subset of n) with region ids."""
-    from histo.regions import assign_cells, find_regions
+    from histo.structures.regions import assign_cells, find_regions
     from histo_sample import scene as sc
 
     side_um = np.sqrt(n / CELLS_PER_MM2) * 1e3

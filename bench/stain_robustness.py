@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 import tifffile
 
-from histo.augment import recolour
-from histo.cluster import dask_client
-from histo.evaluate import evaluate, run_images
-from histo.train import _list_images, _read_array
-from histo.train_classes import read_types
+from histo.train.augment import recolour
+from histo.run.cluster import dask_client
+from histo.train.evaluate import evaluate, run_images
+from histo.train.outlines import _list_images, _read_array
+from histo.train.classes import read_types
 
 #: name → (hematoxylin, eosin) concentration factors
 CHANGES = {"original": None, "pale-H-strong-E": (0.65, 1.35), "strong-H-pale-E": (1.35, 0.65)}

@@ -14,7 +14,7 @@ paths see the same pixels, with the same model and thresholds:
     TensorFlow's default threads, in float32 as StarDist runs (``--baseline-precision bfloat16``: with
     the mixed precision histo uses where the CPU has bfloat16 units, to see what else differs).
 
-(a) runs in ``histo.models.inference_precision()`` (``$HISTO_PRECISION``, default ``auto``).
+(a) runs in ``histo.segment.models.inference_precision()`` (``$HISTO_PRECISION``, default ``auto``).
 
 Nuclei of (a), rasterised from ``cells.parquet``, are matched one-to-one to (b)'s label image at
 IoU ≥ 0.5. Each path is timed ``--rounds`` times in a row (the 2 cores' speed swings from moment to
@@ -34,12 +34,12 @@ from pathlib import Path
 import pandas as pd
 import tifffile
 
-from histo.cluster import dask_client
-from histo.evaluate import bundle_labels, score
-from histo.models import PRECISIONS, inference_precision, load_model, normalize_image, resolve_model, use_precision
-from histo.neighbourhood import input_columns, neighbourhood_stats
-from histo.pipeline import run_slide
-from histo.segment import warm_worker
+from histo.run.cluster import dask_client
+from histo.train.evaluate import bundle_labels, score
+from histo.segment.models import PRECISIONS, inference_precision, load_model, normalize_image, resolve_model, use_precision
+from histo.stats.neighbourhood import input_columns, neighbourhood_stats
+from histo.run.pipeline import run_slide
+from histo.segment.task import warm_worker
 from histo.workflow import load_workflow
 from histo_sample import write_sample
 from memwatch import timed

@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 import shapely
 from skimage.io import imread
 
-from histo.cluster import dask_client
+from histo.run.cluster import dask_client
 from histo.errors import HistoError
-from histo.labels import rasterise
-from histo.pipeline import run_slide
+from histo.segment.labels import rasterise
+from histo.run.pipeline import run_slide
 
 LYMPHOCYTE = 2  # MoNuSAC class value
 

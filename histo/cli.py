@@ -34,9 +34,9 @@ def _sample(args) -> None:
 def _run(args) -> None:
     import shapely
 
-    from histo.bundle import check_same_input, slide_name
-    from histo.export import import_annotations
-    from histo.slide import check_stain, open_slide
+    from histo.io.bundle import check_same_input, slide_name
+    from histo.io.annotations import import_annotations
+    from histo.io.slide import check_stain, open_slide
     from histo.workflow import load_workflow
 
     wf = load_workflow(args.workflow)  # fail fast, before any worker starts
@@ -50,8 +50,8 @@ def _run(args) -> None:
                                                f"({w:,.0f} × {h:,.0f} µm): drawn on another image, or in other units?")
     if not args.overwrite:
         check_same_input(Path(args.out) / slide_name(args.slide), slide.path)
-    from histo.cluster import dask_client
-    from histo.pipeline import run_slide
+    from histo.run.cluster import dask_client
+    from histo.run.pipeline import run_slide
 
     with dask_client(args.scheduler, args.workers) as client:
         bundle = run_slide(args.slide, args.out, workflow=args.workflow, model=args.model, mpp=args.mpp,
@@ -60,8 +60,8 @@ def _run(args) -> None:
 
 
 def _batch(args) -> None:
-    from histo.batch import read_input, run_batch
-    from histo.cluster import dask_client
+    from histo.run.batch import read_input, run_batch
+    from histo.run.cluster import dask_client
     from histo.workflow import load_workflow
 
     sheet = read_input(args.input)  # fail fast, before any worker starts
@@ -75,7 +75,7 @@ def _batch(args) -> None:
 
 
 def _train(args) -> None:
-    from histo.train import main_train
+    from histo.train.outlines import main_train
 
     datasets = [(args.images, args.masks, args.image_mpp, args.licence)] + [tuple(d) for d in args.data or []]
     out = main_train(datasets, Path(args.out), mpp=args.mpp, epochs=args.epochs, steps=args.steps,
@@ -88,8 +88,8 @@ def _train(args) -> None:
 
 
 def _train_classes(args) -> None:
-    from histo.train import pairs_from_folders, pixel_sizes
-    from histo.train_classes import read_types, train_classes
+    from histo.train.outlines import pairs_from_folders, pixel_sizes
+    from histo.train.classes import read_types, train_classes
 
     pairs = pairs_from_folders(args.images, args.masks)
     mpp = pixel_sizes(args.image_mpp, args.images)(pairs[0][0].stem)
@@ -102,7 +102,7 @@ def _train_classes(args) -> None:
 
 
 def _evaluate(args) -> None:
-    from histo.evaluate import evaluate, format_table, run_images
+    from histo.train.evaluate import evaluate, format_table, run_images
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def _evaluate(args) -> None:
     if args.images:
         if args.mpp is None:
             raise HistoError(args.images, "give the images' pixel size with --mpp (a number or a CSV image,mpp)")
-        from histo.cluster import dask_client
+        from histo.run.cluster import dask_client
 
         bundles = out / "bundles"
         with dask_client(args.scheduler, args.workers) as client:
@@ -122,7 +122,7 @@ def _evaluate(args) -> None:
                                      "--images (run histo on them first)")
     types = None
     if args.types:
-        from histo.train_classes import read_types
+        from histo.train.classes import read_types
 
         types = read_types(args.types)
     table = evaluate(args.truth, bundles_dir=bundles, pred_dir=None if bundles else args.pred,
@@ -131,7 +131,7 @@ def _evaluate(args) -> None:
     if "confusion" in table.attrs:
         table.attrs["confusion"].to_csv(out / "confusion.csv")
     if args.record:
-        from histo.evaluate import record_in_card
+        from histo.train.evaluate import record_in_card
 
         if not args.model or not Path(args.model).is_dir():
             raise HistoError(args.model, "--record needs --model MODEL_FOLDER (the card to write into)")
@@ -143,16 +143,16 @@ def _evaluate(args) -> None:
 def _export(args) -> None:
     if not (args.spatialdata or args.qupath_cells):
         raise HistoError(args.bundle, "say what to export: --spatialdata and/or --qupath-cells")
-    from histo.bundle import is_complete
+    from histo.io.bundle import is_complete
 
     if not is_complete(Path(args.bundle)):
         raise HistoError(args.bundle, "not a complete histo bundle (no run.json saying so)")
     if args.spatialdata:
-        from histo.spatialdata_store import write_spatialdata
+        from histo.outputs.spatialdata_store import write_spatialdata
 
         print(f"wrote {write_spatialdata(args.bundle)}")
     if args.qupath_cells:
-        from histo.export import write_cells_geojson
+        from histo.outputs.export import write_cells_geojson
 
         print(f"wrote {write_cells_geojson(args.bundle)}")
 
@@ -294,8 +294,8 @@ def parser() -> argparse.ArgumentParser:
 
 def _setup_output(args) -> None:
     """Logging and the other packages' noise as asked: quiet unless -v / --debug (HISTO_VERBOSE reaches
-    the Dask workers: histo.cluster)."""
-    from histo.cluster import quiet_process  # imports distributed, whose logging setup comes before ours
+    the Dask workers: histo.run.cluster)."""
+    from histo.run.cluster import quiet_process  # imports distributed, whose logging setup comes before ours
 
     loud = args.verbose or args.debug
     if loud:
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = sys.argv[1:] if argv is None else list(argv)
     _setup_output(args)
     if getattr(args, "scheduler_file", None) and not getattr(args, "scheduler", None):
-        from histo.cluster import scheduler_address
+        from histo.run.cluster import scheduler_address
 
         try:
             args.scheduler = scheduler_address(None, args.scheduler_file)

@@ -13,10 +13,10 @@ from typing import Any
 
 import yaml
 
-from histo.cohort_endpoints import NEVER, check_endpoints
+from histo.stats.endpoints import NEVER, check_endpoints
 from histo.errors import SlideError, WorkflowError
-from histo.phenotypes import HE_RULES_SCHEMA, HE_TYPES, check_gates
-from histo.regions import REGION_PARAMS_SCHEMA, STRUCTURES, TISSUE_TYPES, region_params, used_cell_types
+from histo.structures.phenotypes import HE_RULES_SCHEMA, HE_TYPES, check_gates
+from histo.structures.regions import REGION_PARAMS_SCHEMA, STRUCTURES, TISSUE_TYPES, region_params, used_cell_types
 
 WORKFLOW_DIR = Path(__file__).resolve().parents[1] / "workflows"
 
@@ -42,12 +42,12 @@ SCHEMA: dict[str, Any] = {
         "min_area_um2": (Number, 20_000.0),  # smaller tissue specks are dropped
     },
     "cell_types": HE_RULES_SCHEMA,
-    "regions": REGION_PARAMS_SCHEMA,  # follicles, aggregates, germinal centres, lining (histo.regions)
-    "marker_gates": {  # IHC / immunofluorescence: first positive gate wins (histo.phenotypes)
+    "regions": REGION_PARAMS_SCHEMA,  # follicles, aggregates, germinal centres, lining (histo.structures.regions)
+    "marker_gates": {  # IHC / immunofluorescence: first positive gate wins (histo.structures.phenotypes)
         "gates": (list, []),  # [{marker, cell_type, threshold: number | auto, column}]
         "auto": ((str, type(None)), "otsu"),  # per-slide threshold method for "auto" gates: otsu | gmm
     },
-    "neighbourhood": {  # Squidpy statistics per slide and per region (histo.neighbourhood)
+    "neighbourhood": {  # Squidpy statistics per slide and per region (histo.stats.neighbourhood)
         "run": (bool, True),
         "graph": (str, "delaunay"),  # delaunay: its edges ≤ max_edge_um | radius: all pairs ≤ max_edge_um
         "max_edge_um": (Number, 30.0),  # µm; cuts Delaunay edges across gaps and tissue pieces
@@ -63,7 +63,7 @@ SCHEMA: dict[str, Any] = {
                    "max_cells": (int, 10_000)},  # L function; memory ≈ (n²/2)·(8 + n_steps) bytes for n cells of one type
         "moran": {"run": (bool, True), "features": (list, ["area_um2", "hematoxylin_od", "eccentricity"])},
     },
-    "endpoints": {  # the cohort report's endpoints (histo.cohort_endpoints: items, units, pooling over slides)
+    "endpoints": {  # the cohort report's endpoints (histo.stats.endpoints: items, units, pooling over slides)
         "primary": (list, []),  # [{metric, unit, label, pool, region, column}]: one test family
         "exploratory": (list, []),  # declared exploratory endpoints: the second family
         "rest": (bool, True),  # every other numeric slide metric is exploratory too (unit from its name)

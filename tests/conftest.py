@@ -22,7 +22,7 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def client():
     """A real dask.distributed LocalCluster of two worker processes (TensorFlow lives there only)."""
-    from histo.cluster import dask_client
+    from histo.run.cluster import dask_client
 
     with dask_client(n_workers=2) as c:
         yield c

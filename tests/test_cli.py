@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import tifffile
 
-from histo.bundle import is_complete
+from histo.io.bundle import is_complete
 
 
 def histo(*args, cwd=None):
@@ -100,7 +100,7 @@ def test_scheduler_file_and_environment(tmp_path, capsys):
     import dask
 
     from histo.cli import main
-    from histo.cluster import scheduler_address
+    from histo.run.cluster import scheduler_address
 
     (tmp_path / "scheduler.json").write_text(json.dumps({"address": "tcp://10.0.0.1:8786", "type": "Scheduler"}))
     assert scheduler_address(None, str(tmp_path / "scheduler.json")) == "tcp://10.0.0.1:8786"
@@ -133,7 +133,7 @@ def work():
 
 if __name__ == "__main__":
     from histo.cli import _setup_output, parser
-    from histo.cluster import dask_client
+    from histo.run.cluster import dask_client
 
     _setup_output(parser().parse_args(["export", "x"]))
     with dask_client(n_workers=1) as client:
@@ -143,7 +143,7 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_workers_start_quiet(tmp_path):
-    """A worker that imports squidpy and TensorFlow and logs spatialdata INFO prints nothing (histo.cluster)."""
+    """A worker that imports squidpy and TensorFlow and logs spatialdata INFO prints nothing (histo.run.cluster)."""
     script = tmp_path / "quiet.py"
     script.write_text(QUIET_SCRIPT)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)

@@ -1,4 +1,4 @@
-"""Analyze: run the pipeline (``histo.pipeline.plan_slide`` → ``submit_tiles`` → ``finish_slide``) on
+"""Analyze: run the pipeline (``histo.run.pipeline.plan_slide`` → ``submit_tiles`` → ``finish_slide``) on
 the whole slide or on a drawn rectangle, in Dask worker processes (TensorFlow never loads in
 napari's process), with a progress bar of tiles done (in the widget and napari's activity panel), and
 open the bundle on the slide.
@@ -25,7 +25,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 from superqt.utils import GeneratorWorker
 
-from histo.bundle import bundle_lock, partial_dir, slide_name
+from histo.io.bundle import bundle_lock, partial_dir, slide_name
 from histo.workflow import list_workflows
 from napari_histo import _activity
 from napari_histo._bundle import origin_file
@@ -39,7 +39,7 @@ def write_crop(slide: dict, box_um: tuple[float, float, float, float], folder: P
     level 0 into ``folder/NAME.ome.tif`` plus ``NAME.origin.json``; returns the crop's path."""
     import tifffile
 
-    from histo.slide import open_slide
+    from histo.io.slide import open_slide
 
     mpp = slide["mpp"]
     h_px, w_px = slide["shape_px"]
@@ -71,7 +71,7 @@ def analyse(slide: dict, box_um, out: Path, workflow: str, model: str | None, cl
     tasks finish and returns the bundle's path. Setting ``cancelled`` cancels the tile tasks within
     ``POLL_S`` (or, once they are all done, discards the bundle when it is written); a failed or
     cancelled run leaves no bundle, partial or complete. ``client`` is used by this thread only."""
-    from histo.pipeline import add_timings, finish_slide, plan_slide, submit_tiles
+    from histo.run.pipeline import add_timings, finish_slide, plan_slide, submit_tiles
 
     path = Path(slide["path"]) if box_um is None else write_crop(slide, box_um, out / "crops")
     with bundle_lock(out, slide_name(path)):  # another writer of this bundle is refused
@@ -179,7 +179,7 @@ class AnalyzeWidget(QWidget):
         """Generator run in the worker thread: :func:`analyse` on a Client of this run's own."""
         from distributed import Client
 
-        from histo.cluster import local_cluster
+        from histo.run.cluster import local_cluster
 
         cluster = None if scheduler else local_cluster()
         try:

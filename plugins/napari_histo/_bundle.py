@@ -19,10 +19,10 @@ import shapely
 import zarr
 from napari.utils.colormaps import DirectLabelColormap
 
-from histo.bundle import slide_name
-from histo.export import KIND_COLORS
-from histo.report import cell_colors
-from histo.review import read_regions
+from histo.io.bundle import slide_name
+from histo.outputs.export import KIND_COLORS
+from histo.outputs.report import cell_colors
+from histo.outputs.review import read_regions
 
 FACE_ALPHA = 0.15  # region fill opacity; aggregates add 0.15 per grade
 REJECTED_RGBA = (0.5, 0.5, 0.5, 0.1)
@@ -80,7 +80,7 @@ def nuclei_layer(bundle: Path, offset) -> tuple:
 
 def cell_type_layer(bundle: Path, offset) -> tuple:
     """Nuclei coloured by cell type: the label pyramid mapped lazily through a label → type table
-    (1 byte per nucleus), each type in its ``overview.png`` colour (:func:`histo.report.cell_colors`);
+    (1 byte per nucleus), each type in its ``overview.png`` colour (:func:`histo.outputs.report.cell_colors`);
     the bundle's types with their colours are in ``metadata["legend"]``, their nucleus counts in
     ``metadata["counts"]``."""
     levels, scale = label_levels(bundle)
@@ -140,10 +140,10 @@ def regions_layer(bundle: Path, offset) -> tuple:
 
 
 def regions_from_shapes(data: list[np.ndarray], features: pd.DataFrame, offset, old):
-    """The reviewed region table (µm, :mod:`histo.review`'s form) from the regions layer: shapes
+    """The reviewed region table (µm, :mod:`histo.outputs.review`'s form) from the regions layer: shapes
     (y, x) on the slide with ``region_id`` / ``kind`` / ``name`` / ``review`` features, parts of one
     region joined; shapes without an id are new regions. Region properties (grade, layers, …) come
-    from ``old`` (:func:`histo.review.read_regions`)."""
+    from ``old`` (:func:`histo.outputs.review.read_regions`)."""
     import geopandas as gpd
     from shapely.geometry import Polygon
 

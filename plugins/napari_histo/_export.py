@@ -10,8 +10,8 @@ import pandas as pd
 import shapely
 from magicgui import magic_factory
 
-from histo.export import write_regions_geojson
-from histo.review import read_regions, read_run
+from histo.outputs.export import write_regions_geojson
+from histo.outputs.review import read_regions, read_run
 from napari_histo._bundle import slide_of
 
 

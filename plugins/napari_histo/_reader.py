@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from histo.bundle import SLIDE_SUFFIXES
+from histo.io.bundle import SLIDE_SUFFIXES
 from histo.errors import HistoError
 
 NO_LAYERS = [(None,)]  # npe2's "read, nothing to add" sentinel
@@ -48,7 +48,7 @@ def reporting(read):
 def read_slide(path) -> list[tuple]:
     """The slide as one multiscale image layer scaled in µm (y, x); ``metadata["slide"]`` describes
     it (path, size, shape, µm/px) so bundles can be checked against it."""
-    from histo.slide import open_slide
+    from histo.io.slide import open_slide
 
     slide = open_slide(path)
     scales = [(slide.mpp * d, slide.mpp * d) for d in slide.downsamples]
@@ -71,7 +71,7 @@ def read_bundle(path) -> list[tuple]:
     import napari
     from napari.utils.notifications import show_warning
 
-    from histo.review import read_run
+    from histo.outputs.review import read_run
     from napari_histo._bundle import cell_type_layer, nuclei_layer, regions_layer, same_slide, slide_of
 
     bundle = Path(path).resolve()

@@ -1,6 +1,6 @@
 """Review regions: a sortable table of a bundle's structures; accept, reject, reclassify, redraw or
 add regions on the regions layer, then *Save* writes them back, re-measures and redraws the
-overview and report (histo.review) in a worker thread, shown in napari's activity panel."""
+overview and report (histo.outputs.review) in a worker thread, shown in napari's activity panel."""
 
 from pathlib import Path
 
@@ -14,8 +14,8 @@ from qtpy.QtWidgets import QHBoxLayout, QPushButton, QTableWidget, QTableWidgetI
 from superqt.utils import FunctionWorker
 
 from histo.errors import HistoError
-from histo.regions import KINDS
-from histo.review import read_regions, save_review
+from histo.structures.regions import KINDS
+from histo.outputs.review import read_regions, save_review
 from napari_histo import _activity
 from napari_histo._bundle import region_colors, region_shapes, regions_from_shapes
 
@@ -176,6 +176,6 @@ class ReviewWidget(QWidget):
 
 
 def write_review(bundle: Path, regions, offset) -> tuple[list, pd.DataFrame]:
-    """:func:`histo.review.save_review`, then the saved regions as shapes (worker thread: no Qt)."""
+    """:func:`histo.outputs.review.save_review`, then the saved regions as shapes (worker thread: no Qt)."""
     save_review(bundle, regions)
     return region_shapes(read_regions(bundle), offset)

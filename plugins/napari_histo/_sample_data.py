@@ -8,7 +8,7 @@ few minutes on a laptop): the slide shows at once, the overlays when the analysi
 import os
 from pathlib import Path
 
-from histo.bundle import is_complete, slide_name
+from histo.io.bundle import is_complete, slide_name
 
 SIZE_PX = 2048  # level-0 side at 0.5 µm/px: 1 mm², a few follicles
 SEED = 1

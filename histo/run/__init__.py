@@ -1,0 +1,3 @@
+"""Running slides: one slide end to end (``pipeline``), many slides (``batch``), the Dask cluster, progress
+bars and provenance.
+"""

@@ -1,0 +1,146 @@
+"""The per-tile Dask task: read core + halo at the model's µm/px, normalise, StarDist, keep, write.
+
+A task carries coordinates, never pixels: each worker process opens the slide and loads the model
+once (cached per process) and writes its nuclei to a parquet part file, returning only a summary.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from histo.segment.models import (ModelSpec, inference_precision, load_model, normalize_image, one_graph_for_all_shapes,
+                          resolve_model, use_precision)
+from histo.segment.features import nucleus_features
+from histo.segment.nucleus_classes import load_classifier, predict_classes, tile_patches
+from histo.segment.nuclei import cell_schema, owned, tile_cells
+from histo.io.slide import open_slide
+from histo.segment.tiling import Tile
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    """Everything a tile task needs besides the tile: small and picklable."""
+
+    slide_path: str
+    slide_mpp: float  # level-0 µm/px as the run resolved it (so --mpp reaches the workers)
+    model: ModelSpec
+    grid_mpp: float  # µm/px of the tile grid: the model's, or the slide level's when within 1 %
+    grid_width: int  # width of the model-µm/px grid, px (for cell ids)
+    parts_dir: str  # where each tile writes <tile>.parquet
+    prob_thresh: float | None = None
+    nms_thresh: float | None = None
+    percentiles: tuple | None = None  # per-slide normalisation values for percentile models
+    stain: str = "he"  # which nucleus stain features to measure (histo.segment.features)
+    channel_names: tuple | None = None  # channel names of fluorescence slides
+    nucleus_channel: int | None = None  # fluorescence: the one channel the nucleus model reads
+    precision: str = "float32"  # the network's arithmetic (histo.segment.models.inference_precision)
+
+    @property
+    def classify(self) -> bool:
+        """Whether the tiles' nuclei get learned classes (an H&E model with a nucleus classifier)."""
+        return self.stain == "he" and self.model.classes is not None and self.model.path is not None
+
+    @property
+    def schema(self) -> pa.Schema:
+        return cell_schema(self.stain, self.channel_names, self.classify)
+
+
+@functools.lru_cache(maxsize=4)
+def _slide(path: str, mpp: float):
+    return open_slide(path, mpp=mpp)
+
+
+_MODELS: dict = {}
+
+
+def _model(spec: ModelSpec, precision: str):
+    """The worker's loaded model for ``spec`` running in ``precision`` (loaded on first use, then kept)."""
+    key = (spec.name, str(spec.path), precision)
+    if key not in _MODELS:
+        use_precision(precision)
+        _MODELS[key] = load_model(spec)
+        one_graph_for_all_shapes(_MODELS[key])
+    return _MODELS[key]
+
+
+def warm_worker(spec: ModelSpec, precision: str) -> None:
+    """Load ``spec`` in ``precision`` into this worker process's model cache now
+    (``client.run(warm_worker, spec, precision)``) and trace its graph on a small image, so that no
+    tile task pays for either later."""
+    channels = (spec.n_channels,) if spec.n_channels > 1 else ()
+    _model(spec, precision).predict(np.zeros((96, 128, *channels), np.float32), axes="YXC" if channels else "YX")
+
+
+def predict_tile(job: SegmentJob, tile: Tile) -> tuple:
+    """StarDist on the tile's read box; returns its pixels, (coord, points, prob) in read-box px and
+    timings (s)."""
+    t0 = time.perf_counter()
+    model = _model(job.model, job.precision)
+    t1 = time.perf_counter()
+    img = _slide(job.slide_path, job.slide_mpp).read(*tile.read_box, mpp=job.grid_mpp)
+    t2 = time.perf_counter()
+    x = normalize_image(img if job.nucleus_channel is None else img[..., job.nucleus_channel],
+                        job.model, job.percentiles)
+    t3 = time.perf_counter()
+    _, det = model.predict_instances(
+        x,
+        axes="YXC" if x.ndim == 3 else "YX",
+        prob_thresh=job.prob_thresh,
+        nms_thresh=job.nms_thresh,
+        return_labels=False,
+        show_tile_progress=False,
+        verbose=False,
+    )
+    t4 = time.perf_counter()
+    timings = {"model_load_s": t1 - t0, "read_s": t2 - t1, "normalize_s": t3 - t2, "stardist_s": t4 - t3}
+    return img, det["coord"], det["points"], det["prob"], timings
+
+
+def segment_tile(job: SegmentJob, tile: Tile) -> dict:
+    """Segment one tile and write its nuclei to ``parts_dir/<tile>.parquet``; return a summary."""
+    img, coord, points, prob, timings = predict_tile(job, tile)
+    t0 = time.perf_counter()
+    keep = owned(points, tile)
+    coord, points, prob = coord[keep], points[keep], prob[keep]
+    features = nucleus_features(img, coord, job.grid_mpp, job.stain, job.channel_names)
+    if job.classify:
+        features = features.assign(**nucleus_classes(img, coord, points, job))
+    t1 = time.perf_counter()
+    cells = tile_cells(coord, points, prob, tile, job.grid_mpp, job.grid_width, features)
+    part = Path(job.parts_dir) / f"{tile.name}.parquet"
+    tmp = part.with_suffix(f".tmp{os.getpid()}")
+    pq.write_table(pa.Table.from_pandas(cells, schema=job.schema, preserve_index=False), tmp)
+    os.replace(tmp, part)
+    timings["features_s"] = t1 - t0
+    timings["table_write_s"] = time.perf_counter() - t1
+    return {"tile": tile.name, "n_cells": len(cells), **timings}
+
+
+def nucleus_classes(img: np.ndarray, coord: np.ndarray, points: np.ndarray, job: SegmentJob) -> dict:
+    """``nucleus_class`` (the classifier's most probable class) and ``nucleus_class_prob`` per nucleus;
+    the classifier runs in the precision the worker's StarDist model set (:func:`_model`)."""
+    graph = load_classifier(str(job.model.path))
+    probs = predict_classes(graph, tile_patches(img, coord, points, job.grid_mpp, graph.patch_px))
+    best = np.argmax(probs, axis=1)
+    return {"nucleus_class": np.asarray(job.model.classes, dtype=object)[best],
+            "nucleus_class_prob": probs[np.arange(len(best)), best].astype(np.float32)}
+
+
+def whole_image_centres(slide_path: str, model: str) -> np.ndarray:
+    """Reference: StarDist centres (n, 2) as (x, y) µm from one prediction on the whole slide image
+    at once, normalised as the tiles are. For small slides only; call it in a worker process."""
+    spec = resolve_model(model)
+    slide = open_slide(slide_path)
+    mpp = slide.effective_mpp(spec.mpp)
+    h, w = (int(np.ceil(s * slide.mpp / mpp)) for s in slide.shape)
+    img = normalize_image(slide.read(0, 0, w, h, mpp=mpp), spec)
+    _, det = _model(spec, inference_precision()).predict_instances(img, axes="YXC", return_labels=False, show_tile_progress=False)
+    return (det["points"][:, ::-1] + 0.5) * mpp

@@ -1,0 +1,2 @@
+"""Statistics: neighbourhood statistics per slide and region, and the cohort's endpoints and tests.
+"""

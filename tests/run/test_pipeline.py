@@ -1,0 +1,129 @@
+"""End to end on generated slides: real Dask workers, the shipped StarDist model, real OME-TIFFs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import shapely
+import zarr
+from scipy.spatial import cKDTree
+
+from histo.io.bundle import is_complete
+from histo.segment.labels import rasterise
+from histo.train.matching import match_points
+from histo.segment.nuclei import id_centres_um
+from histo.run.pipeline import run_slide
+from histo.segment.task import whole_image_centres
+from histo.workflow import load_workflow
+
+pytestmark = pytest.mark.slow
+
+
+def truth_of(slide):
+    return pd.read_parquet(str(slide).replace(".ome.tif", ".truth.parquet"))
+
+
+def xy(frame):
+    return frame[["x_um", "y_um"]].to_numpy()
+
+
+@pytest.fixture(scope="module")
+def ln_bundle(generated, client, tmp_path_factory):
+    slide = generated("lymph-node")
+    return slide, run_slide(slide, tmp_path_factory.mktemp("out"), "lymph-node-he", client=client, show_progress=False)
+
+
+def test_bundle_is_complete_and_consistent(ln_bundle):
+    slide, bundle = ln_bundle
+    assert bundle.name == slide.name.removesuffix(".ome.tif") and is_complete(bundle)
+    run = json.loads((bundle / "run.json").read_text())
+    cells = pd.read_parquet(bundle / "cells.parquet")
+    assert run["n_cells"] == len(cells) > 500
+    assert {"cell_id", "x_um", "y_um", "polygon", "area_um2", "prob", "label"} <= set(cells.columns)
+    assert cells.cell_id.is_unique and (cells.label.to_numpy() == np.arange(1, len(cells) + 1)).all()
+    assert run["input"]["mpp"] == pytest.approx(0.5) and run["model"]["name"] == "histo-he"
+    assert run["parameters"]["precision"] in ("float32", "bfloat16") and run["n_border_duplicates_removed"] >= 0
+    steps = {"segment_s", "structures_s", "neighbourhood_s", "exports_s", "report_s", "labels_s"}
+    assert steps <= set(run["timings_s"]) and all(run["timings_s"][k] >= 0 for k in steps)
+    root = zarr.open_group(str(bundle / "labels.ome.zarr"), mode="r")
+    level0 = root["0"][:]
+    assert level0.shape == tuple(run["parameters"]["grid_shape_px"]) and len(list(root.array_keys())) >= 2
+    drawn = np.unique(level0[level0 > 0])
+    assert set(drawn) <= set(cells.label) and len(drawn) > 0.95 * len(cells)
+    # chunk by chunk, each from its 3×3 tiles' nuclei, equals all nuclei drawn at once
+    whole = rasterise(shapely.from_wkb(cells.polygon), cells.label.to_numpy(), run["parameters"]["grid_mpp"], (0, 0),
+                      level0.shape)
+    assert np.array_equal(level0, whole)
+    # a nucleus's label sits at its centroid (µm → grid px at the model's µm/px)
+    sample = cells.sample(200, random_state=0)
+    grid_mpp = run["parameters"]["grid_mpp"]
+    at = level0[(sample.y_um / grid_mpp).astype(int), (sample.x_um / grid_mpp).astype(int)]
+    assert np.mean(at == sample.label.to_numpy()) > 0.9
+
+
+def test_nuclei_match_truth(ln_bundle):
+    slide, bundle = ln_bundle
+    m = match_points(xy(pd.read_parquet(bundle / "cells.parquet")), xy(truth_of(slide)), 3.0)
+    assert m.f1 >= 0.85, f"F1 {m.f1:.3f} (precision {m.precision:.3f}, recall {m.recall:.3f})"
+
+
+def test_small_tiles_give_the_same_nuclei_without_duplicates(ln_bundle, client, tmp_path):
+    slide, bundle = ln_bundle
+    wf = load_workflow("lymph-node-he")
+    wf["segmentation"]["tile_um"] = 96.0  # ~190 px cores: many tile borders
+    small = pd.read_parquet(run_slide(slide, tmp_path, wf, client=client, show_progress=False) / "cells.parquet")
+    big = pd.read_parquet(bundle / "cells.parquet")
+    assert small.tile.nunique() > 4 * big.tile.nunique()
+    assert small.cell_id.is_unique
+    # no nucleus counted twice: no two centroids closer than 1.5 µm
+    assert len(cKDTree(xy(small)).query_pairs(1.5)) == 0
+    m = match_points(xy(small), xy(big), 1.0)
+    assert m.f1 >= 0.99, f"F1 small vs default tiles {m.f1:.4f}"
+
+
+def test_tiled_agrees_with_whole_image_prediction(ln_bundle, client):
+    slide, bundle = ln_bundle
+    centres = client.submit(whole_image_centres, str(slide), "histo-he", pure=False).result()
+    cells = pd.read_parquet(bundle / "cells.parquet")
+    params = json.loads((bundle / "run.json").read_text())["parameters"]
+    tiled = id_centres_um(cells.cell_id, params["grid_shape_px"][1], params["grid_mpp"])
+    m = match_points(tiled, centres, 1.0)
+    assert m.f1 >= 0.99, f"F1 tiled vs whole image {m.f1:.4f} ({m.n_pred} vs {m.n_true})"
+
+
+@pytest.mark.parametrize("mpp", [0.25, 0.5])
+def test_coordinates_in_um_at_different_pixel_sizes(generated, client, tmp_path, mpp):
+    size = int(512 / mpp)  # the same 512 µm field at both pixel sizes
+    slide = generated("synovium", size=size, seed=5, mpp=mpp)
+    bundle = run_slide(slide, tmp_path, "synovium-he", client=client, show_progress=False)
+    cells = pd.read_parquet(bundle / "cells.parquet")
+    m = match_points(xy(cells), xy(truth_of(slide)), 3.0)
+    assert m.f1 >= 0.85, f"{mpp} µm/px: F1 {m.f1:.3f}"
+    assert cells.x_um.max() <= size * mpp and cells.y_um.max() <= size * mpp
+
+
+def test_parquet_has_one_row_group_per_tile(ln_bundle):
+    _, bundle = ln_bundle
+    meta = pq.ParquetFile(bundle / "cells.parquet").metadata
+    cells = pd.read_parquet(bundle / "cells.parquet")
+    assert meta.num_row_groups == cells.tile.nunique()
+
+
+def _shared_models():
+    from tests.conftest import SHARED
+
+    folder = SHARED / "models"
+    return sorted(p for p in folder.iterdir() if (p / "config.json").exists()) if folder.is_dir() else []
+
+
+@pytest.mark.skipif(not _shared_models(), reason="no pretrained model folders in ../shared/models")
+@pytest.mark.parametrize("model", _shared_models(), ids=lambda p: p.name)
+def test_pretrained_models_from_shared_find_the_nuclei(generated, client, tmp_path, model):
+    slide = generated("lymph-node")
+    bundle = run_slide(slide, tmp_path, "lymph-node-he", model=str(model), client=client, show_progress=False)
+    m = match_points(xy(pd.read_parquet(bundle / "cells.parquet")), xy(truth_of(slide)), 3.0)
+    assert m.f1 >= 0.85, f"{model.name}: F1 {m.f1:.3f}"

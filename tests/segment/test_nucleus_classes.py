@@ -1,0 +1,120 @@
+"""Learned nucleus classes: patches, the classifier in the tile task, training, typed evaluation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, shared_path
+from histo.train.evaluate import class_counts, class_f1
+from histo.segment.nucleus_classes import (CLASSES, CLASSIFIER_FILE, PATCH_MPP, PATCH_PX, class_of, nucleus_patches,
+                                   tile_patches)
+
+
+def disc(cy: float, cx: float, r: float, n: int = 32) -> np.ndarray:
+    a = 2 * np.pi * np.arange(n) / n
+    return np.stack([cy + r * np.sin(a), cx + r * np.cos(a)])
+
+
+def test_tile_patches_centre_the_nucleus_and_draw_its_outline():
+    img = np.full((200, 300, 3), 255, np.uint8)
+    yy, xx = np.mgrid[:200, :300]
+    img[(yy - 80) ** 2 + (xx - 150) ** 2 <= 12**2] = (60, 30, 120)  # a dark nucleus of radius 12 px at 0.25 µm/px
+    coord = disc(80, 150, 12)[None]
+    p = tile_patches(img, coord, np.array([[80, 150]]), 0.25)
+    assert p.shape == (1, PATCH_PX, PATCH_PX, 4) and p.dtype == np.float32
+    mask = p[0, ..., 3] > 0
+    r_um = 12 * 0.25
+    assert mask.sum() == pytest.approx(np.pi * (r_um / PATCH_MPP) ** 2, rel=0.25)
+    cy, cx = np.argwhere(mask).mean(axis=0)
+    assert abs(cy - (PATCH_PX - 1) / 2) <= 1 and abs(cx - (PATCH_PX - 1) / 2) <= 1
+    assert p[0, ..., :3][mask].mean() < 0.5 < p[0, ..., :3][~mask].mean()  # dark inside, glass around
+
+
+def test_patches_beyond_the_image_edge_are_glass():
+    small = np.zeros((100, 100, 3), np.float32)
+    p = nucleus_patches(small, [disc(0, 0, 2).T], np.array([[0.0, 0.0]]))
+    assert p[0, 0, 0, :3].tolist() == [1.0, 1.0, 1.0] and p[0, -1, -1, :3].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_class_names_map_to_histo_classes():
+    assert class_of("Inflammatory") == "lymphocyte" and class_of("spindle") == "stromal"
+    with pytest.raises(ValueError, match="unknown nucleus type 'necrosis'"):
+        class_of("necrosis")
+
+
+def test_class_counts_follow_the_fields_definition():
+    """A nucleus counts for class c only when matched and both say c; unmatched calls are false positives."""
+    true_cls = np.array(["", "lymphocyte", "lymphocyte", "stromal", "lymphocyte"], object)
+    pred_cls = np.array(["", "lymphocyte", "stromal", "stromal", "lymphocyte"], object)
+    # true 1↔pred 1 (both lymphocyte), true 2↔pred 2 (lymphocyte called stromal), true 3↔pred 3; true 4 missed, pred 4 spare
+    c = class_counts(true_cls, pred_cls, np.array([1, 2, 3]), np.array([1, 2, 3]), ["lymphocyte", "stromal"])
+    assert (c["tp_lymphocyte"], c["fp_lymphocyte"], c["fn_lymphocyte"]) == (1, 1, 2)
+    assert (c["tp_stromal"], c["fp_stromal"], c["fn_stromal"]) == (1, 1, 0)
+    assert class_f1(c, ["lymphocyte"])["f1_lymphocyte"] == pytest.approx(2 / 5)
+
+
+@pytest.fixture(scope="module")
+def classified_model(tmp_path_factory):
+    """The shipped nucleus model with an (untrained, seeded) classifier: the plumbing, not the science."""
+    import keras
+
+    from histo.segment.nucleus_classes import network
+
+    folder = tmp_path_factory.mktemp("models") / "histo-he-classes"
+    shutil.copytree(ROOT / "models" / "histo-he", folder)
+    keras.utils.set_random_seed(0)
+    network().save(folder / CLASSIFIER_FILE)
+    card = json.loads((folder / "card.json").read_text())
+    card["nucleus_classes"] = {"classes": list(CLASSES), "file": CLASSIFIER_FILE}
+    (folder / "card.json").write_text(json.dumps(card))
+    return folder
+
+
+def test_pipeline_writes_learned_classes(classified_model, generated, client, tmp_path):
+    from histo.run.pipeline import run_slide
+
+    slide = generated("lymph-node", 1024, 5, 0.5)
+    bundle = run_slide(slide, tmp_path, "lymph-node-he", model=str(classified_model), client=client, show_progress=False)
+    cells = pq.read_table(bundle / "cells.parquet").to_pandas()
+    assert len(cells) > 100
+    assert set(cells["nucleus_class"]) <= set(CLASSES)
+    assert cells["nucleus_class_prob"].between(1 / len(CLASSES), 1).all()
+    run = json.loads((bundle / "run.json").read_text())
+    typing = run["cell_types"]
+    assert typing["method"] == "learned"
+    # epithelial calls stay epithelial; the other learned classes may only give way to "large"
+    called = cells["cell_type"].astype(str)
+    assert (called[cells.nucleus_class == "epithelial"] == "epithelial").all()
+    moved = called != cells["nucleus_class"]
+    assert (called[moved] == "large").all()
+
+
+def test_train_classes_on_two_real_tiles(tmp_path):
+    """``histo train-classes`` on two CoNSeP training tiles (1 epoch): a classifier and its card section."""
+    consep = shared_path("data", "consep", "train")
+    import subprocess
+    import sys
+
+    for kind, ext in (("images", ".png"), ("masks", ".tif")):
+        (tmp_path / kind).mkdir()
+        for tile in ("train_1", "train_3"):
+            (tmp_path / kind / f"{tile}{ext}").symlink_to(consep / kind / f"{tile}{ext}")
+    model = tmp_path / "model"
+    shutil.copytree(ROOT / "models" / "histo-he", model)
+    done = subprocess.run([sys.executable, "-m", "histo.cli", "train-classes", str(tmp_path / "images"),
+                           str(tmp_path / "masks"), str(consep / "types.csv"), "--model", str(model),
+                           "--image-mpp", "0.275", "--epochs", "1", "--val-fraction", "0.5"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    card = json.loads((model / "card.json").read_text())["nucleus_classes"]
+    assert (model / CLASSIFIER_FILE).is_file() and card["classes"] == list(CLASSES)
+    assert card["n_train_nuclei"] > 300 and card["n_val_nuclei"] > 300 and card["epochs_run"] == 1
+    assert 0 <= card["validation"]["accuracy"] <= 1 and "lymphocyte" in card["validation"]
+    truth = pd.read_csv(consep / "types.csv")
+    assert card["n_train_nuclei"] + card["n_val_nuclei"] == truth["tile"].isin(["train_1", "train_3"]).sum()

@@ -1,0 +1,242 @@
+"""Regions from cells, checked against the truth of generated slides (truth cells as input; the
+pipeline's segmented cells: tests/structures/test_structures_e2e.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import shapely
+from shapely.geometry import Polygon, box, shape
+
+from histo.structures.aggregates import dbscan, grade
+from histo.errors import HistoError
+from histo.structures.lining import krenn_lining
+from histo.structures.metrics import region_metrics
+from histo.outputs.report import report_html
+from histo.structures.regions import (REGION_PARAMS_SCHEMA, TISSUE_DEFAULTS, assign_cells, edge_truncated, find_regions,
+                           region_params)
+from histo.structures.analyse import cell_types
+from histo.workflow import load_workflow
+
+
+def load_truth(slide):
+    """(cells, truth features, tissue pieces) of a generated slide."""
+    cells = pd.read_parquet(str(slide).replace(".ome.tif", ".truth.parquet")).rename(columns={"id": "cell_id"})
+    feats = json.loads(open(str(slide).replace(".ome.tif", ".truth.geojson"), encoding="utf-8").read())["features"]
+    pieces = [shape(f["geometry"]) for f in feats if f["properties"]["kind"] == "tissue"]
+    return cells, feats, pieces
+
+
+def truth_of(feats, kind):
+    return [(shape(f["geometry"]), f["properties"]) for f in feats if f["properties"]["kind"] == kind]
+
+
+def iou(a, b) -> float:
+    return a.intersection(b).area / a.union(b).area
+
+
+def best_match(geom, found) -> tuple[int, float]:
+    scores = [iou(geom, g) for g in found]
+    return (int(np.argmax(scores)), max(scores)) if scores else (-1, 0.0)
+
+
+@pytest.fixture(scope="module")
+def node(generated):
+    cells, feats, pieces = load_truth(generated("lymph-node", 4096, 3))
+    return cells, feats, pieces, find_regions(cells, pieces, "lymph-node")
+
+
+@pytest.fixture(scope="module")
+def synovium(generated):
+    cells, feats, pieces = load_truth(generated("synovium", 4096, 2))
+    return cells, feats, pieces, find_regions(cells, pieces, "synovium")
+
+
+def follicle_scores(feats, regions) -> tuple[int, int, list[float], float]:
+    """(follicles found, true follicles, IoU of each true follicle with its best match, fraction of the
+    matched (IoU > 0.5) true follicles whose has_gc is right)."""
+    truth = truth_of(feats, "follicle")
+    found = regions[regions.kind == "follicle"]
+    matches = [best_match(g, list(found.geometry)) for g, _ in truth]
+    has_gc = [bool(found.iloc[k].has_gc) == p["has_gc"] for (k, s), (_, p) in zip(matches, truth) if s > 0.5]
+    return len(found), len(truth), [m[1] for m in matches], float(np.mean(has_gc)) if has_gc else 0.0
+
+
+def check_aggregate_grades(feats, regions) -> list[tuple]:
+    """Every true aggregate of grade ≥ 2 is found (IoU ≥ 0.3), ≥ 70 % of all are; the matched have the
+    true grade and radial layers within 1.5. Returns (true grade, grade, true layers, layers) per match."""
+    found = regions[regions.kind == "aggregate"]
+    truth = truth_of(feats, "aggregate")
+    matched = []
+    for geom, props in truth:
+        k, score = best_match(geom, list(found.geometry))
+        if score >= 0.3:
+            matched.append((props["grade"], int(found.iloc[k].grade), props["layers"], float(found.iloc[k].radial_layers)))
+        else:
+            assert props["grade"] == 1, f"a grade-{props['grade']} aggregate was missed"
+    assert len(matched) >= 0.7 * len(truth), matched
+    assert all(t == g for t, g, *_ in matched), matched
+    assert all(abs(tl - fl) <= 1.5 for *_, tl, fl in matched), matched
+    return matched
+
+
+def check_lining_layers(feats, regions) -> list[tuple]:
+    """Each true lining has lining found on its piece (the tissue region overlapping the true piece
+    most), every run within ±1 layer of the truth, over > 50 % of the true band. Returns (piece,
+    true layers, layers found) per true lining."""
+    lining = regions[regions.kind == "lining"]
+    tissue = regions[regions.kind == "tissue"]
+    pieces = {props["piece"]: geom for geom, props in truth_of(feats, "tissue")}
+    out = []
+    for geom, props in truth_of(feats, "lining"):
+        k, _ = best_match(pieces[props["piece"]], list(tissue.geometry))
+        mine = lining[lining.tissue_id == tissue.iloc[k].region_id]
+        assert len(mine), f"no lining found on piece {props['piece']}"
+        assert all(abs(v - props["layers"]) <= 1 for v in mine.layers_median), (props["layers"], list(mine.layers_median))
+        covered = shapely.union_all(list(mine.geometry)).intersection(geom).area / geom.area
+        assert covered > 0.5, covered
+        out.append((props["piece"], props["layers"], [round(v, 2) for v in mine.layers_median]))
+    return out
+
+
+def test_follicles_match_truth(node):
+    cells, feats, pieces, regions = node
+    n_found, n_true, ious, has_gc = follicle_scores(feats, regions)
+    assert abs(n_found - n_true) <= 0.2 * n_true, f"{n_found} follicles found, {n_true} true"
+    assert np.mean(ious) >= 0.6, np.round(ious, 2)
+    assert has_gc >= 0.75
+    assert set(regions.kind) == {"tissue", "follicle", "germinal_centre"}
+
+
+def test_germinal_centres_lie_in_their_follicle(node):
+    *_, regions = node
+    gcs = regions[regions.kind == "germinal_centre"]
+    follicles = regions.set_index("region_id")
+    assert len(gcs) > 0
+    for gc in gcs.itertuples():
+        host = follicles.loc[gc.parent_id]
+        assert host.kind == "follicle" and host.has_gc
+        assert gc.geometry.difference(host.geometry).area < 1e-6 * gc.geometry.area + 1e-6
+        assert gc.area_um2 >= 900 and 0 < gc.fraction_host_area < 1
+    with_gc = regions[(regions.kind == "follicle") & regions.has_gc.astype(bool)]
+    assert (with_gc.mantle_thickness_um > 0).all()
+
+
+def test_aggregate_grades_match_truth(synovium):
+    cells, feats, pieces, regions = synovium
+    check_aggregate_grades(feats, regions)
+    found = regions[regions.kind == "aggregate"]
+    assert set(found.tls_size) <= {True, False}
+    assert found.n_clustered_lymphocytes.min() >= 10
+
+
+def test_lining_layers_match_truth(synovium):
+    cells, feats, pieces, regions = synovium
+    check_lining_layers(feats, regions)
+    lining = regions[regions.kind == "lining"]
+    assert (lining.length_um >= 200).all() and set(lining.krenn_lining) <= {0, 1, 2, 3}
+
+
+def test_no_lymphocytes_gives_no_structures(node, synovium):
+    for cells, _, pieces, _ in (node, synovium):
+        plain = cells.assign(cell_type=np.where(cells.cell_type == "lymphocyte", "stromal", cells.cell_type))
+        for tissue_type in ("lymph-node", "synovium"):
+            regions = find_regions(plain, pieces, tissue_type)
+            assert not regions.kind.isin(["follicle", "aggregate", "germinal_centre"]).any()
+    empty = find_regions(cells.iloc[:0], pieces, "synovium")
+    assert list(empty.kind) == ["tissue"] * len(pieces)
+    assert len(find_regions(cells.iloc[:0], [], "lymph-node")) == 0
+
+
+def test_regions_are_stable_and_cells_are_assigned(synovium):
+    cells, _, pieces, regions = synovium
+    again = find_regions(cells.sample(frac=1.0, random_state=1), pieces, "synovium")
+    assert list(again.region_id) == list(regions.region_id)
+    assert regions.region_id.is_unique and set(regions.kind) >= {"tissue", "aggregate", "lining"}
+    ids = assign_cells(cells, regions)
+    kinds = ("tissue", "follicle", "germinal_centre", "aggregate", "lining", "annotation")
+    assert list(ids.columns) == [f"{k}_id" for k in kinds]
+    assert ids.tissue_id.notna().mean() > 0.99
+    for rec in regions[regions.kind == "aggregate"].head(3).itertuples():
+        inside = shapely.contains_xy(rec.geometry, cells.x_um, cells.y_um)
+        assert ((ids.aggregate_id == rec.region_id).to_numpy() == inside).all()
+        assert (ids.tissue_id[inside] == rec.tissue_id).all()
+
+
+def test_dbscan_matches_sklearn():
+    from sklearn.cluster import DBSCAN
+
+    rng = np.random.default_rng(0)
+    xy = np.concatenate([rng.uniform(0, 400, (600, 2)), rng.normal(100, 8, (80, 2)), rng.normal(300, 15, (150, 2))])
+    mine = dbscan(xy, 12.0, 5)
+    ref = DBSCAN(eps=12.0, min_samples=5, algorithm="kd_tree").fit(xy)
+    core = np.zeros(len(xy), bool)
+    core[ref.core_sample_indices_] = True
+    assert ((mine < 0) == (ref.labels_ < 0)).all()
+    pairs = {(a, b) for a, b in zip(mine[core], ref.labels_[core])}
+    assert len(pairs) == len(set(mine[core])) == len(set(ref.labels_[core]))  # same partition of core points
+    assert len(dbscan(np.zeros((0, 2)), 12.0, 5)) == 0
+
+
+def test_grades_and_edges():
+    assert [grade(v, [2, 6, 11]) for v in (1.4, 1.6, 5.4, 5.6, 10.4, 10.6, 30)] == [0, 1, 1, 2, 2, 3, 3]
+    assert [krenn_lining(v) for v in (1, 1.4, 2, 3.4, 4, 5.4, 6, 9)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    piece = box(0, 0, 1000, 1000)
+    assert edge_truncated(Polygon([(0, 10), (100, 10), (100, 100), (0, 100)]), piece, 10.0)
+    assert not edge_truncated(box(50, 50, 150, 150), piece, 10.0)
+
+
+def test_params_follow_the_workflow_schema():
+    from histo.workflow import check_section
+
+    for tissue_type in ("lymph-node", "synovium"):
+        params = region_params(tissue_type)
+        assert check_section(params, REGION_PARAMS_SCHEMA, "regions", "<test>") == params
+        assert params["structures"] == TISSUE_DEFAULTS[tissue_type]["structures"]
+    tuned = region_params("synovium", {"aggregate": {"eps_um": 15.0}})
+    assert tuned["aggregate"]["eps_um"] == 15.0 and tuned["aggregate"]["min_samples"] == 5
+    with pytest.raises(HistoError, match="tonsil"):
+        region_params("tonsil")
+
+
+@pytest.fixture(scope="module")
+def if_node():
+    """The generated lymph node of ``node`` as a multiplex immunofluorescence cells table (marker means
+    per nucleus, histo_sample.marker_cells; no image), its truth features and tissue pieces."""
+    from histo_sample import make_scene, marker_cells
+    from histo_sample.write import truth_geojson
+
+    scene = make_scene("lymph-node", 4096, 3, 0.5)
+    feats = truth_geojson(scene)["features"]
+    return marker_cells(scene), feats, [shape(f["geometry"]) for f in feats if f["properties"]["kind"] == "tissue"]
+
+
+def test_if_preset_gates_cells_and_finds_b_cell_follicles(if_node):
+    """lymph-node-if from a cells table: auto gates → B-cell follicles → metrics per gated type."""
+    cells, feats, pieces = if_node
+    wf = load_workflow("lymph-node-if")
+    types, report = cell_types(cells, wf)
+    assert [(g["marker"], g["cell_type"], g["method"]) for g in report["gates"]] == [
+        ("CD20", "B cell", "otsu"), ("CD3", "T cell", "otsu"), ("CD68", "macrophage", "otsu"), ("CD138", "plasma cell", "otsu")]
+    assert all(150 < g["threshold"] < 1500 for g in report["gates"])  # between negative and positive cells
+    assert (np.asarray(types) == cells.phenotype).mean() >= 0.97
+    cells = cells.assign(cell_type=types)
+    regions = find_regions(cells, pieces, wf["tissue_type"], wf["regions"])
+    n_found, n_true, ious, _ = follicle_scores(feats, regions)
+    assert abs(n_found - n_true) <= 0.2 * n_true, f"{n_found} follicles found, {n_true} true"
+    assert np.mean(ious) >= 0.8, np.round(ious, 2)
+    found = regions[regions.kind == "follicle"]
+    assert set(regions.kind) == {"tissue", "follicle"} and found.has_gc.isna().all()  # no GC marker: not looked for
+    table = region_metrics(pd.concat([cells, assign_cells(cells, regions)], axis=1), regions, wf["tissue_type"], wf["regions"])
+    rows = table.set_index("region_id")
+    assert (rows.loc[found.region_id, "fraction_b_cell"] >= 0.7).all()
+    slide = rows.loc["slide"]
+    assert slide.fraction_b_cell < 0.5 and slide.n_follicles == len(found) and np.isnan(slide.n_follicles_with_gc)
+    assert {"n_t_cell", "density_plasma_cell_per_mm2"} <= set(table.columns) and "n_lymphocyte" not in table.columns
+    assert slide.n_b_cell + slide.n_t_cell + slide.n_macrophage + slide.n_plasma_cell + slide.n_other == slide.n_cells
+    blank = np.full((256, 256, 3), 255, np.uint8)  # the report names the gated types and maps the B cells
+    html = report_html("if-node", blank, 2048 / 256, regions, cells, table, wf["tissue_type"], lymphoid=("B cell",))
+    assert "B cell density" in html and "fraction_plasma_cell" in html and "density_b_cell_per_mm2" in html

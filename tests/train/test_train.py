@@ -1,0 +1,351 @@
+"""Training (histo.train.outlines) and H&E augmentation (histo.train.augment).
+
+Training tests use a tiny network (U-Net depth 2, 8 filters) on small synthetic disk images made
+here, so each runs in seconds on 2 cores; one test fits two real MoNuSeg *training* tiles (never
+monuseg/test) when ../shared is present.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from histo.train.augment import (
+    HEAugmenter,
+    brightness_contrast,
+    flip_rot,
+    rgb_to_od,
+    scale_jitter,
+    stain_jitter,
+)
+from histo.errors import HistoError
+from histo.train.outlines import (
+    pairs_from_folders,
+    read_pair,
+    resample_pair,
+    split_by_image,
+    train,
+)
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+MONUSEG_TRAIN = SHARED / "data" / "monuseg" / "train"
+
+TINY = dict(unet_n_depth=2, unet_n_filter_base=8, n_rays=16, patch_size=64, batch_size=2)
+
+
+# ---------------------------------------------------------------- synthetic data
+def disk_scene(size=96, n=14, seed=0):
+    """RGB H&E-like image with dark-purple disks on pink, and its instance mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    m = np.zeros((size, size), np.uint16)
+    k = 1
+    for _ in range(n * 4):
+        if k > n:
+            break
+        cy, cx = rng.uniform(6, size - 6, 2)
+        r = rng.uniform(3.5, 6.5)
+        d = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        if (m[d] > 0).any():
+            continue
+        m[d] = k
+        k += 1
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = (236, 200, 222)
+    img[m > 0] = (85, 55, 140)
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), m
+
+
+def write_disks(root: Path, n=6, size=96, seed=0):
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img, m = disk_scene(size, seed=seed + i)
+        tifffile.imwrite(root / "images" / f"{i:04d}.tif", img)
+        tifffile.imwrite(root / "masks" / f"{i:04d}.tif", m)
+    return pairs_from_folders(root / "images", root / "masks")
+
+
+@pytest.fixture(scope="module")
+def disks(tmp_path_factory):
+    return write_disks(tmp_path_factory.mktemp("disks"))
+
+
+# ---------------------------------------------------------------- data reading
+def test_pairs_from_folders_matches_by_stem_and_reports_problems(tmp_path):
+    pairs = write_disks(tmp_path / "d", n=3)
+    assert [p[0].stem for p in pairs] == ["0000", "0001", "0002"]
+    assert all(i.stem == m.stem for i, m in pairs)
+
+    # image without a mask: the error names the image
+    img, m = disk_scene(seed=9)
+    tifffile.imwrite(tmp_path / "d" / "images" / "extra.tif", img)
+    with pytest.raises(HistoError) as e:
+        pairs_from_folders(tmp_path / "d" / "images", tmp_path / "d" / "masks")
+    assert "extra.tif" in str(e.value) and "no mask" in str(e.value)
+
+    # mask of another size: the error names the mask
+    tifffile.imwrite(tmp_path / "d" / "masks" / "extra.tif", m[:50])
+    with pytest.raises(HistoError) as e:
+        pairs_from_folders(tmp_path / "d" / "images", tmp_path / "d" / "masks")
+    assert "extra.tif" in str(e.value) and "differs" in str(e.value)
+
+    with pytest.raises(HistoError):
+        pairs_from_folders(tmp_path / "nope", tmp_path / "d" / "masks")
+
+
+def test_read_pair_and_resample_keep_alignment(tmp_path):
+    (pair,) = write_disks(tmp_path, n=1, size=120)
+    img, m = read_pair(*pair)
+    assert img.dtype == np.uint8 and img.shape == (120, 120, 3) and m.dtype == np.int32
+    ri, rm = resample_pair(img, m, image_mpp=0.25, model_mpp=0.5)
+    assert ri.shape == (60, 60, 3) and rm.shape == (60, 60)
+    assert set(np.unique(rm)) <= set(np.unique(m))  # nearest: no new labels
+    # dark pixels (nuclei) coincide with the labels after resampling
+    dark = ri.mean(-1) < 160
+    assert ((rm > 0) == dark).mean() > 0.95
+    # no-op when the pixel size already matches
+    same_i, same_m = resample_pair(img, m, 0.5, 0.5)
+    assert same_i is img and same_m is m
+
+
+def test_split_by_image_is_seeded_and_disjoint():
+    tr, va = split_by_image(20, 0.15, seed=3)
+    assert (tr, va) == split_by_image(20, 0.15, seed=3)
+    assert not set(tr) & set(va) and sorted(tr + va) == list(range(20))
+    assert len(va) == 3
+    assert split_by_image(2, 0.15, 0)[1] and split_by_image(2, 0.15, 0)[0]
+    with pytest.raises(HistoError):
+        split_by_image(1, 0.15, 0)
+
+
+# ---------------------------------------------------------------- augmentation
+def _mask_image(y):
+    """An image whose colour encodes the mask: purple inside objects, pink outside."""
+    x = np.empty(y.shape + (3,), np.float32)
+    x[:] = (0.92, 0.78, 0.87)
+    x[y > 0] = (0.33, 0.22, 0.55)
+    return x
+
+
+def test_flip_rot_applies_the_same_symmetry_to_image_and_mask():
+    _, y = disk_scene(64, seed=1)
+    y = y.astype(np.int32)
+    y[:5, :20] = 99  # break the symmetry
+    x = _mask_image(y)
+    seen = set()
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        xa, ya = flip_rot(x, y, rng)
+        assert xa.shape == x.shape and ya.shape == y.shape
+        assert np.array_equal(xa[..., 0] < 0.6, ya > 0)
+        seen.add(ya.tobytes())
+    assert len(seen) == 8  # all symmetries of the square occur
+
+
+def test_stain_jitter_changes_colours_in_od_space_within_bounds_and_not_the_mask():
+    img, y = disk_scene(64, seed=2)
+    x = img.astype(np.float32) / 255
+    rng = np.random.default_rng(1)
+    aug = HEAugmenter(seed=0, p_stain=1.0, p_intensity=0, p_scale=0, p_noise=0)
+    xa, ya = aug(x, y.copy())
+    # geometric part may flip/rotate: undo by comparing as sets of symmetries
+    assert any(np.array_equal(np.rot90(ya, k)[:, ::f], y) for k in range(4) for f in (1, -1))
+
+    from skimage.color import hed_from_rgb
+
+    for _ in range(10):
+        xs, (alpha, beta) = stain_jitter(x, rng, scale=0.2, shift=0.05)
+        assert xs.shape == x.shape and xs.dtype == np.float32
+        assert 0 <= xs.min() and xs.max() <= 1
+        assert np.all((alpha[:2] >= 0.8) & (alpha[:2] <= 1.2)) and np.all(np.abs(beta[:2]) <= 0.05)
+        assert np.abs(xs - x).max() > 1e-3  # colours changed
+        # in OD space the hematoxylin concentration of nuclei moves by at most the jitter range
+        h0 = (rgb_to_od(x) @ hed_from_rgb)[..., 0][y > 0]
+        h1 = (rgb_to_od(xs) @ hed_from_rgb)[..., 0][y > 0]
+        ratio = np.median(h1) / np.median(h0)
+        assert 0.7 < ratio < 1.3
+
+
+def test_scale_jitter_keeps_alignment_and_marks_unknown_border_as_ignore():
+    _, y = disk_scene(96, seed=3)
+    y = y.astype(np.int32)
+    x = _mask_image(y)
+    for s in (0.9, 0.95, 1.05, 1.1):
+        xs, ys = scale_jitter(x, y, s)
+        assert xs.shape == x.shape and ys.shape == y.shape
+        known = ys >= 0
+        agree = (xs[..., 0] < 0.6)[known] == (ys > 0)[known]
+        assert agree.mean() > 0.97
+        assert set(np.unique(ys[ys > 0])) <= set(np.unique(y[y > 0]))
+        if s < 1:
+            assert (ys == -1).any() and not (ys[20:-20, 20:-20] == -1).any()
+        else:
+            assert not (ys == -1).any()
+
+
+def test_he_augmenter_is_reproducible_and_keeps_shapes():
+    img, y = disk_scene(64, seed=4)
+    x = img.astype(np.float32) / 255
+    a1 = [HEAugmenter(seed=5)(x, y) for _ in range(1)][0]
+    a2 = HEAugmenter(seed=5)(x, y)
+    assert np.array_equal(a1[0], a2[0]) and np.array_equal(a1[1], a2[1])
+    aug = HEAugmenter(seed=6)
+    for _ in range(20):
+        xa, ya = aug(x, y)
+        assert xa.shape == x.shape and ya.shape == y.shape and xa.dtype == np.float32
+        assert 0 <= xa.min() and xa.max() <= 1
+    xb = brightness_contrast(x, np.random.default_rng(0))
+    assert xb.shape == x.shape and 0 <= xb.min() and xb.max() <= 1
+    assert json.dumps(aug.as_dict())
+
+
+# ---------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def trained(disks, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models") / "tiny-he"
+    ims, mks = zip(*disks)
+    folder, model = train(
+        list(ims), list(mks), out, mpp=0.5, image_mpp=0.5, epochs=2, steps_per_epoch=4,
+        val_fraction=0.34, seed=0, return_model=True, verbose=0,
+        sources=[{"name": "synthetic disks (test)", "licence": "CC0-1.0", "n_images": len(ims)}],
+        command="pytest", **TINY,
+    )
+    return folder, model, disks
+
+
+def test_train_writes_a_complete_small_model_folder(trained):
+    folder, model, disks = trained
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "thresholds.json", "weights_best.h5", "card.json", "MODEL.md"} <= names
+    assert not names & {"weights_last.h5", "weights_now.h5", "train_state.json", "logs"}
+    card = json.loads((folder / "card.json").read_text())
+    for key in ("name", "mpp", "normalize", "n_rays", "grid", "architecture", "training",
+                "validation", "thresholds", "max_nucleus_um"):
+        assert key in card, key
+    assert card["mpp"] == 0.5 and card["normalize"] == {"kind": "fixed", "low": 0, "high": 255}
+    assert card["n_rays"] == 16 and card["grid"] == [2, 2]
+    assert card["architecture"]["unet_n_depth"] == 2 and card["architecture"]["unet_n_filter_base"] == 8
+    t = card["training"]
+    assert t["epochs"] == 2 and t["steps_per_epoch"] == 4 and t["patch_size"] == 64
+    assert t["n_train"] + t["n_val"] == len(disks) and t["n_val"] == 2
+    assert t["sources"][0]["licence"] == "CC0-1.0" and t["wall_time_s"] > 0
+    for k in ("f1", "precision", "recall"):
+        assert 0.0 <= card["validation"][k] <= 1.0
+    assert card["validation"]["thresh"] == 0.5
+    thr = json.loads((folder / "thresholds.json").read_text())
+    assert thr["prob"] == pytest.approx(card["thresholds"]["prob"])
+    md = (folder / "MODEL.md").read_text()
+    assert "0.5 µm/px" in md and "CC0-1.0" in md and "F1" in md
+
+
+def test_model_folder_round_trips(trained):
+    from histo.segment.models import load_model, normalize_image, resolve_model
+
+    folder, model, disks = trained
+    spec = resolve_model(str(folder))
+    assert spec.mpp == 0.5 and spec.normalize["kind"] == "fixed" and spec.n_channels == 3
+    loaded = load_model(spec)
+    img, _ = read_pair(*disks[0])
+    x = normalize_image(img, spec)
+    assert np.allclose(x, img / 255.0, atol=1e-6)
+    p1, d1 = model.predict(x)
+    p2, d2 = loaded.predict(x)
+    np.testing.assert_allclose(p1, p2, atol=1e-5)
+    np.testing.assert_allclose(d1, d2, atol=1e-4)
+    l1 = model.predict_instances(x, verbose=False)[0]
+    l2 = loaded.predict_instances(x, verbose=False)[0]
+    assert np.array_equal(l1, l2)
+
+
+def test_existing_model_is_not_overwritten(trained):
+    folder, _, disks = trained
+    ims, mks = zip(*disks)
+    with pytest.raises(HistoError, match="already holds a trained model"):
+        train(list(ims), list(mks), folder, mpp=0.5, image_mpp=0.5, epochs=1, steps_per_epoch=1,
+              verbose=0, **TINY)
+
+
+def test_training_resumes_from_the_saved_epoch(disks, tmp_path):
+    import keras
+
+    class Stop(Exception):
+        pass
+
+    class StopAfter(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 == 1:
+                raise Stop()
+
+    ims, mks = zip(*disks)
+    out = tmp_path / "resumable"
+    kw = dict(mpp=0.5, image_mpp=0.5, epochs=3, steps_per_epoch=2, val_fraction=0.34, seed=1,
+              verbose=0, optimize=False, **TINY)
+    with pytest.raises(Stop):
+        train(list(ims), list(mks), out, extra_callbacks=[StopAfter()], **kw)
+    state = json.loads((out / "train_state.json").read_text())
+    assert state["epochs_done"] == 1 and not state["complete"] and (out / "weights_last.h5").exists()
+    assert (out / "weights_best.h5").exists()
+
+    # a lower rate and stronger stain jitter from epoch 2
+    train(list(ims), list(mks), out, finalize=False, learning_rate=1e-4, stain_scale=0.4, **kw)
+    state = json.loads((out / "train_state.json").read_text())
+    assert state["epochs_done"] == 3 and state["complete"]
+    assert state["learning_rate"] == pytest.approx(1e-4)
+    assert state["learning_rate_changes"] == [{"epoch": 1, "from": pytest.approx(3e-4), "to": 1e-4}]
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+    card = json.loads((out / "card.json").read_text())
+    assert card["training"]["epochs"] == 3 and card["training"]["learning_rate_changes"][0]["to"] == 1e-4
+    assert state["stain_scale_changes"] == [{"epoch": 1, "from": 0.2, "to": 0.4}]
+    assert card["training"]["augmentation"]["stain_scale"] == 0.4
+    assert "set to 0.0001 after epoch 1" in (out / "MODEL.md").read_text()
+    assert "±0.2 until epoch 1" in (out / "MODEL.md").read_text()
+    # the split did not change between the two calls
+    assert card["training"]["n_val"] == len(state["split"]["val"])
+
+
+@pytest.mark.skipif(not MONUSEG_TRAIN.is_dir(), reason=f"real data not available: {MONUSEG_TRAIN} is absent "
+                    "(the shared data folder sits next to the repository)")
+def test_histo_train_cli_on_real_tiles_with_per_image_pixel_sizes(tmp_path):
+    """`histo train` on two real MoNuSeg tiles (a 40x one at its XML pixel size and a 20x outlier,
+    from a CSV) plus a folder of generated tiles: both resampled to the model's 0.5 µm/px, both
+    sources and licences in the card."""
+    from histo.cli import main
+    from histo_sample import write_training_set
+
+    real = tmp_path / "real"
+    names = ["TCGA-21-5784-01Z-00-DX1", "TCGA-HE-7128-01Z-00-DX1"]
+    for sub in ("images", "masks"):
+        (real / sub).mkdir(parents=True)
+        for n in names:  # links, not copies
+            (real / sub / f"{n}.tif").symlink_to(MONUSEG_TRAIN / sub / f"{n}.tif")
+    (tmp_path / "mpp.csv").write_text(f"image,mpp\n{names[0]}.tif,0.2527\n{names[1]},0.5005\n")
+    write_training_set(tmp_path / "gen", 2, tile_px=256, seed=0, mpp=0.5, per_scene=1)
+    out = tmp_path / "he-tiny"
+    rc = main(["train", str(real / "images"), str(real / "masks"), "--image-mpp", str(tmp_path / "mpp.csv"),
+               "--licence", "CC BY-NC-SA 4.0", "--data", str(tmp_path / "gen" / "images"),
+               str(tmp_path / "gen" / "masks"), "0.5", "BSD-3-Clause", "--out", str(out), "--mpp", "0.5",
+               "--epochs", "1", "--steps", "2", "--patch", "128", "--batch", "2", "--val-fraction", "0.25",
+               "--note", "smoke test"])
+    assert rc == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["mpp"] == 0.5 and card["training"]["image_mpp"] == [0.2527, 0.5, 0.5005]
+    assert [s["licence"] for s in card["training"]["sources"]] == ["CC BY-NC-SA 4.0", "BSD-3-Clause"]
+    assert card["training"]["n_train"] == 3 and card["training"]["n_val"] == 1
+    assert card["max_nucleus_um_observed"] > 3 and card["notes"] == ["smoke test"]
+    assert "histo train" in card["training"]["command"] and not (out / "train_state.json").exists()
+    md = (out / "MODEL.md").read_text()
+    assert "CC BY-NC-SA 4.0" in md and "BSD-3-Clause" in md
+    from histo.segment.models import resolve_model
+
+    spec = resolve_model(str(out))
+    assert spec.mpp == 0.5 and spec.thresholds == card["thresholds"]
+
+    (tmp_path / "mpp.csv").write_text(f"image,mpp\n{names[0]},0.2527\n")  # one image without a size
+    assert main(["train", str(real / "images"), str(real / "masks"), "--image-mpp", str(tmp_path / "mpp.csv"),
+                 "--out", str(tmp_path / "x"), "--epochs", "1"]) == 2
