@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SAMPLE := sample_data/lymph-node-sample.ome.tif
 
-.PHONY: install demo test lock clean
+.PHONY: install demo test lint lock clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ demo: install $(SAMPLE)
 test: install
 	$(BIN)/python -m pytest -q -ra -m "not gui"
 	$(BIN)/python -m pytest -q -ra -m gui || [ $$? -eq 5 ]
+
+# Style: ruff's formatter and linter (settings in pyproject.toml; the same hooks in .pre-commit-config.yaml).
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 # Re-resolve the lock after editing requirements.in.
 lock:

@@ -13,10 +13,10 @@ from pathlib import Path
 import pandas as pd
 
 from histo.run.cluster import dask_client
-from histo.train.matching import match_points
-from histo.segment.nuclei import id_centres_um
 from histo.run.pipeline import run_slide
+from histo.segment.nuclei import id_centres_um
 from histo.segment.task import whole_image_centres
+from histo.train.matching import match_points
 from histo_sample import write_sample
 
 
@@ -32,19 +32,26 @@ def main() -> None:
             for mpp in (0.5, 0.25):
                 slide = args.workdir / f"{kind}-{mpp}.ome.tif"
                 write_sample(kind, slide, size=int(args.size_um / mpp), seed=11, mpp=mpp)
-                bundle = run_slide(slide, args.workdir / "out", workflow, model=args.model, client=client, show_progress=False)
+                bundle = run_slide(
+                    slide, args.workdir / "out", workflow, model=args.model, client=client, show_progress=False
+                )
                 cells = pd.read_parquet(bundle / "cells.parquet")
                 truth = pd.read_parquet(str(slide).replace(".ome.tif", ".truth.parquet"))
                 m = match_points(cells[["x_um", "y_um"]].to_numpy(), truth[["x_um", "y_um"]].to_numpy(), 3.0)
-                lymph = (cells.cell_type.to_numpy()[m.pred_idx] == "lymphocyte") == (truth.cell_type.to_numpy()[m.true_idx] == "lymphocyte")
+                lymph = (cells.cell_type.to_numpy()[m.pred_idx] == "lymphocyte") == (
+                    truth.cell_type.to_numpy()[m.true_idx] == "lymphocyte"
+                )
                 run = json.loads((bundle / "run.json").read_text())
                 params = run["parameters"]
                 tiled = id_centres_um(cells.cell_id, params["grid_shape_px"][1], params["grid_mpp"])
                 whole = client.submit(whole_image_centres, str(slide), args.model, pure=False).result()
                 mw = match_points(tiled, whole, 1.0)
-                print(f"{kind} mpp={mpp}: n_truth={m.n_true} n_found={m.n_pred} F1@3um={m.f1:.4f} "
-                      f"precision={m.precision:.4f} recall={m.recall:.4f} lymphocyte_agreement={lymph.mean():.4f} "
-                      f"tiles={run['n_tiles']} F1_tiled_vs_whole@1um={mw.f1:.4f}", flush=True)
+                print(
+                    f"{kind} mpp={mpp}: n_truth={m.n_true} n_found={m.n_pred} F1@3um={m.f1:.4f} "
+                    f"precision={m.precision:.4f} recall={m.recall:.4f} lymphocyte_agreement={lymph.mean():.4f} "
+                    f"tiles={run['n_tiles']} F1_tiled_vs_whole@1um={mw.f1:.4f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

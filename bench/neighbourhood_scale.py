@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from peak_memory import run_sampled
 
 CELLS_PER_MM2 = 5_000  # lower bound of the scene's nucleus density over its whole square, to size it
@@ -44,9 +43,14 @@ def make_cells(n: int, path: Path, seed: int = 7) -> None:
             break
         side_um *= 1.25
     keep = np.sort(np.random.default_rng(seed).choice(len(nuc["x"]), n, replace=False))
-    cells = pd.DataFrame({"x_um": nuc["x"][keep].astype(np.float64), "y_um": nuc["y"][keep].astype(np.float64),
-                          "cell_type": sc.cell_type(nuc["style"][keep]),
-                          "area_um2": (np.pi * nuc["a"].astype(np.float64) * nuc["b"])[keep]})
+    cells = pd.DataFrame(
+        {
+            "x_um": nuc["x"][keep].astype(np.float64),
+            "y_um": nuc["y"][keep].astype(np.float64),
+            "cell_type": sc.cell_type(nuc["style"][keep]),
+            "area_um2": (np.pi * nuc["a"].astype(np.float64) * nuc["b"])[keep],
+        }
+    )
     regions = find_regions(cells, [b.polygon(720) for b in scene.pieces], "lymph-node")
     pd.concat([cells, assign_cells(cells, regions)], axis=1).to_parquet(path)  # ids stay categorical
 
@@ -62,25 +66,37 @@ def stats(path: Path) -> None:
     params = load_workflow("lymph-node-he")["neighbourhood"]
     params["centrality_scores"]["max_cells"] = len(cells)
     steps: dict[str, float] = {}
-    for module, name in ((sq.gr, "spatial_neighbors_delaunay"), (sq.gr, "nhood_enrichment"), (nb, "_interaction"),
-                         (nb, "centrality_scores"), (nb, "co_occurrence"), (nb, "_ripley"), (nb, "_moran")):
+    for module, name in (
+        (sq.gr, "spatial_neighbors_delaunay"),
+        (sq.gr, "nhood_enrichment"),
+        (nb, "_interaction"),
+        (nb, "centrality_scores"),
+        (nb, "co_occurrence"),
+        (nb, "_ripley"),
+        (nb, "_moran"),
+    ):
         setattr(module, name, _timed(getattr(module, name), name.strip("_"), steps))
     t = time.perf_counter()
     res = nb.neighbourhood_stats(cells, params)
     regions = res["regions"]
-    print(f"  stats_s={time.perf_counter() - t:.1f} regions={len(regions)} "
-          f"co_occurrence_n={regions['slide']['co_occurrence_n_cells']} ripley_n={regions['slide']['ripley_n_cells']}"
-          f"\n  step_s: {' '.join(f'{k}={v:.1f}' for k, v in steps.items())}", flush=True)
+    print(
+        f"  stats_s={time.perf_counter() - t:.1f} regions={len(regions)} "
+        f"co_occurrence_n={regions['slide']['co_occurrence_n_cells']} ripley_n={regions['slide']['ripley_n_cells']}"
+        f"\n  step_s: {' '.join(f'{k}={v:.1f}' for k, v in steps.items())}",
+        flush=True,
+    )
 
 
 def _timed(fn, name: str, steps: dict[str, float]):
     """``fn`` adding its seconds to ``steps[name]``."""
+
     def run(*args, **kwargs):
         t = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
             steps[name] = steps.get(name, 0.0) + time.perf_counter() - t
+
     return run
 
 
@@ -101,8 +117,11 @@ def main() -> None:
         wall, peak = run_sampled([sys.executable, __file__, "--stats", str(path)])
         maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # largest child so far
         results.append((n, wall, peak))
-        print(f"cells={n} wall_s={wall:.1f} peak_rss_gb={peak / 1e9:.2f} maxrss_gb={maxrss / 1e9:.2f} "
-              f"load_1min={os.getloadavg()[0]:.1f} cpus={os.cpu_count()}", flush=True)
+        print(
+            f"cells={n} wall_s={wall:.1f} peak_rss_gb={peak / 1e9:.2f} maxrss_gb={maxrss / 1e9:.2f} "
+            f"load_1min={os.getloadavg()[0]:.1f} cpus={os.cpu_count()}",
+            flush=True,
+        )
     (n0, w0, p0), (n1, w1, p1) = results[0], results[-1]
     print(f"ratio {n1} vs {n0} cells: time {w1 / w0:.2f}, peak memory {p1 / p0:.2f}")
 

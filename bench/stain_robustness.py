@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 import tifffile
 
-from histo.train.augment import recolour
 from histo.run.cluster import dask_client
+from histo.train.augment import recolour
+from histo.train.classes import read_types
 from histo.train.evaluate import evaluate, run_images
 from histo.train.outlines import _list_images, _read_array
-from histo.train.classes import read_types
 
 #: name → (hematoxylin, eosin) concentration factors
 CHANGES = {"original": None, "pale-H-strong-E": (0.65, 1.35), "strong-H-pale-E": (1.35, 0.65)}
@@ -52,14 +52,23 @@ def main() -> None:
         for name, factors in CHANGES.items():
             images = args.images if factors is None else recoloured(args.images, args.out / f"images-{name}", factors)
             bundles = args.out / f"bundles-{name}"
-            errors = run_images(args.truth, images, bundles, args.mpp, model=args.model, workflow=args.workflow,
-                                client=client, show_progress=False)
+            errors = run_images(
+                args.truth,
+                images,
+                bundles,
+                args.mpp,
+                model=args.model,
+                workflow=args.workflow,
+                client=client,
+                show_progress=False,
+            )
             types = read_types(args.types) if args.types else None
             pooled = evaluate(args.truth, bundles_dir=bundles, errors=errors, types=types).iloc[-1]
-            rows.append({"change": name, "h_factor": factors[0] if factors else 1.0,
-                         "e_factor": factors[1] if factors else 1.0}
-                        | {k: pooled[k] for k in ("n_true", "n_pred", "precision", "recall", "f1", "pq", "aji")}
-                        | {k: pooled[k] for k in pooled.index if k.startswith("f1_")})
+            rows.append(
+                {"change": name, "h_factor": factors[0] if factors else 1.0, "e_factor": factors[1] if factors else 1.0}
+                | {k: pooled[k] for k in ("n_true", "n_pred", "precision", "recall", "f1", "pq", "aji")}
+                | {k: pooled[k] for k in pooled.index if k.startswith("f1_")}
+            )
     table = pd.DataFrame(rows)
     table["f1_drop"] = table["f1"].iloc[0] - table["f1"]
     if "f1_lymphocyte" in table:

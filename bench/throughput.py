@@ -18,8 +18,8 @@ paths see the same pixels, with the same model and thresholds:
 
 Nuclei of (a), rasterised from ``cells.parquet``, are matched one-to-one to (b)'s label image at
 IoU ≥ 0.5. Each path is timed ``--rounds`` times in a row (the 2 cores' speed swings from moment to
-moment, STACK.md) and the medians are compared. ``--scaling`` also times (a) with one worker. Peak memory is the summed RSS of this process
-and its children during each path. The last line is
+moment, STACK.md) and the medians are compared. ``--scaling`` also times (a) with one worker. Peak
+memory is the summed RSS of this process and its children during each path. The last line is
 ``speedup=<b/a> agreement_f1=<F1 of a against b> mpx_per_s=<tissue Mpx per s of a>`` and peak GB.
 """
 
@@ -33,16 +33,23 @@ from pathlib import Path
 
 import pandas as pd
 import tifffile
+from memwatch import timed
 
 from histo.run.cluster import dask_client
-from histo.train.evaluate import bundle_labels, score
-from histo.segment.models import PRECISIONS, inference_precision, load_model, normalize_image, resolve_model, use_precision
-from histo.stats.neighbourhood import input_columns, neighbourhood_stats
 from histo.run.pipeline import run_slide
+from histo.segment.models import (
+    PRECISIONS,
+    inference_precision,
+    load_model,
+    normalize_image,
+    resolve_model,
+    use_precision,
+)
 from histo.segment.task import warm_worker
+from histo.stats.neighbourhood import input_columns, neighbourhood_stats
+from histo.train.evaluate import bundle_labels, score
 from histo.workflow import load_workflow
 from histo_sample import write_sample
-from memwatch import timed
 
 BIG = {"block_size": 4096, "min_overlap": 128, "context": 128}  # block_size at most the image's edge
 
@@ -74,8 +81,9 @@ def histo_run(slide: Path, warm: Path, out: Path, workflow: str, model: str, wor
         client.run(warm_statistics, warmed, load_workflow(workflow)["neighbourhood"])
         walls, peak = [], 0.0
         for r in range(rounds):
-            bundle, wall, round_peak = timed(run_slide, slide, out / f"w{workers}-{r}", workflow, model=model,
-                                             client=client, show_progress=False)
+            bundle, wall, round_peak = timed(
+                run_slide, slide, out / f"w{workers}-{r}", workflow, model=model, client=client, show_progress=False
+            )
             walls.append(wall)
             peak = peak or round_peak
     return bundle, statistics.median(walls), walls, peak, json.loads((bundle / "run.json").read_text())
@@ -121,20 +129,32 @@ def main() -> None:
     bundle, t_a, walls_a, mem_a, run = histo_run(slide, warm, out, args.workflow, model, args.workers, args.rounds)
     steps = {k.removesuffix("_s"): round(v, 1) for k, v in run["timings_s"].items()}
     tasks = {k.removesuffix("_s"): round(v, 1) for k, v in run["task_timings_s"].items()}
-    print(f"histo run ({run['parameters']['precision']}): median {t_a:.1f} s of {_rounded(walls_a)}, {run['n_tiles']} tiles, "
-          f"{run['n_cells']} nuclei; last round's steps (s) {steps}; summed over tile tasks (s) {tasks}", flush=True)
+    print(
+        f"histo run ({run['parameters']['precision']}): median {t_a:.1f} s of {_rounded(walls_a)}, "
+        f"{run['n_tiles']} tiles, "
+        f"{run['n_cells']} nuclei; last round's steps (s) {steps}; summed over tile tasks (s) {tasks}",
+        flush=True,
+    )
     labels_b, t_b, walls_b, mem_b = stardist_big(slide, model, args.baseline_precision, args.rounds)
-    print(f"predict_instances_big ({args.baseline_precision}): median {t_b:.1f} s of {_rounded(walls_b)}, "
-          f"{int(labels_b.max())} nuclei", flush=True)
+    print(
+        f"predict_instances_big ({args.baseline_precision}): median {t_b:.1f} s of {_rounded(walls_b)}, "
+        f"{int(labels_b.max())} nuclei",
+        flush=True,
+    )
     labels_a, _ = bundle_labels(bundle)
     f1 = score(labels_b, labels_a)["f1"]
     tissue_mpx = run["tissue"]["area_mm2"] / mpp**2  # mm² / (µm/px)² = Mpx
     if args.scaling:
         _, t_1, walls_1, _, _ = histo_run(slide, warm, out, args.workflow, model, 1, args.rounds)
-        print(f"scaling: 1 worker median {t_1:.1f} s of {_rounded(walls_1)}, {args.workers} workers {t_a:.1f} s, "
-              f"throughput ratio {t_1 / t_a:.2f}", flush=True)
-    print(f"slide {size}² at {mpp} µm/px, tissue {tissue_mpx:.1f} Mpx of {size * size / 1e6:.1f} Mpx; "
-          f"peak memory histo {mem_a:.2f} GB, predict_instances_big {mem_b:.2f} GB")
+        print(
+            f"scaling: 1 worker median {t_1:.1f} s of {_rounded(walls_1)}, {args.workers} workers {t_a:.1f} s, "
+            f"throughput ratio {t_1 / t_a:.2f}",
+            flush=True,
+        )
+    print(
+        f"slide {size}² at {mpp} µm/px, tissue {tissue_mpx:.1f} Mpx of {size * size / 1e6:.1f} Mpx; "
+        f"peak memory histo {mem_a:.2f} GB, predict_instances_big {mem_b:.2f} GB"
+    )
     print(f"speedup={t_b / t_a:.2f} agreement_f1={f1:.4f} mpx_per_s={tissue_mpx / t_a:.3f}")
 
 

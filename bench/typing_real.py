@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 import shapely
 from skimage.io import imread
 
-from histo.run.cluster import dask_client
 from histo.errors import HistoError
-from histo.segment.labels import rasterise
+from histo.run.cluster import dask_client
 from histo.run.pipeline import run_slide
+from histo.segment.labels import rasterise
 
 LYMPHOCYTE = 2  # MoNuSAC class value
 
@@ -48,8 +48,15 @@ def monusac(root: Path, out: Path, client, model, min_px: int) -> pd.DataFrame:
             continue
         row = {"image": r.image}
         try:
-            bundle = run_slide(root / "images" / f"{r.image}.jpg", out / "bundles-monusac", "lymph-node-he", model=model,
-                               mpp=0.25, client=client, show_progress=False)
+            bundle = run_slide(
+                root / "images" / f"{r.image}.jpg",
+                out / "bundles-monusac",
+                "lymph-node-he",
+                model=model,
+                mpp=0.25,
+                client=client,
+                show_progress=False,
+            )
             cells, polys = called_nuclei(bundle)
             classes = imread(root / "class_masks" / f"{r.image}.png")
             lym_cells = (cells["cell_type"].astype(str) == "lymphocyte").to_numpy()
@@ -57,11 +64,14 @@ def monusac(root: Path, out: Path, client, model, min_px: int) -> pd.DataFrame:
             col = np.clip((cells["x_um"] / 0.25).astype(int), 0, classes.shape[1] - 1)
             row_ = np.clip((cells["y_um"] / 0.25).astype(int), 0, classes.shape[0] - 1)
             under = classes[row_, col]
-            row |= {"n_nuclei": len(cells), "n_called_lymphocyte": int(lym_cells.sum()),
-                    "lymphocyte_px": int((classes == LYMPHOCYTE).sum()),
-                    "covered_px": int(((classes == LYMPHOCYTE) & (drawn > 0)).sum()),
-                    "called_on_lymphocyte": int((lym_cells & (under == LYMPHOCYTE)).sum()),
-                    "called_on_annotated": int((lym_cells & (under > 0)).sum())}
+            row |= {
+                "n_nuclei": len(cells),
+                "n_called_lymphocyte": int(lym_cells.sum()),
+                "lymphocyte_px": int((classes == LYMPHOCYTE).sum()),
+                "covered_px": int(((classes == LYMPHOCYTE) & (drawn > 0)).sum()),
+                "called_on_lymphocyte": int((lym_cells & (under == LYMPHOCYTE)).sum()),
+                "called_on_annotated": int((lym_cells & (under > 0)).sum()),
+            }
         except HistoError as exc:
             row["error"] = str(exc)
         rows.append(row)
@@ -74,11 +84,22 @@ def patches(root: Path, out: Path, client, model) -> pd.DataFrame:
         for image in sorted(group.glob("*.jpg")):
             row = {"group": group.name, "image": image.stem}
             try:
-                bundle = run_slide(image, out / f"bundles-{group.name}", "lymph-node-he", model=model, mpp=0.46,
-                                   client=client, show_progress=False)
+                bundle = run_slide(
+                    image,
+                    out / f"bundles-{group.name}",
+                    "lymph-node-he",
+                    model=model,
+                    mpp=0.46,
+                    client=client,
+                    show_progress=False,
+                )
                 types = pq.read_table(bundle / "cells.parquet", columns=["cell_type"]).column("cell_type").to_pandas()
-                row |= {"n_nuclei": len(types), "lymphocyte_fraction": float((types.astype(str) == "lymphocyte").mean())
-                        if len(types) else float("nan")}
+                row |= {
+                    "n_nuclei": len(types),
+                    "lymphocyte_fraction": float((types.astype(str) == "lymphocyte").mean())
+                    if len(types)
+                    else float("nan"),
+                }
             except HistoError as exc:
                 row["error"] = str(exc)
             rows.append(row)
@@ -100,14 +121,24 @@ def main() -> None:
     p.to_csv(args.out / "lymph_node_patches.csv", index=False)
     ok = m.dropna(subset=["n_nuclei"]) if "n_nuclei" in m else m.iloc[:0]
     summary = {
-        "monusac": {"images": len(ok), "failed": int(len(m) - len(ok)),
-                    "coverage": ok.covered_px.sum() / max(ok.lymphocyte_px.sum(), 1),
-                    "precision": ok.called_on_lymphocyte.sum() / max(ok.called_on_annotated.sum(), 1),
-                    "precision_all": ok.called_on_lymphocyte.sum() / max(ok.n_called_lymphocyte.sum(), 1),
-                    "n_called_lymphocyte": int(ok.n_called_lymphocyte.sum())},
-        "lymph_node_patches": {g: {"patches": int(len(d)), "median_lymphocyte_fraction": float(d.lymphocyte_fraction.median()),
-                                   "median_nuclei": float(d.n_nuclei.median())}
-                               for g, d in p.dropna(subset=["n_nuclei"]).groupby("group")} if "n_nuclei" in p else {},
+        "monusac": {
+            "images": len(ok),
+            "failed": int(len(m) - len(ok)),
+            "coverage": ok.covered_px.sum() / max(ok.lymphocyte_px.sum(), 1),
+            "precision": ok.called_on_lymphocyte.sum() / max(ok.called_on_annotated.sum(), 1),
+            "precision_all": ok.called_on_lymphocyte.sum() / max(ok.n_called_lymphocyte.sum(), 1),
+            "n_called_lymphocyte": int(ok.n_called_lymphocyte.sum()),
+        },
+        "lymph_node_patches": {
+            g: {
+                "patches": int(len(d)),
+                "median_lymphocyte_fraction": float(d.lymphocyte_fraction.median()),
+                "median_nuclei": float(d.n_nuclei.median()),
+            }
+            for g, d in p.dropna(subset=["n_nuclei"]).groupby("group")
+        }
+        if "n_nuclei" in p
+        else {},
     }
     (args.out / "typing_real.json").write_text(json.dumps(summary, indent=2, default=float))
     print(json.dumps(summary, indent=2, default=float))

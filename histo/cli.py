@@ -28,14 +28,17 @@ def _sample(args) -> None:
     from histo_sample import write_sample
 
     info = write_sample(args.kind, args.out, size=args.size, seed=args.seed, mpp=args.mpp)
-    print(f"wrote {args.out} ({args.size}² px at {args.mpp} µm/px, {info.get('n_nuclei', '?')} nuclei) and its truth files")
+    print(
+        f"wrote {args.out} ({args.size}² px at {args.mpp} µm/px, {info.get('n_nuclei', '?')} nuclei) "
+        "and its truth files"
+    )
 
 
 def _run(args) -> None:
     import shapely
 
-    from histo.io.bundle import check_same_input, slide_name
     from histo.io.annotations import import_annotations
+    from histo.io.bundle import check_same_input, slide_name
     from histo.io.slide import check_stain, open_slide
     from histo.workflow import load_workflow
 
@@ -46,16 +49,27 @@ def _run(args) -> None:
         regions = import_annotations(args.annotations, slide.mpp)
         h, w = (n * slide.mpp for n in slide.shape)
         if (outside := ~regions.intersects(shapely.box(0, 0, w, h))).any():
-            raise HistoError(args.annotations, f"{regions.region_id[outside].iloc[0]} lies wholly outside the slide "
-                                               f"({w:,.0f} × {h:,.0f} µm): drawn on another image, or in other units?")
+            raise HistoError(
+                args.annotations,
+                f"{regions.region_id[outside].iloc[0]} lies wholly outside the slide "
+                f"({w:,.0f} × {h:,.0f} µm): drawn on another image, or in other units?",
+            )
     if not args.overwrite:
         check_same_input(Path(args.out) / slide_name(args.slide), slide.path)
     from histo.run.cluster import dask_client
     from histo.run.pipeline import run_slide
 
     with dask_client(args.scheduler, args.workers) as client:
-        bundle = run_slide(args.slide, args.out, workflow=args.workflow, model=args.model, mpp=args.mpp,
-                           client=client, show_progress=not args.quiet, annotations=args.annotations)
+        bundle = run_slide(
+            args.slide,
+            args.out,
+            workflow=args.workflow,
+            model=args.model,
+            mpp=args.mpp,
+            client=client,
+            show_progress=not args.quiet,
+            annotations=args.annotations,
+        )
     print(f"wrote {bundle}")
 
 
@@ -68,37 +82,67 @@ def _batch(args) -> None:
     if args.workflow:
         load_workflow(args.workflow)
 
-    summary = run_batch(sheet, args.out, workflow=args.workflow, model=args.model, mpp=args.mpp,
-                        show_progress=not args.quiet, cluster=lambda: dask_client(args.scheduler, args.workers))
+    summary = run_batch(
+        sheet,
+        args.out,
+        workflow=args.workflow,
+        model=args.model,
+        mpp=args.mpp,
+        show_progress=not args.quiet,
+        cluster=lambda: dask_client(args.scheduler, args.workers),
+    )
     ok = summary["status"].eq("ok")
-    print(f"{ok.sum()} ok ({summary['reused'].sum()} reused), {(~ok).sum()} failed; wrote {Path(args.out) / 'summary.csv'}")
+    print(
+        f"{ok.sum()} ok ({summary['reused'].sum()} reused), {(~ok).sum()} failed; "
+        f"wrote {Path(args.out) / 'summary.csv'}"
+    )
 
 
 def _train(args) -> None:
     from histo.train.outlines import main_train
 
     datasets = [(args.images, args.masks, args.image_mpp, args.licence)] + [tuple(d) for d in args.data or []]
-    out = main_train(datasets, Path(args.out), mpp=args.mpp, epochs=args.epochs, steps=args.steps,
-                     patch_size=args.patch, batch_size=args.batch, val_fraction=args.val_fraction,
-                     learning_rate=args.learning_rate, stain_scale=args.stain_scale,
-                     seed=args.seed, finalize=not args.keep_checkpoint, notes=args.note or None,
-                     init_weights=args.init, nms_threshs=args.nms_threshs,
-                     command="histo " + " ".join(args.argv))
+    out = main_train(
+        datasets,
+        Path(args.out),
+        mpp=args.mpp,
+        epochs=args.epochs,
+        steps=args.steps,
+        patch_size=args.patch,
+        batch_size=args.batch,
+        val_fraction=args.val_fraction,
+        learning_rate=args.learning_rate,
+        stain_scale=args.stain_scale,
+        seed=args.seed,
+        finalize=not args.keep_checkpoint,
+        notes=args.note or None,
+        init_weights=args.init,
+        nms_threshs=args.nms_threshs,
+        command="histo " + " ".join(args.argv),
+    )
     print(f"wrote model {out}")
 
 
 def _train_classes(args) -> None:
-    from histo.train.outlines import pairs_from_folders, pixel_sizes
     from histo.train.classes import read_types, train_classes
+    from histo.train.outlines import pairs_from_folders, pixel_sizes
 
     pairs = pairs_from_folders(args.images, args.masks)
     mpp = pixel_sizes(args.image_mpp, args.images)(pairs[0][0].stem)
     datasets = [(pairs, mpp, read_types(args.types), str(args.images), args.licence or "unknown")]
-    section = train_classes(datasets, args.model, epochs=args.epochs, val_fraction=args.val_fraction, seed=args.seed,
-                            command="histo " + " ".join(args.argv))
+    section = train_classes(
+        datasets,
+        args.model,
+        epochs=args.epochs,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        command="histo " + " ".join(args.argv),
+    )
     v = section["validation"]
-    print(f"wrote {Path(args.model) / section['file']}: validation accuracy {v['accuracy']}, "
-          f"lymphocyte F1 {v['lymphocyte']['f1']}")
+    print(
+        f"wrote {Path(args.model) / section['file']}: validation accuracy {v['accuracy']}, "
+        f"lymphocyte F1 {v['lymphocyte']['f1']}"
+    )
 
 
 def _evaluate(args) -> None:
@@ -115,18 +159,34 @@ def _evaluate(args) -> None:
 
         bundles = out / "bundles"
         with dask_client(args.scheduler, args.workers) as client:
-            errors = run_images(args.truth, args.images, bundles, args.mpp, model=args.model,
-                                workflow=args.workflow, client=client, show_progress=not args.quiet)
+            errors = run_images(
+                args.truth,
+                args.images,
+                bundles,
+                args.mpp,
+                model=args.model,
+                workflow=args.workflow,
+                client=client,
+                show_progress=not args.quiet,
+            )
     elif not (bundles or args.pred):
-        raise HistoError(args.truth, "give --bundles (histo bundles), --pred (label masks or GeoJSON) or "
-                                     "--images (run histo on them first)")
+        raise HistoError(
+            args.truth,
+            "give --bundles (histo bundles), --pred (label masks or GeoJSON) or --images (run histo on them first)",
+        )
     types = None
     if args.types:
         from histo.train.classes import read_types
 
         types = read_types(args.types)
-    table = evaluate(args.truth, bundles_dir=bundles, pred_dir=None if bundles else args.pred,
-                     thresh=args.iou, errors=errors, types=types)
+    table = evaluate(
+        args.truth,
+        bundles_dir=bundles,
+        pred_dir=None if bundles else args.pred,
+        thresh=args.iou,
+        errors=errors,
+        types=types,
+    )
     table.to_csv(out / "scores.csv", index=False)
     if "confusion" in table.attrs:
         table.attrs["confusion"].to_csv(out / "confusion.csv")
@@ -160,19 +220,36 @@ def _export(args) -> None:
 def _common(p: argparse.ArgumentParser, default=None) -> None:
     """Options taken before and after the subcommand (a subcommand's ``default`` is SUPPRESS: it keeps
     what was given before it)."""
-    p.add_argument("--debug", action="store_true", default=False if default is None else default,
-                   help="show tracebacks (and every other package's lines, as -v)")
-    p.add_argument("-v", "--verbose", action="store_true", default=False if default is None else default,
-                   help="show other packages' lines too (TensorFlow, squidpy, spatialdata, Dask's INFO)")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=default,
-                   help="level of histo's and Dask's log lines (default: Dask's own, WARNING; INFO with -v)")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=False if default is None else default,
+        help="show tracebacks (and every other package's lines, as -v)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=False if default is None else default,
+        help="show other packages' lines too (TensorFlow, squidpy, spatialdata, Dask's INFO)",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default=default,
+        help="level of histo's and Dask's log lines (default: Dask's own, WARNING; INFO with -v)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
-    p = argparse.ArgumentParser(prog="histo", description="Whole-slide analysis of synovial and lymph-node biopsies.",
-                                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="histo",
+        description="Whole-slide analysis of synovial and lymph-node biopsies.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"histo {version('histo')}")
     _common(p)
     sub = p.add_subparsers(dest="command", required=True)
@@ -199,12 +276,23 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_run)
 
     b = sub.add_parser("batch", help="analyse a folder of slides or a sample sheet; summary and cohort tables")
-    b.add_argument("input", help="folder of slides, or CSV sample sheet: slide,patient,timepoint,tissue,stain[,workflow,mpp,…]")
-    b.add_argument("--out", required=True, help="output folder: OUT/<slide name>/ per slide, OUT/summary.csv, OUT/cohort.csv")
-    b.add_argument("--workflow", help="preset name or YAML file for every slide (default: the sheet's workflow "
-                                      "column, else <tissue>-<stain>, else lymph-node-he)")
+    b.add_argument(
+        "input", help="folder of slides, or CSV sample sheet: slide,patient,timepoint,tissue,stain[,workflow,mpp,…]"
+    )
+    b.add_argument(
+        "--out", required=True, help="output folder: OUT/<slide name>/ per slide, OUT/summary.csv, OUT/cohort.csv"
+    )
+    b.add_argument(
+        "--workflow",
+        help="preset name or YAML file for every slide (default: the sheet's workflow "
+        "column, else <tissue>-<stain>, else lymph-node-he)",
+    )
     b.add_argument("--model", help="StarDist registry name, shipped model name or model folder")
-    b.add_argument("--mpp", type=float, help="µm per px of level 0 for every slide (default: the sheet's mpp column, else the file's)")
+    b.add_argument(
+        "--mpp",
+        type=float,
+        help="µm per px of level 0 for every slide (default: the sheet's mpp column, else the file's)",
+    )
     cluster = b.add_mutually_exclusive_group()
     cluster.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
     cluster.add_argument("--scheduler", help="address of an existing dask.distributed scheduler (tcp://host:8786)")
@@ -215,36 +303,58 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("images", help="folder of RGB images (TIFF/PNG)")
     t.add_argument("masks", help="folder of instance masks with the same file stems")
     t.add_argument("--out", required=True, help="model folder to write (resumes if it holds a checkpoint)")
-    t.add_argument("--image-mpp", required=True,
-                   help="µm per px of the images: one number, or a CSV with columns image,mpp")
+    t.add_argument(
+        "--image-mpp", required=True, help="µm per px of the images: one number, or a CSV with columns image,mpp"
+    )
     t.add_argument("--licence", help="licence of these images (goes into the model card)")
-    t.add_argument("--data", nargs=4, action="append", metavar=("IMAGES", "MASKS", "MPP", "LICENCE"),
-                   help="another folder pair with its pixel size (number or CSV) and licence; repeatable")
+    t.add_argument(
+        "--data",
+        nargs=4,
+        action="append",
+        metavar=("IMAGES", "MASKS", "MPP", "LICENCE"),
+        help="another folder pair with its pixel size (number or CSV) and licence; repeatable",
+    )
     t.add_argument("--mpp", type=float, default=0.25, help="µm per px the model works at (default 0.25)")
     t.add_argument("--epochs", type=int, default=100)
     t.add_argument("--steps", type=int, default=100, help="steps per epoch")
     t.add_argument("--patch", type=int, default=256, help="patch edge, px")
     t.add_argument("--batch", type=int, default=4, help="patches per step")
-    t.add_argument("--learning-rate", type=float,
-                   help="Adam's rate (default 3e-4); when resuming, replaces the saved rate from now on")
-    t.add_argument("--stain-scale", type=float,
-                   help="H and E stain jitter strength (default 0.2 = ×0.8–×1.2); when resuming, "
-                        "applies from now on and restarts best-weights tracking")
+    t.add_argument(
+        "--learning-rate",
+        type=float,
+        help="Adam's rate (default 3e-4); when resuming, replaces the saved rate from now on",
+    )
+    t.add_argument(
+        "--stain-scale",
+        type=float,
+        help="H and E stain jitter strength (default 0.2 = ×0.8–×1.2); when resuming, "
+        "applies from now on and restarts best-weights tracking",
+    )
     t.add_argument("--val-fraction", type=float, default=0.15, help="share of images held out (by image)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--keep-checkpoint", action="store_true",
-                   help="keep weights_last.h5 and train_state.json so the run can be extended later")
+    t.add_argument(
+        "--keep-checkpoint",
+        action="store_true",
+        help="keep weights_last.h5 and train_state.json so the run can be extended later",
+    )
     t.add_argument("--note", action="append", help="a line for the model card; repeatable")
     t.add_argument("--init", help="model folder to start from (fine-tuning: its architecture and weights)")
-    t.add_argument("--nms-threshs", type=float, nargs="+", default=[0.3, 0.4, 0.5],
-                   help="NMS thresholds tried when the thresholds are optimised (default 0.3 0.4 0.5)")
+    t.add_argument(
+        "--nms-threshs",
+        type=float,
+        nargs="+",
+        default=[0.3, 0.4, 0.5],
+        help="NMS thresholds tried when the thresholds are optimised (default 0.3 0.4 0.5)",
+    )
     t.set_defaults(func=_train)
 
     c = sub.add_parser("train-classes", help="train the H&E nucleus classifier of a model from typed nuclei")
     c.add_argument("images", help="folder of RGB images (TIFF/PNG)")
     c.add_argument("masks", help="folder of instance masks with the same file stems")
-    c.add_argument("types", help="CSV tile,label,type: a type per nucleus (lymphocyte/inflammatory, epithelial, "
-                   "stromal/spindle, other)")
+    c.add_argument(
+        "types",
+        help="CSV tile,label,type: a type per nucleus (lymphocyte/inflammatory, epithelial, stromal/spindle, other)",
+    )
     c.add_argument("--model", required=True, help="nucleus model folder to add the classifier to")
     c.add_argument("--image-mpp", required=True, help="µm per px of the images (one number)")
     c.add_argument("--licence", help="licence of these images (goes into the model card)")
@@ -262,10 +372,16 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--mpp", help="with --images: µm per px, one number or a CSV with columns image,mpp")
     e.add_argument("--model", help="with --images: model instead of the workflow's")
     e.add_argument("--workflow", default="lymph-node-he", help="with --images: preset name or YAML file")
-    e.add_argument("--record", metavar="DATASET",
-                   help="with --model FOLDER: add the pooled scores under this name to the model's card.json and MODEL.md")
-    e.add_argument("--types", help="CSV tile,label,type of the true nuclei: per-class F1 (matched and both say the "
-                   "class) in scores.csv, the confusion matrix in confusion.csv")
+    e.add_argument(
+        "--record",
+        metavar="DATASET",
+        help="with --model FOLDER: add the pooled scores under this name to the model's card.json and MODEL.md",
+    )
+    e.add_argument(
+        "--types",
+        help="CSV tile,label,type of the true nuclei: per-class F1 (matched and both say the "
+        "class) in scores.csv, the confusion matrix in confusion.csv",
+    )
     e.add_argument("--iou", type=float, default=0.5, help="IoU at which a nucleus counts as found (default 0.5)")
     e.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
     e.add_argument("--scheduler", help="address of an existing dask.distributed scheduler")
@@ -274,21 +390,28 @@ def parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a bundle in other tools' formats: SpatialData, QuPath detections")
     x.add_argument("bundle", help="a histo bundle folder (OUT/<slide name>)")
-    x.add_argument("--spatialdata", action="store_true",
-                   help="BUNDLE/spatialdata.zarr: labels, nuclei and regions (µm), the cells table "
-                        "(spatialdata.read_zarr)")
-    x.add_argument("--qupath-cells", action="store_true",
-                   help="BUNDLE/cells.geojson: nuclei as QuPath detections classified by cell type "
-                        "(File > Import objects)")
+    x.add_argument(
+        "--spatialdata",
+        action="store_true",
+        help="BUNDLE/spatialdata.zarr: labels, nuclei and regions (µm), the cells table (spatialdata.read_zarr)",
+    )
+    x.add_argument(
+        "--qupath-cells",
+        action="store_true",
+        help="BUNDLE/cells.geojson: nuclei as QuPath detections classified by cell type (File > Import objects)",
+    )
     x.set_defaults(func=_export)
 
-    for name, s in sub.choices.items():
+    for s in sub.choices.values():
         _common(s, argparse.SUPPRESS)
         s.epilog, s.formatter_class = EXIT_CODES, argparse.RawDescriptionHelpFormatter
         if any("--scheduler" in a.option_strings for a in s._actions):
-            s.add_argument("--scheduler-file", help="a Dask scheduler file (dask scheduler --scheduler-file, dask-mpi, "
-                                                    "dask-jobqueue) instead of --scheduler; without either, "
-                                                    "DASK_SCHEDULER_ADDRESS, else a LocalCluster")
+            s.add_argument(
+                "--scheduler-file",
+                help="a Dask scheduler file (dask scheduler --scheduler-file, dask-mpi, "
+                "dask-jobqueue) instead of --scheduler; without either, "
+                "DASK_SCHEDULER_ADDRESS, else a LocalCluster",
+            )
     return p
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from histo.stats.endpoints import NEVER, check_endpoints
 from histo.errors import SlideError, WorkflowError
+from histo.stats.endpoints import NEVER, check_endpoints
 from histo.structures.phenotypes import HE_RULES_SCHEMA, HE_TYPES, check_gates
 from histo.structures.regions import REGION_PARAMS_SCHEMA, STRUCTURES, TISSUE_TYPES, region_params, used_cell_types
 
@@ -57,10 +57,18 @@ SCHEMA: dict[str, Any] = {
         "nhood_enrichment": {"run": (bool, True), "n_perms": (int, 100)},
         "interaction_matrix": {"run": (bool, True)},
         "centrality_scores": {"run": (bool, True), "max_cells": (int, 200_000)},  # larger regions skipped (NaN)
-        "co_occurrence": {"run": (bool, True), "max_um": (Number, 200.0), "step_um": (Number, 10.0),
-                          "max_cells": (int, 20_000)},  # seeded sample of ≤ max_cells per region
-        "ripley": {"run": (bool, True), "max_um": (Number, 100.0), "n_steps": (int, 21),
-                   "max_cells": (int, 10_000)},  # L function; memory ≈ (n²/2)·(8 + n_steps) bytes for n cells of one type
+        "co_occurrence": {
+            "run": (bool, True),
+            "max_um": (Number, 200.0),
+            "step_um": (Number, 10.0),
+            "max_cells": (int, 20_000),
+        },  # seeded sample of ≤ max_cells per region
+        "ripley": {
+            "run": (bool, True),
+            "max_um": (Number, 100.0),
+            "n_steps": (int, 21),
+            "max_cells": (int, 10_000),
+        },  # L function; memory ≈ (n²/2)·(8 + n_steps) bytes for n cells of one type
         "moran": {"run": (bool, True), "features": (list, ["area_um2", "hematoxylin_od", "eccentricity"])},
     },
     "endpoints": {  # the cohort report's endpoints (histo.stats.endpoints: items, units, pooling over slides)
@@ -177,7 +185,9 @@ def _check_structures(wf: dict, path: str) -> None:
     that section is itself a wanted structure."""
     unknown = [s for s in wf["regions"]["structures"] or [] if s not in STRUCTURES]
     if unknown:
-        raise WorkflowError(path, f"'regions.structures': unknown structure {unknown[0]!r} (known: {', '.join(STRUCTURES)})")
+        raise WorkflowError(
+            path, f"'regions.structures': unknown structure {unknown[0]!r} (known: {', '.join(STRUCTURES)})"
+        )
     names = cell_type_names(wf)
     params = region_params(wf["tissue_type"], wf["regions"])
     for section, types in used_cell_types(params, wf["tissue_type"]).items():
@@ -185,11 +195,17 @@ def _check_structures(wf: dict, path: str) -> None:
         bad = [t for t in types if t not in names]
         if bad:
             hint = "" if wf["stain"] == "he" or wf["marker_gates"]["gates"] else "; add 'marker_gates'"
-            raise WorkflowError(path, f"'{key}': {bad[0]!r} is not a cell type of this workflow "
-                                      f"(stain {wf['stain']!r} gives: {', '.join(names)}{hint})")
+            raise WorkflowError(
+                path,
+                f"'{key}': {bad[0]!r} is not a cell type of this workflow "
+                f"(stain {wf['stain']!r} gives: {', '.join(names)}{hint})",
+            )
         if not types and section in params["structures"]:
-            raise WorkflowError(path, f"'{key}' is empty: name the cell types that form {section}s "
-                                      f"(stain {wf['stain']!r} gives: {', '.join(names)})")
+            raise WorkflowError(
+                path,
+                f"'{key}' is empty: name the cell types that form {section}s "
+                f"(stain {wf['stain']!r} gives: {', '.join(names)})",
+            )
 
 
 def nucleus_channel(wf: dict, channel_names: list[str], slide: str) -> int:
@@ -198,11 +214,21 @@ def nucleus_channel(wf: dict, channel_names: list[str], slide: str) -> int:
     or a 0-based index), else 0. SlideError naming the slide and its channels when it has no such
     channel."""
     want = wf["segmentation"]["nucleus_channel"]
-    index = 0 if want is None else want if isinstance(want, int) else \
-        channel_names.index(want) if want in channel_names else -1
+    index = (
+        0
+        if want is None
+        else want
+        if isinstance(want, int)
+        else channel_names.index(want)
+        if want in channel_names
+        else -1
+    )
     if not 0 <= index < len(channel_names):
-        raise SlideError(slide, f"no channel {want!r} for the nuclei (workflow {wf['name']!r}, "
-                                f"'segmentation.nucleus_channel'); the slide's channels: {', '.join(channel_names)}")
+        raise SlideError(
+            slide,
+            f"no channel {want!r} for the nuclei (workflow {wf['name']!r}, "
+            f"'segmentation.nucleus_channel'); the slide's channels: {', '.join(channel_names)}",
+        )
     return index
 
 
@@ -212,8 +238,10 @@ class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark
-            raise yaml.YAMLError(f"YAML aliases (*{self.peek_event().anchor}) are not allowed "
-                                 f"(line {mark.line + 1}); write the values out")
+            raise yaml.YAMLError(
+                f"YAML aliases (*{self.peek_event().anchor}) are not allowed "
+                f"(line {mark.line + 1}); write the values out"
+            )
         return super().compose_node(parent, index)
 
 

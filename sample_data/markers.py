@@ -46,7 +46,9 @@ def marker_cells(scene: sc.Scene, seed: int = 0) -> pd.DataFrame:
     follicular = np.isin(region, [sc.R_FOLL, sc.R_GC])
     compartment = np.select(
         [follicular, sc.fields(scene, nuc["x"], nuc["y"])["medulla"], region == sc.R_AGG],
-        ["follicle", "medulla", "aggregate"], "elsewhere")
+        ["follicle", "medulla", "aggregate"],
+        "elsewhere",
+    )
     phenotype = np.full(n, "other", dtype=object)
     lym = style == sc.LYM
     u = rng.random(n)
@@ -62,9 +64,16 @@ def marker_cells(scene: sc.Scene, seed: int = 0) -> pd.DataFrame:
     xy = np.c_[nuc["x"], nuc["y"]]
     k = min(7, n)
     near = cKDTree(xy).query(xy, k=k)[1][:, 1:] if n > 1 else np.zeros((n, 0), int)
-    table = pd.DataFrame({"id": nuc["id"], "x_um": nuc["x"], "y_um": nuc["y"],
-                          "area_um2": np.pi * nuc["a"].astype(np.float64) * nuc["b"],
-                          "region": sc.REGIONS[region], "phenotype": phenotype.astype(str)})
+    table = pd.DataFrame(
+        {
+            "id": nuc["id"],
+            "x_um": nuc["x"],
+            "y_um": nuc["y"],
+            "area_um2": np.pi * nuc["a"].astype(np.float64) * nuc["b"],
+            "region": sc.REGIONS[region],
+            "phenotype": phenotype.astype(str),
+        }
+    )
     for marker in PANEL:
         spill = SPILL * own[marker][near].mean(axis=1) if near.shape[1] else 0.0
         table[f"mean_{marker}"] = (own[marker] + (spill if marker != "DAPI" else 0.0)).astype(np.float32)

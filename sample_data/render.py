@@ -82,7 +82,9 @@ def background(scene, x0, y0, w, h, p):
     X, Y = GX[near], GY[near]
     f = {k: v[near] for k, v in f_all.items()}
     # ragged tissue edge
-    tissue = f["tissue"] + 2.5 * (point_noise(X, Y, 9.0, seed + 31) - 0.5) + 1.0 * (point_noise(X, Y, 3.0, seed + 32) - 0.5)
+    tissue = (
+        f["tissue"] + 2.5 * (point_noise(X, Y, 9.0, seed + 31) - 0.5) + 1.0 * (point_noise(X, Y, 3.0, seed + 32) - 0.5)
+    )
     cover = np.clip(0.5 + tissue / max(1.2, p), 0, 1)
     dens = point_noise(X, Y, 35.0, seed + 45)  # oedema / looseness of the stroma
     k = 0.45 + 0.75 * dens
@@ -156,7 +158,9 @@ def _vessels(scene, xs, ys, H, E, seed):
         return
     ext = v[:, 2] + v[:, 3] + 1.0
     p = xs[1] - xs[0] if xs.size > 1 else 1.0
-    sel = np.nonzero((v[:, 0] + ext >= xs[0]) & (v[:, 0] - ext <= xs[-1]) & (v[:, 1] + ext >= ys[0]) & (v[:, 1] - ext <= ys[-1]))[0]
+    sel = np.nonzero(
+        (v[:, 0] + ext >= xs[0]) & (v[:, 0] - ext <= xs[-1]) & (v[:, 1] + ext >= ys[0]) & (v[:, 1] - ext <= ys[-1])
+    )[0]
     for k in sel:
         vx, vy, rl, vw = v[k]
         e = ext[k]
@@ -256,7 +260,7 @@ def _stamp_group(nuc, idx, cxp, cyp, p, w, h, tex, acc, lab):
     inside_x = (px >= 0) & (px < w)
     inside_y = (py >= 0) & (py < h)
     valid = inside_y[:, :, None] & inside_x[:, None, :]
-    flat = (np.clip(py, 0, h - 1)[:, :, None] * w + np.clip(px, 0, w - 1)[:, None, :])
+    flat = np.clip(py, 0, h - 1)[:, :, None] * w + np.clip(px, 0, w - 1)[:, None, :]
     t = tex[flat] * _STYLE_TEX[style][:, None, None]
     Hn = hod * prof * (1 + t)
     # nucleoli: 1-3 dark dots, mostly peripheral in centroblasts
@@ -326,7 +330,7 @@ def _stamp_nuclei(scene, x0, y0, w, h, p):
         for hv in np.unique(half):
             idx = np.nonzero(half == hv)[0]
             for c0 in range(0, idx.size, 4000):
-                _stamp_group(nuc, idx[c0:c0 + 4000], cxp, cyp, p, w, h, tex, acc, lab)
+                _stamp_group(nuc, idx[c0 : c0 + 4000], cxp, cyp, p, w, h, tex, acc, lab)
     return [v.astype(np.float32).reshape(h, w) for v in acc], lab.reshape(h, w)
 
 

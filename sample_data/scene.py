@@ -112,8 +112,9 @@ class Scene:
 TREATMENTS = ("belimumab",)  # the treatment effects make_scene can build in
 
 
-def make_scene(kind: str, size: int, seed: int, mpp: float = 0.5, section: int = 0,
-               treatment: str | None = None) -> Scene:
+def make_scene(
+    kind: str, size: int, seed: int, mpp: float = 0.5, section: int = 0, treatment: str | None = None
+) -> Scene:
     """Lay out a synthetic ``kind`` slide ("lymph-node" or "synovium") of ``size``² px at ``mpp`` µm/px.
 
     ``section`` > 0 is another section of the same block: the same layout (tissue, structures,
@@ -144,12 +145,12 @@ def make_scene(kind: str, size: int, seed: int, mpp: float = 0.5, section: int =
     if treatment == "belimumab":
         structs = shrink_follicles(structs, np.random.default_rng([seed, kcode, 2]))
     nb = int(np.ceil(W / BLOCK_UM))
-    return Scene(kind, size, seed, mpp, pieces, structs, linings, vessels, params,
-                 cache_blocks=max(64, 16 * (nb + 2)))
+    return Scene(kind, size, seed, mpp, pieces, structs, linings, vessels, params, cache_blocks=max(64, 16 * (nb + 2)))
 
 
-def shrink_follicles(structs: list[Structure], rng, drop: float = 1 / 3, follicle_scale: float = 0.75,
-                     gc_scale: float = 0.9) -> list[Structure]:
+def shrink_follicles(
+    structs: list[Structure], rng, drop: float = 1 / 3, follicle_scale: float = 0.75, gc_scale: float = 0.9
+) -> list[Structure]:
     """Follicles after BAFF blockade (DOMAIN §3: fewer and smaller follicles, thinner mantle, the
     germinal centre changing less): each follicle is dropped with probability ``drop`` (with its
     germinal centre; at least one follicle stays), the others shrink about their centre to
@@ -186,7 +187,7 @@ def _grid_ok(grid: dict, cell: float, x: float, y: float, r: float, gap: float) 
     i, j = int(x // cell), int(y // cell)
     for di in (-1, 0, 1):
         for dj in (-1, 0, 1):
-            for (qx, qy, qr) in grid.get((i + di, j + dj), ()):
+            for qx, qy, qr in grid.get((i + di, j + dj), ()):
                 if (x - qx) ** 2 + (y - qy) ** 2 < (r + qr + gap) ** 2:
                     return False
     return True
@@ -333,8 +334,16 @@ def _layout_synovium(rng, W, params):
         ax = 0.40 * long_ * rng.uniform(0.8, 1.0)
         ay = min(0.40 * short * rng.uniform(0.75, 1.0), ax)
         r = np.sqrt(ax * ay)
-        b = random_blob(rng, ccx + rng.normal(0, 0.03 * cw), ccy + rng.normal(0, 0.03 * ch), r,
-                        aspect=ax / ay, rot=rot, rough=0.06, kmax=7)
+        b = random_blob(
+            rng,
+            ccx + rng.normal(0, 0.03 * cw),
+            ccy + rng.normal(0, 0.03 * ch),
+            r,
+            aspect=ax / ay,
+            rot=rot,
+            rough=0.06,
+            kmax=7,
+        )
         villi = tuple((k2, rng.normal(0, 0.012), rng.uniform(0, 2 * np.pi)) for k2 in range(9, 16, 2))
         pieces.append(Blob(b.cx, b.cy, b.ax, b.ay, b.rot, b.harm + villi))
     layers = int(rng.integers(1, 7))
@@ -356,7 +365,9 @@ def _layout_synovium(rng, W, params):
             px, py = u * c - v * s, u * s + v * c
             n = np.array([px, py]) / np.hypot(px, py)
             d = rng.uniform(0.6, 0.8) * np.hypot(px, py)
-            b = Blob(b.cx, b.cy, b.ax, b.ay, b.rot, b.harm, (float(n[0]), float(n[1]), float(n[0] * b.cx + n[1] * b.cy + d)))
+            b = Blob(
+                b.cx, b.cy, b.ax, b.ay, b.rot, b.harm, (float(n[0]), float(n[1]), float(n[0] * b.cx + n[1] * b.cy + d))
+            )
             span = min(span, 0.5 * 2 * np.pi)
         out.append(b)
         lay = int(np.clip(layers + (rng.integers(-1, 2) if len(pieces) > 1 else 0), 1, 6))
@@ -365,8 +376,11 @@ def _layout_synovium(rng, W, params):
     # aggregates, graded by radial cell layers (DOMAIN §2, §7.3): G1 2-5, G2 6-10, G3 > 10
     area_mm2 = sum(_poly_area_mm2(p) for p in pieces)
     inf = params["infiltrate"]
-    wanted = [3] * max(1, rng.poisson(0.35 * area_mm2 * inf)) + [2] * (1 + rng.poisson(1.2 * area_mm2 * inf)) \
+    wanted = (
+        [3] * max(1, rng.poisson(0.35 * area_mm2 * inf))
+        + [2] * (1 + rng.poisson(1.2 * area_mm2 * inf))
         + [1] * (1 + rng.poisson(4.0 * area_mm2 * inf))
+    )
     layer_range = {1: (3.0, 4.5), 2: (7.0, 9.0), 3: (12.5, 16.5)}
     structs: list[Structure] = []
     vessels = []
@@ -399,8 +413,14 @@ def _layout_synovium(rng, W, params):
             blob = random_blob(rng, x[k], y[k], r[k], aspect=rng.uniform(1.0, 1.35), rough=0.06, kmax=5)
             _grid_add(grid, cell, x[k], y[k], blob.rmax)
             structs.append(Structure("aggregate", blob, grade=grade, layers=round(float(lay[k]), 1)))
-            vessels.append((x[k] + rng.normal(0, 0.2 * r[k]), y[k] + rng.normal(0, 0.2 * r[k]),
-                            rng.uniform(5, 12), rng.uniform(3, 6)))
+            vessels.append(
+                (
+                    x[k] + rng.normal(0, 0.2 * r[k]),
+                    y[k] + rng.normal(0, 0.2 * r[k]),
+                    rng.uniform(5, 12),
+                    rng.uniform(3, 6),
+                )
+            )
             placed += 1
     # vessels: denser under the lining
     for pi, b in enumerate(pieces):
@@ -463,10 +483,19 @@ def fields(scene: Scene, x: np.ndarray, y: np.ndarray) -> dict:
     shp = np.broadcast(x, y).shape
     x, y = np.broadcast_to(x, shp), np.broadcast_to(y, shp)
     ninf = np.full(shp, -np.inf)
-    f = dict(tissue=ninf.copy(), surf=np.full(shp, np.inf), lining=np.zeros(shp, bool),
-             foll=ninf.copy(), gc=ninf.copy(), gc_t=np.zeros(shp), agg=ninf.copy(),
-             vdist=np.full(shp, np.inf), vwall=np.zeros(shp), vang=np.zeros(shp),
-             medulla=np.zeros(shp, bool))
+    f = dict(
+        tissue=ninf.copy(),
+        surf=np.full(shp, np.inf),
+        lining=np.zeros(shp, bool),
+        foll=ninf.copy(),
+        gc=ninf.copy(),
+        gc_t=np.zeros(shp),
+        agg=ninf.copy(),
+        vdist=np.full(shp, np.inf),
+        vwall=np.zeros(shp),
+        vang=np.zeros(shp),
+        medulla=np.zeros(shp, bool),
+    )
     if x.size == 0:
         return f
     for pi in _select(_bboxes(scene, "pieces"), x, y, 50):
@@ -690,9 +719,16 @@ def _conflicts(px, py, pr, qx, qy, qr, tol):
 
 
 def _empty():
-    return dict(id=np.zeros(0, np.int32), x=np.zeros(0), y=np.zeros(0), a=np.zeros(0, np.float32),
-                b=np.zeros(0, np.float32), theta=np.zeros(0, np.float32), style=np.zeros(0, np.int8),
-                region=np.zeros(0, np.int8))
+    return dict(
+        id=np.zeros(0, np.int32),
+        x=np.zeros(0),
+        y=np.zeros(0),
+        a=np.zeros(0, np.float32),
+        b=np.zeros(0, np.float32),
+        theta=np.zeros(0, np.float32),
+        style=np.zeros(0, np.int8),
+        region=np.zeros(0, np.int8),
+    )
 
 
 def _tissue_in_rect(scene, x0, y0, x1, y1) -> bool:
@@ -735,7 +771,12 @@ def _make_block(scene: Scene, i: int, j: int) -> dict:
             ni, nj = i + di, j + dj
             if (di or dj) and 0 <= ni < n and 0 <= nj < n and (ni & 1) + 2 * (nj & 1) < colour:
                 nb = block_nuclei(scene, ni, nj)
-                m = (nb["x"] > x0 - MARGIN) & (nb["x"] < x1 + MARGIN) & (nb["y"] > y0 - MARGIN) & (nb["y"] < y1 + MARGIN)
+                m = (
+                    (nb["x"] > x0 - MARGIN)
+                    & (nb["x"] < x1 + MARGIN)
+                    & (nb["y"] > y0 - MARGIN)
+                    & (nb["y"] < y1 + MARGIN)
+                )
                 ex.append(nb["x"][m])
                 ey.append(nb["y"][m])
                 er.append(_reff(nb["style"][m], nb["a"][m], nb["b"][m]))
@@ -814,8 +855,13 @@ def _make_block(scene: Scene, i: int, j: int) -> dict:
     base = (j * n + i) * (MAX_PER_BLOCK + 1)
     return dict(
         id=(base + 1 + np.arange(x.size)).astype(np.int32),
-        x=x, y=y, a=a.astype(np.float32), b=b.astype(np.float32),
-        theta=np.mod(theta, np.pi).astype(np.float32), style=style, region=region,
+        x=x,
+        y=y,
+        a=a.astype(np.float32),
+        b=b.astype(np.float32),
+        theta=np.mod(theta, np.pi).astype(np.float32),
+        style=style,
+        region=region,
     )
 
 

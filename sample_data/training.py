@@ -53,8 +53,9 @@ def _targets(scene, rng, n: int, tile_um: float) -> list[tuple[float, float]]:
     return out
 
 
-def write_training_set(out_dir, n_tiles: int, tile_px: int = 256, seed: int = 0, mpp: float = 0.5,
-                       per_scene: int = 24) -> None:
+def write_training_set(
+    out_dir, n_tiles: int, tile_px: int = 256, seed: int = 0, mpp: float = 0.5, per_scene: int = 24
+) -> None:
     """Write ``n_tiles`` RGB tiles to out_dir/images/NNNN.tif and instance masks to masks/NNNN.tif.
 
     Tiles (``tile_px``² at ``mpp`` µm/px) alternate between lymph-node and synovium scenes (a new

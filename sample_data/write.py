@@ -89,7 +89,7 @@ def _tiles(scene, size: int, ds: int, tile: int, after_row=None, pool=None):
 
     ahead: deque = deque()
     nxt = 0
-    for k, (tx, ty) in enumerate(coords):
+    for tx, ty in coords:
         if pool is None:
             yield one((tx, ty))
         else:
@@ -110,12 +110,16 @@ def truth_geojson(scene) -> dict:
         tissue.append(poly)
         feats.append(_feature(poly, dict(kind="tissue", piece=pi)))
     union = shapely.union_all(tissue)
-    for li, lin in enumerate(scene.linings):
+    for lin in scene.linings:
         poly = _lining_polygon(scene.pieces[lin.piece], lin).intersection(union)
         for part in getattr(poly, "geoms", [poly]):
             if part.geom_type == "Polygon" and part.area > 1:
-                feats.append(_feature(part, dict(kind="lining", piece=lin.piece, layers=lin.layers,
-                                                  thickness_um=round(lin.thickness, 1))))
+                feats.append(
+                    _feature(
+                        part,
+                        dict(kind="lining", piece=lin.piece, layers=lin.layers, thickness_um=round(lin.thickness, 1)),
+                    )
+                )
     for si, s in enumerate(scene.structures):
         full = s.blob.polygon(256)
         poly = full.intersection(union)
@@ -135,10 +139,19 @@ def truth_geojson(scene) -> dict:
             props["grade"] = int(s.grade)
             props["layers"] = float(s.layers)
         feats.append(_feature(poly, props))
-    return dict(type="FeatureCollection",
-                properties=dict(kind=scene.kind, seed=scene.seed, size_px=scene.size, mpp=scene.mpp, units="µm",
-                                section=scene.params.get("section", 0), treatment=scene.params.get("treatment")),
-                features=feats)
+    return dict(
+        type="FeatureCollection",
+        properties=dict(
+            kind=scene.kind,
+            seed=scene.seed,
+            size_px=scene.size,
+            mpp=scene.mpp,
+            units="µm",
+            section=scene.params.get("section", 0),
+            treatment=scene.params.get("treatment"),
+        ),
+        features=feats,
+    )
 
 
 def _feature(poly: Polygon, props: dict) -> dict:
@@ -166,8 +179,17 @@ def _lining_polygon(b, lin) -> Polygon:
     return shapely.make_valid(Polygon(np.concatenate([outer, inner[::-1]])))
 
 
-def write_sample(kind: str, out, size: int = 4096, seed: int = 0, mpp: float = 0.5, tile: int = 512,
-                 workers: int | None = None, section: int = 0, treatment: str | None = None) -> dict:
+def write_sample(
+    kind: str,
+    out,
+    size: int = 4096,
+    seed: int = 0,
+    mpp: float = 0.5,
+    tile: int = 512,
+    workers: int | None = None,
+    section: int = 0,
+    treatment: str | None = None,
+) -> dict:
     """Write a synthetic ``kind`` slide to ``out`` (DIR/NAME.ome.tif) with its truth files.
 
     Writes the pyramidal OME-TIFF (RGB, JPEG q90 tiles of ``tile`` px, level 0 ``size``² px at
@@ -197,8 +219,12 @@ def write_sample(kind: str, out, size: int = 4096, seed: int = 0, mpp: float = 0
             n_done[0] += 1
 
     opts = dict(
-        dtype=np.uint8, tile=(tile, tile), photometric="rgb", compression="jpeg",
-        compressionargs=dict(level=90), resolutionunit="CENTIMETER",
+        dtype=np.uint8,
+        tile=(tile, tile),
+        photometric="rgb",
+        compression="jpeg",
+        compressionargs=dict(level=90),
+        resolutionunit="CENTIMETER",
     )
     est = size * size * 3 * 0.15 * 1.34
     n_workers = 1 if workers is None else max(1, int(workers))
@@ -210,8 +236,14 @@ def write_sample(kind: str, out, size: int = 4096, seed: int = 0, mpp: float = 0
                 shape=(size, size, 3),
                 subifds=len(sizes) - 1,
                 resolution=(1e4 / mpp, 1e4 / mpp),
-                metadata={"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm",
-                          "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm", "Name": img.name},
+                metadata={
+                    "axes": "YXS",
+                    "PhysicalSizeX": mpp,
+                    "PhysicalSizeXUnit": "µm",
+                    "PhysicalSizeY": mpp,
+                    "PhysicalSizeYUnit": "µm",
+                    "Name": img.name,
+                },
                 **opts,
             )
             flush(scene.height_um)
@@ -230,6 +262,12 @@ def write_sample(kind: str, out, size: int = 4096, seed: int = 0, mpp: float = 0
             pool.shutdown()
     gj.write_text(json.dumps(truth_geojson(scene), ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
     return dict(
-        image=str(img), truth=str(truth), geojson=str(gj), n_nuclei=n_done[1],
-        levels=[(s, s) for s in sizes], mpp=mpp, kind=kind, seed=int(seed),
+        image=str(img),
+        truth=str(truth),
+        geojson=str(gj),
+        n_nuclei=n_done[1],
+        levels=[(s, s) for s in sizes],
+        mpp=mpp,
+        kind=kind,
+        seed=int(seed),
     )

@@ -52,13 +52,17 @@ def pytest_collection_modifyitems(config, items):
     """napari (``gui``) tests and the rest cannot share a process: TensorFlow, which the model tests
     load, and a napari viewer in one process segfault (STACK.md). Without a display they skip."""
     if len({item.get_closest_marker("gui") is not None for item in items}) == 2:
-        raise pytest.UsageError("the napari tests (marker gui) need a process without TensorFlow: run "
-                                "`pytest -m 'not gui'` and `pytest -m gui` separately (as `make test` does)")
+        raise pytest.UsageError(
+            "the napari tests (marker gui) need a process without TensorFlow: run "
+            "`pytest -m 'not gui'` and `pytest -m gui` separately (as `make test` does)"
+        )
     # pytest-xvfb has started Xvfb and set DISPLAY by now, where Xvfb is installed; without a display
     # Qt aborts the whole process in pytest-qt's qapp, so the napari tests skip instead
     if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        skip = pytest.mark.skip(reason="napari tests need a display: install Xvfb (Debian: apt-get install xvfb; "
-                                       "pytest-xvfb starts it) or set DISPLAY")
+        skip = pytest.mark.skip(
+            reason="napari tests need a display: install Xvfb (Debian: apt-get install xvfb; "
+            "pytest-xvfb starts it) or set DISPLAY"
+        )
         for item in items:
             if item.get_closest_marker("gui"):
                 item.add_marker(skip)

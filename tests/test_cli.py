@@ -15,7 +15,9 @@ from histo.io.bundle import is_complete
 
 
 def histo(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "histo.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "histo.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def assert_clean_error(result, path, *words):
@@ -52,7 +54,9 @@ def _plain_tiff(path, image, resolution=None):
 
 @pytest.mark.slow
 def test_no_pixel_size_needs_mpp_and_glass_gives_an_empty_bundle(tmp_path):
-    glass = np.full((768, 768, 3), 238, np.uint8) + np.random.default_rng(0).integers(0, 4, (768, 768, 3), dtype=np.uint8)
+    glass = np.full((768, 768, 3), 238, np.uint8) + np.random.default_rng(0).integers(
+        0, 4, (768, 768, 3), dtype=np.uint8
+    )
     path = tmp_path / "glass.tif"
     _plain_tiff(path, glass)
     assert_clean_error(histo("run", path, "--out", tmp_path / "out"), path, "pixel size", "--mpp")
@@ -122,7 +126,7 @@ def test_export_needs_a_bundle_and_a_format(tmp_path, capsys):
     assert "--spatialdata" in capsys.readouterr().err
 
 
-QUIET_SCRIPT = '''
+QUIET_SCRIPT = """
 import logging
 
 def work():
@@ -138,7 +142,7 @@ if __name__ == "__main__":
     _setup_output(parser().parse_args(["export", "x"]))
     with dask_client(n_workers=1) as client:
         print(client.submit(work).result())
-'''
+"""
 
 
 @pytest.mark.slow

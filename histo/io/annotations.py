@@ -18,8 +18,9 @@ from histo.io.bundle import ID_COLUMNS
 MAX_COORD_PX = 1e9  # annotation coordinates beyond this are not on any slide (and overflow areas)
 
 
-def import_annotations(path: str | Path, mpp: float, object_types: tuple[str, ...] | None = ("annotation",),
-                       repair: bool = False) -> gpd.GeoDataFrame:
+def import_annotations(
+    path: str | Path, mpp: float, object_types: tuple[str, ...] | None = ("annotation",), repair: bool = False
+) -> gpd.GeoDataFrame:
     """User annotations from a QuPath GeoJSON export (FeatureCollection, list of Features or one
     Feature; coordinates in level-0 pixels) as regions in µm: kind ``annotation``, ``name`` = the
     QuPath classification (else the object's name, else ``annotation``), ids ``annotation-<n>`` in
@@ -40,7 +41,9 @@ def import_annotations(path: str | Path, mpp: float, object_types: tuple[str, ..
     except UnicodeDecodeError:
         raise HistoError(path, "not a GeoJSON file: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
-        raise HistoError(path, f"not a GeoJSON file: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})") from None
+        raise HistoError(
+            path, f"not a GeoJSON file: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})"
+        ) from None
     if isinstance(data, dict) and data.get("type") == "FeatureCollection" and isinstance(data.get("features"), list):
         features = data["features"]
     elif isinstance(data, list):
@@ -63,8 +66,18 @@ def import_annotations(path: str | Path, mpp: float, object_types: tuple[str, ..
         cls = props.get("classification")
         name = (cls.get("name") if isinstance(cls, dict) else cls) or props.get("name") or "annotation"
         geom = shapely.transform(geom, lambda xy: xy * mpp)
-        rows.append(dict(region_id=f"annotation-{len(rows) + 1}", kind="annotation", name=str(name), parent_id=None,
-                         tissue_id=None, area_um2=geom.area, edge_truncated=False, geometry=geom))
+        rows.append(
+            dict(
+                region_id=f"annotation-{len(rows) + 1}",
+                kind="annotation",
+                name=str(name),
+                parent_id=None,
+                tissue_id=None,
+                area_um2=geom.area,
+                edge_truncated=False,
+                geometry=geom,
+            )
+        )
     cols = list(ID_COLUMNS) + ["area_um2", "edge_truncated"]
     return gpd.GeoDataFrame(rows, columns=cols + ["geometry"], geometry="geometry")
 
@@ -75,8 +88,9 @@ def _geometry(path, where: str, geo, repair: bool = False) -> shapely.Geometry:
     if not isinstance(geo, dict) or "type" not in geo:
         raise HistoError(path, f"{where}: no geometry")
     if geo["type"] not in ("Polygon", "MultiPolygon"):
-        raise HistoError(path, f"{where}: a {geo['type']} is not an area (only Polygon and MultiPolygon annotations "
-                               "are imported)")
+        raise HistoError(
+            path, f"{where}: a {geo['type']} is not an area (only Polygon and MultiPolygon annotations are imported)"
+        )
     try:
         geom = shape(geo)
     except (ValueError, TypeError, IndexError, KeyError, AttributeError, shapely.errors.GEOSException) as exc:
@@ -84,13 +98,17 @@ def _geometry(path, where: str, geo, repair: bool = False) -> shapely.Geometry:
     if not (np.abs(shapely.get_coordinates(geom)) <= MAX_COORD_PX).all():  # NaN fails too
         raise HistoError(path, f"{where}: {geo['type']} coordinates that are not numbers within ±{MAX_COORD_PX:.0e} px")
     if repair and not geom.is_valid:
-        geom = shapely.union_all([g for g in shapely.get_parts(shapely.make_valid(geom))
-                                  if isinstance(g, (Polygon, MultiPolygon))])
+        geom = shapely.union_all(
+            [g for g in shapely.get_parts(shapely.make_valid(geom)) if isinstance(g, (Polygon, MultiPolygon))]
+        )
     if not geom.is_valid:
         reason = explain_validity(geom)
         what = "self-intersecting polygon" if "Self-intersection" in reason else "invalid polygon"
-        raise HistoError(path, f"{where}: {what} ({reason}); fix it in QuPath (e.g. Objects > Annotations > "
-                               "Simplify shape) and export again")
+        raise HistoError(
+            path,
+            f"{where}: {what} ({reason}); fix it in QuPath (e.g. Objects > Annotations > "
+            "Simplify shape) and export again",
+        )
     if geom.is_empty or geom.area <= 0:
         raise HistoError(path, f"{where}: empty {geo['type']} (no area)")
     return geom

@@ -19,16 +19,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import pandas as pd
 from histo.errors import HistoError
 
 if TYPE_CHECKING:
     from histo.segment.tiling import Tile
 
-SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".svs", ".ndpi", ".mrxs", ".png", ".jpg", ".jpeg")
+SLIDE_SUFFIXES = (
+    ".ome.tiff",
+    ".ome.tif",
+    ".ome.zarr",
+    ".tiff",
+    ".tif",
+    ".svs",
+    ".ndpi",
+    ".mrxs",
+    ".png",
+    ".jpg",
+    ".jpeg",
+)
 ID_COLUMNS = ("region_id", "kind", "name", "parent_id", "tissue_id")  # the id columns of a region table
 MAX_NAME = 120  # characters of a bundle name (file systems allow 255 bytes; room for prefixes and suffixes)
 
@@ -45,7 +57,7 @@ def slide_name(path: str | Path) -> str:
             break
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "slide"
     if safe != name or len(safe) > MAX_NAME:
-        safe = f"{safe[:MAX_NAME - 9]}-{hashlib.sha256(name.encode(errors='surrogateescape')).hexdigest()[:8]}"
+        safe = f"{safe[: MAX_NAME - 9]}-{hashlib.sha256(name.encode(errors='surrogateescape')).hexdigest()[:8]}"
     return safe
 
 
@@ -85,8 +97,9 @@ def write_errors(partial: Path):
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         problem = exc.strerror or str(exc).removeprefix(f"[Errno {exc.errno}] ")
-        raise HistoError(exc.filename or partial.parent, f"cannot write the bundle: {problem}; "
-                                                         "the bundles already complete are kept") from None
+        raise HistoError(
+            exc.filename or partial.parent, f"cannot write the bundle: {problem}; the bundles already complete are kept"
+        ) from None
 
 
 def bundle_lock(out: Path, name: str) -> OutputLock:
@@ -117,10 +130,15 @@ class OutputLock:
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "starting"
             os.close(fd)
-            raise HistoError(self.path.parent, f"{self.what} is being written by another histo process "
-                                               f"({holder}); wait for it to end or use another output folder") from None
+            raise HistoError(
+                self.path.parent,
+                f"{self.what} is being written by another histo process "
+                f"({holder}); wait for it to end or use another output folder",
+            ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now():%Y-%m-%d %H:%M:%S}".encode(), 0)
+        os.pwrite(
+            fd, f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now():%Y-%m-%d %H:%M:%S}".encode(), 0
+        )
         self.fd = fd
         return self
 
@@ -148,8 +166,14 @@ def is_complete(bundle: Path) -> bool:
         return False
 
 
-def concat_cells(parts_dir: Path, tiles: list[Tile], out: Path, schema: pa.Schema,
-                 extra: pd.DataFrame | None = None, drop: np.ndarray | None = None) -> tuple[int, dict[str, int]]:
+def concat_cells(
+    parts_dir: Path,
+    tiles: list[Tile],
+    out: Path,
+    schema: pa.Schema,
+    extra: pd.DataFrame | None = None,
+    drop: np.ndarray | None = None,
+) -> tuple[int, dict[str, int]]:
     """Stream the per-tile parts (columns ``schema``), in tile order, into ``cells.parquet`` (one row
     group per non-empty tile), leaving out the rows ``drop`` marks (a mask over the parts' rows in
     that order), numbering the nuclei ``label`` = 1, 2, … and appending the columns of ``extra``
@@ -167,7 +191,7 @@ def concat_cells(parts_dir: Path, tiles: list[Tile], out: Path, schema: pa.Schem
             part = pq.read_table(parts_dir / f"{tile.name}.parquet", schema=schema)
             read += part.num_rows
             if drop is not None:
-                part = part.filter(pa.array(~drop[read - part.num_rows:read]))
+                part = part.filter(pa.array(~drop[read - part.num_rows : read]))
             if part.num_rows == 0:
                 continue
             part = part.append_column("label", pa.array(range(n + 1, n + 1 + part.num_rows), pa.int32()))
@@ -195,12 +219,18 @@ def check_same_input(bundle: Path, slide: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         return  # no bundle there, or no record of its input
     stat = slide.stat()
-    if (seen.get("path"), seen.get("size_bytes"), seen.get("mtime")) == (str(slide.resolve()), stat.st_size,
-                                                                          stat.st_mtime):
+    if (seen.get("path"), seen.get("size_bytes"), seen.get("mtime")) == (
+        str(slide.resolve()),
+        stat.st_size,
+        stat.st_mtime,
+    ):
         return
     if file_fingerprint(slide)["sha256"] != seen.get("sha256"):
-        raise HistoError(bundle, f"this bundle holds the results of another input ({seen.get('path')}); "
-                                 "give --overwrite to replace it, or another --out")
+        raise HistoError(
+            bundle,
+            f"this bundle holds the results of another input ({seen.get('path')}); "
+            "give --overwrite to replace it, or another --out",
+        )
 
 
 def file_fingerprint(path: Path, chunk: int = 1 << 22) -> dict:
@@ -210,4 +240,9 @@ def file_fingerprint(path: Path, chunk: int = 1 << 22) -> dict:
         while block := fh.read(chunk):
             digest.update(block)
     stat = path.stat()
-    return {"path": str(path.resolve()), "size_bytes": stat.st_size, "mtime": stat.st_mtime, "sha256": digest.hexdigest()}
+    return {
+        "path": str(path.resolve()),
+        "size_bytes": stat.st_size,
+        "mtime": stat.st_mtime,
+        "sha256": digest.hexdigest(),
+    }

@@ -23,8 +23,16 @@ from dask.base import tokenize
 from scipy import sparse
 
 from histo.errors import SlideError
-from histo.io.tiff_tiles import (DTYPES, MAX_DECODE_PX, PLAUSIBLE_MPP, TiffReader, TileError, jpeg_frame,
-                               skip_unreadable_tiles, skipped)
+from histo.io.tiff_tiles import (
+    DTYPES,
+    MAX_DECODE_PX,
+    PLAUSIBLE_MPP,
+    TiffReader,
+    TileError,
+    jpeg_frame,
+    skip_unreadable_tiles,
+    skipped,
+)
 
 __all__ = ["Slide", "check_stain", "open_slide", "skip_unreadable_tiles"]
 
@@ -95,8 +103,9 @@ class Slide:
         for by in range(0, h, step):
             for bx in range(0, w, step):
                 bh, bw = min(step, h - by), min(step, w - bx)
-                out[by:by + bh, bx:bx + bw] = _resampled(reader, level, y + by, x + bx, bh, bw, s,
-                                                         self.background, out.dtype)
+                out[by : by + bh, bx : bx + bw] = _resampled(
+                    reader, level, y + by, x + bx, bh, bw, s, self.background, out.dtype
+                )
         return out
 
     def thumbnail(self, mpp: float) -> np.ndarray:
@@ -135,8 +144,15 @@ def _check_regular_file(path: str | Path) -> None:
         problem = "symbolic link loop" if exc.errno == errno.ELOOP else exc.strerror
         raise SlideError(path, f"cannot open: {problem}") from None
     if not stat.S_ISREG(mode):
-        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" \
-            if stat.S_ISSOCK(mode) else "a device"
+        kind = (
+            "a folder"
+            if stat.S_ISDIR(mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "a device"
+        )
         raise SlideError(path, f"not a slide: {kind}, not a regular file")
 
 
@@ -144,8 +160,11 @@ def check_stain(slide: Slide, wf: dict) -> None:
     """A brightfield workflow (stain ``he`` or ``ihc``) needs an 8-bit RGB slide (8-bit gray and
     RGBA are made RGB): a 16-bit, float or multichannel one is a SlideError."""
     if wf["stain"] != "if" and slide.kind != "brightfield":
-        raise SlideError(slide.path, f"{slide.levels[0].dtype} image with {slide.levels[0].shape[2]} channel(s) is not "
-                                     f"8-bit RGB, which the workflow '{wf['name']}' (stain {wf['stain']}) needs")
+        raise SlideError(
+            slide.path,
+            f"{slide.levels[0].dtype} image with {slide.levels[0].shape[2]} channel(s) is not "
+            f"8-bit RGB, which the workflow '{wf['name']}' (stain {wf['stain']}) needs",
+        )
 
 
 def _reopen(path: str, mpp: float, backend: str) -> Slide:
@@ -162,20 +181,42 @@ def _slide(path: Path, reader, mpp: float | None) -> Slide:
         if not mpp:
             raise SlideError(path, "no pixel size in the file; give one with --mpp")
         if not _plausible(mpp):
-            raise SlideError(path, f"implausible pixel size in the file ({mpp:g} µm/px, expected "
-                                   f"{PLAUSIBLE_MPP[0]}–{PLAUSIBLE_MPP[1]}); give the right one with --mpp")
+            raise SlideError(
+                path,
+                f"implausible pixel size in the file ({mpp:g} µm/px, expected "
+                f"{PLAUSIBLE_MPP[0]}–{PLAUSIBLE_MPP[1]}); give the right one with --mpp",
+            )
     bf, channels = reader.brightfield, reader.out_channels
-    names = reader.channel_names if len(reader.channel_names) == channels else \
-        (["R", "G", "B"] if bf else [f"ch{i}" for i in range(channels)])
+    names = (
+        reader.channel_names
+        if len(reader.channel_names) == channels
+        else (["R", "G", "B"] if bf else [f"ch{i}" for i in range(channels)])
+    )
     h0, w0 = reader.shapes[0]
     token = tokenize(str(path), path.stat().st_mtime_ns, reader.backend)
-    levels = [da.from_array(_LevelArray(reader, i), chunks=_chunks(reader.chunks[i]),
-                            name=f"slide-{i}-{token}", meta=np.empty((0, 0, 0), reader.dtype),
-                            asarray=False, lock=False)
-              for i in range(len(reader.shapes))]
+    levels = [
+        da.from_array(
+            _LevelArray(reader, i),
+            chunks=_chunks(reader.chunks[i]),
+            name=f"slide-{i}-{token}",
+            meta=np.empty((0, 0, 0), reader.dtype),
+            asarray=False,
+            lock=False,
+        )
+        for i in range(len(reader.shapes))
+    ]
     downsamples = [(h0 / h + w0 / w) / 2 for h, w in reader.shapes]
-    return Slide(path, float(mpp), levels, downsamples, (h0, w0),
-                 "brightfield" if bf else "fluorescence", names, reader.format, reader.backend)
+    return Slide(
+        path,
+        float(mpp),
+        levels,
+        downsamples,
+        (h0, w0),
+        "brightfield" if bf else "fluorescence",
+        names,
+        reader.format,
+        reader.backend,
+    )
 
 
 def _to_rgb(a: np.ndarray) -> np.ndarray:
@@ -268,7 +309,7 @@ class _Region:
             out = self.read(level, y0, y1, x0, x1, fill)
         else:
             out = np.full((h, w, self.channels), fill, self.dtype)
-            out[y0 - y:y1 - y, x0 - x:x1 - x] = self.read(level, y0, y1, x0, x1, fill)
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self.read(level, y0, y1, x0, x1, fill)
         if out.dtype.kind == "f":  # NaN / inf in a float slide: no signal (an all-NaN slide is glass)
             np.nan_to_num(out, copy=False, nan=fill, posinf=fill, neginf=fill)
         return _to_rgb(out) if self.brightfield else out
@@ -295,8 +336,11 @@ class _Image(_Region):
         format = "png" if data.startswith(b"\x89PNG") else "jpeg"
         h, w = _image_size(path, data, format)
         if h * w > MAX_DECODE_PX:
-            raise SlideError(path, f"absurd dimensions {w}×{h} px for a {format} image (decoded whole: "
-                                   f"at most {MAX_DECODE_PX:,} px; tile it as a pyramidal TIFF)")
+            raise SlideError(
+                path,
+                f"absurd dimensions {w}×{h} px for a {format} image (decoded whole: "
+                f"at most {MAX_DECODE_PX:,} px; tile it as a pyramidal TIFF)",
+            )
         try:
             a = imagecodecs.png_decode(data) if format == "png" else imagecodecs.jpeg_decode(data)
         except Exception as exc:
@@ -326,9 +370,13 @@ class _OpenSlide(_Region):
         self.mpp = float(props["openslide.mpp-x"]) if props.get("openslide.mpp-x") else None
         self.dtype, self.channels, self.channel_names = np.dtype(np.uint8), 4, []
         self.shapes = [(h, w) for w, h in self.osr.level_dimensions]
-        self.chunks = [(int(props.get(f"openslide.level[{i}].tile-height", 512)),
-                        int(props.get(f"openslide.level[{i}].tile-width", 512)))
-                       for i in range(len(self.shapes))]
+        self.chunks = [
+            (
+                int(props.get(f"openslide.level[{i}].tile-height", 512)),
+                int(props.get(f"openslide.level[{i}].tile-width", 512)),
+            )
+            for i in range(len(self.shapes))
+        ]
         self.downsamples = self.osr.level_downsamples
 
     def read(self, level, y0, y1, x0, x1, fill):
@@ -358,8 +406,11 @@ def _image_size(path: Path, data: bytes, format: str) -> tuple[int, int]:
         raise SlideError(path, "corrupt jpeg image: no frame header before the image data")
     if frame[2] not in (1, 3):
         kind = "CMYK or YCCK" if frame[2] == 4 else "not gray or RGB"
-        raise SlideError(path, f"unsupported jpeg colour space: {frame[2]} components ({kind}); convert it to RGB "
-                               "first (e.g. in QuPath or ImageMagick)")
+        raise SlideError(
+            path,
+            f"unsupported jpeg colour space: {frame[2]} components ({kind}); convert it to RGB "
+            "first (e.g. in QuPath or ImageMagick)",
+        )
     return frame[0], frame[1]
 
 
@@ -382,8 +433,7 @@ def _open_any(path: Path):
     try:
         return _OpenSlide(path)
     except Exception:
-        raise SlideError(path, tiff_problem or "not a slide or image tifffile/OpenSlide can read") \
-            from None
+        raise SlideError(path, tiff_problem or "not a slide or image tifffile/OpenSlide can read") from None
 
 
 def _reader(path: Path, backend: str):

@@ -30,8 +30,18 @@ MAX_SEGMENTS = 1 << 21  # tiles or strips per level (a 200,000² px level in 256
 MAX_PX_PER_BYTE = 10_000  # a level 0 over MAX_DECODE_PX px needs at least px / this bytes of file (slides: < 10)
 PLAUSIBLE_MPP = (0.01, 20.0)  # µm/px; resolution tags outside are DPI defaults, not microscopy
 DTYPES = frozenset(np.dtype(t) for t in ("uint8", "uint16", "int16", "uint32", "float32"))
-_UM_PER_UNIT = {"Å": 1e-4, "nm": 1e-3, "µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0,
-                "mm": 1e3, "cm": 1e4, "m": 1e6, "in": 25400.0}
+_UM_PER_UNIT = {
+    "Å": 1e-4,
+    "nm": 1e-3,
+    "µm": 1.0,
+    "μm": 1.0,
+    "um": 1.0,
+    "micron": 1.0,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
+    "in": 25400.0,
+}
 _UM_PER_RESUNIT = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}  # inch, cm, mm, µm
 
 
@@ -92,8 +102,7 @@ class TiffReader:
         if (n := _first_segment_count(path)) > MAX_SEGMENTS:  # before tifffile loads n offsets
             raise SlideError(path, f"absurd number of tiles or strips at level 0: {n:,} (at most {MAX_SEGMENTS:,})")
         with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
-            self.format = ("ome-tiff" if tif.is_ome else "svs" if tif.is_svs
-                           else "ndpi" if tif.is_ndpi else "tiff")
+            self.format = "ome-tiff" if tif.is_ome else "svs" if tif.is_svs else "ndpi" if tif.is_ndpi else "tiff"
             series = tif.series[0]
             levels = list(series.levels)
             if self.format == "tiff" and len(levels) == 1:
@@ -103,8 +112,9 @@ class TiffReader:
             if self.dtype not in DTYPES:
                 raise SlideError(path, f"unsupported pixel type {key.dtype} ({key.bitspersample}-bit)")
             if key.photometric not in (1, 2, 6) or key.imagedepth > 1:  # minisblack, rgb, ycbcr
-                raise SlideError(path, f"unsupported TIFF image kind (photometric "
-                                       f"{int(key.photometric)}, depth {key.imagedepth})")
+                raise SlideError(
+                    path, f"unsupported TIFF image kind (photometric {int(key.photometric)}, depth {key.imagedepth})"
+                )
             self.levels = [self._level(series.axes, lv, key, i) for i, lv in enumerate(levels)]
             self.pages = self.levels[0].offsets.shape[0]  # pages along C
             self.channels = self.pages * key.samplesperpixel
@@ -112,12 +122,14 @@ class TiffReader:
         end = max(int((lv.offsets + lv.counts).max()) for lv in self.levels)
         size = path.stat().st_size
         if end > size:
-            raise SlideError(path, f"truncated: tile data runs to byte {end:,} but the file has "
-                                   f"{size:,} bytes")
+            raise SlideError(path, f"truncated: tile data runs to byte {end:,} but the file has {size:,} bytes")
         (h, w), px = self.levels[0].shape, self.levels[0].shape[0] * self.levels[0].shape[1]
         if px > MAX_DECODE_PX and px > size * MAX_PX_PER_BYTE:
-            raise SlideError(path, f"declares {w:,}×{h:,} px in a file of {size:,} bytes: more than "
-                                   f"{MAX_PX_PER_BYTE:,} px per byte, not a slide")
+            raise SlideError(
+                path,
+                f"declares {w:,}×{h:,} px in a file of {size:,} bytes: more than "
+                f"{MAX_PX_PER_BYTE:,} px per byte, not a slide",
+            )
         self.fd = os.open(path, os.O_RDONLY)
 
     def _level(self, axes: str, level, level0, index: int) -> _Level:
@@ -133,25 +145,37 @@ class TiffReader:
         pages = [level.pages[int(i)] for i in pick]
         if any(p is None for p in pages):
             raise SlideError(self.path, f"truncated or corrupt: pages of level {index} missing")
-        seg = (int(key.tilelength), int(key.tilewidth)) if key.is_tiled else \
-            (min(int(key.rowsperstrip), h), w)
+        seg = (int(key.tilelength), int(key.tilewidth)) if key.is_tiled else (min(int(key.rowsperstrip), h), w)
         grid = (-(-h // seg[0]), -(-w // seg[1]))
         planes = key.samplesperpixel if key.planarconfig == 2 else 1
         n = planes * grid[0] * grid[1]
         kind = "tile" if key.is_tiled else "strip"
         if seg[0] * seg[1] > MAX_DECODE_PX:
-            raise SlideError(self.path, f"absurd {kind} of {seg[1]:,}×{seg[0]:,} px at level {index} (one decode: "
-                                        f"at most {MAX_DECODE_PX:,} px)")
+            raise SlideError(
+                self.path,
+                f"absurd {kind} of {seg[1]:,}×{seg[0]:,} px at level {index} (one decode: "
+                f"at most {MAX_DECODE_PX:,} px)",
+            )
         if n > MAX_SEGMENTS:
-            raise SlideError(self.path, f"absurd number of {kind}s at level {index}: {n:,} of {seg[1]}×{seg[0]} px "
-                                        f"(at most {MAX_SEGMENTS:,})")
+            raise SlideError(
+                self.path,
+                f"absurd number of {kind}s at level {index}: {n:,} of {seg[1]}×{seg[0]} px (at most {MAX_SEGMENTS:,})",
+            )
         if any(len(p.dataoffsets) != n or len(p.databytecounts) != n for p in pages):
             raise SlideError(self.path, f"corrupt: level {index} has the wrong number of tiles")
         shape = (len(pages), planes, *grid)
         offsets = np.array([p.dataoffsets for p in pages], np.int64).reshape(shape)
         counts = np.array([p.databytecounts for p in pages], np.int64).reshape(shape)
-        return _Level((h, w), seg, offsets, counts, key.decode,  # decode: built while the file is open
-                      [p.jpegtables for p in pages], key.jpegheader, key.compression == 7 and key.jpegheader is None)
+        return _Level(
+            (h, w),
+            seg,
+            offsets,
+            counts,
+            key.decode,  # decode: built while the file is open
+            [p.jpegtables for p in pages],
+            key.jpegheader,
+            key.compression == 7 and key.jpegheader is None,
+        )
 
     def read(self, level: int, y0: int, y1: int, x0: int, x1: int, fill: float) -> np.ndarray:
         """Pixels [y0, y1) × [x0, x1) of ``level`` (inside it) as (h, w, channels); empty tiles = ``fill``."""
@@ -174,8 +198,9 @@ class TiffReader:
                         if tile is None:
                             continue
                         c = (p * planes + q) * spp
-                        out[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0, c:c + spp] = \
-                            tile[ys.start - ty0:ys.stop - ty0, xs.start - tx0:xs.stop - tx0]
+                        out[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0, c : c + spp] = tile[
+                            ys.start - ty0 : ys.stop - ty0, xs.start - tx0 : xs.stop - tx0
+                        ]
         return out
 
     def _tile(self, lv: _Level, level: int, page: int, plane: int, ty: int, tx: int):
@@ -190,17 +215,21 @@ class TiffReader:
                 raise ValueError("truncated file")
             frame = jpeg_frame(data) if lv.jpeg else None
             if lv.jpeg and (frame is None or frame[0] > lv.seg[0] or frame[1] > lv.seg[1]):
-                raise ValueError(f"JPEG frame header {'missing' if frame is None else f'of {frame[1]}×{frame[0]} px'} "
-                                 f"in a {lv.seg[1]}×{lv.seg[0]} px tile")
-            tile = lv.decode(data, index, jpegtables=lv.jpegtables[page],
-                             jpegheader=lv.jpegheader, _fullsize=True)[0]
+                raise ValueError(
+                    f"JPEG frame header {'missing' if frame is None else f'of {frame[1]}×{frame[0]} px'} "
+                    f"in a {lv.seg[1]}×{lv.seg[0]} px tile"
+                )
+            tile = lv.decode(data, index, jpegtables=lv.jpegtables[page], jpegheader=lv.jpegheader, _fullsize=True)[0]
             tile = tile.reshape(tile.shape[-3], tile.shape[-2], -1)
             if tile.shape[0] < lv.seg[0] or tile.shape[1] < lv.seg[1] or tile.shape[2] != spp:
-                raise ValueError(f"decodes to {tile.shape[0]}×{tile.shape[1]} px × {tile.shape[2]} samples, "
-                                 f"not {lv.seg[0]}×{lv.seg[1]} × {spp}")
+                raise ValueError(
+                    f"decodes to {tile.shape[0]}×{tile.shape[1]} px × {tile.shape[2]} samples, "
+                    f"not {lv.seg[0]}×{lv.seg[1]} × {spp}"
+                )
         except Exception as exc:  # a read or codec error: this tile's bytes are bad
-            raise TileError(self.path, level, tx * lv.seg[1], ty * lv.seg[0], lv.seg[1], lv.seg[0],
-                            str(exc) or type(exc).__name__) from None
+            raise TileError(
+                self.path, level, tx * lv.seg[1], ty * lv.seg[0], lv.seg[1], lv.seg[0], str(exc) or type(exc).__name__
+            ) from None
         return tile
 
     def __del__(self):
@@ -223,8 +252,8 @@ def _first_segment_count(path: Path) -> int:
         n = struct.unpack(order + counter, raw)[0] if len(raw) == struct.calcsize(counter) else 0
         entries = f.read(min(n, 4096) * entry)
     for i in range(0, len(entries) - entry + 1, entry):
-        if struct.unpack(order + "H", entries[i:i + 2])[0] in (273, 324):  # StripOffsets, TileOffsets
-            return struct.unpack(order + word, entries[i + 4:i + 4 + struct.calcsize(word)])[0]
+        if struct.unpack(order + "H", entries[i : i + 2])[0] in (273, 324):  # StripOffsets, TileOffsets
+            return struct.unpack(order + word, entries[i + 4 : i + 4 + struct.calcsize(word)])[0]
     return 0
 
 
@@ -243,9 +272,12 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
         if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before them
             return None
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return (int.from_bytes(data[i + 3:i + 5], "big"), int.from_bytes(data[i + 5:i + 7], "big"),
-                    data[i + 7]) if i + 8 <= n else None
-        i += int.from_bytes(data[i:i + 2], "big")
+            return (
+                (int.from_bytes(data[i + 3 : i + 5], "big"), int.from_bytes(data[i + 5 : i + 7], "big"), data[i + 7])
+                if i + 8 <= n
+                else None
+            )
+        i += int.from_bytes(data[i : i + 2], "big")
     return None
 
 
@@ -269,9 +301,14 @@ def _pyramid_as_series(series: list) -> list:
     for s in series[1:]:
         k, prev = s.levels[0].keyframe, (out[-1] if out else first.levels[0]).keyframe
         fy, fx = h0 / k.imagelength, w0 / k.imagewidth
-        if (s.axes != first.axes or s.dtype != first.dtype or not k.is_tiled
-                or k.imagewidth >= prev.imagewidth or k.imagelength >= prev.imagelength
-                or abs(fy - fx) > 0.01 * fx + fx / min(k.imagelength, k.imagewidth)):
+        if (
+            s.axes != first.axes
+            or s.dtype != first.dtype
+            or not k.is_tiled
+            or k.imagewidth >= prev.imagewidth
+            or k.imagelength >= prev.imagelength
+            or abs(fy - fx) > 0.01 * fx + fx / min(k.imagelength, k.imagewidth)
+        ):
             break
         out.append(s.levels[0])
     return out
@@ -281,8 +318,7 @@ def _metadata(tif: tifffile.TiffFile, key) -> tuple[float | None, list[str]]:
     """Level-0 µm/px (None if absent or implausible) and channel names from OME, SVS, TIFF tags."""
     names: list[str] = []
     if tif.is_ome:
-        pixels = next((e for e in ET.fromstring(tif.ome_metadata).iter() if e.tag.endswith("}Pixels")),
-                      None)
+        pixels = next((e for e in ET.fromstring(tif.ome_metadata).iter() if e.tag.endswith("}Pixels")), None)
         if pixels is not None:
             names = [c.get("Name", "") for c in pixels if c.tag.endswith("}Channel")]
             size, unit = pixels.get("PhysicalSizeX"), pixels.get("PhysicalSizeXUnit", "µm")
@@ -293,8 +329,11 @@ def _metadata(tif: tifffile.TiffFile, key) -> tuple[float | None, list[str]]:
         if m and float(m.group(1)) > 0:
             return float(m.group(1)), names
     xres = key.resolution[0] if 282 in key.tags else 0.0
-    unit = (_UM_PER_UNIT.get(tif.imagej_metadata.get("unit")) if tif.is_imagej
-            else _UM_PER_RESUNIT.get(key.tags.valueof(296)))
+    unit = (
+        _UM_PER_UNIT.get(tif.imagej_metadata.get("unit"))
+        if tif.is_imagej
+        else _UM_PER_RESUNIT.get(key.tags.valueof(296))
+    )
     if not unit or xres <= 0:
         return None, names
     mpp = unit / xres

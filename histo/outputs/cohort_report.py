@@ -19,8 +19,17 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from histo.stats.cohort import (ALPHA, POST, PRE, arm_order, endpoint_tests, paired_rows, pooled_values, tissue_endpoints,
-                                usable_slides)
+from histo.stats.cohort import (
+    ALPHA,
+    POST,
+    PRE,
+    arm_order,
+    endpoint_tests,
+    paired_rows,
+    pooled_values,
+    tissue_endpoints,
+    usable_slides,
+)
 
 ARM_COLOURS = ("#d95f02", "#1b9e77", "#7570b3", "#e7298a")  # colour-blind safe (ColorBrewer Dark2)
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222;line-height:1.45}
@@ -63,8 +72,11 @@ def paired_figure(pairs: pd.DataFrame, tests: pd.DataFrame, arms: list[str], nco
             if len(g):
                 ax.plot(x, g[[PRE, POST]].to_numpy().T, color=colour, alpha=0.55, lw=1, marker="o", ms=3)
                 ax.plot(x, [g[PRE].median(), g[POST].median()], color=colour, lw=3.5, solid_capstyle="round")
-        ax.set_xticks(np.ravel([[1.6 * k, 1.6 * k + 1] for k in range(len(arms))]),
-                      [f"{tp}\n{arm if tp == PRE else ''}" for arm in arms for tp in (PRE, POST)], fontsize=7)
+        ax.set_xticks(
+            np.ravel([[1.6 * k, 1.6 * k + 1] for k in range(len(arms))]),
+            [f"{tp}\n{arm if tp == PRE else ''}" for arm in arms for tp in (PRE, POST)],
+            fontsize=7,
+        )
         ax.set_xlim(-0.4, 1.6 * (len(arms) - 1) + 1.4)
         ax.set_ylabel(info["unit"], fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
@@ -75,7 +87,7 @@ def paired_figure(pairs: pd.DataFrame, tests: pd.DataFrame, arms: list[str], nco
             q = f", q = {_fmt(b['q_value'], 2)}" if pd.notna(b["q_value"]) else ", not tested"
             note = f"\nshift {_fmt(b['estimate'])}{ci}{q}"
         ax.set_title(f"{info['label']}{note}", fontsize=8.5)
-    for ax in axes.flat[len(metrics):]:
+    for ax in axes.flat[len(metrics) :]:
         ax.axis("off")
     return _png(fig)
 
@@ -90,22 +102,30 @@ def endpoint_table(tests: pd.DataFrame, arms: list[str]) -> str:
     for metric, group in tests.groupby("metric", sort=False):
         rows = group.set_index("comparison")
         first = group.iloc[0]
-        cells = [html.escape(first["label"]) + (f'<br><span class="muted">{html.escape(metric)}</span>'
-                                                if first["label"] != metric else ""), html.escape(first["unit"])]
+        cells = [
+            html.escape(first["label"])
+            + (f'<br><span class="muted">{html.escape(metric)}</span>' if first["label"] != metric else ""),
+            html.escape(first["unit"]),
+        ]
         for arm in arms:
             r = rows.loc[f"within {arm}"]
             test = "" if pd.notna(r["p_value"]) else f'<br><span class="muted">{html.escape(r["test"])}</span>'
-            cells.append(f"{_fmt(r['estimate'])} ({r['n']}), p {_fmt(r['p_value'], 2) or '–'}, "
-                         f"q {_fmt(r['q_value'], 2) or '–'}{test}")
+            cells.append(
+                f"{_fmt(r['estimate'])} ({r['n']}), p {_fmt(r['p_value'], 2) or '–'}, "
+                f"q {_fmt(r['q_value'], 2) or '–'}{test}"
+            )
         if len(arms) == 2:
             r = rows.drop(index=[f"within {a}" for a in arms]).iloc[0]
             ci = f" [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if pd.notna(r["ci_low"]) else ""
             low = ' class="low"' if pd.notna(r["q_value"]) and r["q_value"] < ALPHA else ""
-            cells += [f"{_fmt(r['estimate'])}{ci}", _fmt(r["p_value"], 2), f"<span{low}>{_fmt(r['q_value'], 2)}</span>",
-                      html.escape(r["test"])]
+            cells += [
+                f"{_fmt(r['estimate'])}{ci}",
+                _fmt(r["p_value"], 2),
+                f"<span{low}>{_fmt(r['q_value'], 2)}</span>",
+                html.escape(r["test"]),
+            ]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(body)
-            + "</table>")
+    return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(body) + "</table>"
 
 
 def behind_table(pairs: pd.DataFrame) -> str:
@@ -115,23 +135,30 @@ def behind_table(pairs: pd.DataFrame) -> str:
     columns = [f"{c}_{tp}" for tp in (PRE, POST) for c in ("slides", "n_pieces", "area_mm2")]
     table = pairs.drop_duplicates(keys)[keys + columns]
     head = keys + [f"{tp}: {c}" for tp in (PRE, POST) for c in ("slides", "pieces", "tissue mm²")]
-    body = ["<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
-            for row in table.itertuples(index=False)]
-    return ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(body) + "</table>")
+    body = [
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+        for row in table.itertuples(index=False)
+    ]
+    return "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(body) + "</table>"
 
 
 def methods(arms: list[str], n_patients: dict[str, int]) -> str:
     """The methods in plain words, with the numbers of this cohort."""
     counts = ", ".join(f"{arm}: {n}" for arm, n in n_patients.items())
     two = len(arms) == 2
-    between = (f"<li><b>Between the arms</b> (the study's question): are the changes in {arms[0]} different from "
-               f"those in {arms[1]}? The Mann–Whitney U test compares the two groups of changes without "
-               "assuming a distribution (exact p-values; with tied values an exact permutation test). The "
-               f"<b>shift</b> is the Hodges–Lehmann estimate: the median of every difference between a change in "
-               f"{arms[0]} and a change in {arms[1]}, in the endpoint's unit; negative means the endpoint fell "
-               f"more (or rose less) in {arms[0]}. Its {1 - ALPHA:.0%} confidence interval is exact (Moses); "
-               "it is empty where the arms are too small for one.</li>") if two else \
-        "<li>The sheet has no second arm (column <code>arm</code>), so the arms are not compared.</li>"
+    between = (
+        (
+            f"<li><b>Between the arms</b> (the study's question): are the changes in {arms[0]} different from "
+            f"those in {arms[1]}? The Mann–Whitney U test compares the two groups of changes without "
+            "assuming a distribution (exact p-values; with tied values an exact permutation test). The "
+            f"<b>shift</b> is the Hodges–Lehmann estimate: the median of every difference between a change in "
+            f"{arms[0]} and a change in {arms[1]}, in the endpoint's unit; negative means the endpoint fell "
+            f"more (or rose less) in {arms[0]}. Its {1 - ALPHA:.0%} confidence interval is exact (Moses); "
+            "it is empty where the arms are too small for one.</li>"
+        )
+        if two
+        else "<li>The sheet has no second arm (column <code>arm</code>), so the arms are not compared.</li>"
+    )
     return f"""<h2>Methods</h2><ul>
 <li><b>Patients</b> (with both a pre- and a post-treatment biopsy): {html.escape(counts)}.</li>
 <li><b>Values</b>: every endpoint is computed per patient and timepoint from all of that patient's slides of
@@ -153,8 +180,9 @@ are not diluted by the many exploratory ones. Sampling sizes and raw counts are 
 </ul>"""
 
 
-def write_report(path: str | Path, pairs: pd.DataFrame, tests: pd.DataFrame, arms: list[str],
-                 slides: pd.DataFrame) -> None:
+def write_report(
+    path: str | Path, pairs: pd.DataFrame, tests: pd.DataFrame, arms: list[str], slides: pd.DataFrame
+) -> None:
     """Write ``cohort.html`` from the paired rows and tests of :func:`write_cohort`.
 
     Parameters
@@ -173,14 +201,16 @@ def write_report(path: str | Path, pairs: pd.DataFrame, tests: pd.DataFrame, arm
     n_patients = pairs.groupby("arm")["patient"].nunique().reindex(arms).fillna(0).astype(int).to_dict()
     total = sum(n_patients.values())
     title = " vs ".join(arms) if len(arms) > 1 else "pre vs post"
-    parts = [f"<h1>Cohort report: {html.escape(title)}</h1>",
-             f"<p>{total} patients with paired biopsies "
-             f"({', '.join(f'{html.escape(a)} {n}' for a, n in n_patients.items())}), {len(slides)} slides.</p>",
-             f'<p class="caution"><b>Read estimates before verdicts.</b> With {total} patients a p-value says '
-             "little on its own: a real change of moderate size is often missed, and a chance difference can "
-             "look convincing. The shift and its confidence interval say how large a change the data allow; "
-             "the q-value says how it stands among the endpoints tested. Generated data and image analysis "
-             "proxies (DOMAIN.md) are not a pathologist's reading.</p>"]
+    parts = [
+        f"<h1>Cohort report: {html.escape(title)}</h1>",
+        f"<p>{total} patients with paired biopsies "
+        f"({', '.join(f'{html.escape(a)} {n}' for a, n in n_patients.items())}), {len(slides)} slides.</p>",
+        f'<p class="caution"><b>Read estimates before verdicts.</b> With {total} patients a p-value says '
+        "little on its own: a real change of moderate size is often missed, and a chance difference can "
+        "look convincing. The shift and its confidence interval say how large a change the data allow; "
+        "the q-value says how it stands among the endpoints tested. Generated data and image analysis "
+        "proxies (DOMAIN.md) are not a pathologist's reading.</p>",
+    ]
     for tissue, tt in tests.groupby("tissue", sort=False):
         tp = pairs[pairs["tissue"] == tissue]
         name = html.escape(tissue or "all slides")
@@ -190,26 +220,35 @@ def write_report(path: str | Path, pairs: pd.DataFrame, tests: pd.DataFrame, arm
             parts.append(paired_figure(tp[tp["metric"].isin(primary["metric"])], primary, arms))
             parts.append(endpoint_table(primary, arms))
         else:
-            parts.append("<p>No primary endpoints declared for this tissue "
-                         "(workflow <code>endpoints.primary</code>).</p>")
+            parts.append(
+                "<p>No primary endpoints declared for this tissue (workflow <code>endpoints.primary</code>).</p>"
+            )
         exploratory = tt[tt["family"] == "exploratory"]
         if len(exploratory):
             order = exploratory[~exploratory["comparison"].str.startswith("within ")].sort_values("p_value")["metric"]
             order = list(order) if len(order) else list(dict.fromkeys(exploratory["metric"]))
-            parts.append(f"<h2>{name}: exploratory endpoints</h2><p>Hypotheses for the next study, not findings; "
-                         "sorted by the between-arm p-value.</p>")
+            parts.append(
+                f"<h2>{name}: exploratory endpoints</h2><p>Hypotheses for the next study, not findings; "
+                "sorted by the between-arm p-value.</p>"
+            )
             parts.append(endpoint_table(exploratory.set_index("metric").loc[order].reset_index(), arms))
         parts.append(f"<h3>{name}: biopsies behind each value</h3>" + behind_table(tp))
     parts.append(methods(arms, n_patients))
-    parts.append("<p class='muted'>Tables for the statistician: <code>cohort.csv</code> (one row per tissue, patient "
-                 "and endpoint: pre, post, change and what stands behind them) and <code>cohort_tests.csv</code> "
-                 "(one row per tissue, endpoint and comparison).</p>")
-    Path(path).write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Cohort report</title>"
-                          f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>", encoding="utf-8")
+    parts.append(
+        "<p class='muted'>Tables for the statistician: <code>cohort.csv</code> (one row per tissue, patient "
+        "and endpoint: pre, post, change and what stands behind them) and <code>cohort_tests.csv</code> "
+        "(one row per tissue, endpoint and comparison).</p>"
+    )
+    Path(path).write_text(
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Cohort report</title>"
+        f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>",
+        encoding="utf-8",
+    )
 
 
-def write_cohort(summary: pd.DataFrame, metrics: list[str], out: Path, console=None,
-                 workflows: dict[str, dict] | None = None) -> pd.DataFrame | None:
+def write_cohort(
+    summary: pd.DataFrame, metrics: list[str], out: Path, console=None, workflows: dict[str, dict] | None = None
+) -> pd.DataFrame | None:
     """The cohort report of a batch when ``summary`` has ``patient`` and ``timepoint`` columns.
 
     Parameters
@@ -251,6 +290,8 @@ def write_cohort(summary: pd.DataFrame, metrics: list[str], out: Path, console=N
     tests.to_csv(out / "cohort_tests.csv", index=False)
     write_report(out / "cohort.html", pairs, tests, arms, slides)
     n = pairs.groupby("arm")["patient"].nunique()
-    say(f"wrote {out / 'cohort.html'}, cohort.csv and cohort_tests.csv "
-        f"({', '.join(f'{arm}: {k} patients paired' for arm, k in n.items())})")
+    say(
+        f"wrote {out / 'cohort.html'}, cohort.csv and cohort_tests.csv "
+        f"({', '.join(f'{arm}: {k} patients paired' for arm, k in n.items())})"
+    )
     return pairs

@@ -27,8 +27,12 @@ from shapely.geometry import mapping
 from histo.io.bundle import ID_COLUMNS
 
 KIND_COLORS = {  # QuPath classification colours, RGB 0–255
-    "tissue": (120, 120, 120), "follicle": (31, 119, 180), "germinal_centre": (23, 190, 207),
-    "aggregate": (214, 39, 40), "lining": (199, 21, 133), "annotation": (148, 103, 189),
+    "tissue": (120, 120, 120),
+    "follicle": (31, 119, 180),
+    "germinal_centre": (23, 190, 207),
+    "aggregate": (214, 39, 40),
+    "lining": (199, 21, 133),
+    "annotation": (148, 103, 189),
 }
 NOT_FEATURES = ("cell_id", "x_um", "y_um", "label")  # numeric cell columns that are not features
 # namespace of the features' UUIDs: a region's id is uuid5(ID_NAMESPACE, region_id), a nucleus's
@@ -62,33 +66,52 @@ def regions_geojson(regions: gpd.GeoDataFrame, mpp: float, metrics: pd.DataFrame
     for rec in regions.to_dict("records"):
         geom = shapely.make_valid(rec.pop("geometry"))
         px = shapely.set_precision(shapely.transform(geom, lambda xy: xy / mpp), 0.01)
-        values = {**rec, **(rows.loc[rec["region_id"]].to_dict() if rows is not None and rec["region_id"] in rows.index else {})}
-        measurements = {k: v for k, v in ((k, _number(v)) for k, v in values.items() if k not in ID_COLUMNS) if v is not None}
+        values = {
+            **rec,
+            **(rows.loc[rec["region_id"]].to_dict() if rows is not None and rec["region_id"] in rows.index else {}),
+        }
+        measurements = {
+            k: v for k, v in ((k, _number(v)) for k, v in values.items() if k not in ID_COLUMNS) if v is not None
+        }
         kind = rec["kind"]
-        ids = {k: v for k, v in (("region_id", rec["region_id"]), ("kind", kind), ("parent_id", _text(rec.get("parent_id"))),
-                                 ("tissue_id", _text(rec.get("tissue_id")))) if v is not None}
-        features.append({
-            "type": "Feature",
-            "id": str(uuid.uuid5(ID_NAMESPACE, rec["region_id"])),
-            "geometry": mapping(px),
-            "properties": {
-                "objectType": "annotation",
-                "name": rec["name"] if kind == "annotation" else rec["region_id"],
-                "classification": {"name": kind, "color": list(KIND_COLORS.get(kind, (0, 0, 0)))},
-                "isLocked": kind != "annotation",
-                "kind": kind,
-                "region_id": rec["region_id"],
-                "parent_id": _text(rec.get("parent_id")),
-                "tissue_id": _text(rec.get("tissue_id")),
-                "measurements": measurements,
-                "metadata": ids,
-                "geometry_um": shapely.to_wkt(shapely.set_precision(geom, 0.01), rounding_precision=2),  # valid once rounded
-            },
-        })
+        ids = {
+            k: v
+            for k, v in (
+                ("region_id", rec["region_id"]),
+                ("kind", kind),
+                ("parent_id", _text(rec.get("parent_id"))),
+                ("tissue_id", _text(rec.get("tissue_id"))),
+            )
+            if v is not None
+        }
+        features.append(
+            {
+                "type": "Feature",
+                "id": str(uuid.uuid5(ID_NAMESPACE, rec["region_id"])),
+                "geometry": mapping(px),
+                "properties": {
+                    "objectType": "annotation",
+                    "name": rec["name"] if kind == "annotation" else rec["region_id"],
+                    "classification": {"name": kind, "color": list(KIND_COLORS.get(kind, (0, 0, 0)))},
+                    "isLocked": kind != "annotation",
+                    "kind": kind,
+                    "region_id": rec["region_id"],
+                    "parent_id": _text(rec.get("parent_id")),
+                    "tissue_id": _text(rec.get("tissue_id")),
+                    "measurements": measurements,
+                    "metadata": ids,
+                    "geometry_um": shapely.to_wkt(
+                        shapely.set_precision(geom, 0.01), rounding_precision=2
+                    ),  # valid once rounded
+                },
+            }
+        )
     return {"type": "FeatureCollection", "properties": {"units": "level-0 px", "mpp": mpp}, "features": features}
 
 
-def write_regions_geojson(regions: gpd.GeoDataFrame, path: str | Path, mpp: float, metrics: pd.DataFrame | None = None) -> Path:
+def write_regions_geojson(
+    regions: gpd.GeoDataFrame, path: str | Path, mpp: float, metrics: pd.DataFrame | None = None
+) -> Path:
     """Write :func:`regions_geojson` to ``path`` (UTF-8 JSON)."""
     path = Path(path)
     text = json.dumps(regions_geojson(regions, mpp, metrics), ensure_ascii=False, separators=(",", ":"))
@@ -109,18 +132,20 @@ def cells_geojson(cells: pd.DataFrame, mpp: float, colors: dict[str, str] | None
     features = []
     for k, (cell_id, label, kind) in enumerate(zip(cells["cell_id"], cells["label"], cells["cell_type"].astype(str))):
         rgb = (colors or {}).get(kind, "#808080")
-        features.append({
-            "type": "Feature",
-            "id": str(uuid.uuid5(ID_NAMESPACE, f"cell:{cell_id}")),
-            "geometry": mapping(px[k]),
-            "properties": {
-                "objectType": "detection",
-                "classification": {"name": kind, "color": [int(rgb[i:i + 2], 16) for i in (1, 3, 5)]},
-                "isLocked": True,
-                "measurements": {n: v for n, v in zip(numeric, values[k]) if math.isfinite(v)},
-                "metadata": {"cell_id": str(cell_id), "label": str(label)},
-            },
-        })
+        features.append(
+            {
+                "type": "Feature",
+                "id": str(uuid.uuid5(ID_NAMESPACE, f"cell:{cell_id}")),
+                "geometry": mapping(px[k]),
+                "properties": {
+                    "objectType": "detection",
+                    "classification": {"name": kind, "color": [int(rgb[i : i + 2], 16) for i in (1, 3, 5)]},
+                    "isLocked": True,
+                    "measurements": {n: v for n, v in zip(numeric, values[k]) if math.isfinite(v)},
+                    "metadata": {"cell_id": str(cell_id), "label": str(label)},
+                },
+            }
+        )
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -142,6 +167,7 @@ def spreadsheet_safe(table: pd.DataFrame) -> pd.DataFrame:
     """``table`` for a CSV file: text cells and column names that start with ``= + - @`` (or tab, CR)
     and are not numbers get a leading ``'``, so a spreadsheet shows them instead of running them as
     formulas (CSV injection). Number columns and numeric text (``-0.5``) are left as they are."""
+
     def cell(value):
         if not (isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r"))):
             return value
@@ -178,8 +204,11 @@ def write_h5ad(cells: pd.DataFrame, path: str | Path, uns: dict | None = None) -
     for c in obs.columns:
         if obs[c].dtype == object or pd.api.types.is_string_dtype(obs[c]):
             obs[c] = pd.Categorical(obs[c].astype("string"))
-    feats = [c for c in obs.columns if c not in NOT_FEATURES and pd.api.types.is_numeric_dtype(obs[c])
-             and not pd.api.types.is_bool_dtype(obs[c])]
+    feats = [
+        c
+        for c in obs.columns
+        if c not in NOT_FEATURES and pd.api.types.is_numeric_dtype(obs[c]) and not pd.api.types.is_bool_dtype(obs[c])
+    ]
     obs.index = (cells["cell_id"] if "cell_id" in cells else pd.RangeIndex(len(cells))).astype(str).to_numpy()
     uns = {**(uns or {}), "histo": {**(uns or {}).get("histo", {}), "spatial_units": "um"}}
     if "cell_type" in obs:
@@ -188,9 +217,13 @@ def write_h5ad(cells: pd.DataFrame, path: str | Path, uns: dict | None = None) -
         uns |= squidpy_uns(obs, type_colors(cells), uns.get("neighbourhood"))
     units = {c: unit for c in obs.columns for end, unit in UNITS.items() if c.endswith(end)}
     uns["units"] = {"spatial": "µm", **units}
-    adata = ad.AnnData(X=obs[feats].to_numpy(np.float32) if feats else np.zeros((len(obs), 0), np.float32),
-                       obs=obs, var=pd.DataFrame(index=feats),
-                       obsm={"spatial": cells[["x_um", "y_um"]].to_numpy(np.float64)}, uns=uns)
+    adata = ad.AnnData(
+        X=obs[feats].to_numpy(np.float32) if feats else np.zeros((len(obs), 0), np.float32),
+        obs=obs,
+        var=pd.DataFrame(index=feats),
+        obsm={"spatial": cells[["x_um", "y_um"]].to_numpy(np.float64)},
+        uns=uns,
+    )
     adata.write_h5ad(path)
     return Path(path)
 
@@ -219,14 +252,24 @@ def squidpy_uns(obs: pd.DataFrame, colors: dict[str, str], nhood: dict | None) -
     if "centrality" in slide:
         out["cell_type_centrality_scores"] = slide["centrality"]
     if "co_occurrence" in slide:
-        out["cell_type_co_occurrence"] = {"occ": slide["co_occurrence"],
-                                          "interval": np.r_[0.0, slide["co_occurrence_um"]]}  # edges from 0 µm
+        out["cell_type_co_occurrence"] = {
+            "occ": slide["co_occurrence"],
+            "interval": np.r_[0.0, slide["co_occurrence_um"]],
+        }  # edges from 0 µm
     if "ripley_L" in slide:
         bins = np.asarray(slide["ripley_um"], np.float64)
-        long = pd.DataFrame({"bins": np.tile(bins, len(types)), "stats": np.asarray(slide["ripley_L"]).ravel(),
-                             "cell_type": pd.Categorical(np.repeat(types, len(bins)), categories=types)})
-        out["cell_type_ripley_L"] = {"L_stat": long, "bins": bins,
-                                     "sims_stat": pd.DataFrame({"bins": bins, "simulations": 0, "stats": bins})}
+        long = pd.DataFrame(
+            {
+                "bins": np.tile(bins, len(types)),
+                "stats": np.asarray(slide["ripley_L"]).ravel(),
+                "cell_type": pd.Categorical(np.repeat(types, len(bins)), categories=types),
+            }
+        )
+        out["cell_type_ripley_L"] = {
+            "L_stat": long,
+            "bins": bins,
+            "sims_stat": pd.DataFrame({"bins": bins, "simulations": 0, "stats": bins}),
+        }
     if len(slide.get("moran_features", ())):
         out["moranI"] = pd.DataFrame({"I": slide["moran_I"]}, index=[str(f) for f in slide["moran_features"]])
     return out

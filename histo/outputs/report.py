@@ -24,8 +24,14 @@ from histo.outputs.export import KIND_COLORS
 from histo.structures.metrics import type_column
 from histo.structures.regions import Grid, disc_sum, grid_counts
 
-CELL_COLORS = {"lymphocyte": "#1f1a8a", "large": "#ff8c00", "stromal": "#2ca02c", "epithelial": "#d4a017", "lining": "#e0119d",
-               "other": "#7f7f7f"}
+CELL_COLORS = {
+    "lymphocyte": "#1f1a8a",
+    "large": "#ff8c00",
+    "stromal": "#2ca02c",
+    "epithelial": "#d4a017",
+    "lining": "#e0119d",
+    "other": "#7f7f7f",
+}
 MORE_COLORS = ("#d62728", "#1f77b4", "#9467bd", "#8c564b", "#17becf", "#bcbd22", "#e377c2", "#ff7f0e")  # gated types
 MAX_POINTS = 200_000
 DENSITY_RADIUS_UM = 25.0  # §7.1: lymphocytes within 25 µm
@@ -92,24 +98,45 @@ def _figure(thumbnail: np.ndarray, thumb_mpp: float, fade: float, width_in: floa
     return fig, ax
 
 
-def _outlines(ax, regions, kinds=("tissue", "follicle", "aggregate", "germinal_centre", "lining", "annotation"),
-              max_labels: int = 80):
+def _outlines(
+    ax,
+    regions,
+    kinds=("tissue", "follicle", "aggregate", "germinal_centre", "lining", "annotation"),
+    max_labels: int = 80,
+):
     """Region outlines coloured by kind; the ``max_labels`` largest follicles / aggregates that are
     ≥ 12 pt across get their number (and grade)."""
     for kind in kinds:
         geoms = regions.geometry[regions.kind == kind]
         rings = [np.asarray(r.coords) for g in geoms for p in shapely.get_parts(g) for r in [p.exterior, *p.interiors]]
-        ax.add_collection(LineCollection(rings, colors=[_rgb(kind)], linewidths=0.8 if kind == "tissue" else 1.4,
-                                         linestyles="--" if kind == "germinal_centre" else "-"))
+        ax.add_collection(
+            LineCollection(
+                rings,
+                colors=[_rgb(kind)],
+                linewidths=0.8 if kind == "tissue" else 1.4,
+                linestyles="--" if kind == "germinal_centre" else "-",
+            )
+        )
     x0, x1 = ax.get_xlim()
     pt_per_um = ax.get_window_extent().width / ax.figure.dpi * 72 / abs(x1 - x0)
-    big = regions[regions.kind.isin(["follicle", "aggregate"]) & (2 * np.sqrt(regions.area_um2 / np.pi) * pt_per_um >= 12)]
+    big = regions[
+        regions.kind.isin(["follicle", "aggregate"]) & (2 * np.sqrt(regions.area_um2 / np.pi) * pt_per_um >= 12)
+    ]
     for rec in big.sort_values("area_um2", ascending=False).head(max_labels).itertuples():
         c = rec.geometry.centroid
         grade = getattr(rec, "grade", np.nan)
-        text = rec.region_id.split("-")[-1] + (f" G{int(grade)}" if rec.kind == "aggregate" and np.isfinite(grade) else "")
-        ax.annotate(text, (c.x, c.y), color="black", fontsize=7, ha="center", va="center",
-                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec=_rgb(rec.kind), alpha=0.8, lw=0.8))
+        text = rec.region_id.split("-")[-1] + (
+            f" G{int(grade)}" if rec.kind == "aggregate" and np.isfinite(grade) else ""
+        )
+        ax.annotate(
+            text,
+            (c.x, c.y),
+            color="black",
+            fontsize=7,
+            ha="center",
+            va="center",
+            bbox=dict(boxstyle="round,pad=0.15", fc="white", ec=_rgb(rec.kind), alpha=0.8, lw=0.8),
+        )
 
 
 def _scalebar(ax, width_um: float):
@@ -129,7 +156,9 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def overview_figure(thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame, max_points: int = MAX_POINTS) -> bytes:
+def overview_figure(
+    thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame, max_points: int = MAX_POINTS
+) -> bytes:
     """PNG bytes: the slide thumbnail (RGB, ``thumb_mpp`` µm/px) with cell-type dots (a random
     ≤ ``max_points`` subsample, fixed seed), region outlines coloured by kind, numbered follicles /
     aggregates with their grade, a legend and a scale bar."""
@@ -145,14 +174,24 @@ def overview_figure(thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.
     _scalebar(ax, thumbnail.shape[1] * thumb_mpp)
     kinds = [k for k in KIND_COLORS if (regions.kind == k).any()]
     handles = [Line2D([], [], ls="", marker="o", color=c, label=t) for t, c in colors.items()]
-    handles += [Line2D([], [], color=_rgb(k), ls="--" if k == "germinal_centre" else "-", lw=2, label=k.replace("_", " "))
-                for k in kinds]
-    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.805, 0.98), frameon=False, fontsize=9, title="cells / regions")
+    handles += [
+        Line2D([], [], color=_rgb(k), ls="--" if k == "germinal_centre" else "-", lw=2, label=k.replace("_", " "))
+        for k in kinds
+    ]
+    fig.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(0.805, 0.98),
+        frameon=False,
+        fontsize=9,
+        title="cells / regions",
+    )
     return _png(fig)
 
 
-def density_figure(thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame,
-                   lymphoid: tuple[str, ...] = ("lymphocyte",)) -> bytes:
+def density_figure(
+    thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame, lymphoid: tuple[str, ...] = ("lymphocyte",)
+) -> bytes:
     """PNG bytes: density per mm² within 25 µm (§7.1) of the ``lymphoid`` cell types (the cells
     follicles / aggregates are made of) over the thumbnail, structure outlines."""
     fig, ax = _figure(thumbnail, thumb_mpp, fade=0.3)
@@ -164,8 +203,14 @@ def density_figure(thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.D
     r = DENSITY_RADIUS_UM / px
     dens = disc_sum(counts, r) / (np.pi * DENSITY_RADIUS_UM**2) * 1e6 if r >= 1 else counts / px**2 * 1e6
     top = max(float(np.percentile(dens[dens > 0], 99)) if (dens > 0).any() else 1.0, 1.0)
-    im = ax.imshow(np.ma.masked_less(dens, 1.0), extent=(0, grid.shape[1] * px, grid.shape[0] * px, 0),
-                   cmap="magma_r", alpha=0.75, vmin=0, vmax=top)
+    im = ax.imshow(
+        np.ma.masked_less(dens, 1.0),
+        extent=(0, grid.shape[1] * px, grid.shape[0] * px, 0),
+        cmap="magma_r",
+        alpha=0.75,
+        vmin=0,
+        vmax=top,
+    )
     _outlines(ax, regions, kinds=("tissue", "follicle", "aggregate", "germinal_centre"))
     _scalebar(ax, w * thumb_mpp)
     cax = fig.add_axes((0.83, 0.15, 0.025, 0.7))
@@ -185,8 +230,9 @@ def neighbourhood_figure(result: dict, region_id: str = "slide") -> bytes | None
     # fixed margins: constrained layout measured every label repeatedly, half the figure's time
     fig = Figure(figsize=(15, 4.4), dpi=DPI)
     FigureCanvasAgg(fig)
-    heat, occ, rip = fig.subplots(1, 3, gridspec_kw={"left": 0.07, "right": 0.99, "bottom": 0.2, "top": 0.92,
-                                                      "wspace": 0.3})
+    heat, occ, rip = fig.subplots(
+        1, 3, gridspec_kw={"left": 0.07, "right": 0.99, "bottom": 0.2, "top": 0.92, "wspace": 0.3}
+    )
     if "nhood_zscore" in r:
         z = r["nhood_zscore"]
         top = max(float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0, 1.0)
@@ -228,18 +274,67 @@ def _fmt(v):
     return "" if v is None else v
 
 
-SLIDE_ROWS = ["area_mm2", "n_tissue_pieces", "sampling_flag", "n_cells", "density_cells_per_mm2",
-              "density_{lymphoid}_per_mm2", "fraction_{type}",  # one row per lymphoid type / per cell type
-              "n_follicles", "follicles_per_mm2", "n_follicles_with_gc", "fraction_area_follicle", "fraction_area_germinal_centre",
-              "follicle_eq_diameter_median_um", "n_follicles_edge_truncated",
-              "n_aggregates", "aggregates_per_mm2", "n_aggregates_grade1", "n_aggregates_grade2", "n_aggregates_grade3", "n_els",
-              "fraction_area_aggregate", "lining_length_mm", "lining_layers_median", "stroma_density_per_mm2",
-              "krenn_lining", "krenn_stroma", "krenn_infiltrate", "krenn_sum", "krenn_band", "krenn_version", "pathotype_proxy_he"]
-STRUCTURE_COLUMNS = ["region_id", "tissue_id", "area_um2", "eq_diameter_um", "n_cells", "fraction_{lymphoid}",
-                     "density_{lymphoid}_per_mm2", "radial_layers", "grade", "tls_size", "has_gc", "mantle_thickness_um",
-                     "circularity", "edge_truncated", "distance_to_lining_um"]
-LINING_COLUMNS = ["region_id", "tissue_id", "length_um", "thickness_median_um", "thickness_p90_um", "layers_median",
-                  "layers_p90", "lining_nuclei_per_100um", "krenn_lining"]
+SLIDE_ROWS = [
+    "area_mm2",
+    "n_tissue_pieces",
+    "sampling_flag",
+    "n_cells",
+    "density_cells_per_mm2",
+    "density_{lymphoid}_per_mm2",
+    "fraction_{type}",  # one row per lymphoid type / per cell type
+    "n_follicles",
+    "follicles_per_mm2",
+    "n_follicles_with_gc",
+    "fraction_area_follicle",
+    "fraction_area_germinal_centre",
+    "follicle_eq_diameter_median_um",
+    "n_follicles_edge_truncated",
+    "n_aggregates",
+    "aggregates_per_mm2",
+    "n_aggregates_grade1",
+    "n_aggregates_grade2",
+    "n_aggregates_grade3",
+    "n_els",
+    "fraction_area_aggregate",
+    "lining_length_mm",
+    "lining_layers_median",
+    "stroma_density_per_mm2",
+    "krenn_lining",
+    "krenn_stroma",
+    "krenn_infiltrate",
+    "krenn_sum",
+    "krenn_band",
+    "krenn_version",
+    "pathotype_proxy_he",
+]
+STRUCTURE_COLUMNS = [
+    "region_id",
+    "tissue_id",
+    "area_um2",
+    "eq_diameter_um",
+    "n_cells",
+    "fraction_{lymphoid}",
+    "density_{lymphoid}_per_mm2",
+    "radial_layers",
+    "grade",
+    "tls_size",
+    "has_gc",
+    "mantle_thickness_um",
+    "circularity",
+    "edge_truncated",
+    "distance_to_lining_um",
+]
+LINING_COLUMNS = [
+    "region_id",
+    "tissue_id",
+    "length_um",
+    "thickness_median_um",
+    "thickness_p90_um",
+    "layers_median",
+    "layers_p90",
+    "lining_nuclei_per_100um",
+    "krenn_lining",
+]
 
 
 def _expand(columns: list[str], types: list[str], lymphoid: tuple[str, ...]) -> list[str]:
@@ -258,9 +353,18 @@ def _table(frame: pd.DataFrame, cols: list[str]) -> str:
     return frame[cols].map(_fmt).to_html(index=False, border=0, classes="t")
 
 
-def report_html(name: str, thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame, metrics: pd.DataFrame,
-                tissue_type: str, neighbourhood: dict | None = None, lymphoid: tuple[str, ...] = ("lymphocyte",),
-                figures: dict[str, bytes | None] | None = None) -> str:
+def report_html(
+    name: str,
+    thumbnail: np.ndarray,
+    thumb_mpp: float,
+    regions,
+    cells: pd.DataFrame,
+    metrics: pd.DataFrame,
+    tissue_type: str,
+    neighbourhood: dict | None = None,
+    lymphoid: tuple[str, ...] = ("lymphocyte",),
+    figures: dict[str, bytes | None] | None = None,
+) -> str:
     """The per-slide report as one self-contained HTML string: cell-type map, density map of the
     ``lymphoid`` cell types (those follicles / aggregates are made of), the follicle / aggregate (and
     lining) tables, the slide metrics and, with ``neighbourhood``
@@ -290,31 +394,51 @@ def report_html(name: str, thumbnail: np.ndarray, thumb_mpp: float, regions, cel
         _img(figures["density"], "lymphoid density map"),
         "</div></div>",
         f"<h2>Slide</h2><table class=t>{slide_html}</table>",
-        f"<h2>{kind.capitalize()}s</h2>", _table(metrics[metrics.kind == kind], _expand(STRUCTURE_COLUMNS, [], lymphoid)),
+        f"<h2>{kind.capitalize()}s</h2>",
+        _table(metrics[metrics.kind == kind], _expand(STRUCTURE_COLUMNS, [], lymphoid)),
     ]
     nhood = figures["neighbourhood"]
     if nhood is not None:
-        parts += ["<h2>Neighbourhood (whole slide)</h2>", _img(nhood, "neighbourhood statistics"),
-                  "<p class=note>Delaunay / radius graph in µm; co-occurrence and Ripley's L on a seeded sample "
-                  "(sizes in the titles); per-region values are in metrics.csv and cells.h5ad "
-                  "(<code>uns['neighbourhood']</code>).</p>"]
+        parts += [
+            "<h2>Neighbourhood (whole slide)</h2>",
+            _img(nhood, "neighbourhood statistics"),
+            "<p class=note>Delaunay / radius graph in µm; co-occurrence and Ripley's L on a seeded sample "
+            "(sizes in the titles); per-region values are in metrics.csv and cells.h5ad "
+            "(<code>uns['neighbourhood']</code>).</p>",
+        ]
     if tissue_type == "synovium":
         parts += ["<h2>Lining</h2>", _table(metrics[metrics.kind == "lining"], LINING_COLUMNS)]
     parts += ["<h2>Tissue pieces</h2>", _table(metrics[metrics.kind == "tissue"], ["region_id", *slide_rows])]
-    style = ("body{font-family:sans-serif;margin:1.5em;color:#222}img{max-width:100%}small{color:#777;font-weight:normal}"
-             ".row{display:flex;gap:1em;flex-wrap:wrap}.row>div{flex:1 1 480px}.note{color:#555;font-size:90%}"
-             "table.t{border-collapse:collapse;font-size:85%;margin-bottom:1em}"
-             ".t th,.t td{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}"
-             ".t th{text-align:left;background:#f4f4f4}.none{color:#777}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(name)} — histo report</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    style = (
+        "body{font-family:sans-serif;margin:1.5em;color:#222}img{max-width:100%}small{color:#777;font-weight:normal}"
+        ".row{display:flex;gap:1em;flex-wrap:wrap}.row>div{flex:1 1 480px}.note{color:#555;font-size:90%}"
+        "table.t{border-collapse:collapse;font-size:85%;margin-bottom:1em}"
+        ".t th,.t td{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}"
+        ".t th{text-align:left;background:#f4f4f4}.none{color:#777}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(name)} — histo report</title>"
+        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    )
 
 
-def write_report(path: str | Path, name: str, thumbnail: np.ndarray, thumb_mpp: float, regions, cells: pd.DataFrame,
-                 metrics: pd.DataFrame, tissue_type: str, neighbourhood: dict | None = None,
-                 lymphoid: tuple[str, ...] = ("lymphocyte",), figures: dict[str, bytes | None] | None = None) -> Path:
+def write_report(
+    path: str | Path,
+    name: str,
+    thumbnail: np.ndarray,
+    thumb_mpp: float,
+    regions,
+    cells: pd.DataFrame,
+    metrics: pd.DataFrame,
+    tissue_type: str,
+    neighbourhood: dict | None = None,
+    lymphoid: tuple[str, ...] = ("lymphocyte",),
+    figures: dict[str, bytes | None] | None = None,
+) -> Path:
     """Write :func:`report_html` to ``path`` (``report.html``)."""
     path = Path(path)
-    path.write_text(report_html(name, thumbnail, thumb_mpp, regions, cells, metrics, tissue_type, neighbourhood, lymphoid,
-                                figures), encoding="utf-8")
+    path.write_text(
+        report_html(name, thumbnail, thumb_mpp, regions, cells, metrics, tissue_type, neighbourhood, lymphoid, figures),
+        encoding="utf-8",
+    )
     return path

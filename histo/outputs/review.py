@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anndata as ad
@@ -25,12 +25,19 @@ import pyarrow.parquet as pq
 import shapely
 from anndata.io import read_elem
 
-from histo.structures.aggregates import count_inside, grade
 from histo.errors import HistoError
 from histo.outputs.export import ID_COLUMNS, regions_geojson, write_metrics
-from histo.structures.metrics import region_metrics
-from histo.structures.regions import KINDS, assign_cells, edge_truncated, lymphoid_cell_types, mantle_thickness, region_params
 from histo.outputs.report import overview_figure, thumbnail, thumbnail_mpp, write_report
+from histo.structures.aggregates import count_inside, grade
+from histo.structures.metrics import region_metrics
+from histo.structures.regions import (
+    KINDS,
+    assign_cells,
+    edge_truncated,
+    lymphoid_cell_types,
+    mantle_thickness,
+    region_params,
+)
 
 REVIEW_STATES = ("unreviewed", "accepted", "rejected")
 HOSTS = ("follicle", "aggregate")  # kinds that hold germinal centres
@@ -50,7 +57,11 @@ def read_run(bundle: str | Path) -> dict:
         raise HistoError(bundle / "run.json", f"unreadable run.json ({exc})") from None
     if run.get("status") != "complete":
         raise HistoError(bundle, f"the bundle is not complete (run.json status: {run.get('status')!r})")
-    missing = [f for f in ("cells.parquet", "labels.ome.zarr", "regions.geojson", "metrics.parquet") if not (bundle / f).exists()]
+    missing = [
+        f
+        for f in ("cells.parquet", "labels.ome.zarr", "regions.geojson", "metrics.parquet")
+        if not (bundle / f).exists()
+    ]
     if missing:
         raise HistoError(bundle, f"incomplete bundle: {', '.join(missing)} missing")
     return run
@@ -61,9 +72,18 @@ def read_regions(bundle: str | Path) -> gpd.GeoDataFrame:
     properties of ``metrics.parquet`` (grades, layers, …) and their ``review`` state."""
     bundle = Path(bundle)
     features = json.loads((bundle / "regions.geojson").read_text(encoding="utf-8"))["features"]
-    rows = [dict(region_id=p["region_id"], kind=p["kind"], name=p["name"] if p["kind"] == "annotation" else p["kind"],
-                 parent_id=p.get("parent_id"), tissue_id=p.get("tissue_id"), review=p.get("review", "unreviewed"),
-                 geometry=shapely.from_wkt(p["geometry_um"])) for p in (f["properties"] for f in features)]
+    rows = [
+        dict(
+            region_id=p["region_id"],
+            kind=p["kind"],
+            name=p["name"] if p["kind"] == "annotation" else p["kind"],
+            parent_id=p.get("parent_id"),
+            tissue_id=p.get("tissue_id"),
+            review=p.get("review", "unreviewed"),
+            geometry=shapely.from_wkt(p["geometry_um"]),
+        )
+        for p in (f["properties"] for f in features)
+    ]
     regions = gpd.GeoDataFrame(rows, columns=[*ID_COLUMNS, "review", "geometry"], geometry="geometry")
     metrics = pd.read_parquet(bundle / "metrics.parquet").set_index("region_id")
     extra = metrics.drop(columns=[c for c in ID_COLUMNS if c in metrics]).reindex(regions.region_id)
@@ -87,7 +107,9 @@ def _renumber(regions: gpd.GeoDataFrame, changed: np.ndarray) -> list[str]:
     """Ids: kept where the region only changed outline; ``<kind>-<n>`` (next free n) where it is new
     or changed kind."""
     ids = list(regions.region_id)
-    taken = {k: [int(m.group(1)) for i in ids if isinstance(i, str) and (m := re.fullmatch(rf"{k}-(\d+)", i))] for k in KINDS}
+    taken = {
+        k: [int(m.group(1)) for i in ids if isinstance(i, str) and (m := re.fullmatch(rf"{k}-(\d+)", i))] for k in KINDS
+    }
     for i, (rid, kind) in enumerate(zip(ids, regions.kind)):
         if isinstance(rid, str) and rid.rsplit("-", 1)[0] == kind:
             continue
@@ -105,8 +127,9 @@ def _best(geom, candidates: gpd.GeoDataFrame) -> str | None:
     return candidates.region_id.iloc[int(np.argmax(overlap))] if overlap.max() > 0 else None
 
 
-def refresh_properties(regions: gpd.GeoDataFrame, changed: np.ndarray, xy: np.ndarray, tissue_type: str,
-                       params: dict | None = None) -> gpd.GeoDataFrame:
+def refresh_properties(
+    regions: gpd.GeoDataFrame, changed: np.ndarray, xy: np.ndarray, tissue_type: str, params: dict | None = None
+) -> gpd.GeoDataFrame:
     """Region properties after editing: rows ``changed`` get area, tissue and parent ids, the
     edge-truncated flag and (aggregates) radial layers and grade from the cells at ``xy`` (n, 2) µm;
     every host's ``has_gc``, follicle mantle thickness and centre's host fraction are re-derived."""
@@ -127,7 +150,10 @@ def refresh_properties(regions: gpd.GeoDataFrame, changed: np.ndarray, xy: np.nd
             n = count_inside(geom, xy)
             layers = float(np.sqrt(n / np.pi))  # radius / spacing with spacing = sqrt(area / n)
             out.loc[out.index[i], ["spacing_um", "radial_layers", "grade"]] = [
-                float(np.sqrt(geom.area / max(n, 1))), layers, grade(layers, p["aggregate"]["grade_min_layers"])]
+                float(np.sqrt(geom.area / max(n, 1))),
+                layers,
+                grade(layers, p["aggregate"]["grade_min_layers"]),
+            ]
     gcs = out[out.kind == "germinal_centre"]
     for i in np.flatnonzero(out.kind.isin(HOSTS).to_numpy()):
         rid, geom = out.region_id.iloc[i], out.geometry.iloc[i]
@@ -143,8 +169,9 @@ def refresh_properties(regions: gpd.GeoDataFrame, changed: np.ndarray, xy: np.nd
     return out
 
 
-def remeasure(cells: pd.DataFrame, regions: gpd.GeoDataFrame, tissue_type: str, params: dict | None = None
-              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def remeasure(
+    cells: pd.DataFrame, regions: gpd.GeoDataFrame, tissue_type: str, params: dict | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Region ids of every cell and the metrics table (:func:`histo.structures.metrics.region_metrics`) of
     ``regions``, keeping the region finders' properties (grades, layers, …) and re-deriving
     everything ``region_metrics`` computes (areas, counts, densities, summaries, scores)."""
@@ -154,8 +181,13 @@ def remeasure(cells: pd.DataFrame, regions: gpd.GeoDataFrame, tissue_type: str, 
     bare = region_metrics(with_ids, regions[bare_cols], tissue_type, params)
     structures = bare[~bare.kind.isin(["tissue", "slide"])]
     # a property is what region_metrics does not make, or fills on tissue / slide rows only (krenn_lining)
-    props = [c for c in regions.columns if c not in bare_cols and c != "review" and (
-        c not in bare or (len(structures) and structures[c].isna().all() and not c.startswith(COUNT_PREFIXES)))]
+    props = [
+        c
+        for c in regions.columns
+        if c not in bare_cols
+        and c != "review"
+        and (c not in bare or (len(structures) and structures[c].isna().all() and not c.startswith(COUNT_PREFIXES)))
+    ]
     return ids, region_metrics(with_ids, regions[bare_cols[:-1] + props + ["geometry"]], tissue_type, params)
 
 
@@ -217,7 +249,9 @@ def saved_neighbourhood(bundle: Path) -> dict | None:
         return read_elem(f["uns/neighbourhood"]) if "uns/neighbourhood" in f else None
 
 
-def redraw_figures(bundle: Path, run: dict, regions: gpd.GeoDataFrame, cells: pd.DataFrame, metrics: pd.DataFrame) -> None:
+def redraw_figures(
+    bundle: Path, run: dict, regions: gpd.GeoDataFrame, cells: pd.DataFrame, metrics: pd.DataFrame
+) -> None:
     """Redraw ``overview.png`` and ``report.html`` of ``bundle`` for ``regions`` and their ``metrics``
     (``cells``: ``x_um``, ``y_um``, ``cell_type``), with the saved neighbourhood statistics."""
     wf = run["workflow"]
@@ -226,9 +260,22 @@ def redraw_figures(bundle: Path, run: dict, regions: gpd.GeoDataFrame, cells: pd
     lymphoid = lymphoid_cell_types(wf["tissue_type"], wf["regions"])
     overview = overview_figure(thumb, thumb_mpp, regions, cells)  # the PNG file and the report's map
     _replace(bundle / "overview.png", lambda tmp: tmp.write_bytes(overview))
-    _replace(bundle / "report.html", lambda tmp: write_report(tmp, bundle.name, thumb, thumb_mpp, regions, cells, metrics,
-                                                              wf["tissue_type"], nhood, lymphoid,
-                                                              {"overview": overview}))
+    _replace(
+        bundle / "report.html",
+        lambda tmp: write_report(
+            tmp,
+            bundle.name,
+            thumb,
+            thumb_mpp,
+            regions,
+            cells,
+            metrics,
+            wf["tissue_type"],
+            nhood,
+            lymphoid,
+            {"overview": overview},
+        ),
+    )
 
 
 def save_review(bundle: str | Path, regions: gpd.GeoDataFrame) -> pd.DataFrame:
@@ -263,10 +310,12 @@ def save_review(bundle: str | Path, regions: gpd.GeoDataFrame) -> pd.DataFrame:
     write_metrics(metrics, bundle)
     redraw_figures(bundle, run, kept, cells, metrics)
     run["review"] = {
-        "saved": datetime.now(timezone.utc).isoformat(),
+        "saved": datetime.now(UTC).isoformat(),
         "states": kept.review.value_counts().to_dict() | {"rejected": len(rejected)},
         "rejected": rejected,
-        "changed": [f"{a} -> {b}" if isinstance(a, str) and a != b else b for a, b, c in zip(was, kept.region_id, changed) if c],
+        "changed": [
+            f"{a} -> {b}" if isinstance(a, str) and a != b else b for a, b, c in zip(was, kept.region_id, changed) if c
+        ],
         "regions": {k: int(v) for k, v in kept.kind.value_counts().items()},
     }
     _replace(bundle / "run.json", lambda tmp: tmp.write_text(json.dumps(run, indent=2, default=str)))

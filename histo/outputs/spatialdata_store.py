@@ -43,18 +43,27 @@ def write_spatialdata(bundle: str | Path, out: str | Path | None = None) -> Path
     level0 = da.from_zarr(root["0"])
     n_levels = len(list(root.array_keys()))
     to_um = {"global": Scale([mpp, mpp], axes=("y", "x"))}
-    labels = Labels2DModel.parse(level0, dims=("y", "x"), scale_factors=[2] * (n_levels - 1) or None,
-                                 chunks=root["0"].chunks, transformations=to_um)
+    labels = Labels2DModel.parse(
+        level0,
+        dims=("y", "x"),
+        scale_factors=[2] * (n_levels - 1) or None,
+        chunks=root["0"].chunks,
+        transformations=to_um,
+    )
 
     cells = pd.read_parquet(bundle / "cells.parquet", columns=["label", "polygon", "cell_type"])
-    nuclei = gpd.GeoDataFrame({"cell_type": cells["cell_type"].astype(str).to_numpy()},
-                              geometry=shapely.from_wkb(cells["polygon"].to_numpy()),
-                              index=pd.Index(cells["label"].to_numpy(), name="label"))
+    nuclei = gpd.GeoDataFrame(
+        {"cell_type": cells["cell_type"].astype(str).to_numpy()},
+        geometry=shapely.from_wkb(cells["polygon"].to_numpy()),
+        index=pd.Index(cells["label"].to_numpy(), name="label"),
+    )
     features = json.loads((bundle / "regions.geojson").read_text(encoding="utf-8"))["features"]
     props = [f["properties"] for f in features]
-    regions = gpd.GeoDataFrame({"kind": [p["kind"] for p in props], "name": [p["name"] for p in props]},
-                               geometry=[shapely.from_wkt(p["geometry_um"]) for p in props],
-                               index=pd.Index([p["region_id"] for p in props], name="region_id"))
+    regions = gpd.GeoDataFrame(
+        {"kind": [p["kind"] for p in props], "name": [p["name"] for p in props]},
+        geometry=[shapely.from_wkt(p["geometry_um"]) for p in props],
+        index=pd.Index([p["region_id"] for p in props], name="region_id"),
+    )
 
     table = ad.read_h5ad(bundle / "cells.h5ad")
     table.obs["region"] = pd.Categorical([LABELS] * table.n_obs)
@@ -63,11 +72,15 @@ def write_spatialdata(bundle: str | Path, out: str | Path | None = None) -> Path
         table = TableModel.parse(table, region=LABELS, region_key="region", instance_key="label")
 
     identity = {"global": Identity()}
-    shapes = {key: ShapesModel.parse(frame, transformations=identity)
-              for key, frame in ((NUCLEI, nuclei), (REGIONS, regions)) if len(frame)}  # a slide of glass has neither
+    shapes = {
+        key: ShapesModel.parse(frame, transformations=identity)
+        for key, frame in ((NUCLEI, nuclei), (REGIONS, regions))
+        if len(frame)
+    }  # a slide of glass has neither
     attrs = {"histo": {"slide": run["input"]["path"], "slide_mpp": run["input"]["mpp"], "units": "µm"}}
-    sdata = sd.SpatialData(labels={LABELS: labels}, shapes=shapes, tables={TABLE: table} if table.n_obs else {},
-                           attrs=attrs)
+    sdata = sd.SpatialData(
+        labels={LABELS: labels}, shapes=shapes, tables={TABLE: table} if table.n_obs else {}, attrs=attrs
+    )
     if out.exists():
         shutil.rmtree(out)
     with warnings.catch_warnings():  # zarr warns of a coming default once per chunk written

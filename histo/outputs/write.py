@@ -11,8 +11,14 @@ import pandas as pd
 
 from histo.outputs.export import write_h5ad, write_metrics, write_regions_geojson
 from histo.outputs.report import density_figure, neighbourhood_figure, overview_figure, thumbnail, write_report
-from histo.stats.neighbourhood import (cell_type_order, group_stats, input_columns, neighbourhood_metrics,
-                                       region_groups, stats_result)
+from histo.stats.neighbourhood import (
+    cell_type_order,
+    group_stats,
+    input_columns,
+    neighbourhood_metrics,
+    region_groups,
+    stats_result,
+)
 from histo.structures.regions import lymphoid_cell_types
 
 
@@ -31,8 +37,17 @@ def _slide_figure(types: list[str], slide_group: dict) -> bytes | None:
     return neighbourhood_figure({"cell_types": types, "regions": slide_group})
 
 
-def write_outputs(folder: Path, name: str, cells: pd.DataFrame, regions, metrics: pd.DataFrame, slide,
-                  wf: dict, client=None, report: dict | None = None) -> dict[str, float]:
+def write_outputs(
+    folder: Path,
+    name: str,
+    cells: pd.DataFrame,
+    regions,
+    metrics: pd.DataFrame,
+    slide,
+    wf: dict,
+    client=None,
+    report: dict | None = None,
+) -> dict[str, float]:
     """regions.geojson, metrics.csv/.parquet, cells.h5ad, overview.png and report.html; returns the
     seconds until the neighbourhood statistics were in (``neighbourhood_s``), then for the tables,
     GeoJSON and h5ad (``exports_s``), then until the figures were in and the report written
@@ -54,8 +69,10 @@ def write_outputs(folder: Path, name: str, cells: pd.DataFrame, regions, metrics
     thumb, thumb_mpp = thumbnail(slide)
     lymphoid = lymphoid_cell_types(wf["tissue_type"], wf["regions"])
     plotted = cells[["x_um", "y_um", "cell_type"]]
-    figures = {"overview": _submit(client, overview_figure, thumb, thumb_mpp, regions, plotted),
-               "density": _submit(client, density_figure, thumb, thumb_mpp, regions, plotted, lymphoid)}
+    figures = {
+        "overview": _submit(client, overview_figure, thumb, thumb_mpp, regions, plotted),
+        "density": _submit(client, density_figure, thumb, thumb_mpp, regions, plotted, lymphoid),
+    }
     uns = {"histo": {"workflow": wf["name"], "tissue_type": wf["tissue_type"]}}
     nhood = None
     if params["run"]:
@@ -72,6 +89,17 @@ def write_outputs(folder: Path, name: str, cells: pd.DataFrame, regions, metrics
     t2 = time.perf_counter()
     figures = {k: f.result() for k, f in figures.items()}
     (folder / "overview.png").write_bytes(figures["overview"])
-    write_report(folder / "report.html", name, thumb, thumb_mpp, regions, cells, metrics, wf["tissue_type"], nhood,
-                 lymphoid, figures)
+    write_report(
+        folder / "report.html",
+        name,
+        thumb,
+        thumb_mpp,
+        regions,
+        cells,
+        metrics,
+        wf["tissue_type"],
+        nhood,
+        lymphoid,
+        figures,
+    )
     return {"neighbourhood_s": t1 - t0, "exports_s": t2 - t1, "report_s": time.perf_counter() - t2}

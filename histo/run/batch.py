@@ -25,11 +25,11 @@ from pandas.api.types import is_bool_dtype, is_numeric_dtype
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from histo.io.bundle import SLIDE_SUFFIXES, OutputLock, bundle_lock, file_fingerprint, is_complete, slide_name
 from histo.errors import HistoError
+from histo.io.bundle import SLIDE_SUFFIXES, OutputLock, bundle_lock, file_fingerprint, is_complete, slide_name
 from histo.outputs.export import spreadsheet_safe
-from histo.segment.models import inference_precision, resolve_model
 from histo.run.pipeline import add_timings, finish_slide, plan_slide, run_fingerprint, submit_tiles
+from histo.segment.models import inference_precision, resolve_model
 from histo.workflow import WORKFLOW_DIR, load_workflow
 
 RUN_COLUMNS = ("name", "status", "error", "reused", "bundle", "n_tiles", "n_tile_errors")  # besides sheet and metrics
@@ -48,8 +48,11 @@ def read_input(path: str | Path) -> pd.DataFrame:
     (``RUN_COLUMNS``), an ``mpp`` that is not a number or two slides with one bundle name."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir()
-                       if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(SLIDE_SUFFIXES))
+        files = sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(SLIDE_SUFFIXES)
+        )
         if not files:
             raise HistoError(path, f"no slide files in this folder (looked for {', '.join(SLIDE_SUFFIXES)})")
         sheet = pd.DataFrame({"slide": [str(p.resolve()) for p in files]})
@@ -62,8 +65,9 @@ def read_input(path: str | Path) -> pd.DataFrame:
         if "slide" not in sheet.columns:
             raise HistoError(path, f"the sample sheet needs a 'slide' column (has: {', '.join(sheet.columns)})")
         if clash := [c for c in RUN_COLUMNS if c in sheet.columns]:
-            raise HistoError(path, f"the sample sheet's column '{clash[0]}' is one histo writes into the summary; "
-                                   "rename it")
+            raise HistoError(
+                path, f"the sample sheet's column '{clash[0]}' is one histo writes into the summary; rename it"
+            )
         if sheet.empty:
             raise HistoError(path, "the sample sheet lists no slides")
         if (blank := sheet["slide"].str.strip().eq("")).any():
@@ -79,8 +83,10 @@ def read_input(path: str | Path) -> pd.DataFrame:
     sheet.insert(1, "name", [slide_name(s) for s in sheet["slide"]])
     twice = sheet[sheet["name"].duplicated(keep=False)]
     if len(twice):
-        raise HistoError(path, f"slides {', '.join(twice['slide'])} would share the bundle name "
-                               f"'{twice['name'].iloc[0]}'; rename one")
+        raise HistoError(
+            path,
+            f"slides {', '.join(twice['slide'])} would share the bundle name '{twice['name'].iloc[0]}'; rename one",
+        )
     if missing := [s for s in sheet["slide"] if not Path(s).is_file()]:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise HistoError(path, f"slide file not found: {missing[0]}{more}")
@@ -99,8 +105,11 @@ def workflow_for(entry: dict, default: str | None) -> str:
         return "lymph-node-he"
     name = f"{_TISSUES.get(tissue, tissue)}-{_STAINS.get(stain, stain or 'he')}".replace(" ", "-")
     if not (WORKFLOW_DIR / f"{name}.yaml").is_file():
-        raise HistoError(entry["slide"], f"no workflow preset '{name}' for tissue '{tissue}' and stain '{stain}'; "
-                                         "add a 'workflow' column or pass --workflow")
+        raise HistoError(
+            entry["slide"],
+            f"no workflow preset '{name}' for tissue '{tissue}' and stain '{stain}'; "
+            "add a 'workflow' column or pass --workflow",
+        )
     return name
 
 
@@ -146,9 +155,16 @@ def _threads(client: Client) -> int:
     return max(1, sum(client.nthreads().values()))
 
 
-def run_batch(sheet: pd.DataFrame, out: str | Path, client: Client | None = None, workflow: str | None = None,
-              model: str | None = None, mpp: float | None = None, show_progress: bool = True,
-              cluster: Callable[[], AbstractContextManager[Client]] | None = None) -> pd.DataFrame:
+def run_batch(
+    sheet: pd.DataFrame,
+    out: str | Path,
+    client: Client | None = None,
+    workflow: str | None = None,
+    model: str | None = None,
+    mpp: float | None = None,
+    show_progress: bool = True,
+    cluster: Callable[[], AbstractContextManager[Client]] | None = None,
+) -> pd.DataFrame:
     """Analyse every slide of ``sheet`` (from :func:`read_input`) into ``out/<name>/`` on ``client``'s
     cluster; returns the summary table, also written to ``out/summary.csv`` after every slide, and
     writes the cohort tables (``histo.stats.cohort``).
@@ -163,15 +179,24 @@ def run_batch(sheet: pd.DataFrame, out: str | Path, client: Client | None = None
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with OutputLock(out / ".histo-batch.lock", "this output folder"), \
-                (cluster() if cluster else nullcontext(client)) as client:
+        with (
+            OutputLock(out / ".histo-batch.lock", "this output folder"),
+            cluster() if cluster else nullcontext(client) as client,
+        ):
             return _run_batch(sheet, out, client, workflow, model, mpp, show_progress)
     except OSError as exc:
         raise HistoError(exc.filename or out, f"cannot write: {exc.strerror or exc}") from None
 
 
-def _run_batch(sheet: pd.DataFrame, out: Path, client: Client, workflow: str | None, model: str | None,
-               mpp: float | None, show_progress: bool) -> pd.DataFrame:
+def _run_batch(
+    sheet: pd.DataFrame,
+    out: Path,
+    client: Client,
+    workflow: str | None,
+    model: str | None,
+    mpp: float | None,
+    show_progress: bool,
+) -> pd.DataFrame:
     from histo.outputs.cohort_report import write_cohort
 
     entries = sheet.to_dict("records")
@@ -214,8 +239,15 @@ def _run_batch(sheet: pd.DataFrame, out: Path, client: Client, workflow: str | N
             fail(entry, exc)
             return
         futures = submit_tiles(client, plan)
-        active[plan.name] = {"entry": entry, "plan": plan, "futures": futures, "left": len(futures), "totals": {},
-                             "submitted": time.perf_counter(), "lock": lock}
+        active[plan.name] = {
+            "entry": entry,
+            "plan": plan,
+            "futures": futures,
+            "left": len(futures),
+            "totals": {},
+            "submitted": time.perf_counter(),
+            "lock": lock,
+        }
         nonlocal n_tiles
         n_tiles += len(futures)
         progress.update(tiles_bar, total=n_tiles)
@@ -239,7 +271,10 @@ def _run_batch(sheet: pd.DataFrame, out: Path, client: Client, workflow: str | N
         fail(slide["entry"], exc)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=not show_progress) as progress, ThreadPoolExecutor(1, "finish-slide") as finisher:
+    with (
+        Progress(*columns, console=console, disable=not show_progress) as progress,
+        ThreadPoolExecutor(1, "finish-slide") as finisher,
+    ):
         slides_bar = progress.add_task("slides", total=len(entries))
         tiles_bar = progress.add_task("tiles", total=0)
         fill()
@@ -272,8 +307,11 @@ def _run_batch(sheet: pd.DataFrame, out: Path, client: Client, workflow: str | N
                     record(slide["entry"], status="ok", error="", reused=False, bundle=str(bundle), **metrics)
             fill()
     summary = write_summary([rows[e["name"]] for e in entries], sheet_columns, out)
-    metrics = [c for c in summary.columns if c not in (*sheet_columns, *RUN_COLUMNS)
-               and is_numeric_dtype(summary[c]) and not is_bool_dtype(summary[c])]
+    metrics = [
+        c
+        for c in summary.columns
+        if c not in (*sheet_columns, *RUN_COLUMNS) and is_numeric_dtype(summary[c]) and not is_bool_dtype(summary[c])
+    ]
     write_cohort(summary, metrics, out, console, tissue_workflows(entries, workflow))
     return summary
 

@@ -16,7 +16,7 @@ import time
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -24,28 +24,37 @@ import pandas as pd
 from distributed import Client, Future, as_completed
 
 from histo import __version__
-from histo.io.bundle import (bundle_lock, concat_cells, file_fingerprint, finish, partial_dir, read_parts, slide_name,
-                          write_errors)
+from histo.io.bundle import (
+    bundle_lock,
+    concat_cells,
+    file_fingerprint,
+    finish,
+    partial_dir,
+    read_parts,
+    slide_name,
+    write_errors,
+)
+from histo.io.slide import Slide, check_stain, open_slide, skip_unreadable_tiles
+from histo.outputs.write import write_outputs
 from histo.run.cluster import dask_client
+from histo.run.progress import progress_bar
+from histo.run.provenance import versions
 from histo.segment.labels import create_pyramid, downsample_level, write_chunk
 from histo.segment.models import ModelSpec, compute_percentiles, inference_precision, resolve_model
 from histo.segment.nuclei import border_duplicates
-from histo.run.progress import progress_bar
-from histo.run.provenance import versions
 from histo.segment.task import SegmentJob, segment_tile
-from histo.io.slide import Slide, check_stain, open_slide, skip_unreadable_tiles
-from histo.outputs.write import write_outputs
-from histo.structures.analyse import analyse_cells
 from histo.segment.tiling import Tile, align_up, tile_grid
 from histo.segment.tissue import detect_tissue
+from histo.structures.analyse import analyse_cells
 from histo.workflow import load_workflow, nucleus_channel
 
 MIN_HALO_PX = 64  # px at the model's µm/px: context the U-Net needs beyond the largest nucleus
 UNREADABLE = ".unreadable.json"  # a tile task's record of slide tiles it read as glass, beside its part
 
 
-def plan_tiles(slide: Slide, tissue, grid_mpp: float, max_nucleus_um: float, segmentation: dict
-               ) -> tuple[tuple[int, int], list[Tile]]:
+def plan_tiles(
+    slide: Slide, tissue, grid_mpp: float, max_nucleus_um: float, segmentation: dict
+) -> tuple[tuple[int, int], list[Tile]]:
     """The grid shape (H, W) px at ``grid_mpp`` µm/px and the tiles over tissue."""
     scale = slide.mpp / grid_mpp
     shape = (math.ceil(slide.shape[0] * scale), math.ceil(slide.shape[1] * scale))
@@ -79,19 +88,30 @@ def _segment(client: Client, plan: SlidePlan, show: bool) -> dict:
     return totals
 
 
-def _submit_labels(client: Client, cells: Path, groups: dict, tiles: list[Tile], shape, zarr_path: Path,
-                   mpp: float) -> tuple[list, list[Future]]:
+def _submit_labels(
+    client: Client, cells: Path, groups: dict, tiles: list[Tile], shape, zarr_path: Path, mpp: float
+) -> tuple[list, list[Future]]:
     """Create the label pyramid and submit the rasterising of its level 0 from ``cells.parquet`` on
     the cluster, a task per tile; returns (the pyramid's arrays, the tasks)."""
     chunk = tiles[0].x1 - tiles[0].x0 if tiles else 1024
     arrays = create_pyramid(zarr_path, shape, chunk, mpp)
     by_pos = {(t.row, t.col): t for t in tiles}
     # row groups of the tile and its 8 neighbours: every nucleus that can reach the tile's chunk
-    near = {t.name: [groups[n.name] for dr in (-1, 0, 1) for dc in (-1, 0, 1)
-                     if (n := by_pos.get((t.row + dr, t.col + dc))) and n.name in groups] for t in tiles}
+    near = {
+        t.name: [
+            groups[n.name]
+            for dr in (-1, 0, 1)
+            for dc in (-1, 0, 1)
+            if (n := by_pos.get((t.row + dr, t.col + dc))) and n.name in groups
+        ]
+        for t in tiles
+    }
     # behind the tasks submitted next (statistics, figures): the client waits for those first
-    return arrays, [client.submit(write_chunk, str(cells), near[t.name], str(zarr_path), t, mpp, pure=False, priority=-1)
-                    for t in tiles if near[t.name]]
+    return arrays, [
+        client.submit(write_chunk, str(cells), near[t.name], str(zarr_path), t, mpp, pure=False, priority=-1)
+        for t in tiles
+        if near[t.name]
+    ]
 
 
 def _finish_labels(client: Client, arrays: list, futures: list[Future], zarr_path: Path, show: bool) -> None:
@@ -103,9 +123,21 @@ def _finish_labels(client: Client, arrays: list, futures: list[Future], zarr_pat
             advance()
         for level in range(1, len(arrays)):
             h, w = arrays[level].shape
-            boxes = [(slice(r, min(r + chunk, h)), slice(c, min(c + chunk, w))) for r in range(0, h, chunk) for c in range(0, w, chunk)]
-            client.gather(client.map(downsample_level, [str(zarr_path)] * len(boxes), [level] * len(boxes),
-                                     [b[0] for b in boxes], [b[1] for b in boxes], pure=False))
+            boxes = [
+                (slice(r, min(r + chunk, h)), slice(c, min(c + chunk, w)))
+                for r in range(0, h, chunk)
+                for c in range(0, w, chunk)
+            ]
+            client.gather(
+                client.map(
+                    downsample_level,
+                    [str(zarr_path)] * len(boxes),
+                    [level] * len(boxes),
+                    [b[0] for b in boxes],
+                    [b[1] for b in boxes],
+                    pure=False,
+                )
+            )
             advance()
 
 
@@ -147,27 +179,39 @@ def _model_files_digest(folder: str | None) -> str | None:
     return _digest(b"".join(f.name.encode() + bytes.fromhex(file_fingerprint(f)["sha256"]) for f in files))
 
 
-def run_fingerprint(input_sha256: str, wf: dict, spec: ModelSpec, mpp: float | None,
-                    annotations: str | Path | None, precision: str) -> str:
+def run_fingerprint(
+    input_sha256: str, wf: dict, spec: ModelSpec, mpp: float | None, annotations: str | Path | None, precision: str
+) -> str:
     """SHA-256 of what a bundle depends on: the input's content, the validated workflow (less its
     cohort ``endpoints``), the model (description and files, not its location), the ``mpp`` override
-    (µm/px), the annotations' content and the network's ``precision`` (:func:`histo.segment.models.inference_precision`). Equal
-    fingerprints give equal bundles; ``run.json`` stores it as ``fingerprint``."""
+    (µm/px), the annotations' content and the network's ``precision``
+    (:func:`histo.segment.models.inference_precision`). Equal fingerprints give equal
+    bundles; ``run.json`` stores it as ``fingerprint``."""
     model = {k: v for k, v in spec.to_dict().items() if k != "path"}
     model["files_sha256"] = _model_files_digest(None if spec.path is None else str(spec.path))
     wf = {k: v for k, v in wf.items() if k != "endpoints"}  # the cohort report's endpoints change no bundle
-    parts = {"input_sha256": input_sha256, "workflow": wf, "model": model, "mpp": mpp,
-             "annotations_sha256": None if annotations is None else file_fingerprint(Path(annotations))["sha256"],
-             "precision": precision}
+    parts = {
+        "input_sha256": input_sha256,
+        "workflow": wf,
+        "model": model,
+        "mpp": mpp,
+        "annotations_sha256": None if annotations is None else file_fingerprint(Path(annotations))["sha256"],
+        "precision": precision,
+    }
     return _digest(json.dumps(parts, sort_keys=True, default=str))
 
 
-def plan_slide(slide_path: str | Path, out_dir: str | Path, workflow: str | Path | dict | None = None,
-               model: str | None = None, mpp: float | None = None, annotations: str | Path | None = None,
-               ) -> SlidePlan:
+def plan_slide(
+    slide_path: str | Path,
+    out_dir: str | Path,
+    workflow: str | Path | dict | None = None,
+    model: str | None = None,
+    mpp: float | None = None,
+    annotations: str | Path | None = None,
+) -> SlidePlan:
     """Open the slide, find tissue, lay out the tiles and make an empty partial bundle with a
     fresh ``parts-…/`` folder for the tile tasks (arguments as :func:`run_slide`)."""
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     wf = workflow if isinstance(workflow, dict) else load_workflow(workflow)
@@ -199,11 +243,41 @@ def plan_slide(slide_path: str | Path, out_dir: str | Path, workflow: str | Path
         parts.mkdir(parents=True)
 
     seg = wf["segmentation"]
-    job = SegmentJob(str(Path(slide_path).resolve()), slide.mpp, spec, grid_mpp, shape[1], str(parts),
-                     seg["prob_thresh"], seg["nms_thresh"], percentiles, wf["stain"],
-                     tuple(slide.channel_names) if wf["stain"] == "if" else None, channel, inference_precision())
-    return SlidePlan(Path(slide_path), out_dir, name, partial, wf, spec, slide, tissue, grid_mpp, shape, tiles,
-                     percentiles, job, mpp, annotations, started, timings, unreadable)
+    job = SegmentJob(
+        str(Path(slide_path).resolve()),
+        slide.mpp,
+        spec,
+        grid_mpp,
+        shape[1],
+        str(parts),
+        seg["prob_thresh"],
+        seg["nms_thresh"],
+        percentiles,
+        wf["stain"],
+        tuple(slide.channel_names) if wf["stain"] == "if" else None,
+        channel,
+        inference_precision(),
+    )
+    return SlidePlan(
+        Path(slide_path),
+        out_dir,
+        name,
+        partial,
+        wf,
+        spec,
+        slide,
+        tissue,
+        grid_mpp,
+        shape,
+        tiles,
+        percentiles,
+        job,
+        mpp,
+        annotations,
+        started,
+        timings,
+        unreadable,
+    )
 
 
 def segment_tile_reporting(job: SegmentJob, tile: Tile) -> dict:
@@ -222,8 +296,12 @@ def segment_tile_reporting(job: SegmentJob, tile: Tile) -> dict:
 def submit_tiles(client: Client, plan: SlidePlan) -> list[Future]:
     """One task per tile of ``plan``; each returns a summary with timings (keys ending ``_s``).
     A task whose worker dies is rerun elsewhere by the scheduler (its part is written atomically)."""
-    return client.map(segment_tile_reporting, [plan.job] * len(plan.tiles), plan.tiles,
-                      key=[f"segment-{plan.job.parts_dir}-{t.name}" for t in plan.tiles])
+    return client.map(
+        segment_tile_reporting,
+        [plan.job] * len(plan.tiles),
+        plan.tiles,
+        key=[f"segment-{plan.job.parts_dir}-{t.name}" for t in plan.tiles],
+    )
 
 
 def unreadable_tiles(plan: SlidePlan, parts: Path) -> list[dict]:
@@ -232,8 +310,10 @@ def unreadable_tiles(plan: SlidePlan, parts: Path) -> list[dict]:
     found = plan.unreadable + [t for f in sorted(parts.glob(f"*{UNREADABLE}")) for t in json.loads(f.read_text())]
     unique = {(t["level"], t["y_px"], t["x_px"]): t for t in found}
     mpps = plan.slide.mpps
-    return [{**t, **{f"{k}_um": round(t[f"{k}_px"] * mpps[t["level"]], 3) for k in ("x", "y", "width", "height")}}
-            for _, t in sorted(unique.items())]
+    return [
+        {**t, **{f"{k}_um": round(t[f"{k}_px"] * mpps[t["level"]], 3) for k in ("x", "y", "width", "height")}}
+        for _, t in sorted(unique.items())
+    ]
 
 
 def add_timings(totals: dict[str, float], summary: dict) -> None:
@@ -259,8 +339,9 @@ def _finish(client: Client, plan: SlidePlan, task_totals: dict[str, float], show
     drop = border_duplicates(cells[["x_um", "y_um"]].to_numpy(), cells["prob"].to_numpy(), tile_index)
     cells = cells[~drop].reset_index(drop=True)
     with skip_unreadable_tiles() as unreadable:
-        extra, regions, metrics, structure_report = analyse_cells(cells, plan.slide, plan.tissue, plan.wf,
-                                                                  plan.annotations)
+        extra, regions, metrics, structure_report = analyse_cells(
+            cells, plan.slide, plan.tissue, plan.wf, plan.annotations
+        )
         timings["structures_s"] = time.perf_counter() - t
         t = time.perf_counter()
         n_cells, groups = concat_cells(parts, tiles, partial / "cells.parquet", plan.job.schema, extra, drop)
@@ -268,11 +349,15 @@ def _finish(client: Client, plan: SlidePlan, task_totals: dict[str, float], show
         timings["cells_table_s"] = time.perf_counter() - t
         # the label pyramid is rasterised on the workers alongside the statistics, figures and exports
         zarr_path = partial / "labels.ome.zarr"
-        arrays, label_tasks = _submit_labels(client, partial / "cells.parquet", groups, tiles, plan.shape, zarr_path,
-                                             plan.grid_mpp)
+        arrays, label_tasks = _submit_labels(
+            client, partial / "cells.parquet", groups, tiles, plan.shape, zarr_path, plan.grid_mpp
+        )
         try:
-            timings.update(write_outputs(partial, plan.name, cells, regions, metrics, plan.slide, plan.wf, client,
-                                         structure_report))
+            timings.update(
+                write_outputs(
+                    partial, plan.name, cells, regions, metrics, plan.slide, plan.wf, client, structure_report
+                )
+            )
         except BaseException:
             client.cancel(label_tasks)  # nothing writes into the partial bundle once it is removed
             raise
@@ -289,17 +374,28 @@ def _finish(client: Client, plan: SlidePlan, task_totals: dict[str, float], show
         "status": "complete",
         "histo_version": __version__,
         "started": plan.started.isoformat(),
-        "finished": datetime.now(timezone.utc).isoformat(),
-        "fingerprint": run_fingerprint(input_info["sha256"], plan.wf, plan.spec, plan.mpp, plan.annotations,
-                                       plan.job.precision),
-        "input": {**input_info, "format": slide.format, "mpp": slide.mpp,
-                  "mpp_source": "argument" if plan.mpp else "file", "shape_px": list(slide.shape), "levels": len(slide.levels)},
+        "finished": datetime.now(UTC).isoformat(),
+        "fingerprint": run_fingerprint(
+            input_info["sha256"], plan.wf, plan.spec, plan.mpp, plan.annotations, plan.job.precision
+        ),
+        "input": {
+            **input_info,
+            "format": slide.format,
+            "mpp": slide.mpp,
+            "mpp_source": "argument" if plan.mpp else "file",
+            "shape_px": list(slide.shape),
+            "levels": len(slide.levels),
+        },
         "workflow": plan.wf,
         "model": plan.spec.to_dict(),
-        "parameters": {"grid_mpp": plan.grid_mpp, "grid_shape_px": list(plan.shape),
-                       "tile_px": tiles[0].x1 - tiles[0].x0 if tiles else None,
-                       "halo_px": tiles[0].halo if tiles else None, "percentiles": plan.percentiles,
-                       "precision": plan.job.precision},
+        "parameters": {
+            "grid_mpp": plan.grid_mpp,
+            "grid_shape_px": list(plan.shape),
+            "tile_px": tiles[0].x1 - tiles[0].x0 if tiles else None,
+            "halo_px": tiles[0].halo if tiles else None,
+            "percentiles": plan.percentiles,
+            "precision": plan.job.precision,
+        },
         "tissue": {"pieces": len(tissue.pieces), "area_mm2": sum(p.area for p in tissue.pieces) / 1e6},
         "n_tiles": len(tiles),
         "n_cells": n_cells,
@@ -310,8 +406,11 @@ def _finish(client: Client, plan: SlidePlan, task_totals: dict[str, float], show
         "versions": versions(),
         "tile_errors": tile_errors,
         "warnings": ([] if tiles else ["no tissue found: the bundle has no nuclei"])
-                    + ([f"{len(tile_errors)} unreadable slide tile(s) read as glass, their nuclei missing: "
-                        "see tile_errors"] if tile_errors else []),
+        + (
+            [f"{len(tile_errors)} unreadable slide tile(s) read as glass, their nuclei missing: see tile_errors"]
+            if tile_errors
+            else []
+        ),
     }
     return finish(partial, plan.out_dir / plan.name, run)
 
@@ -337,7 +436,7 @@ def run_slide(
     with bundle_lock(Path(out_dir), slide_name(slide_path)):
         plan = plan_slide(slide_path, out_dir, workflow, model, mpp, annotations)
         try:
-            with (nullcontext(client) if client else dask_client()) as cl:
+            with nullcontext(client) if client else dask_client() as cl:
                 t = time.perf_counter()
                 with write_errors(plan.partial):
                     task_totals = _segment(cl, plan, show_progress)

@@ -8,8 +8,23 @@ from importlib import metadata
 
 from histo import __version__
 
-PACKAGES = ("numpy", "dask", "distributed", "tifffile", "imagecodecs", "zarr", "scikit-image", "stardist",
-            "csbdeep", "tensorflow-cpu", "keras", "shapely", "pyarrow", "pandas", "geopandas")
+PACKAGES = (
+    "numpy",
+    "dask",
+    "distributed",
+    "tifffile",
+    "imagecodecs",
+    "zarr",
+    "scikit-image",
+    "stardist",
+    "csbdeep",
+    "tensorflow-cpu",
+    "keras",
+    "shapely",
+    "pyarrow",
+    "pandas",
+    "geopandas",
+)
 
 
 def versions(packages: tuple[str, ...] = PACKAGES) -> dict:

@@ -139,7 +139,12 @@ def stain_features(img: np.ndarray, coord: np.ndarray, stain: str, channel_names
         h = _UNMIX[:, 0] @ od
         std = np.sqrt(np.maximum(np.bincount(nuc, h * h, n) / count - conc[:, 0] ** 2, 0))
         return pd.DataFrame(
-            {"hematoxylin_od": conc[:, 0], "eosin_od": conc[:, 1], "od_total": od_mean.sum(axis=1), "hematoxylin_od_std": std},
+            {
+                "hematoxylin_od": conc[:, 0],
+                "eosin_od": conc[:, 1],
+                "od_total": od_mean.sum(axis=1),
+                "hematoxylin_od_std": std,
+            },
             dtype=np.float32,
         )
 

@@ -33,8 +33,13 @@ def rasterise(polygons_um: np.ndarray, labels: np.ndarray, mpp: float, origin_px
         rings = shapely.get_exterior_ring(np.asarray(polygons_um))
         xy, ring = shapely.get_coordinates(rings, return_index=True)
         offsets = np.searchsorted(ring, np.arange(len(rings) + 1))
-        _fill(out, xy[:, 0] / mpp - 0.5 - origin_px[0], xy[:, 1] / mpp - 0.5 - origin_px[1], offsets,
-              np.asarray(labels, dtype=np.int32))
+        _fill(
+            out,
+            xy[:, 0] / mpp - 0.5 - origin_px[0],
+            xy[:, 1] / mpp - 0.5 - origin_px[1],
+            offsets,
+            np.asarray(labels, dtype=np.int32),
+        )
     return out
 
 
@@ -81,11 +86,21 @@ def create_pyramid(path: Path, shape: tuple[int, int], chunk: int, mpp: float) -
     arrays, datasets = [], []
     level, (h, w) = 0, shape
     while True:
-        arrays.append(root.create_array(str(level), shape=(h, w), chunks=(chunk, chunk), dtype="int32", fill_value=0,
-                                        dimension_names=("y", "x")))
+        arrays.append(
+            root.create_array(
+                str(level), shape=(h, w), chunks=(chunk, chunk), dtype="int32", fill_value=0, dimension_names=("y", "x")
+            )
+        )
         scale = mpp * 2**level
-        datasets.append({"path": str(level), "coordinateTransformations": [
-            {"type": "scale", "scale": [scale, scale]}, {"type": "translation", "translation": [mpp / 2, mpp / 2]}]})
+        datasets.append(
+            {
+                "path": str(level),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [scale, scale]},
+                    {"type": "translation", "translation": [mpp / 2, mpp / 2]},
+                ],
+            }
+        )
         if max(h, w) <= MIN_LEVEL_PX:
             break
         level, h, w = level + 1, math.ceil(h / 2), math.ceil(w / 2)

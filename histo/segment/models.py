@@ -32,7 +32,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,17 +73,23 @@ REGISTRY: dict[str, dict[str, Any]] = {
     "2D_versatile_he": {
         "url": "https://github.com/stardist/stardist-models/releases/download/v0.1/python_2D_versatile_he.zip",
         "sha256": "f1696ef0631bd7e1c0e5c0d3017e2b4c6a95e284c6aab9c22fc2f08317817b28",
-        "mpp": 0.25, "n_channels": 3, "stain": "he",
+        "mpp": 0.25,
+        "n_channels": 3,
+        "stain": "he",
     },
     "2D_versatile_fluo": {
         "url": "https://github.com/stardist/stardist-models/releases/download/v0.1/python_2D_versatile_fluo.zip",
         "sha256": "4ad678d0758eed6e55625f1b5ae30771e59adb79f1239e09b9772eac8846c3dd",
-        "mpp": 0.5, "n_channels": 1, "stain": "fluo",
+        "mpp": 0.5,
+        "n_channels": 1,
+        "stain": "fluo",
     },
     "2D_paper_dsb2018": {
         "url": "https://github.com/stardist/stardist-models/releases/download/v0.1/python_2D_paper_dsb2018.zip",
         "sha256": "4c11cf68512341d9e8ce3d1278c64ceb8ac400582739f85fcab079a2e82840d2",
-        "mpp": 0.5, "n_channels": 1, "stain": "fluo",
+        "mpp": 0.5,
+        "n_channels": 1,
+        "stain": "fluo",
     },
 }
 
@@ -91,8 +97,10 @@ REGISTRY: dict[str, dict[str, Any]] = {
 DEFAULT_MAX_NUCLEUS_UM = 25.0
 #: StarDist's defaults when a folder has no thresholds.json
 DEFAULT_THRESHOLDS = {"prob": 0.5, "nms": 0.4}
-_OFFLINE_MSG = ("could not download pretrained weights (no network?); put the model folder in "
-                "$HISTO_MODEL_DIR or pass --model FOLDER")
+_OFFLINE_MSG = (
+    "could not download pretrained weights (no network?); put the model folder in "
+    "$HISTO_MODEL_DIR or pass --model FOLDER"
+)
 _REQUIRED = ("config.json", "weights_best.h5")
 
 
@@ -198,8 +206,7 @@ def _download_registry(name: str, timeout: float = 30.0) -> Path:
         with zipfile.ZipFile(zpath) as zf:
             for m in zf.infolist():
                 fn = Path(m.filename).name  # flatten; ignore folders and odd paths
-                if m.is_dir() or fn not in ("config.json", "thresholds.json", "weights_best.h5",
-                                            "weights_last.h5"):
+                if m.is_dir() or fn not in ("config.json", "thresholds.json", "weights_best.h5", "weights_last.h5"):
                     continue
                 with zf.open(m) as src, open(tmpdir / fn, "wb") as dst:
                     shutil.copyfileobj(src, dst)
@@ -240,8 +247,9 @@ def _spec_from_folder(folder: Path, source: str, name: str | None = None) -> Mod
     try:
         return _read_spec(folder, source, name)
     except (TypeError, ValueError) as exc:
-        raise ModelError(folder, f"a value in config.json, card.json or thresholds.json is not a number "
-                                 f"({exc})") from None
+        raise ModelError(
+            folder, f"a value in config.json, card.json or thresholds.json is not a number ({exc})"
+        ) from None
 
 
 def _read_spec(folder: Path, source: str, name: str | None) -> ModelSpec:
@@ -272,8 +280,9 @@ def _read_spec(folder: Path, source: str, name: str | None) -> ModelSpec:
         max_um = DEFAULT_MAX_NUCLEUS_UM
         card_thr = None
     if normalize.get("kind") not in ("fixed", "percentile"):
-        raise ModelError(folder / "card.json", f"unknown normalize kind {normalize.get('kind')!r} "
-                         "(expected 'fixed' or 'percentile')")
+        raise ModelError(
+            folder / "card.json", f"unknown normalize kind {normalize.get('kind')!r} (expected 'fixed' or 'percentile')"
+        )
     thresholds = dict(DEFAULT_THRESHOLDS)
     if card_thr:
         thresholds.update({k: float(card_thr[k]) for k in ("prob", "nms") if k in card_thr})
@@ -315,8 +324,9 @@ def resolve_model(spec: str | os.PathLike | None, stain: str = "he") -> ModelSpe
     if spec is None or str(spec).strip() == "":
         key = str(stain).lower()
         if key not in DEFAULT_MODELS:
-            raise ModelError(None, f"no default model for stain {stain!r}; known: "
-                             f"{', '.join(sorted(DEFAULT_MODELS))}; pass --model")
+            raise ModelError(
+                None, f"no default model for stain {stain!r}; known: {', '.join(sorted(DEFAULT_MODELS))}; pass --model"
+            )
         spec = DEFAULT_MODELS[key]
     s = os.fspath(spec)
     p = Path(s).expanduser()
@@ -342,16 +352,22 @@ def resolve_model(spec: str | os.PathLike | None, stain: str = "he") -> ModelSpe
                 return _spec_from_folder(cand, "env")
 
     if s == DEFAULT_MODELS["he"]:
-        raise ModelError(shipped, f"the shipped model {s!r} is missing from {shipped_models_dir()} "
-                         "(a source checkout without models/?); pass --model FOLDER or put it in "
-                         "$HISTO_MODEL_DIR")
+        raise ModelError(
+            shipped,
+            f"the shipped model {s!r} is missing from {shipped_models_dir()} "
+            "(a source checkout without models/?); pass --model FOLDER or put it in "
+            "$HISTO_MODEL_DIR",
+        )
     if s in REGISTRY:
         folder = _find_cached_registry_folder(s) or _download_registry(s)
         return _spec_from_folder(folder, "registry", name=s)
 
-    raise ModelError(s, "unknown model: not a folder, not a shipped model, not in $HISTO_MODEL_DIR "
-                     f"(searched: {', '.join(searched)}{'' if env else '; $HISTO_MODEL_DIR unset'}), "
-                     f"not a StarDist registry name ({', '.join(REGISTRY)})")
+    raise ModelError(
+        s,
+        "unknown model: not a folder, not a shipped model, not in $HISTO_MODEL_DIR "
+        f"(searched: {', '.join(searched)}{'' if env else '; $HISTO_MODEL_DIR unset'}), "
+        f"not a StarDist registry name ({', '.join(REGISTRY)})",
+    )
 
 
 # ---------------------------------------------------------------- loading / normalising
@@ -417,8 +433,10 @@ def one_graph_for_all_shapes(model) -> None:
     import tensorflow as tf
 
     net = model.keras_model
-    graph = tf.function(lambda x: net(x, training=False),
-                        input_signature=[tf.TensorSpec((None, None, None, net.inputs[0].shape[-1]), tf.float32)])
+    graph = tf.function(
+        lambda x: net(x, training=False),
+        input_signature=[tf.TensorSpec((None, None, None, net.inputs[0].shape[-1]), tf.float32)],
+    )
 
     def predict(x, **_):  # StarDist passes Keras options (verbose=0)
         return [y.numpy() for y in graph(tf.convert_to_tensor(x, tf.float32))]
@@ -426,8 +444,7 @@ def one_graph_for_all_shapes(model) -> None:
     net.predict = predict
 
 
-def compute_percentiles(img: np.ndarray, spec: ModelSpec | dict, mask: np.ndarray | None = None
-                        ) -> tuple[float, float]:
+def compute_percentiles(img: np.ndarray, spec: ModelSpec | dict, mask: np.ndarray | None = None) -> tuple[float, float]:
     """The (low, high) intensity percentiles of ``img`` for a percentile-normalised model, all
     channels jointly (csbdeep ``normalize`` with ``axis=None``, as in StarDist's examples).
     Compute it ONCE per slide on a low-resolution level (optionally only inside the tissue
@@ -443,8 +460,9 @@ def compute_percentiles(img: np.ndarray, spec: ModelSpec | dict, mask: np.ndarra
     return float(lo), float(hi)
 
 
-def normalize_image(img: np.ndarray, spec: ModelSpec | dict,
-                    percentiles: tuple[float, float] | None = None) -> np.ndarray:
+def normalize_image(
+    img: np.ndarray, spec: ModelSpec | dict, percentiles: tuple[float, float] | None = None
+) -> np.ndarray:
     """float32 image in the model's input range.
 
     fixed: ``(img - low) / (high - low)`` (our models: x/255) — the same for any tile;

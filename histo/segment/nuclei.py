@@ -37,7 +37,9 @@ def cell_schema(stain: str, channel_names=None, classes: bool = False) -> pa.Sch
     for name in feature_columns(stain, channel_names):
         schema = schema.append(pa.field(name, pa.float32()))
     if classes:
-        schema = schema.append(pa.field("nucleus_class", pa.string())).append(pa.field("nucleus_class_prob", pa.float32()))
+        schema = schema.append(pa.field("nucleus_class", pa.string())).append(
+            pa.field("nucleus_class_prob", pa.float32())
+        )
     return schema
 
 
@@ -115,8 +117,9 @@ def owned(points: np.ndarray, tile: Tile) -> np.ndarray:
     return tile.owns(grid[:, 1], grid[:, 0])
 
 
-def border_duplicates(xy_um: np.ndarray, prob: np.ndarray, tile_index: np.ndarray, radius_um: float = DUPLICATE_UM
-                      ) -> np.ndarray:
+def border_duplicates(
+    xy_um: np.ndarray, prob: np.ndarray, tile_index: np.ndarray, radius_um: float = DUPLICATE_UM
+) -> np.ndarray:
     """Which nuclei are a second copy of a nucleus that a neighbouring tile also kept: centroids
     ``xy_um`` (n, 2) closer than ``radius_um`` from different tiles (``tile_index``); of each pair
     the lower ``prob`` goes. Ownership by centre (:func:`owned`) keeps each nucleus once when two

@@ -23,8 +23,13 @@ from skimage.draw import polygon as draw_polygon
 from skimage.transform import resize
 
 CLASSES = ("lymphocyte", "epithelial", "stromal", "other")
-CLASS_ALIASES = {"inflammatory": "lymphocyte", "spindle": "stromal", "fibroblast": "stromal",
-                 "lymphocytes": "lymphocyte", "epithelium": "epithelial"}
+CLASS_ALIASES = {
+    "inflammatory": "lymphocyte",
+    "spindle": "stromal",
+    "fibroblast": "stromal",
+    "lymphocytes": "lymphocyte",
+    "epithelium": "epithelial",
+}
 PATCH_MPP = 0.5  # µm/px of the patches
 PATCH_PX = 48  # patch edge, px (24 µm)
 CLASSIFIER_FILE = "nucleus_classes.keras"
@@ -35,8 +40,9 @@ def class_of(name: str) -> str:
     key = str(name).strip().lower()
     key = CLASS_ALIASES.get(key, key)
     if key not in CLASSES:
-        raise ValueError(f"unknown nucleus type {name!r}: expected one of {', '.join(CLASSES)} "
-                         f"or {', '.join(sorted(CLASS_ALIASES))}")
+        raise ValueError(
+            f"unknown nucleus type {name!r}: expected one of {', '.join(CLASSES)} or {', '.join(sorted(CLASS_ALIASES))}"
+        )
     return key
 
 
@@ -50,8 +56,9 @@ def to_patch_scale(img: np.ndarray, mpp: float) -> np.ndarray:
     return resize(x, shape + (3,), order=1, anti_aliasing=f < 1, preserve_range=True).astype(np.float32)
 
 
-def nucleus_patches(small: np.ndarray, outlines: list[np.ndarray], centres: np.ndarray,
-                    size: int = PATCH_PX) -> np.ndarray:
+def nucleus_patches(
+    small: np.ndarray, outlines: list[np.ndarray], centres: np.ndarray, size: int = PATCH_PX
+) -> np.ndarray:
     """(n, size, size, 4) float32: RGB windows of ``small`` (an image from :func:`to_patch_scale`)
     centred on ``centres`` (n, 2) (row, col) px, glass (1.0) beyond its edge, and each nucleus's
     outline ``outlines[i]`` ((k, 2) (row, col) px) filled in channel 4."""
@@ -60,14 +67,15 @@ def nucleus_patches(small: np.ndarray, outlines: list[np.ndarray], centres: np.n
     out = np.zeros((len(centres), size, size, 4), np.float32)
     for i, ((r, c), ring) in enumerate(zip(np.asarray(centres, np.float64), outlines)):
         r0, c0 = int(round(r)) - h, int(round(c)) - h
-        out[i, :, :, :3] = padded[r0 + size:r0 + 2 * size, c0 + size:c0 + 2 * size]
+        out[i, :, :, :3] = padded[r0 + size : r0 + 2 * size, c0 + size : c0 + 2 * size]
         rr, cc = draw_polygon(ring[:, 0] - r0, ring[:, 1] - c0, (size, size))
         out[i, rr, cc, 3] = 1.0
     return out
 
 
-def tile_patches(img: np.ndarray, coord: np.ndarray, points: np.ndarray, mpp: float,
-                 size: int = PATCH_PX) -> np.ndarray:
+def tile_patches(
+    img: np.ndarray, coord: np.ndarray, points: np.ndarray, mpp: float, size: int = PATCH_PX
+) -> np.ndarray:
     """Patches (``size``² px) of StarDist's nuclei in a tile: ``img`` RGB uint8 at ``mpp`` µm/px,
     ``coord`` (n, 2, n_rays) and ``points`` (n, 2) as (row, col) px of ``img`` (pixel centres on integers)."""
     f = mpp / PATCH_MPP
@@ -102,7 +110,9 @@ def load_classifier(folder: str):
 
     net = keras.models.load_model(Path(folder) / CLASSIFIER_FILE, compile=False)
     size = int(net.input_shape[1])  # the patch edge it was trained on
-    graph = tf.function(lambda x: net(x, training=False), input_signature=[tf.TensorSpec((None, size, size, 4), tf.float32)])
+    graph = tf.function(
+        lambda x: net(x, training=False), input_signature=[tf.TensorSpec((None, size, size, 4), tf.float32)]
+    )
     graph.n_classes, graph.patch_px = int(net.output_shape[-1]), size
     return graph
 
@@ -111,4 +121,4 @@ def predict_classes(graph, patches: np.ndarray, batch: int = 256) -> np.ndarray:
     """Class probabilities (n, n_classes) for :func:`nucleus_patches` output."""
     if not len(patches):
         return np.zeros((0, graph.n_classes), np.float32)
-    return np.concatenate([graph(patches[i:i + batch]).numpy() for i in range(0, len(patches), batch)])
+    return np.concatenate([graph(patches[i : i + batch]).numpy() for i in range(0, len(patches), batch)])

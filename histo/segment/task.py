@@ -16,12 +16,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from histo.segment.models import (ModelSpec, inference_precision, load_model, normalize_image, one_graph_for_all_shapes,
-                          resolve_model, use_precision)
-from histo.segment.features import nucleus_features
-from histo.segment.nucleus_classes import load_classifier, predict_classes, tile_patches
-from histo.segment.nuclei import cell_schema, owned, tile_cells
 from histo.io.slide import open_slide
+from histo.segment.features import nucleus_features
+from histo.segment.models import (
+    ModelSpec,
+    inference_precision,
+    load_model,
+    normalize_image,
+    one_graph_for_all_shapes,
+    resolve_model,
+    use_precision,
+)
+from histo.segment.nuclei import cell_schema, owned, tile_cells
+from histo.segment.nucleus_classes import load_classifier, predict_classes, tile_patches
 from histo.segment.tiling import Tile
 
 
@@ -87,8 +94,9 @@ def predict_tile(job: SegmentJob, tile: Tile) -> tuple:
     t1 = time.perf_counter()
     img = _slide(job.slide_path, job.slide_mpp).read(*tile.read_box, mpp=job.grid_mpp)
     t2 = time.perf_counter()
-    x = normalize_image(img if job.nucleus_channel is None else img[..., job.nucleus_channel],
-                        job.model, job.percentiles)
+    x = normalize_image(
+        img if job.nucleus_channel is None else img[..., job.nucleus_channel], job.model, job.percentiles
+    )
     t3 = time.perf_counter()
     _, det = model.predict_instances(
         x,
@@ -130,8 +138,10 @@ def nucleus_classes(img: np.ndarray, coord: np.ndarray, points: np.ndarray, job:
     graph = load_classifier(str(job.model.path))
     probs = predict_classes(graph, tile_patches(img, coord, points, job.grid_mpp, graph.patch_px))
     best = np.argmax(probs, axis=1)
-    return {"nucleus_class": np.asarray(job.model.classes, dtype=object)[best],
-            "nucleus_class_prob": probs[np.arange(len(best)), best].astype(np.float32)}
+    return {
+        "nucleus_class": np.asarray(job.model.classes, dtype=object)[best],
+        "nucleus_class_prob": probs[np.arange(len(best)), best].astype(np.float32),
+    }
 
 
 def whole_image_centres(slide_path: str, model: str) -> np.ndarray:
@@ -142,5 +152,7 @@ def whole_image_centres(slide_path: str, model: str) -> np.ndarray:
     mpp = slide.effective_mpp(spec.mpp)
     h, w = (int(np.ceil(s * slide.mpp / mpp)) for s in slide.shape)
     img = normalize_image(slide.read(0, 0, w, h, mpp=mpp), spec)
-    _, det = _model(spec, inference_precision()).predict_instances(img, axes="YXC", return_labels=False, show_tile_progress=False)
+    _, det = _model(spec, inference_precision()).predict_instances(
+        img, axes="YXC", return_labels=False, show_tile_progress=False
+    )
     return (det["points"][:, ::-1] + 0.5) * mpp

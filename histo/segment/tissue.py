@@ -37,8 +37,7 @@ class Tissue:
     _integral: np.ndarray | None = field(default=None, repr=False)
 
 
-def detect_tissue(slide: Slide, mpp: float = 8.0, min_area_um2: float = 20_000,
-                  max_hole_um2: float = 20_000) -> Tissue:
+def detect_tissue(slide: Slide, mpp: float = 8.0, min_area_um2: float = 20_000, max_hole_um2: float = 20_000) -> Tissue:
     """Detect tissue on ``slide`` viewed at ``mpp`` µm/px (not finer than the slide itself).
 
     Brightfield: saturation above Otsu's threshold (clipped to SAT_RANGE, so pure glass gives no
@@ -142,7 +141,7 @@ def _pieces(mask: np.ndarray, mpp: float, min_area_um2: float) -> list[Polygon]:
         rings = [Polygon(c[:, ::-1]) for c in find_contours(sub, 0.5) if len(c) >= 4]
         geom = reduce(lambda a, b: a.symmetric_difference(b), rings)
         offset = np.array([sl[1].start - 0.5, sl[0].start - 0.5])  # padded index → pixel centre
-        geom = shapely.transform(geom, lambda xy: (xy + offset) * mpp)
+        geom = shapely.transform(geom, lambda xy, offset=offset: (xy + offset) * mpp)
         geom = shapely.make_valid(geom).simplify(mpp, preserve_topology=True)
         out += [p for p in shapely.get_parts(geom) if isinstance(p, Polygon) and p.area >= min_area_um2]
     return sorted(out, key=lambda p: (-round(p.area, 3), p.bounds[1], p.bounds[0]))

@@ -1,2 +1,1 @@
-"""Statistics: neighbourhood statistics per slide and region, and the cohort's endpoints and tests.
-"""
+"""Statistics: neighbourhood statistics per slide and region, and the cohort's endpoints and tests."""

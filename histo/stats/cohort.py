@@ -92,13 +92,26 @@ def pooled_values(slides: pd.DataFrame, endpoints: dict[str, list[dict]]) -> pd.
     for (tissue, arm, patient, timepoint), group in slides.groupby(keys, sort=False):
         area = pd.to_numeric(group.get("area_mm2"), errors="coerce")
         pieces = pd.to_numeric(group.get("n_tissue_pieces"), errors="coerce")
-        behind = dict(slides=";".join(group["name"].astype(str)), n_slides=len(group),
-                      area_mm2=float(area.sum()) if area is not None else np.nan,
-                      n_pieces=int(pieces.sum()) if pieces is not None else 0)
+        behind = dict(
+            slides=";".join(group["name"].astype(str)),
+            n_slides=len(group),
+            area_mm2=float(area.sum()) if area is not None else np.nan,
+            n_pieces=int(pieces.sum()) if pieces is not None else 0,
+        )
         for e in endpoints.get(tissue, []):
             value, n_regions = pooled_value(group, e)
-            rows.append(dict(tissue=tissue, arm=arm, patient=patient, timepoint=timepoint, metric=e["metric"],
-                             value=value, **behind, n_regions=n_regions))
+            rows.append(
+                dict(
+                    tissue=tissue,
+                    arm=arm,
+                    patient=patient,
+                    timepoint=timepoint,
+                    metric=e["metric"],
+                    value=value,
+                    **behind,
+                    n_regions=n_regions,
+                )
+            )
     return pd.DataFrame(rows, columns=["tissue", "arm", "patient", "timepoint", "metric", "value", *WEIGHT_COLUMNS])
 
 
@@ -131,14 +144,19 @@ def within_arm_test(changes: np.ndarray) -> dict:
     n = len(d)
     smallest = 2.0 / 2**n if n else 1.0
     if smallest > ALPHA:
-        return dict(statistic=np.nan, p_value=np.nan, test=f"not tested: {n} non-zero changes; the smallest "
-                                                              f"possible two-sided p would be {smallest:.3g} > {ALPHA}")
+        return dict(
+            statistic=np.nan,
+            p_value=np.nan,
+            test=f"not tested: {n} non-zero changes; the smallest "
+            f"possible two-sided p would be {smallest:.3g} > {ALPHA}",
+        )
     if not _has_ties(np.abs(d)) and n <= EXACT_MAX_N:
         method, test = "exact", "Wilcoxon signed-rank, exact"
     else:
         method = PermutationMethod(n_resamples=N_RESAMPLES, random_state=0)
-        test = "Wilcoxon signed-rank, " + ("exact permutation (ties)" if 2**n <= N_RESAMPLES else
-                                           f"{N_RESAMPLES} random sign flips (ties)")
+        test = "Wilcoxon signed-rank, " + (
+            "exact permutation (ties)" if 2**n <= N_RESAMPLES else f"{N_RESAMPLES} random sign flips (ties)"
+        )
     result = wilcoxon(d, method=method)
     return dict(statistic=float(result.statistic), p_value=float(result.pvalue), test=test)
 
@@ -152,7 +170,7 @@ def _mwu_null_cdf(m: int, n: int) -> np.ndarray:
     for i in range(1, m + 1):
         step = n + i
         if step < size:
-            c[step:] = c[step:] - c[:size - step].copy()  # × (1 − q^(n+i))
+            c[step:] = c[step:] - c[: size - step].copy()  # × (1 − q^(n+i))
         for k in range(i, size):  # ÷ (1 − q^i)
             c[k] += c[k - i]
     return np.cumsum(c) / c.sum()
@@ -187,14 +205,20 @@ def between_arms_test(a: np.ndarray, b: np.ndarray) -> dict:
         return {**row, "test": f"not tested: every change is {a[0]:g}"}
     smallest = 2.0 / math.comb(m + n, m)
     if smallest > ALPHA:
-        return {**row, "test": f"not tested: {m} and {n} patients; the smallest possible two-sided p would be "
-                               f"{smallest:.3g} > {ALPHA}"}
+        return {
+            **row,
+            "test": f"not tested: {m} and {n} patients; the smallest possible two-sided p would be "
+            f"{smallest:.3g} > {ALPHA}",
+        }
     if not _has_ties(np.concatenate([a, b])) and max(m, n) <= EXACT_MAX_N:
         method, test = "exact", "Mann–Whitney U, exact"
     else:
         method = PermutationMethod(n_resamples=N_RESAMPLES, random_state=0)
-        test = "Mann–Whitney U, " + ("exact permutation (ties)" if math.comb(m + n, m) <= N_RESAMPLES else
-                                     f"{N_RESAMPLES} random permutations (ties)")
+        test = "Mann–Whitney U, " + (
+            "exact permutation (ties)"
+            if math.comb(m + n, m) <= N_RESAMPLES
+            else f"{N_RESAMPLES} random permutations (ties)"
+        )
     result = mannwhitneyu(a, b, alternative="two-sided", method=method)
     return {**row, "statistic": float(result.statistic), "p_value": float(result.pvalue), "test": test}
 
@@ -215,22 +239,57 @@ def endpoint_tests(pairs: pd.DataFrame, endpoints: dict[str, list[dict]], arms: 
             group = pairs[(pairs["tissue"] == tissue) & (pairs["metric"] == e["metric"])]
             if group.empty:
                 continue
-            info = dict(tissue=tissue, family=e["family"], metric=e["metric"], label=e["label"], unit=e["unit"],
-                        pool=e["pool"])
+            info = dict(
+                tissue=tissue, family=e["family"], metric=e["metric"], label=e["label"], unit=e["unit"], pool=e["pool"]
+            )
             changes = {arm: group.loc[group["arm"] == arm, "change"].to_numpy(float) for arm in arms}
             for arm in arms:
                 g = group[group["arm"] == arm]
-                rows.append(dict(info, comparison=f"within {arm}", n=len(g), median_pre=g[PRE].median(),
-                                 median_post=g[POST].median(), estimate=g["change"].median(), ci_low=np.nan,
-                                 ci_high=np.nan, **within_arm_test(changes[arm])))
+                rows.append(
+                    dict(
+                        info,
+                        comparison=f"within {arm}",
+                        n=len(g),
+                        median_pre=g[PRE].median(),
+                        median_post=g[POST].median(),
+                        estimate=g["change"].median(),
+                        ci_low=np.nan,
+                        ci_high=np.nan,
+                        **within_arm_test(changes[arm]),
+                    )
+                )
             if len(arms) == 2:
                 first, second = arms
                 result = between_arms_test(changes[first], changes[second])
-                rows.append(dict(info, comparison=f"{first} − {second}",
-                                 n=len(changes[first]) + len(changes[second]), median_pre=group[PRE].median(),
-                                 median_post=group[POST].median(), **result))
-    columns = ["tissue", "family", "metric", "label", "unit", "pool", "comparison", "n", "median_pre", "median_post",
-               "estimate", "ci_low", "ci_high", "statistic", "p_value", "q_value", "test"]
+                rows.append(
+                    dict(
+                        info,
+                        comparison=f"{first} − {second}",
+                        n=len(changes[first]) + len(changes[second]),
+                        median_pre=group[PRE].median(),
+                        median_post=group[POST].median(),
+                        **result,
+                    )
+                )
+    columns = [
+        "tissue",
+        "family",
+        "metric",
+        "label",
+        "unit",
+        "pool",
+        "comparison",
+        "n",
+        "median_pre",
+        "median_post",
+        "estimate",
+        "ci_low",
+        "ci_high",
+        "statistic",
+        "p_value",
+        "q_value",
+        "test",
+    ]
     table = pd.DataFrame(rows, columns=columns)
     for _, index in table.groupby(["tissue", "family", "comparison"], sort=False).groups.items():
         p = table.loc[index, "p_value"].dropna()

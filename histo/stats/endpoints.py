@@ -28,10 +28,19 @@ REGION_KINDS = ("follicle", "germinal_centre", "aggregate", "lining", "tissue")
 ENDPOINT_KEYS = ("metric", "unit", "label", "pool", "region", "column")
 # sampling sizes, run bookkeeping and raw counts: never tested (counts grow with the biopsy)
 NEVER = ["*_n_cells", "n_*", "area_um2", "area_mm2", "sampling_flag", "n_tiles", "n_tile_errors"]
-_UNITS = [(r"_per_mm2$", "/mm²"), (r"_per_100um$", "/100 µm"), (r"_um2$", "µm²"), (r"_um$", "µm"),
-          (r"_mm2$", "mm²"), (r"_mm$", "mm"), (r"^fraction_", "fraction 0–1"), (r"^n_", "count"),
-          (r"^krenn_", "score"),
-          (r"_grade$|grade\d", "grade"), (r"^nhood_z_", "z-score")]
+_UNITS = [
+    (r"_per_mm2$", "/mm²"),
+    (r"_per_100um$", "/100 µm"),
+    (r"_um2$", "µm²"),
+    (r"_um$", "µm"),
+    (r"_mm2$", "mm²"),
+    (r"_mm$", "mm"),
+    (r"^fraction_", "fraction 0–1"),
+    (r"^n_", "count"),
+    (r"^krenn_", "score"),
+    (r"_grade$|grade\d", "grade"),
+    (r"^nhood_z_", "z-score"),
+]
 
 
 def unit_from_name(metric: str) -> str:
@@ -70,10 +79,19 @@ def _endpoint(item, where: str, path: str) -> dict:
     if (pool == "median") != bool(item.get("region") or item.get("column")):
         raise WorkflowError(path, f"'{where}': pool 'median' and 'region' + 'column' go together")
     if pool == "median" and (item.get("region") not in REGION_KINDS or not item.get("column")):
-        raise WorkflowError(path, f"'{where}.region' must be one of {', '.join(REGION_KINDS)} and 'column' a "
-                                  f"metrics.csv column, got {item.get('region')!r} / {item.get('column')!r}")
-    return dict(metric=item["metric"], unit=item["unit"], label=item.get("label") or item["metric"], pool=pool,
-                region=item.get("region"), column=item.get("column"))
+        raise WorkflowError(
+            path,
+            f"'{where}.region' must be one of {', '.join(REGION_KINDS)} and 'column' a "
+            f"metrics.csv column, got {item.get('region')!r} / {item.get('column')!r}",
+        )
+    return dict(
+        metric=item["metric"],
+        unit=item["unit"],
+        label=item.get("label") or item["metric"],
+        pool=pool,
+        region=item.get("region"),
+        column=item.get("column"),
+    )
 
 
 def check_endpoints(section: dict, path: str = "<workflow>") -> dict:
@@ -100,7 +118,17 @@ def endpoint_table(endpoints: dict, metrics: list[str]) -> list[dict]:
     rows = [{**e, "family": family} for family in ("primary", "exploratory") for e in endpoints[family]]
     declared = {e["metric"] for e in rows}
     if endpoints["rest"]:
-        rows += [dict(metric=m, unit=unit_from_name(m), label=m, pool=pool_from_name(m), region=None, column=None,
-                      family="exploratory")
-                 for m in metrics if m not in declared and not is_never(m, endpoints["never"])]
+        rows += [
+            dict(
+                metric=m,
+                unit=unit_from_name(m),
+                label=m,
+                pool=pool_from_name(m),
+                region=None,
+                column=None,
+                family="exploratory",
+            )
+            for m in metrics
+            if m not in declared and not is_never(m, endpoints["never"])
+        ]
     return rows

@@ -8,9 +8,9 @@ that graph's edges between its own cells. For the slide (``region_id`` ``slide``
 of the chosen kinds with ≥ ``min_cells`` cells: neighbourhood enrichment z-scores, the interaction
 matrix (edge counts), centrality scores per cell type, Moran's I of chosen features, and, on a
 seeded sample of ≤ ``max_cells`` cells (squidpy's cost was quadratic in cells, STACK.md; here it
-grows with the pairs closer than the largest distance), co-occurrence ratios and Ripley's L. Matrices are indexed by the slide's cell types in one order
-(NaN where a region lacks a type). Results are arrays and DataFrames that AnnData writes to
-``uns``; :func:`neighbourhood_metrics` flattens them into named metric columns.
+grows with the pairs closer than the largest distance), co-occurrence ratios and Ripley's L. Matrices are
+indexed by the slide's cell types in one order (NaN where a region lacks a type). Results are arrays and
+DataFrames that AnnData writes to ``uns``; :func:`neighbourhood_metrics` flattens them into named metric columns.
 """
 
 from __future__ import annotations
@@ -55,8 +55,11 @@ def cells_adata(cells: pd.DataFrame, params: dict) -> ad.AnnData:
     """AnnData of the cells (obs: ``cell_type`` categorical in :func:`cell_type_order`, the
     ``<kind>_id`` columns of ``params["kinds"]`` and the Moran features; ``obsm["spatial"]`` in µm)
     with the spatial graph in ``obsp``; ``params`` checked by :func:`nhood_params`."""
-    obs = cells[_obs_columns(cells, params)].reset_index(drop=True).assign(
-        cell_type=pd.Categorical(cells["cell_type"].astype(str).to_numpy(), categories=cell_type_order(cells)))
+    obs = (
+        cells[_obs_columns(cells, params)]
+        .reset_index(drop=True)
+        .assign(cell_type=pd.Categorical(cells["cell_type"].astype(str).to_numpy(), categories=cell_type_order(cells)))
+    )
     obs.index = obs.index.astype(str)
     adata = ad.AnnData(obs=obs, obsm={"spatial": cells[["x_um", "y_um"]].to_numpy(np.float64)})
     build = sq.gr.spatial_neighbors_delaunay if params["graph"] == "delaunay" else sq.gr.spatial_neighbors_radius
@@ -117,16 +120,26 @@ def region_stats(adata: ad.AnnData, types: list[str], params: dict) -> dict:
     adata.obs["cell_type"] = adata.obs["cell_type"].cat.remove_unused_categories()
     present = list(adata.obs["cell_type"].cat.categories)
     out: dict = {"n_cells": int(adata.n_obs)}
-    skipped = {s: f"needs 2 cell types, the region has {len(present)} ({', '.join(present)})"
-               for s in PAIR_STATS if p[s]["run"] and len(present) < 2}
+    skipped = {
+        s: f"needs 2 cell types, the region has {len(present)} ({', '.join(present)})"
+        for s in PAIR_STATS
+        if p[s]["run"] and len(present) < 2
+    }
     if p["moran"]["run"] and adata.obsp["spatial_connectivities"].nnz == 0:
         skipped["moran"] = "no graph edge between the region's cells"
     p = {**p, **{s: {**p[s], "run": False} for s in skipped}}
     if skipped:
         out["skipped"] = skipped
     if p["nhood_enrichment"]["run"]:
-        z, count = sq.gr.nhood_enrichment(adata, "cell_type", n_perms=p["nhood_enrichment"]["n_perms"], seed=seed,
-                                          copy=True, n_jobs=1, show_progress_bar=False)
+        z, count = sq.gr.nhood_enrichment(
+            adata,
+            "cell_type",
+            n_perms=p["nhood_enrichment"]["n_perms"],
+            seed=seed,
+            copy=True,
+            n_jobs=1,
+            show_progress_bar=False,
+        )
         z = np.where(np.isfinite(z), z, np.nan)  # a type whose neighbours never vary under permutation
         out |= {"nhood_zscore": _square(z, present, types), "nhood_count": _square(count, present, types)}
     if p["interaction_matrix"]["run"]:
@@ -141,8 +154,11 @@ def region_stats(adata: ad.AnnData, types: list[str], params: dict) -> dict:
         sub = _sample(adata, c["max_cells"], seed)
         interval = np.arange(0.0, c["max_um"] + c["step_um"] / 2, c["step_um"]).astype(np.float32)  # as squidpy
         occ = co_occurrence(sub, interval)
-        out |= {"co_occurrence": _square(occ, list(sub.obs["cell_type"].cat.categories), types),
-                "co_occurrence_um": interval[1:].astype(np.float64), "co_occurrence_n_cells": int(sub.n_obs)}
+        out |= {
+            "co_occurrence": _square(occ, list(sub.obs["cell_type"].cat.categories), types),
+            "co_occurrence_um": interval[1:].astype(np.float64),
+            "co_occurrence_n_cells": int(sub.n_obs),
+        }
     if p["ripley"]["run"]:
         out |= _ripley(_sample(adata, p["ripley"]["max_cells"], seed), types, p["ripley"])
     if p["moran"]["run"]:
@@ -172,8 +188,13 @@ def centrality_scores(adata: ad.AnnData) -> pd.DataFrame:
         touched = (a @ group.astype(np.float64) > 0) & ~group  # outside the group, next to it
         dist = dijkstra(a, indices=np.flatnonzero(group), unweighted=True, min_only=True)[~group]
         total = dist[np.isfinite(dist)].sum()  # networkx: unreachable cells add 0, and 1 / 0 → 0
-        rows.append((touched.sum() / others if others else np.nan, clustering[group].mean() if group.any() else np.nan,
-                     others / total if total else 0.0))
+        rows.append(
+            (
+                touched.sum() / others if others else np.nan,
+                clustering[group].mean() if group.any() else np.nan,
+                others / total if total else 0.0,
+            )
+        )
     return pd.DataFrame(rows, index=pd.Index(types), columns=list(CENTRALITIES), dtype=np.float64)
 
 
@@ -231,8 +252,9 @@ def _moran(adata: ad.AnnData, feats: list[str], seed: int) -> np.ndarray:
     """Moran's I of ``feats`` (obs columns) on the row-normalised graph; missing values → the median."""
     obs = adata.obs[feats].astype(np.float64)
     adata.obs[feats] = obs.fillna(obs.median())
-    res = sq.gr.spatial_autocorr(adata, attr="obs", genes=feats, mode="moran", seed=seed, copy=True, n_jobs=1,
-                                 show_progress_bar=False)
+    res = sq.gr.spatial_autocorr(
+        adata, attr="obs", genes=feats, mode="moran", seed=seed, copy=True, n_jobs=1, show_progress_bar=False
+    )
     return res["I"].reindex(feats).to_numpy(np.float64)
 
 
@@ -246,10 +268,12 @@ def _region_cells(obs: pd.DataFrame, p: dict) -> dict[str, np.ndarray]:
             continue
         ids = pd.Categorical(obs[col])
         order = np.argsort(ids.codes, kind="stable")
-        bounds = np.searchsorted(ids.codes[order], np.arange(len(ids.categories) + 1))  # missing ids (−1) first, skipped
+        bounds = np.searchsorted(
+            ids.codes[order], np.arange(len(ids.categories) + 1)
+        )  # missing ids (−1) first, skipped
         for k, rid in enumerate(ids.categories):
             if bounds[k + 1] - bounds[k] >= p["min_cells"]:
-                out[str(rid)] = order[bounds[k]:bounds[k + 1]]
+                out[str(rid)] = order[bounds[k] : bounds[k + 1]]
     return out
 
 
@@ -271,7 +295,9 @@ def region_groups(cells: pd.DataFrame, params: dict | None, n_groups: int) -> li
     p = nhood_params(params)
     if _no_graph(cells, p):
         return []
-    sizes = sorted(((len(idx), rid) for rid, idx in _region_cells(cells.reset_index(drop=True), p).items()), reverse=True)
+    sizes = sorted(
+        ((len(idx), rid) for rid, idx in _region_cells(cells.reset_index(drop=True), p).items()), reverse=True
+    )
     groups: list[list[str]] = [[] for _ in range(max(1, min(n_groups, len(sizes))))]
     load = [0] * len(groups)
     for n, rid in sizes:
@@ -290,7 +316,9 @@ def group_stats(cells: pd.DataFrame, params: dict | None, region_ids: list[str])
     adata = cells_adata(cells, p)
     types = list(adata.obs["cell_type"].cat.categories)
     cells_of = _region_cells(adata.obs, p) if set(region_ids) - {"slide"} else {}
-    return {rid: region_stats((adata if rid == "slide" else adata[cells_of[rid]]).copy(), types, p) for rid in region_ids}
+    return {
+        rid: region_stats((adata if rid == "slide" else adata[cells_of[rid]]).copy(), types, p) for rid in region_ids
+    }
 
 
 def stats_result(cells: pd.DataFrame, params: dict | None, groups: list[dict[str, dict]]) -> dict:
@@ -335,8 +363,12 @@ def neighbourhood_metrics(result: dict) -> pd.DataFrame:
     for rid, r in result["regions"].items():
         row = {"nhood_n_cells": r["n_cells"]}
         if "nhood_zscore" in r:
-            row |= {f"nhood_z_{a}__{b}": r["nhood_zscore"][i, j] for i, a in enumerate(types)
-                    for j, b in enumerate(types) if j >= i}
+            row |= {
+                f"nhood_z_{a}__{b}": r["nhood_zscore"][i, j]
+                for i, a in enumerate(types)
+                for j, b in enumerate(types)
+                if j >= i
+            }
         if "co_occurrence" in r:
             d = r["co_occurrence_um"][0]
             row |= {f"co_occurrence_{a}_{d:g}um": r["co_occurrence"][i, i, 0] for i, a in enumerate(types)}

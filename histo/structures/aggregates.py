@@ -93,6 +93,14 @@ def find_aggregates(cells: pd.DataFrame, piece: Polygon, params: dict) -> list[d
         g = grade(layers, p["grade_min_layers"])
         if g == 0:
             continue
-        out.append(dict(geometry=geom, n_clustered_lymphocytes=n_lym, spacing_um=spacing, radial_layers=layers,
-                        grade=g, tls_size=bool(n >= p["tls_min_cells"] and geom.area >= p["tls_min_area_um2"])))
+        out.append(
+            dict(
+                geometry=geom,
+                n_clustered_lymphocytes=n_lym,
+                spacing_um=spacing,
+                radial_layers=layers,
+                grade=g,
+                tls_size=bool(n >= p["tls_min_cells"] and geom.area >= p["tls_min_area_um2"]),
+            )
+        )
     return out

@@ -43,5 +43,13 @@ def analyse_cells(cells: pd.DataFrame, slide, tissue, wf: dict, annotations: str
     metrics = region_metrics(pd.concat([cells, ids], axis=1), regions, wf["tissue_type"], wf["regions"])
     extra = pd.concat([cells[["cell_type"]], ids], axis=1)
     counts = regions["kind"].value_counts().to_dict() if len(regions) else {}
-    return extra, regions, metrics, {"cell_types": type_report, "regions": {k: int(v) for k, v in counts.items()},
-                                     "structure_candidates": candidates}
+    return (
+        extra,
+        regions,
+        metrics,
+        {
+            "cell_types": type_report,
+            "regions": {k: int(v) for k, v in counts.items()},
+            "structure_candidates": candidates,
+        },
+    )

@@ -89,7 +89,7 @@ def band_depths(counts: np.ndarray, area: np.ndarray, p: dict) -> tuple[np.ndarr
     deep = rho(c, a, np.full(n_seg, lo_deep), hi_deep - lo_deep)
     smooth = lambda v: ndi.uniform_filter1d(v, 5, axis=1, mode="nearest")  # noqa: E731
     prof = smooth(c) / np.maximum(smooth(a), 1e-9)
-    risen = prof[:, :bins(p["rim_um"]) + 1] >= deep[:, None]
+    risen = prof[:, : bins(p["rim_um"]) + 1] >= deep[:, None]
     start = np.where(risen.any(1), risen.argmax(1), 0)
     surface = rho(c, a, start, bins(p["surface_um"]))
     half = ((surface + deep) / 2)[:, None]
@@ -143,7 +143,9 @@ def find_lining(cells: pd.DataFrame, piece: Polygon, params: dict) -> list[dict]
     for run in _runs(is_lining):
         if len(run) * seg < p["min_length_um"]:
             continue
-        bands = [substring(ring, k * seg, (k + 1) * seg).buffer(max(bottom[k], p["bin_um"]), cap_style="flat") for k in run]
+        bands = [
+            substring(ring, k * seg, (k + 1) * seg).buffer(max(bottom[k], p["bin_um"]), cap_style="flat") for k in run
+        ]
         geom = shapely.make_valid(shapely.union_all(bands).intersection(piece))
         parts = [g for g in shapely.get_parts(geom) if isinstance(g, Polygon)]
         geom = max(parts, key=lambda g: g.area) if parts else None
@@ -154,8 +156,17 @@ def find_lining(cells: pd.DataFrame, piece: Polygon, params: dict) -> list[dict]
         spacing = float(np.median(cKDTree(pts).query(pts, k=2)[0][:, 1]))
         d = depth[run]
         layers = d / spacing
-        out.append(dict(geometry=geom, length_um=len(run) * seg, n_segments=len(run), spacing_um=spacing,
-                        thickness_median_um=float(np.median(d)), thickness_p90_um=float(np.percentile(d, 90)),
-                        layers_median=float(np.median(layers)), layers_p90=float(np.percentile(layers, 90)),
-                        krenn_lining=krenn_lining(float(np.median(layers)))))
+        out.append(
+            dict(
+                geometry=geom,
+                length_um=len(run) * seg,
+                n_segments=len(run),
+                spacing_um=spacing,
+                thickness_median_um=float(np.median(d)),
+                thickness_p90_um=float(np.percentile(d, 90)),
+                layers_median=float(np.median(layers)),
+                layers_p90=float(np.percentile(layers, 90)),
+                krenn_lining=krenn_lining(float(np.median(layers))),
+            )
+        )
     return out

@@ -86,15 +86,28 @@ def _structures(kind: str, rows: pd.DataFrame, tissue_mm2: float) -> dict:
     d = 2 * np.sqrt(area / np.pi)
     q = lambda v, p: float(np.percentile(v, p)) if len(v) else np.nan  # noqa: E731
     with np.errstate(divide="ignore", invalid="ignore"):
-        return {f"n_{kind}s": len(rows), f"{kind}s_per_mm2": len(rows) / tissue_mm2,
-                f"fraction_area_{kind}": area.sum() / 1e6 / tissue_mm2,
-                f"{kind}_area_median_um2": q(area, 50), f"{kind}_area_p90_um2": q(area, 90),
-                f"{kind}_eq_diameter_median_um": q(d, 50), f"{kind}_eq_diameter_p90_um": q(d, 90),
-                f"n_{kind}s_edge_truncated": int(rows["edge_truncated"].astype(bool).sum())}
+        return {
+            f"n_{kind}s": len(rows),
+            f"{kind}s_per_mm2": len(rows) / tissue_mm2,
+            f"fraction_area_{kind}": area.sum() / 1e6 / tissue_mm2,
+            f"{kind}_area_median_um2": q(area, 50),
+            f"{kind}_area_p90_um2": q(area, 90),
+            f"{kind}_eq_diameter_median_um": q(d, 50),
+            f"{kind}_eq_diameter_p90_um": q(d, 90),
+            f"n_{kind}s_edge_truncated": int(rows["edge_truncated"].astype(bool).sum()),
+        }
 
 
-def _summary(regions: pd.DataFrame, tissue_ids, cells_n: pd.Series, n_lym: float, n_total: float,
-             tissue_mm2: float, tissue_type: str, params: dict) -> dict:
+def _summary(
+    regions: pd.DataFrame,
+    tissue_ids,
+    cells_n: pd.Series,
+    n_lym: float,
+    n_total: float,
+    tissue_mm2: float,
+    tissue_type: str,
+    params: dict,
+) -> dict:
     """Structure and score columns of a tissue piece or of the whole slide (``tissue_ids``);
     germinal-centre columns are NaN where ``params`` did not look for them."""
     scores = params["scores"]
@@ -106,8 +119,12 @@ def _summary(regions: pd.DataFrame, tissue_ids, cells_n: pd.Series, n_lym: float
         fol = by["follicle"]
         out |= _structures("follicle", fol, tissue_mm2)
         searched = "germinal_centre" in params["structures"]
-        out["n_follicles_with_gc"] = int(fol.get("has_gc", pd.Series(dtype=bool)).astype(bool).sum()) if searched else np.nan
-        out["fraction_area_germinal_centre"] = by["germinal_centre"].area_um2.sum() / 1e6 / tissue_mm2 if searched else np.nan
+        out["n_follicles_with_gc"] = (
+            int(fol.get("has_gc", pd.Series(dtype=bool)).astype(bool).sum()) if searched else np.nan
+        )
+        out["fraction_area_germinal_centre"] = (
+            by["germinal_centre"].area_um2.sum() / 1e6 / tissue_mm2 if searched else np.nan
+        )
         return out
     agg = by["aggregate"]
     grades = [int(g) for g in agg.get("grade", pd.Series(dtype=float)).dropna()]
@@ -129,13 +146,24 @@ def _summary(regions: pd.DataFrame, tissue_ids, cells_n: pd.Series, n_lym: float
     out["stroma_density_per_mm2"] = stroma_n / (stroma_um2 / 1e6) if stroma_um2 > 0 else np.nan
     lym_per_mm2 = n_lym / tissue_mm2 if tissue_mm2 else 0.0
     lymphoid = lymphoid_um2 / 1e6 / tissue_mm2 if tissue_mm2 else 0.0
-    sub = dict(krenn_lining=krenn_lining(out["lining_layers_median"]) if len(lin) else 0,
-               krenn_stroma=stroma_grade(out["stroma_density_per_mm2"], scores["stroma_bands_per_mm2"])
-               if stroma_um2 > 0 else 0,
-               krenn_infiltrate=infiltrate_grade(grades, bool(len(by["germinal_centre"])), lym_per_mm2, lymphoid, scores))
+    sub = dict(
+        krenn_lining=krenn_lining(out["lining_layers_median"]) if len(lin) else 0,
+        krenn_stroma=stroma_grade(out["stroma_density_per_mm2"], scores["stroma_bands_per_mm2"])
+        if stroma_um2 > 0
+        else 0,
+        krenn_infiltrate=infiltrate_grade(grades, bool(len(by["germinal_centre"])), lym_per_mm2, lymphoid, scores),
+    )
     total = sum(sub.values())
-    return out | sub | dict(krenn_sum=total, krenn_band=krenn_band(total), krenn_version=KRENN_VERSION,
-                            pathotype_proxy_he=pathotype_proxy(grades, sub["krenn_infiltrate"], sub["krenn_stroma"]))
+    return (
+        out
+        | sub
+        | dict(
+            krenn_sum=total,
+            krenn_band=krenn_band(total),
+            krenn_version=KRENN_VERSION,
+            pathotype_proxy_he=pathotype_proxy(grades, sub["krenn_infiltrate"], sub["krenn_stroma"]),
+        )
+    )
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
@@ -146,7 +174,9 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     return float(values[order][np.searchsorted(cum, cum[-1] / 2)])
 
 
-def region_metrics(cells: pd.DataFrame, regions: pd.DataFrame, tissue_type: str, params: dict | None = None) -> pd.DataFrame:
+def region_metrics(
+    cells: pd.DataFrame, regions: pd.DataFrame, tissue_type: str, params: dict | None = None
+) -> pd.DataFrame:
     """One row per region and a final ``slide`` row (all tissue pieces together).
 
     ``cells`` needs ``x_um``, ``y_um``, ``cell_type`` (counted per type: its categories if categorical,
@@ -161,8 +191,11 @@ def region_metrics(cells: pd.DataFrame, regions: pd.DataFrame, tissue_type: str,
     params = region_params(tissue_type, params)
     scores = params["scores"]
     ids = cells if all(f"{k}_id" in cells for k in KINDS) else assign_cells(cells, regions)
-    listed = list(cells["cell_type"].cat.categories) if isinstance(cells["cell_type"].dtype, pd.CategoricalDtype) \
-        else list(CELL_TYPES)  # the typing's categories (H&E rules, gates), else the generator's words
+    listed = (
+        list(cells["cell_type"].cat.categories)
+        if isinstance(cells["cell_type"].dtype, pd.CategoricalDtype)
+        else list(CELL_TYPES)
+    )  # the typing's categories (H&E rules, gates), else the generator's words
     types = listed + sorted(set(cells["cell_type"].astype(str)) - set(listed))
     per_kind = [_counts(cells, pd.Categorical(ids[f"{k}_id"]), types) for k in KINDS]
     n = pd.concat(per_kind) if per_kind else pd.DataFrame(columns=types)
@@ -178,7 +211,9 @@ def region_metrics(cells: pd.DataFrame, regions: pd.DataFrame, tissue_type: str,
     table = pd.concat([table, cellcols], axis=1)
     lining = table.kind == "lining"
     if lining.any():
-        table.loc[lining, "lining_nuclei_per_100um"] = table.loc[lining, "n_cells"] / table.loc[lining, "length_um"] * 100
+        table.loc[lining, "lining_nuclei_per_100um"] = (
+            table.loc[lining, "n_cells"] / table.loc[lining, "length_um"] * 100
+        )
     lin_geoms = [g for g, k in zip(geoms, table.kind) if k == "lining"]
     if lin_geoms and tissue_type == "synovium":
         near = shapely.union_all(lin_geoms)
@@ -187,15 +222,32 @@ def region_metrics(cells: pd.DataFrame, regions: pd.DataFrame, tissue_type: str,
     tissue_rows = table.index[table.kind == "tissue"]
     totals = n.sum(1)
     lymphoid = n.reindex(columns=params["aggregate"]["cell_types"], fill_value=0).sum(1)
-    extras = [_summary(regions, [rid], totals, lymphoid[rid], totals[rid], mm2, tissue_type, params)
-              for rid, mm2 in zip(table.region_id[tissue_rows], table.area_mm2[tissue_rows])]
+    extras = [
+        _summary(regions, [rid], totals, lymphoid[rid], totals[rid], mm2, tissue_type, params)
+        for rid, mm2 in zip(table.region_id[tissue_rows], table.area_mm2[tissue_rows])
+    ]
     for col, values in pd.DataFrame(extras, index=tissue_rows).items():  # krenn_lining is also a lining column
         table.loc[tissue_rows, col] = values
     slide_n = n.loc[table.region_id[tissue_rows]].sum() if len(tissue_rows) else pd.Series(0, index=types)
     slide_um2 = float(table.loc[tissue_rows, "area_um2"].sum())
-    slide = dict(region_id="slide", kind="slide", name="slide", area_um2=slide_um2, area_mm2=slide_um2 / 1e6,
-                 **_cell_columns(slide_n.to_frame().T, [slide_um2]).iloc[0].to_dict(),
-                 **_summary(regions, list(table.region_id[tissue_rows]), totals, lymphoid[table.region_id[tissue_rows]].sum(),
-                            slide_n.sum(), slide_um2 / 1e6, tissue_type, params),
-                 n_tissue_pieces=len(tissue_rows), sampling_flag=bool(slide_um2 < scores["min_tissue_um2"]))
+    slide = dict(
+        region_id="slide",
+        kind="slide",
+        name="slide",
+        area_um2=slide_um2,
+        area_mm2=slide_um2 / 1e6,
+        **_cell_columns(slide_n.to_frame().T, [slide_um2]).iloc[0].to_dict(),
+        **_summary(
+            regions,
+            list(table.region_id[tissue_rows]),
+            totals,
+            lymphoid[table.region_id[tissue_rows]].sum(),
+            slide_n.sum(),
+            slide_um2 / 1e6,
+            tissue_type,
+            params,
+        ),
+        n_tissue_pieces=len(tissue_rows),
+        sampling_flag=bool(slide_um2 < scores["min_tissue_um2"]),
+    )
     return pd.concat([table, pd.DataFrame([slide])], ignore_index=True)

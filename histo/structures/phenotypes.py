@@ -20,7 +20,10 @@ HE_TYPES = ("lymphocyte", "large", "stromal", "epithelial", "other")
 # key -> (accepted types, default), the format of histo.workflow.SCHEMA (section `cell_types:`).
 # [L] read in the cited source, [P] our proxy (DOMAIN.md tags). Areas µm², OD decadic (histo.segment.features).
 HE_RULES_SCHEMA: dict = {
-    "learned": (bool, True),  # use the model's learned nucleus classes (histo.segment.nucleus_classes) where it has them
+    "learned": (
+        bool,
+        True,
+    ),  # use the model's learned nucleus classes (histo.segment.nucleus_classes) where it has them
     "calibrate": (bool, True),  # measure the two lymphocyte references below on the slide (DOMAIN §6)
     "lymphocyte_area_um2": (Number, 28.0),  # µm², reference small-lymphocyte nucleus area, 27–29 (Baek 2010) [L];
     #   calibrated: mode of the areas in the densest `dense_fraction` of nuclei (DOMAIN §6) [P]
@@ -30,8 +33,8 @@ HE_RULES_SCHEMA: dict = {
     "lymphocyte_min_solidity": (Number, 0.9),  # DOMAIN §6 [P]
     "lymphocyte_min_od_ratio": (Number, 0.75),  # dark: H OD ≥ ratio × reference OD [P] (DOMAIN's slide-wide
     #   "top tercile" would call only a third of a node's lymphocytes lymphocytes, so the reference is used)
-    "large_classes": (list, ["lymphocyte", "stromal", "other"]),  # learned classes a large pale nucleus is taken from
-    #   (lymph node: add epithelial — a node has no epithelium, and a colon-trained classifier calls centroblasts so) [P]
+    "large_classes": (list, ["lymphocyte", "stromal", "other"]),  # learned classes a large pale one comes from
+    #   (lymph node: add epithelial — a node has no epithelium; a colon-trained classifier calls centroblasts so) [P]
     "large_min_area_um2": (Number, 45.0),  # µm², centroblast / macrophage > 45 (DOMAIN §6) [P]
     "large_max_od_ratio": (Number, 1.0),  # pale: H OD < ratio × reference OD, "below lymphocyte median" (§7.4) [P]
     "stromal_min_eccentricity": (Number, 0.9),  # fibroblast / synoviocyte, DOMAIN §6 [P]
@@ -61,19 +64,21 @@ def _dense_sample(cells: pd.DataFrame, rules: dict) -> tuple[np.ndarray, np.ndar
     return sample, density >= np.quantile(density, 1 - rules["dense_fraction"])
 
 
-def _first_reference(candidates: list[tuple[str, np.ndarray, float]], od: np.ndarray, n_min: int,
-                     fallback_area: float) -> dict:
+def _first_reference(
+    candidates: list[tuple[str, np.ndarray, float]], od: np.ndarray, n_min: int, fallback_area: float
+) -> dict:
     """The lymphocyte references from the first candidate ``(source, nuclei mask, area mode µm²)``
     with ≥ ``n_min`` finite haematoxylin ODs, else from every nucleus (``all``, ``fallback_area``):
     the area mode, the median OD and how many nuclei gave it."""
-    for source, pick, area in candidates:
-        values = od[pick & np.isfinite(od)]
-        if values.size >= n_min:
-            break
-    else:
-        source, values, area = "all", od[np.isfinite(od)], fallback_area
-    return {"source": source, "n_reference_cells": int(values.size), "lymphocyte_area_um2": area,
-            "lymphocyte_hematoxylin_od": float(np.median(values)) if values.size else float("nan")}
+    finite = np.isfinite(od)
+    usable = ((source, od[pick & finite], area) for source, pick, area in candidates)
+    source, values, area = next((c for c in usable if c[1].size >= n_min), ("all", od[finite], fallback_area))
+    return {
+        "source": source,
+        "n_reference_cells": int(values.size),
+        "lymphocyte_area_um2": area,
+        "lymphocyte_hematoxylin_od": float(np.median(values)) if values.size else float("nan"),
+    }
 
 
 def _references(cells: pd.DataFrame, rules: dict, round_: np.ndarray) -> dict:
@@ -91,7 +96,9 @@ def _references(cells: pd.DataFrame, rules: dict, round_: np.ndarray) -> dict:
         if dense.sum() >= rules["min_reference_cells"]:
             ref_area = _area_mode(area[sample][dense])
     scale = ref_area / rules["lymphocyte_area_um2"]
-    sized = round_ & (area >= rules["lymphocyte_min_area_um2"] * scale) & (area <= rules["lymphocyte_max_area_um2"] * scale)
+    sized = (
+        round_ & (area >= rules["lymphocyte_min_area_um2"] * scale) & (area <= rules["lymphocyte_max_area_um2"] * scale)
+    )
     candidates = [("slide", sized, ref_area)]
     if calibrate:
         in_dense = np.zeros(len(cells), bool)
@@ -139,7 +146,9 @@ def classify_he(cells: pd.DataFrame, rules: dict | None = None) -> tuple[pd.Cate
         cls = cells["nucleus_class"].astype(str).to_numpy()
         refs = _learned_references(cls, area, od, r)
     else:
-        round_ = (col["eccentricity"] < r["lymphocyte_max_eccentricity"]) & (col["solidity"] >= r["lymphocyte_min_solidity"])
+        round_ = (col["eccentricity"] < r["lymphocyte_max_eccentricity"]) & (
+            col["solidity"] >= r["lymphocyte_min_solidity"]
+        )
         refs = _references(cells, r, round_)
     scale = refs["lymphocyte_area_um2"] / r["lymphocyte_area_um2"]
     ref_od = refs["lymphocyte_hematoxylin_od"]
@@ -158,8 +167,12 @@ def classify_he(cells: pd.DataFrame, rules: dict | None = None) -> tuple[pd.Cate
     else:
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = col["major_axis_um"] / col["minor_axis_um"]
-        lymphocyte = (area >= t["lymphocyte_min_area_um2"]) & (area <= t["lymphocyte_max_area_um2"]) & round_ \
+        lymphocyte = (
+            (area >= t["lymphocyte_min_area_um2"])
+            & (area <= t["lymphocyte_max_area_um2"])
+            & round_
             & (od >= t["lymphocyte_min_hematoxylin_od"])
+        )
         stromal = (col["eccentricity"] > r["stromal_min_eccentricity"]) | (ratio >= r["stromal_min_axis_ratio"])
         code = np.select([lymphocyte, stromal, large], [0, 2, 1], 4)  # codes of HE_TYPES
     types = pd.Categorical.from_codes(code, categories=list(HE_TYPES))
@@ -228,8 +241,11 @@ def check_gates(gates: list, auto: str | None = "otsu") -> None:
     if auto not in (None, "otsu", "gmm"):
         raise ValueError(f"unknown automatic threshold method {auto!r}: expected 'otsu', 'gmm' or none")
     for gate in gates:
-        if not isinstance(gate, dict) or set(gate) - {"marker", "cell_type", "threshold", "column"} \
-                or not {"marker", "cell_type"} <= set(gate):
+        if (
+            not isinstance(gate, dict)
+            or set(gate) - {"marker", "cell_type", "threshold", "column"}
+            or not {"marker", "cell_type"} <= set(gate)
+        ):
             raise ValueError(f"gate {gate!r}: needs 'marker' and 'cell_type', may have 'threshold' and 'column'")
         threshold = gate.get("threshold", "auto")
         if threshold == "auto" and auto is None:
@@ -238,7 +254,9 @@ def check_gates(gates: list, auto: str | None = "otsu") -> None:
             raise ValueError(f"gate for {gate['marker']}: threshold must be a number or 'auto', got {threshold!r}")
 
 
-def gate_markers(cells: pd.DataFrame, gates: list[dict], auto: str | None = "otsu") -> tuple[pd.Categorical, list[dict]]:
+def gate_markers(
+    cells: pd.DataFrame, gates: list[dict], auto: str | None = "otsu"
+) -> tuple[pd.Categorical, list[dict]]:
     """Cell types from marker gates applied in order; the first positive gate wins, else ``other``.
 
     A gate is ``{marker, cell_type, threshold, column}``: ``column`` defaults to ``mean_<marker>``;
@@ -265,9 +283,17 @@ def gate_markers(cells: pd.DataFrame, gates: list[dict], auto: str | None = "ots
         positive = values >= threshold
         new = positive & (code < 0)
         code[new] = names.index(gate["cell_type"])
-        report.append({"marker": gate["marker"], "column": column, "cell_type": gate["cell_type"], "method": method,
-                       "threshold": float(threshold) if np.isfinite(threshold) else None, "positive_fraction": float(positive.mean()) if n else 0.0,
-                       "typed_fraction": float(new.mean()) if n else 0.0})
+        report.append(
+            {
+                "marker": gate["marker"],
+                "column": column,
+                "cell_type": gate["cell_type"],
+                "method": method,
+                "threshold": float(threshold) if np.isfinite(threshold) else None,
+                "positive_fraction": float(positive.mean()) if n else 0.0,
+                "typed_fraction": float(new.mean()) if n else 0.0,
+            }
+        )
     if "other" not in names:
         names.append("other")
     code[code < 0] = names.index("other")

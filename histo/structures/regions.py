@@ -27,8 +27,8 @@ from skimage.measure import find_contours
 from skimage.morphology import disk
 from skimage.segmentation import watershed
 
-from histo.structures.aggregates import find_aggregates
 from histo.errors import HistoError
+from histo.structures.aggregates import find_aggregates
 from histo.structures.lining import find_lining
 
 Number = (int, float)
@@ -39,11 +39,17 @@ MAX_GRID_PX = 16_000_000  # density rasters are coarsened beyond this many pixel
 
 # The ``regions:`` section of a workflow, in histo.workflow's SCHEMA format: key -> (types, default).
 REGION_PARAMS_SCHEMA: dict = {
-    "structures": ((list, type(None)), None),  # kinds to find (STRUCTURES), [] = none; None = the tissue type's (TISSUE_DEFAULTS)
+    "structures": (
+        (list, type(None)),
+        None,
+    ),  # kinds to find (STRUCTURES), [] = none; None = the tissue type's (TISSUE_DEFAULTS)
     "grid_um": (Number, 5.0),  # pixel of the density rasters, µm [P]
     "edge_um": (Number, 10.0),  # this close to the tissue outline = edge-truncated (§0: cores cut follicles) [P]
     "follicle": {  # lymph node, §7.4b [P]
-        "cell_types": (list, ["lymphocyte"]),  # the cells follicles are made of: small lymphocytes (H&E); B cells (IF / IHC)
+        "cell_types": (
+            list,
+            ["lymphocyte"],
+        ),  # the cells follicles are made of: small lymphocytes (H&E); B cells (IF / IHC)
         "smooth_fwhm_um": (Number, 50.0),  # "50 µm-smoothed" small-lymphocyte density: Gaussian FWHM (σ 21 µm)
         "min_density_ratio": (Number, 1.2),  # ≥ 1.2 × the paracortex (tissue) median
         "min_cell_fraction": ((*Number, type(None)), None),  # set: follicular where `cell_types` are ≥ this fraction of
@@ -59,7 +65,10 @@ REGION_PARAMS_SCHEMA: dict = {
         "min_cells": (int, 45),  # ≥ 45 follicle cells (TLS minimum, §2 Barmpoutis 2021) [L]
     },
     "germinal_centre": {  # §7.4
-        "cell_types": (list, ["large"]),  # the "large pale" nuclei (centroblasts, tingible-body macrophages, §3); [] = none
+        "cell_types": (
+            list,
+            ["large"],
+        ),  # the "large pale" nuclei (centroblasts, tingible-body macrophages, §3); [] = none
         "radius_um": (Number, 50.0),  # "nuclei within 50 µm" (a disc)
         "min_large_fraction": (Number, 0.4),  # ≥ 40 % large/pale nuclei (§7.4)
         "edge_large_fraction": (Number, 0.2),  # outline where the fraction falls to half of that [P]
@@ -67,7 +76,10 @@ REGION_PARAMS_SCHEMA: dict = {
         "min_inside_fraction": (Number, 0.5),  # ≥ 50 % inside its follicle / aggregate (§7.4)
     },
     "aggregate": {  # synovium, §7.2–7.3
-        "cell_types": (list, ["lymphocyte"]),  # the cells clustered into aggregates (and counted for the infiltrate score)
+        "cell_types": (
+            list,
+            ["lymphocyte"],
+        ),  # the cells clustered into aggregates (and counted for the infiltrate score)
         "eps_um": (Number, 12.0),  # DBSCAN radius on lymphocyte centroids (§7.2)
         "min_samples": (int, 5),  # DBSCAN core: ≥ 5 lymphocytes within eps, itself included (§7.2)
         "min_cells": (int, 10),  # cluster ≥ 10 lymphocytes = grade-1 candidate (§7.2)
@@ -187,7 +199,7 @@ def smooth_density(counts: np.ndarray, mask: np.ndarray, grid: Grid, sigma_um: f
 def disc_sum(counts: np.ndarray, radius_px: float) -> np.ndarray:
     """Sum of ``counts`` within a disc of ``radius_px`` around every pixel (FFT convolution)."""
     r = int(np.ceil(radius_px))
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
     return np.maximum(fftconvolve(counts, (xx**2 + yy**2 <= radius_px**2).astype(np.float32), mode="same"), 0)
 
 
@@ -202,7 +214,7 @@ def mask_polygons(mask: np.ndarray, grid: Grid) -> list[Polygon]:
             continue
         geom = reduce(lambda a, b: a.symmetric_difference(b), rings)
         offset = np.array([sl[1].start - 0.5, sl[0].start - 0.5])
-        geom = shapely.transform(geom, lambda xy: (xy + offset) * grid.px + (grid.x0, grid.y0))
+        geom = shapely.transform(geom, lambda xy, offset=offset: (xy + offset) * grid.px + (grid.x0, grid.y0))
         geom = shapely.make_valid(geom).simplify(grid.px / 2, preserve_topology=True)
         out += [p for p in shapely.get_parts(geom) if isinstance(p, Polygon) and p.area > 0]
     return out
@@ -247,8 +259,9 @@ def find_follicles(cells: pd.DataFrame, piece: Polygon, params: dict, log: list 
     m = ndi.binary_fill_holes(ndi.binary_closing(m, disk(max(1, round(p["close_um"] / grid.px)))) & mask)
     dist = ndi.distance_transform_edt(m)
     split = p["split_um"] / grid.px
-    peaks = peak_local_max(dist, min_distance=max(1, int(split)), threshold_abs=split / 2,
-                           labels=ndi.label(m)[0], exclude_border=False)
+    peaks = peak_local_max(
+        dist, min_distance=max(1, int(split)), threshold_abs=split / 2, labels=ndi.label(m)[0], exclude_border=False
+    )
     markers = np.zeros(m.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     lab = watershed(-dist, markers, mask=m)
@@ -266,21 +279,39 @@ def find_follicles(cells: pd.DataFrame, piece: Polygon, params: dict, log: list 
             near = lxy[_in_box(lxy, best.bounds)]
             n = int(shapely.contains_xy(best, near[:, 0], near[:, 1]).sum())
             density = n / best.area * 1e6
-            failed = [name for name, ok in (("dense_fraction", frac >= p["min_dense_fraction"]),
-                                            ("area", best.area >= p["min_area_um2"]), ("cells", n >= p["min_cells"]),
-                                            ("density", density >= p["min_cells_per_mm2"])) if not ok]
+            failed = [
+                name
+                for name, ok in (
+                    ("dense_fraction", frac >= p["min_dense_fraction"]),
+                    ("area", best.area >= p["min_area_um2"]),
+                    ("cells", n >= p["min_cells"]),
+                    ("density", density >= p["min_cells_per_mm2"]),
+                )
+                if not ok
+            ]
             reason = failed[0] if failed else "kept"
             if log is not None:
                 c = best.centroid
-                log.append({"kind": "follicle", "x_um": round(c.x, 1), "y_um": round(c.y, 1),
-                            "area_um2": round(best.area, 1), "dense_fraction": round(float(frac), 3), "n_cells": n,
-                            "cells_per_mm2": round(density, 1), "result": reason})
+                log.append(
+                    {
+                        "kind": "follicle",
+                        "x_um": round(c.x, 1),
+                        "y_um": round(c.y, 1),
+                        "area_um2": round(best.area, 1),
+                        "dense_fraction": round(float(frac), 3),
+                        "n_cells": n,
+                        "cells_per_mm2": round(density, 1),
+                        "result": reason,
+                    }
+                )
             if reason == "kept":
                 out.append(best)
     return out
 
 
-def find_germinal_centres(cells: pd.DataFrame, piece: Polygon, hosts: list[Polygon], params: dict) -> list[tuple[int, Polygon]]:
+def find_germinal_centres(
+    cells: pd.DataFrame, piece: Polygon, hosts: list[Polygon], params: dict
+) -> list[tuple[int, Polygon]]:
     """Germinal centres inside ``hosts`` (follicles or aggregates) of one piece, as (host index, polygon).
 
     §7.4: where ≥ ``min_large_fraction`` of the nuclei within ``radius_um`` are large/pale (of
@@ -337,6 +368,7 @@ def _frame(rows: list[dict]) -> gpd.GeoDataFrame:
 
 def _numbered(rows: list[dict], kind: str) -> list[dict]:
     """Rows of one kind with their ``region_id`` in a stable order: tissue piece, centroid y, centroid x."""
+
     def key(r):
         c = r["geometry"].centroid
         return (int(r["tissue_id"].rsplit("-", 1)[1]), round(c.y, 3), round(c.x, 3))
@@ -350,7 +382,9 @@ def _numbered(rows: list[dict], kind: str) -> list[dict]:
     return rows
 
 
-def find_regions(cells: pd.DataFrame, pieces: list[Polygon], tissue_type: str, params: dict | None = None) -> gpd.GeoDataFrame:
+def find_regions(
+    cells: pd.DataFrame, pieces: list[Polygon], tissue_type: str, params: dict | None = None
+) -> gpd.GeoDataFrame:
     """All regions of a slide from its cells table (``x_um``, ``y_um``, ``cell_type``) and tissue pieces.
 
     ``params``: a ``region_params(tissue_type)`` dict or overrides of it; its ``structures`` say what
@@ -360,8 +394,19 @@ def find_regions(cells: pd.DataFrame, pieces: list[Polygon], tissue_type: str, p
     """
     params = region_params(tissue_type, params)
     want = set(params["structures"])
-    tissue = [dict(region_id=f"tissue-{i}", kind="tissue", name="tissue", parent_id=None, tissue_id=f"tissue-{i}",
-                   area_um2=float(p.area), edge_truncated=False, geometry=p) for i, p in enumerate(pieces, 1)]
+    tissue = [
+        dict(
+            region_id=f"tissue-{i}",
+            kind="tissue",
+            name="tissue",
+            parent_id=None,
+            tissue_id=f"tissue-{i}",
+            area_um2=float(p.area),
+            edge_truncated=False,
+            geometry=p,
+        )
+        for i, p in enumerate(pieces, 1)
+    ]
     xy = cells[["x_um", "y_um"]].to_numpy(np.float64)
     hosts, gcs, lining, log = [], [], [], []
     for t in tissue:
@@ -374,13 +419,19 @@ def find_regions(cells: pd.DataFrame, pieces: list[Polygon], tissue_type: str, p
         if "aggregate" in want:
             found += [dict(kind="aggregate", **a) for a in find_aggregates(sub, piece, params)]
         for f in found:  # has_gc unknown (None) where germinal centres are not looked for
-            f.update(tissue_id=tid, parent_id=tid, has_gc=False if "germinal_centre" in want else None,
-                     edge_truncated=edge_truncated(f["geometry"], piece, params["edge_um"]))
+            f.update(
+                tissue_id=tid,
+                parent_id=tid,
+                has_gc=False if "germinal_centre" in want else None,
+                edge_truncated=edge_truncated(f["geometry"], piece, params["edge_um"]),
+            )
         if "germinal_centre" in want:
             centres = find_germinal_centres(sub, piece, [f["geometry"] for f in found], params)
             gcs += [dict(tissue_id=tid, geometry=g, _host=found[k]) for k, g in centres]
         if "lining" in want:
-            lining += [dict(tissue_id=tid, parent_id=tid, edge_truncated=False, **r) for r in find_lining(sub, piece, params)]
+            lining += [
+                dict(tissue_id=tid, parent_id=tid, edge_truncated=False, **r) for r in find_lining(sub, piece, params)
+            ]
         hosts += found
     rows = list(tissue)
     for kind in ("follicle", "aggregate"):
@@ -388,8 +439,11 @@ def find_regions(cells: pd.DataFrame, pieces: list[Polygon], tissue_type: str, p
     for g in _numbered(gcs, "germinal_centre"):
         host = g.pop("_host")
         host["has_gc"] = True
-        g.update(parent_id=host["region_id"], edge_truncated=host["edge_truncated"],
-                 fraction_host_area=g["area_um2"] / host["area_um2"])
+        g.update(
+            parent_id=host["region_id"],
+            edge_truncated=host["edge_truncated"],
+            fraction_host_area=g["area_um2"] / host["area_um2"],
+        )
         rows.append(g)
     for h in hosts:
         if h["kind"] == "follicle":
@@ -425,7 +479,7 @@ def assign_cells(cells: pd.DataFrame, regions: gpd.GeoDataFrame) -> pd.DataFrame
         codes = np.full(len(x), -1, np.int32)
         for k, geom in enumerate(sel.geometry):
             x0, y0, x1, y1 = geom.bounds
-            cand = order[np.searchsorted(xs, x0, "left"):np.searchsorted(xs, x1, "right")]
+            cand = order[np.searchsorted(xs, x0, "left") : np.searchsorted(xs, x1, "right")]
             cand = cand[(y[cand] >= y0) & (y[cand] <= y1) & (codes[cand] < 0)]
             if in_tissue is not None:
                 cand = cand[in_tissue[cand]]

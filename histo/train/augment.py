@@ -82,8 +82,7 @@ def recolour(x: np.ndarray, alpha, beta=(0.0, 0.0, 0.0)) -> np.ndarray:
     return od_to_rgb(conc @ _RGB_FROM_HED)
 
 
-def brightness_contrast(x: np.ndarray, rng: np.random.Generator, brightness: float = 0.06,
-                        contrast: float = 0.12):
+def brightness_contrast(x: np.ndarray, rng: np.random.Generator, brightness: float = 0.06, contrast: float = 0.12):
     c = rng.uniform(1 - contrast, 1 + contrast)
     b = rng.uniform(-brightness, brightness)
     m = float(x.mean())

@@ -10,17 +10,25 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from skimage.measure import find_contours, regionprops
 
-from histo.train.augment import brightness_contrast, stain_jitter
 from histo.errors import HistoError
-from histo.segment.nucleus_classes import (CLASSES, CLASSIFIER_FILE, PATCH_MPP, PATCH_PX, class_of, network,
-                                   nucleus_patches, to_patch_scale)
+from histo.segment.nucleus_classes import (
+    CLASSES,
+    CLASSIFIER_FILE,
+    PATCH_MPP,
+    PATCH_PX,
+    class_of,
+    network,
+    nucleus_patches,
+    to_patch_scale,
+)
+from histo.train.augment import brightness_contrast, stain_jitter
 from histo.train.outlines import read_pair, split_by_image
 
 MARGIN = 8  # px at PATCH_MPP read around each patch for shift augmentation
@@ -39,8 +47,9 @@ def read_types(path: Path | str) -> pd.DataFrame:
         cls = [class_of(v) for v in t["type"]]
     except ValueError as e:
         raise HistoError(path, str(e)) from e
-    return pd.DataFrame({"tile": t["tile"].astype(str).map(lambda s: Path(s).stem), "label": t["label"].astype(int),
-                         "class": cls})
+    return pd.DataFrame(
+        {"tile": t["tile"].astype(str).map(lambda s: Path(s).stem), "label": t["label"].astype(int), "class": cls}
+    )
 
 
 def tile_examples(image: Path, mask: Path, mpp: float, types: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +78,7 @@ def augment(x: np.ndarray, rng: np.random.Generator, stain_scale: float = 0.4) -
     out = np.empty((len(x), PATCH_PX, PATCH_PX, 4), np.float32)
     for i, p in enumerate(x):
         r, c = rng.integers(MARGIN - 2, MARGIN + 3, 2)
-        p = np.rot90(p[r:r + PATCH_PX, c:c + PATCH_PX], rng.integers(4))
+        p = np.rot90(p[r : r + PATCH_PX, c : c + PATCH_PX], rng.integers(4))
         p = p[:, ::-1] if rng.random() < 0.5 else p
         rgb, _ = stain_jitter(np.ascontiguousarray(p[..., :3]), rng, stain_scale, 0.05)
         rgb = brightness_contrast(rgb, rng)
@@ -81,7 +90,7 @@ def augment(x: np.ndarray, rng: np.random.Generator, stain_scale: float = 0.4) -
 
 
 def _centre(x: np.ndarray) -> np.ndarray:
-    return x[:, MARGIN:MARGIN + PATCH_PX, MARGIN:MARGIN + PATCH_PX]
+    return x[:, MARGIN : MARGIN + PATCH_PX, MARGIN : MARGIN + PATCH_PX]
 
 
 def class_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
@@ -90,14 +99,27 @@ def class_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     for k, name in enumerate(CLASSES):
         tp = int(np.sum((y_true == k) & (y_pred == k)))
         fp, fn = int(np.sum((y_true != k) & (y_pred == k))), int(np.sum((y_true == k) & (y_pred != k)))
-        out[name] = {"precision": round(tp / max(tp + fp, 1), 4), "recall": round(tp / max(tp + fn, 1), 4),
-                     "f1": round(2 * tp / max(2 * tp + fp + fn, 1), 4), "n_true": tp + fn}
+        out[name] = {
+            "precision": round(tp / max(tp + fp, 1), 4),
+            "recall": round(tp / max(tp + fn, 1), 4),
+            "f1": round(2 * tp / max(2 * tp + fp + fn, 1), 4),
+            "n_true": tp + fn,
+        }
     return out
 
 
-def train_classes(datasets: Sequence[tuple], model_dir: Path | str, epochs: int = 30, batch: int = 64,
-                  val_fraction: float = 0.15, seed: int = 0, stain_scale: float = 0.4, patience: int = 6,
-                  command: str | None = None, verbose: int = 1) -> dict:
+def train_classes(
+    datasets: Sequence[tuple],
+    model_dir: Path | str,
+    epochs: int = 30,
+    batch: int = 64,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    stain_scale: float = 0.4,
+    patience: int = 6,
+    command: str | None = None,
+    verbose: int = 1,
+) -> dict:
     """Train the nucleus classifier into ``model_dir`` and return its card section.
 
     Parameters
@@ -132,8 +154,11 @@ def train_classes(datasets: Sequence[tuple], model_dir: Path | str, epochs: int 
     counts = np.bincount(y_tr, minlength=len(CLASSES))
     weights = {k: float(np.sqrt(len(y_tr) / (len(CLASSES) * max(n, 1)))) for k, n in enumerate(counts)}
     if verbose:
-        print(f"[histo.train_classes] {len(y_tr)} training nuclei in {len(tr)} tiles "
-              f"({dict(zip(CLASSES, counts.tolist()))}), {len(y_va)} validation nuclei in {len(va)} tiles", flush=True)
+        print(
+            f"[histo.train_classes] {len(y_tr)} training nuclei in {len(tr)} tiles "
+            f"({dict(zip(CLASSES, counts.tolist()))}), {len(y_va)} validation nuclei in {len(va)} tiles",
+            flush=True,
+        )
 
     rng = np.random.default_rng(seed)
 
@@ -142,7 +167,7 @@ def train_classes(datasets: Sequence[tuple], model_dir: Path | str, epochs: int 
             return int(np.ceil(len(y_tr) / batch))
 
         def __getitem__(self, i):
-            idx = order[i * batch:(i + 1) * batch]
+            idx = order[i * batch : (i + 1) * batch]
             return augment(x_tr[idx], rng, stain_scale), y_tr[idx]
 
         def on_epoch_end(self):
@@ -155,8 +180,14 @@ def train_classes(datasets: Sequence[tuple], model_dir: Path | str, epochs: int 
     stop = keras.callbacks.EarlyStopping(patience=patience, restore_best_weights=True)
     best = keras.callbacks.ModelCheckpoint(model_dir / CLASSIFIER_FILE, save_best_only=True)  # safe to interrupt
     plateau = keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=max(2, patience // 2))
-    hist = net.fit(Batches(), validation_data=(x_va, y_va), epochs=epochs, class_weight=weights,
-                   callbacks=[stop, plateau, best], verbose=2 if verbose else 0)
+    hist = net.fit(
+        Batches(),
+        validation_data=(x_va, y_va),
+        epochs=epochs,
+        class_weight=weights,
+        callbacks=[stop, plateau, best],
+        verbose=2 if verbose else 0,
+    )
     pred = np.argmax(net.predict(x_va, batch_size=256, verbose=0), axis=1)
     net.save(model_dir / CLASSIFIER_FILE)
     section = {
@@ -165,15 +196,26 @@ def train_classes(datasets: Sequence[tuple], model_dir: Path | str, epochs: int 
         "patch_px": PATCH_PX,
         "patch_mpp": PATCH_MPP,
         "input": "RGB x/255 and the nucleus outline (1 inside), centred on the nucleus",
-        "sources": [{"name": name, "licence": licence, "n_tiles": len(pairs), "mpp": mpp}
-                    for pairs, mpp, _, name, licence in datasets],
-        "n_train_nuclei": int(len(y_tr)), "n_val_nuclei": int(len(y_va)),
+        "sources": [
+            {"name": name, "licence": licence, "n_tiles": len(pairs), "mpp": mpp}
+            for pairs, mpp, _, name, licence in datasets
+        ],
+        "n_train_nuclei": int(len(y_tr)),
+        "n_val_nuclei": int(len(y_va)),
         "train_counts": dict(zip(CLASSES, counts.tolist())),
         "val_tiles": [Path(tiles[i][0]).name for i in va],
         "class_weights": {CLASSES[k]: round(w, 3) for k, w in weights.items()},
-        "epochs_run": len(hist.history["loss"]), "best_epoch": int(np.argmin(hist.history["val_loss"])) + 1,
-        "augmentation": {"shift_px": 2, "flips_rot90": True, "stain_scale": stain_scale, "stain_shift": 0.05,
-                         "brightness": 0.06, "contrast": 0.12, "outline_grow_shrink_px": 1},
+        "epochs_run": len(hist.history["loss"]),
+        "best_epoch": int(np.argmin(hist.history["val_loss"])) + 1,
+        "augmentation": {
+            "shift_px": 2,
+            "flips_rot90": True,
+            "stain_scale": stain_scale,
+            "stain_shift": 0.05,
+            "brightness": 0.06,
+            "contrast": 0.12,
+            "outline_grow_shrink_px": 1,
+        },
         "validation": class_scores(y_va, pred),
         "wall_time_s": round(time.time() - t0, 1),
         "command": command,

@@ -78,8 +78,16 @@ def score(truth: np.ndarray, pred: np.ndarray, thresh: float = 0.5, pairs: list 
     aji_u += float(t_area[np.setdiff1d(true_ids, ti[best])].sum())
     aji_u += float(p_area[np.setdiff1d(pred_ids, pi[best])].sum())
 
-    counts = dict(n_true=int(true_ids.size), n_pred=int(pred_ids.size), tp=tp, fp=int(pred_ids.size) - tp,
-                  fn=int(true_ids.size) - tp, sum_iou=sum_iou, aji_intersection=aji_i, aji_union=aji_u)
+    counts = dict(
+        n_true=int(true_ids.size),
+        n_pred=int(pred_ids.size),
+        tp=tp,
+        fp=int(pred_ids.size) - tp,
+        fn=int(true_ids.size) - tp,
+        sum_iou=sum_iou,
+        aji_intersection=aji_i,
+        aji_union=aji_u,
+    )
     return counts | scores_from_counts(counts)
 
 
@@ -105,8 +113,9 @@ def pooled(rows: pd.DataFrame) -> dict:
 
 
 # ---------------------------------------------------------------- nucleus classes
-def class_counts(true_cls: np.ndarray, pred_cls: np.ndarray, true_ids: np.ndarray, pred_ids: np.ndarray,
-                 classes: list[str]) -> dict:
+def class_counts(
+    true_cls: np.ndarray, pred_cls: np.ndarray, true_ids: np.ndarray, pred_ids: np.ndarray, classes: list[str]
+) -> dict:
     """Per class c, the field's typed detection counts (HoVer-Net's F_c): ``tp_c`` = matched pairs
     where both say c, ``fp_c`` = nuclei called c without a matched true c, ``fn_c`` = true c
     without a matched call of c. ``true_cls`` / ``pred_cls``: the class of every true / predicted
@@ -182,9 +191,14 @@ def bundle_labels(bundle: str | Path) -> tuple[np.ndarray, float]:
     return rasterise(polys, np.arange(1, len(polys) + 1), mpp, (0, 0), shape), mpp
 
 
-def evaluate(truth_dir: str | Path, bundles_dir: str | Path | None = None, pred_dir: str | Path | None = None,
-             thresh: float = 0.5, errors: dict[str, str] | None = None, types: pd.DataFrame | None = None
-             ) -> pd.DataFrame:
+def evaluate(
+    truth_dir: str | Path,
+    bundles_dir: str | Path | None = None,
+    pred_dir: str | Path | None = None,
+    thresh: float = 0.5,
+    errors: dict[str, str] | None = None,
+    types: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """One row per truth file plus a ``pooled`` row.
 
     Parameters
@@ -227,8 +241,11 @@ def evaluate(truth_dir: str | Path, bundles_dir: str | Path | None = None, pred_
                 pred = read_truth(preds[stem])
                 truth = read_truth(path, pred.shape)
             if truth.shape != pred.shape:
-                raise HistoError(path, f"truth is {truth.shape[1]}×{truth.shape[0]} px but the prediction is "
-                                       f"{pred.shape[1]}×{pred.shape[0]} px")
+                raise HistoError(
+                    path,
+                    f"truth is {truth.shape[1]}×{truth.shape[0]} px but the prediction is "
+                    f"{pred.shape[1]}×{pred.shape[0]} px",
+                )
             pairs: list = []
             row = {"image": stem} | score(truth, pred, thresh, pairs)
             if types is not None:
@@ -241,7 +258,9 @@ def evaluate(truth_dir: str | Path, bundles_dir: str | Path | None = None, pred_
                 ti, pi = pairs if pairs else (np.zeros(0, int), np.zeros(0, int))
                 row |= class_counts(true_cls, pred_cls, ti, pi, classes)
                 row |= class_f1(row, classes)
-                confusion.append(pd.crosstab(pd.Series(true_cls[ti], name="true"), pd.Series(pred_cls[pi], name="called")))
+                confusion.append(
+                    pd.crosstab(pd.Series(true_cls[ti], name="true"), pd.Series(pred_cls[pi], name="called"))
+                )
             rows.append(row)
         except HistoError as exc:
             rows.append({"image": stem, "error": str(exc)})
@@ -273,9 +292,16 @@ def format_table(table: pd.DataFrame) -> str:
     return text
 
 
-def run_images(truth_dir: str | Path, images_dir: str | Path, bundles_dir: str | Path, image_mpp,
-               model: str | None = None, workflow: str | None = None, client=None, show_progress: bool = True
-               ) -> dict[str, str]:
+def run_images(
+    truth_dir: str | Path,
+    images_dir: str | Path,
+    bundles_dir: str | Path,
+    image_mpp,
+    model: str | None = None,
+    workflow: str | None = None,
+    client=None,
+    show_progress: bool = True,
+) -> dict[str, str]:
     """``histo run`` on the image of every truth file (same stem in ``images_dir``) into
     ``bundles_dir``; ``image_mpp`` is one µm/px for all or a CSV (``histo.train.outlines.pixel_sizes``).
     Returns {stem: error} for the images that could not be run (the others are bundles)."""
@@ -294,12 +320,18 @@ def run_images(truth_dir: str | Path, images_dir: str | Path, bundles_dir: str |
                 mpp = mpp_of(stem)
                 if mpp is None:
                     raise HistoError(images[stem], f"no pixel size for this image in {image_mpp}")
-                run_slide(images[stem], bundles_dir, workflow=workflow, model=model, mpp=mpp, client=cl,
-                          show_progress=show_progress)
+                run_slide(
+                    images[stem],
+                    bundles_dir,
+                    workflow=workflow,
+                    model=model,
+                    mpp=mpp,
+                    client=cl,
+                    show_progress=show_progress,
+                )
             except HistoError as exc:
                 errors[stem] = str(exc)
     return errors
-
 
 
 def record_in_card(folder: str | Path, dataset: str, table: pd.DataFrame, command: str | None = None) -> Path:
@@ -314,11 +346,15 @@ def record_in_card(folder: str | Path, dataset: str, table: pd.DataFrame, comman
     card = json.loads(card_path.read_text())
     scored = table[(table["image"] != "pooled") & table["tp"].notna()]
     pooled = table.set_index("image").loc["pooled"]
-    entry = {"dataset": dataset, "n_images": len(scored), "command": command,
-             "pooled": {k: float(pooled[k]) for k in ("precision", "recall", "f1", "mean_iou", "pq", "aji")}
-             | {k: round(float(pooled[k]), 4) for k in table.columns if k.startswith("f1_")}
-             | {"n_true": int(pooled["n_true"]), "n_pred": int(pooled["n_pred"])},
-             "f1_per_image": {r.image: round(float(r.f1), 4) for r in scored.itertuples()}}
+    entry = {
+        "dataset": dataset,
+        "n_images": len(scored),
+        "command": command,
+        "pooled": {k: float(pooled[k]) for k in ("precision", "recall", "f1", "mean_iou", "pq", "aji")}
+        | {k: round(float(pooled[k]), 4) for k in table.columns if k.startswith("f1_")}
+        | {"n_true": int(pooled["n_true"]), "n_pred": int(pooled["n_pred"])},
+        "f1_per_image": {r.image: round(float(r.f1), 4) for r in scored.itertuples()},
+    }
     card["evaluations"] = [e for e in card.get("evaluations", []) if e["dataset"] != dataset] + [entry]
     _write_json(card_path, card)
     return write_model_md(folder)

@@ -21,14 +21,14 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from histo.train.augment import HEAugmenter
 from histo.errors import HistoError
 from histo.run.provenance import versions
+from histo.train.augment import HEAugmenter
 
 __all__ = [
     "train",
@@ -83,8 +83,9 @@ def _list_images(folder: Path, extensions: tuple[str, ...] = _IMAGE_EXT) -> dict
     return out
 
 
-def pairs_from_folders(images_dir: Path | str, masks_dir: Path | str,
-                       check_shapes: bool = True) -> list[tuple[Path, Path]]:
+def pairs_from_folders(
+    images_dir: Path | str, masks_dir: Path | str, check_shapes: bool = True
+) -> list[tuple[Path, Path]]:
     """Image/mask pairs matched by file stem (``.tif``/``.tiff``/``.png``), sorted by stem.
 
     Raises ``HistoError`` naming the file when an image has no mask, or (``check_shapes``) when
@@ -235,8 +236,22 @@ def evaluate(model, X: Sequence[np.ndarray], Y: Sequence[np.ndarray], thresh: fl
     preds = [model.predict_instances(x, show_tile_progress=False, verbose=False)[0] for x in X]
     s = matching_dataset([np.maximum(y, 0) for y in Y], preds, thresh=thresh, show_progress=False)
     d = s._asdict()
-    keep = ("criterion", "thresh", "fp", "tp", "fn", "precision", "recall", "accuracy", "f1",
-            "n_true", "n_pred", "mean_true_score", "mean_matched_score", "panoptic_quality")
+    keep = (
+        "criterion",
+        "thresh",
+        "fp",
+        "tp",
+        "fn",
+        "precision",
+        "recall",
+        "accuracy",
+        "f1",
+        "n_true",
+        "n_pred",
+        "mean_true_score",
+        "mean_matched_score",
+        "panoptic_quality",
+    )
     out = {k: d[k] for k in keep if k in d}
     for k, v in list(out.items()):
         if isinstance(v, (float, np.floating)):
@@ -263,7 +278,8 @@ def _model_md(card: dict) -> str:
         f"- Normalisation: fixed, `x / 255` on uint8 RGB (`{json.dumps(card['normalize'])}`). It does not "
         "depend on the tile, so a slide cut into tiles gives the same result as the whole image.",
         f"- Largest expected nucleus: {card['max_nucleus_um']} µm (the tile halo is at least this wide; "
-        f"99.9 % of the training nuclei are shorter; the longest outline is {card.get('max_nucleus_um_observed', '?')} µm).",
+        "99.9 % of the training nuclei are shorter; the longest outline is "
+        f"{card.get('max_nucleus_um_observed', '?')} µm).",
         f"- Thresholds: prob {card['thresholds'].get('prob')}, nms {card['thresholds'].get('nms')} "
         "(optimised on the validation images with `optimize_thresholds`).",
         "",
@@ -280,8 +296,9 @@ def _model_md(card: dict) -> str:
     ]
     for s in t.get("sources", []):
         extra = f" — {s['note']}" if s.get("note") else ""
-        lines.append(f"  - {s.get('name')}: {s.get('n_images', '?')} images, licence: "
-                     f"{s.get('licence', 'unknown')}{extra}")
+        lines.append(
+            f"  - {s.get('name')}: {s.get('n_images', '?')} images, licence: {s.get('licence', 'unknown')}{extra}"
+        )
     lines += [
         f"- {t['epochs']} epochs × {t['steps_per_epoch']} steps, batch {t['batch_size']}, patches "
         f"{t['patch_size']}², learning rate {t['learning_rate']} (Adam, halved on plateau"
@@ -308,49 +325,75 @@ def _model_md(card: dict) -> str:
         lines.append("Not evaluated.")
     evals = card.get("evaluations") or []
     if evals:
-        lines += ["", "## Evaluation on annotated images never used for training (`histo evaluate`)", "",
-                  "Pooled over the images; nuclei matched at IoU ≥ 0.5; PQ = panoptic quality, AJI = aggregated "
-                  "Jaccard index.", "",
-                  "| dataset | images | true nuclei | precision | recall | F1 | mean IoU | PQ | AJI |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## Evaluation on annotated images never used for training (`histo evaluate`)",
+            "",
+            "Pooled over the images; nuclei matched at IoU ≥ 0.5; PQ = panoptic quality, AJI = aggregated "
+            "Jaccard index.",
+            "",
+            "| dataset | images | true nuclei | precision | recall | F1 | mean IoU | PQ | AJI |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for ev in evals:
             sc = ev["pooled"]
-            lines.append(f"| {ev['dataset']} | {ev['n_images']} | {sc['n_true']} | {sc['precision']:.3f} | "
-                         f"{sc['recall']:.3f} | {sc['f1']:.3f} | {sc['mean_iou']:.3f} | {sc['pq']:.3f} | {sc['aji']:.3f} |")
+            lines.append(
+                f"| {ev['dataset']} | {ev['n_images']} | {sc['n_true']} | {sc['precision']:.3f} | "
+                f"{sc['recall']:.3f} | {sc['f1']:.3f} | {sc['mean_iou']:.3f} | {sc['pq']:.3f} | {sc['aji']:.3f} |"
+            )
         typed = [ev for ev in evals if any(k.startswith("f1_") for k in ev["pooled"])]
         for ev in typed:
-            lines += ["", f"Per-class F1 on {ev['dataset']} (matched at IoU ≥ 0.5 and both say the class): "
-                      + ", ".join(f"{k[3:]} {v:.3f}" for k, v in sorted(ev["pooled"].items()) if k.startswith("f1_"))
-                      + "."]
+            lines += [
+                "",
+                f"Per-class F1 on {ev['dataset']} (matched at IoU ≥ 0.5 and both say the class): "
+                + ", ".join(f"{k[3:]} {v:.3f}" for k, v in sorted(ev["pooled"].items()) if k.startswith("f1_"))
+                + ".",
+            ]
         lines += [""] + [f"- {ev['dataset']}: `{ev['command']}`" for ev in evals if ev.get("command")]
     if card.get("nucleus_classes"):
         lines += _classes_md(card["nucleus_classes"])
     if card.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in card["notes"]]
     licences = sorted({s.get("licence", "unknown") for s in t.get("sources", [])})
-    lines += ["", "## Licence of the training data", "",
-              "This model was trained on: " + (", ".join(licences) if licences else "unknown") + ". "
-              "A model inherits the obligations of its training data (e.g. CC BY-NC-SA: "
-              "non-commercial use, attribution, share-alike).", ""]
+    lines += [
+        "",
+        "## Licence of the training data",
+        "",
+        "This model was trained on: " + (", ".join(licences) if licences else "unknown") + ". "
+        "A model inherits the obligations of its training data (e.g. CC BY-NC-SA: "
+        "non-commercial use, attribution, share-alike).",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def _classes_md(c: dict) -> list[str]:
     """The model card's section on the nucleus classifier (histo.train.classes)."""
     v = c.get("validation", {})
-    lines = ["", "## Nucleus classes", "",
-             f"A separate classifier (`{c['file']}`, histo.segment.nucleus_classes) gives every nucleus one of "
-             f"{', '.join(c['classes'])} from a {c.get('patch_px')}² patch at {c.get('patch_mpp')} µm/px and the "
-             "nucleus outline; histo's typing keeps the class and splits off large pale nuclei (`large`)."]
+    lines = [
+        "",
+        "## Nucleus classes",
+        "",
+        f"A separate classifier (`{c['file']}`, histo.segment.nucleus_classes) gives every nucleus one of "
+        f"{', '.join(c['classes'])} from a {c.get('patch_px')}² patch at {c.get('patch_mpp')} µm/px and the "
+        "nucleus outline; histo's typing keeps the class and splits off large pale nuclei (`large`).",
+    ]
     for src in c.get("sources", []):
-        lines.append(f"- Data: {src['name']} ({src['n_tiles']} tiles at {src['mpp']} µm/px), licence: {src['licence']}.")
+        lines.append(
+            f"- Data: {src['name']} ({src['n_tiles']} tiles at {src['mpp']} µm/px), licence: {src['licence']}."
+        )
     if c.get("n_train_nuclei"):
-        lines.append(f"- {c['n_train_nuclei']} training nuclei ({c.get('train_counts')}), {c['n_val_nuclei']} validation "
-                     f"nuclei in the validation tiles {', '.join(c.get('val_tiles', []))}; best epoch {c.get('best_epoch')} of "
-                     f"{c.get('epochs_run')}; {c.get('wall_time_s', 0):.0f} s.")
+        lines.append(
+            f"- {c['n_train_nuclei']} training nuclei ({c.get('train_counts')}), {c['n_val_nuclei']} validation "
+            f"nuclei in the validation tiles {', '.join(c.get('val_tiles', []))}; best epoch {c.get('best_epoch')} of "
+            f"{c.get('epochs_run')}; {c.get('wall_time_s', 0):.0f} s."
+        )
     if v:
-        lines.append(f"- Validation on the expert outlines (class only): accuracy {v['accuracy']}; F1 "
-                     + ", ".join(f"{k} {v[k]['f1']}" for k in c["classes"] if k in v) + ".")
+        lines.append(
+            f"- Validation on the expert outlines (class only): accuracy {v['accuracy']}; F1 "
+            + ", ".join(f"{k} {v[k]['f1']}" for k in c["classes"] if k in v)
+            + "."
+        )
     if c.get("command"):
         lines.append(f"- Command: `{c['command']}`")
     return lines
@@ -467,16 +510,21 @@ def train(
     images_p, X_u8, Y = _load_data(images, masks, image_mpp, mpp)
     small = [str(p) for p, x in zip(images_p, X_u8) if min(x.shape[:2]) < patch_size]
     if small:
-        raise HistoError(small[0], f"image is smaller than the patch size {patch_size} px at "
-                         f"{mpp} µm/px ({len(small)} such images); use a smaller patch_size")
+        raise HistoError(
+            small[0],
+            f"image is smaller than the patch size {patch_size} px at "
+            f"{mpp} µm/px ({len(small)} such images); use a smaller patch_size",
+        )
 
     state_path = out_dir / STATE_FILE
     state = _read_json(state_path) if resume else None
     resuming = bool(state) and (out_dir / "weights_last.h5").exists() and (out_dir / "config.json").exists()
     if resuming:
         if [str(p) for p in images_p] != state.get("images"):
-            raise HistoError(out_dir, "cannot resume: the training images differ from the saved run "
-                             "(delete train_state.json to start again)")
+            raise HistoError(
+                out_dir,
+                "cannot resume: the training images differ from the saved run (delete train_state.json to start again)",
+            )
         tr_idx, va_idx = state["split"]["train"], state["split"]["val"]
         if int(epochs) > int(state["epochs_total"]):  # asked for more: extend the run
             state["epochs_total"] = int(epochs)
@@ -485,23 +533,36 @@ def train(
         steps_per_epoch = int(state["steps_per_epoch"])
         if learning_rate is not None:  # e.g. a lower rate for the last epochs
             state.setdefault("learning_rate_changes", []).append(
-                {"epoch": int(state["epochs_done"]), "from": state["learning_rate"], "to": float(learning_rate)})
+                {"epoch": int(state["epochs_done"]), "from": state["learning_rate"], "to": float(learning_rate)}
+            )
             state["learning_rate"] = float(learning_rate)
         saved_scale = state.get("stain_scale", HEAugmenter.stain_scale)
         if stain_scale is not None and float(stain_scale) != float(saved_scale):
             state.setdefault("stain_scale_changes", []).append(
-                {"epoch": int(state["epochs_done"]), "from": saved_scale, "to": float(stain_scale)})
+                {"epoch": int(state["epochs_done"]), "from": saved_scale, "to": float(stain_scale)}
+            )
             state["stain_scale"] = float(stain_scale)
             state["best_val_loss"] = None
     else:
         learning_rate = DEFAULT_LEARNING_RATE if learning_rate is None else learning_rate
         if (out_dir / "weights_best.h5").exists() and not overwrite:
-            raise HistoError(out_dir, "already holds a trained model and no unfinished run to resume; "
-                             "pass overwrite=True (or another folder) to train a new one")
+            raise HistoError(
+                out_dir,
+                "already holds a trained model and no unfinished run to resume; "
+                "pass overwrite=True (or another folder) to train a new one",
+            )
         tr_idx, va_idx = split_by_image(len(X_u8), val_fraction, seed)
         if out_dir.exists():
-            for f in ("weights_best.h5", "weights_last.h5", "weights_now.h5", "thresholds.json",
-                      "card.json", "MODEL.md", STATE_FILE, "config.json"):
+            for f in (
+                "weights_best.h5",
+                "weights_last.h5",
+                "weights_now.h5",
+                "thresholds.json",
+                "card.json",
+                "MODEL.md",
+                STATE_FILE,
+                "config.json",
+            ):
                 (out_dir / f).unlink(missing_ok=True)
             shutil.rmtree(out_dir / "logs", ignore_errors=True)
         state = {
@@ -557,8 +618,9 @@ def train(
         _write_json(state_path, state)
 
     if augment is True:
-        augmenter = HEAugmenter(seed=seed + int(state["epochs_done"]),
-                                stain_scale=float(state.get("stain_scale", HEAugmenter.stain_scale)))
+        augmenter = HEAugmenter(
+            seed=seed + int(state["epochs_done"]), stain_scale=float(state.get("stain_scale", HEAugmenter.stain_scale))
+        )
     elif not augment:
         augmenter = None
     else:
@@ -595,19 +657,29 @@ def train(
                     pass
                 state["wall_time_s"] = wall_before + (time.time() - t_fit)
                 hist = state.setdefault("history", [])
-                hist.append({k: round(float(v), 5) for k, v in logs.items()
-                             if isinstance(v, (int, float, np.floating))} | {"epoch": state["epochs_done"]})
+                hist.append(
+                    {k: round(float(v), 5) for k, v in logs.items() if isinstance(v, (int, float, np.floating))}
+                    | {"epoch": state["epochs_done"]}
+                )
                 _write_json(state_path, state)
 
         model.callbacks.append(_State())
         model.callbacks.extend(extra_callbacks or [])
         if verbose:
-            print(f"[histo.train] {model_name}: epochs {state['epochs_done']}→{state['epochs_total']} "
-                  f"× {state['steps_per_epoch']} steps; {len(X_tr)} train / {len(X_va)} val images",
-                  flush=True)
-        model.train(X_tr, Y_tr, validation_data=(X_va, Y_va), augmenter=augmenter,
-                    seed=seed + int(state["epochs_done"]), epochs=remaining,
-                    steps_per_epoch=int(state["steps_per_epoch"]))
+            print(
+                f"[histo.train] {model_name}: epochs {state['epochs_done']}→{state['epochs_total']} "
+                f"× {state['steps_per_epoch']} steps; {len(X_tr)} train / {len(X_va)} val images",
+                flush=True,
+            )
+        model.train(
+            X_tr,
+            Y_tr,
+            validation_data=(X_va, Y_va),
+            augmenter=augmenter,
+            seed=seed + int(state["epochs_done"]),
+            epochs=remaining,
+            steps_per_epoch=int(state["steps_per_epoch"]),
+        )
         # model.train reloads weights_best.h5 at the end (csbdeep _training_finished)
         state["complete"] = True
         state["wall_time_s"] = wall_before + (time.time() - t_fit)
@@ -620,7 +692,9 @@ def train(
     # thresholds on the validation images
     t_opt = time.time()
     if optimize:
-        model.optimize_thresholds(X_va, Y_va, nms_threshs=list(nms_threshs), predict_kwargs={"show_tile_progress": False})
+        model.optimize_thresholds(
+            X_va, Y_va, nms_threshs=list(nms_threshs), predict_kwargs={"show_tile_progress": False}
+        )
     else:
         model.thresholds = {"prob": 0.5, "nms": 0.4}
         _write_json(out_dir / "thresholds.json", {"prob": 0.5, "nms": 0.4})
@@ -629,7 +703,11 @@ def train(
 
     max_um, obs_um = _max_nucleus_um(Y, mpp)
     n_params = int(model.keras_model.count_params())
-    aug_dict = augmenter.as_dict() if hasattr(augmenter, "as_dict") else ({} if augmenter is None else {"callable": repr(augmenter)})
+    aug_dict = (
+        augmenter.as_dict()
+        if hasattr(augmenter, "as_dict")
+        else ({} if augmenter is None else {"callable": repr(augmenter)})
+    )
     import platform
 
     card = {
@@ -659,7 +737,9 @@ def train(
             "n_train": len(X_tr),
             "n_val": len(X_va),
             "val_images": [Path(images_p[i]).name for i in va_idx],
-            "image_mpp": sorted(set(float(m) for m in ([image_mpp] if isinstance(image_mpp, (int, float)) else image_mpp))),
+            "image_mpp": sorted(
+                set(float(m) for m in ([image_mpp] if isinstance(image_mpp, (int, float)) else image_mpp))
+            ),
             "seed": int(seed),
             "epochs": int(state["epochs_total"]),
             "steps_per_epoch": int(state["steps_per_epoch"]),
@@ -691,9 +771,11 @@ def train(
             (out_dir / f).unlink(missing_ok=True)
         shutil.rmtree(out_dir / "logs", ignore_errors=True)
     if verbose:
-        print(f"[histo.train] wrote {out_dir}: F1@0.5 = {scores.get('f1')} "
-              f"(P {scores.get('precision')}, R {scores.get('recall')}), thresholds {card['thresholds']}",
-              flush=True)
+        print(
+            f"[histo.train] wrote {out_dir}: F1@0.5 = {scores.get('f1')} "
+            f"(P {scores.get('precision')}, R {scores.get('recall')}), thresholds {card['thresholds']}",
+            flush=True,
+        )
     return (out_dir, model) if return_model else out_dir
 
 
@@ -761,11 +843,16 @@ def main_train(datasets: Sequence[tuple], out, mpp: float, epochs: int, steps: i
     ims, mks, mpps, sources = [], [], [], []
     for images_dir, masks_dir, image_mpp, licence in datasets:
         rows = dataset_pairs(images_dir, masks_dir, image_mpp)
-        sources.append({"name": str(images_dir), "licence": licence or "unknown", "n_images": len(rows),
-                        "image_mpp": sorted({m for _, _, m in rows})})
+        sources.append(
+            {
+                "name": str(images_dir),
+                "licence": licence or "unknown",
+                "n_images": len(rows),
+                "image_mpp": sorted({m for _, _, m in rows}),
+            }
+        )
         for i, m, p in rows:
             ims.append(i), mks.append(m), mpps.append(p)
     kwargs.setdefault("command", " ".join(sys.argv) if sys.argv else None)
     kwargs.setdefault("sources", sources)
-    return train(ims, mks, Path(out), mpp=mpp, image_mpp=mpps, epochs=epochs,
-                 steps_per_epoch=steps, **kwargs)
+    return train(ims, mks, Path(out), mpp=mpp, image_mpp=mpps, epochs=epochs, steps_per_epoch=steps, **kwargs)

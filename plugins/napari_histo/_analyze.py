@@ -50,8 +50,13 @@ def write_crop(slide: dict, box_um: tuple[float, float, float, float], folder: P
     pixels = open_slide(slide["path"]).read(x0, y0, x1 - x0, y1 - y0, mpp)
     folder.mkdir(parents=True, exist_ok=True)
     crop = folder / f"{slide_name(slide['path'])}_x{x0}_y{y0}_{x1 - x0}x{y1 - y0}.ome.tif"
-    tifffile.imwrite(crop, pixels, photometric="rgb" if pixels.ndim == 3 else "minisblack", tile=(256, 256),
-                     metadata={"PhysicalSizeX": mpp, "PhysicalSizeY": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"})
+    tifffile.imwrite(
+        crop,
+        pixels,
+        photometric="rgb" if pixels.ndim == 3 else "minisblack",
+        tile=(256, 256),
+        metadata={"PhysicalSizeX": mpp, "PhysicalSizeY": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"},
+    )
     origin_file(crop).write_text(json.dumps({"slide": slide, "x_um": x0 * mpp, "y_um": y0 * mpp}, indent=2))
     return crop
 
@@ -117,16 +122,26 @@ class AnalyzeWidget(QWidget):
         self.viewer = viewer = napari_viewer
         self.worker, self.bar = None, None
         self.cancelled, self.phase = threading.Event(), ""
-        self.form = Container(widgets=[
-            ComboBox(name="slide", choices=lambda _: [lyr for lyr in viewer.layers if "slide" in lyr.metadata]),
-            ComboBox(name="region", choices=lambda _: [WHOLE_SLIDE] + [lyr for lyr in viewer.layers if isinstance(lyr, Shapes)
-                                                                       and "bundle" not in lyr.metadata]),
-            ComboBox(name="workflow", choices=list_workflows()),
-            LineEdit(name="model", tooltip="empty: the workflow's model"),
-            FileEdit(name="out", mode="d", value=Path.home() / "histo-results"),
-            LineEdit(name="scheduler", value=dask.config.get("scheduler-address", None) or "",
-                     tooltip="address of a Dask scheduler (tcp://host:port); empty: a local cluster"),
-        ])
+        self.form = Container(
+            widgets=[
+                ComboBox(name="slide", choices=lambda _: [lyr for lyr in viewer.layers if "slide" in lyr.metadata]),
+                ComboBox(
+                    name="region",
+                    choices=lambda _: (
+                        [WHOLE_SLIDE]
+                        + [lyr for lyr in viewer.layers if isinstance(lyr, Shapes) and "bundle" not in lyr.metadata]
+                    ),
+                ),
+                ComboBox(name="workflow", choices=list_workflows()),
+                LineEdit(name="model", tooltip="empty: the workflow's model"),
+                FileEdit(name="out", mode="d", value=Path.home() / "histo-results"),
+                LineEdit(
+                    name="scheduler",
+                    value=dask.config.get("scheduler-address", None) or "",
+                    tooltip="address of a Dask scheduler (tcp://host:port); empty: a local cluster",
+                ),
+            ]
+        )
         self.run_button, self.cancel_button = QPushButton("Run"), QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.run_button.clicked.connect(self.run)
@@ -135,7 +150,9 @@ class AnalyzeWidget(QWidget):
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
         self.timer, self.started = QTimer(self), 0.0
-        self.timer.timeout.connect(lambda: self.status.setText(f"{self.phase}… {time.monotonic() - self.started:.0f} s"))
+        self.timer.timeout.connect(
+            lambda: self.status.setText(f"{self.phase}… {time.monotonic() - self.started:.0f} s")
+        )
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -162,7 +179,9 @@ class AnalyzeWidget(QWidget):
         self.cancelled = threading.Event()
         # superqt's worker, not napari's thread_worker: napari's re-raises and relays every error (a
         # cancel included) as a traceback notification, and its task-status hook fails on errors
-        self.worker = GeneratorWorker(self._work, slide, box, out, f.workflow.value, f.model.value or None, f.scheduler.value)
+        self.worker = GeneratorWorker(
+            self._work, slide, box, out, f.workflow.value, f.model.value or None, f.scheduler.value
+        )
         self.worker.yielded.connect(self._progress)
         self.worker.returned.connect(self._done)
         self.worker.errored.connect(self._failed)

@@ -46,8 +46,11 @@ def slide_of(run: dict) -> tuple[dict, tuple[float, float]]:
 
 def same_slide(a: dict, b: dict) -> bool:
     """True when two slide descriptions (``size_bytes``, ``shape_px``, ``mpp``) agree."""
-    return (a.get("size_bytes") == b.get("size_bytes") and list(a.get("shape_px", [])) == list(b.get("shape_px", []))
-            and abs(a["mpp"] - b["mpp"]) <= 0.01 * b["mpp"])
+    return (
+        a.get("size_bytes") == b.get("size_bytes")
+        and list(a.get("shape_px", [])) == list(b.get("shape_px", []))
+        and abs(a["mpp"] - b["mpp"]) <= 0.01 * b["mpp"]
+    )
 
 
 def label_levels(bundle: Path) -> tuple[list[da.Array], list[float]]:
@@ -73,8 +76,13 @@ def nuclei_layer(bundle: Path, offset) -> tuple:
     """The nucleus labels as a multiscale labels layer."""
     levels, scale = label_levels(bundle)
     data, multiscale = pyramid(levels)
-    meta = {"name": f"{bundle.name} nuclei", "multiscale": multiscale, "opacity": 0.5,
-            "metadata": {"bundle": str(bundle)}, **placement(scale, offset)}
+    meta = {
+        "name": f"{bundle.name} nuclei",
+        "multiscale": multiscale,
+        "opacity": 0.5,
+        "metadata": {"bundle": str(bundle)},
+        **placement(scale, offset),
+    }
     return data, meta, "labels"
 
 
@@ -95,10 +103,15 @@ def cell_type_layer(bundle: Path, offset) -> tuple:
     typed = [lvl.map_blocks(lambda block: lut[block], dtype=np.uint8) for lvl in levels]
     features = pd.DataFrame({"index": range(len(legend) + 1), "cell_type": ["none", *legend]})
     data, multiscale = pyramid(typed)
-    meta = {"name": f"{bundle.name} cell types", "multiscale": multiscale, "opacity": 0.7, "features": features,
-            "colormap": DirectLabelColormap(color_dict={None: (0, 0, 0, 0), **{value[t]: c for t, c in legend.items()}}),
-            "metadata": {"bundle": str(bundle), "legend": legend, "counts": {t: n_of[t] for t in legend}},
-            **placement(scale, offset)}
+    meta = {
+        "name": f"{bundle.name} cell types",
+        "multiscale": multiscale,
+        "opacity": 0.7,
+        "features": features,
+        "colormap": DirectLabelColormap(color_dict={None: (0, 0, 0, 0), **{value[t]: c for t, c in legend.items()}}),
+        "metadata": {"bundle": str(bundle), "legend": legend, "counts": {t: n_of[t] for t in legend}},
+        **placement(scale, offset),
+    }
     return data, meta, "labels"
 
 
@@ -132,10 +145,16 @@ def regions_layer(bundle: Path, offset) -> tuple:
     coloured by kind and grade, labelled with their ids."""
     data, features = region_shapes(read_regions(bundle), offset)
     face, edge = region_colors(features)
-    meta = {"name": f"{bundle.name} regions", "shape_type": "polygon", "features": features,
-            "face_color": face if len(face) else "transparent", "edge_color": edge if len(edge) else "black",
-            "edge_width": 2.0, "text": {"string": "{region_id}", "size": 9, "color": "black"},
-            "metadata": {"bundle": str(bundle), "offset_um": list(offset)}}
+    meta = {
+        "name": f"{bundle.name} regions",
+        "shape_type": "polygon",
+        "features": features,
+        "face_color": face if len(face) else "transparent",
+        "edge_color": edge if len(edge) else "black",
+        "edge_width": 2.0,
+        "text": {"string": "{region_id}", "size": 9, "color": "black"},
+        "metadata": {"bundle": str(bundle), "offset_um": list(offset)},
+    }
     return data, meta, "shapes"
 
 
@@ -154,8 +173,15 @@ def regions_from_shapes(data: list[np.ndarray], features: pd.DataFrame, offset, 
     rows = []
     for key, group in f.groupby("key", sort=False):
         first = group.iloc[0]
-        rows.append(dict(region_id=None if key.startswith("new-") else key, kind=first.kind, name=first["name"],
-                         review=first.review, geometry=shapely.union_all(list(group.geometry))))
+        rows.append(
+            dict(
+                region_id=None if key.startswith("new-") else key,
+                kind=first.kind,
+                name=first["name"],
+                review=first.review,
+                geometry=shapely.union_all(list(group.geometry)),
+            )
+        )
     props = old.drop(columns=["kind", "name", "review", "geometry"]).set_index("region_id")
     table = pd.DataFrame(rows, columns=["region_id", "kind", "name", "review", "geometry"])
     table = table.join(props, on="region_id")

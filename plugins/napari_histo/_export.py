@@ -52,10 +52,19 @@ def init_export(widget) -> None:
         widget.bundle.value = shown[-1]
 
 
-@magic_factory(call_button="Export", widget_init=init_export, bundle={"mode": "d"},
-               metrics_csv={"mode": "w", "filter": "*.csv"}, regions_geojson={"mode": "w", "filter": "*.geojson"})
-def export_widget(bundle: Path, metrics_csv: Path = Path("metrics.csv"), excel: bool = True,
-                  regions_geojson: Path = Path("regions.geojson")) -> None:
+@magic_factory(
+    call_button="Export",
+    widget_init=init_export,
+    bundle={"mode": "d"},
+    metrics_csv={"mode": "w", "filter": "*.csv"},
+    regions_geojson={"mode": "w", "filter": "*.geojson"},
+)
+def export_widget(
+    bundle: Path,
+    metrics_csv: Path = Path("metrics.csv"),
+    excel: bool = True,
+    regions_geojson: Path = Path("regions.geojson"),
+) -> None:
     """Write the bundle's metrics CSV and its regions for QuPath."""
     from napari.utils.notifications import show_error, show_info
 

@@ -57,6 +57,9 @@ class LegendWidget(QWidget):
             self.label.setText("open a result bundle to see its cell types")
             return
         self.entries, counts = dict(layer.metadata["legend"]), layer.metadata.get("counts", {})
-        rows = "".join(f"<tr><td style='color:{color}'>&#9632;</td><td>{html.escape(name)}</td>"
-                       f"<td align='right'>{counts.get(name, 0):,}</td></tr>" for name, color in self.entries.items())
+        rows = "".join(
+            f"<tr><td style='color:{color}'>&#9632;</td><td>{html.escape(name)}</td>"
+            f"<td align='right'>{counts.get(name, 0):,}</td></tr>"
+            for name, color in self.entries.items()
+        )
         self.label.setText(f"<b>{html.escape(layer.name)}</b><table cellspacing='4'>{rows}</table>")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from histo.io.bundle import SLIDE_SUFFIXES
 from histo.errors import HistoError
+from histo.io.bundle import SLIDE_SUFFIXES
 
 NO_LAYERS = [(None,)]  # npe2's "read, nothing to add" sentinel
 SLIDE_FILES = tuple(s for s in SLIDE_SUFFIXES if s != ".ome.zarr")  # OME-Zarr folders: napari-ome-zarr's
@@ -33,6 +33,7 @@ def get_reader(path):
 
 def reporting(read):
     """``read`` with HistoError shown as an error notification (and no layers) instead of raised."""
+
     def reader(path):
         from napari.utils.notifications import show_error
 
@@ -54,8 +55,14 @@ def read_slide(path) -> list[tuple]:
     scales = [(slide.mpp * d, slide.mpp * d) for d in slide.downsamples]
     p = Path(path).resolve()
     about = {"path": str(p), "size_bytes": p.stat().st_size, "shape_px": list(slide.shape[:2]), "mpp": slide.mpp}
-    meta = {"name": p.name, "multiscale": True, "scale": scales[0], "translate": [s / 2 for s in scales[0]],
-            "rgb": slide.kind == "brightfield", "metadata": {"slide": about}}
+    meta = {
+        "name": p.name,
+        "multiscale": True,
+        "scale": scales[0],
+        "translate": [s / 2 for s in scales[0]],
+        "rgb": slide.kind == "brightfield",
+        "metadata": {"slide": about},
+    }
     return [(slide.levels, meta, "image")]
 
 
@@ -82,8 +89,11 @@ def read_bundle(path) -> list[tuple]:
     layers = []
     if shown and not any(same_slide(s, slide) for s in shown):
         names = ", ".join(Path(s["path"]).name for s in shown)
-        raise HistoError(bundle, f"this bundle is of {Path(slide['path']).name} ({slide['shape_px']} px), "
-                                 f"not of the slide shown ({names}); open its own slide first")
+        raise HistoError(
+            bundle,
+            f"this bundle is of {Path(slide['path']).name} ({slide['shape_px']} px), "
+            f"not of the slide shown ({names}); open its own slide first",
+        )
     if not shown:
         if Path(slide["path"]).exists():
             layers += read_slide(slide["path"])

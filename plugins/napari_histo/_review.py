@@ -14,12 +14,21 @@ from qtpy.QtWidgets import QHBoxLayout, QPushButton, QTableWidget, QTableWidgetI
 from superqt.utils import FunctionWorker
 
 from histo.errors import HistoError
-from histo.structures.regions import KINDS
 from histo.outputs.review import read_regions, save_review
+from histo.structures.regions import KINDS
 from napari_histo import _activity
 from napari_histo._bundle import region_colors, region_shapes, regions_from_shapes
 
-COLUMNS = ("region_id", "kind", "review", "grade", "area_mm2", "n_cells", "density_cells_per_mm2", "fraction_lymphocyte")
+COLUMNS = (
+    "region_id",
+    "kind",
+    "review",
+    "grade",
+    "area_mm2",
+    "n_cells",
+    "density_cells_per_mm2",
+    "fraction_lymphocyte",
+)
 EDITABLE = tuple(k for k in KINDS if k != "tissue")  # kinds a reviewer can give a region
 
 
@@ -44,10 +53,14 @@ class ReviewWidget(QWidget):
         self.table.setSelectionBehavior(QTableWidget.SelectRows)
         self.table.setEditTriggers(QTableWidget.NoEditTriggers)
         self.table.itemSelectionChanged.connect(self.zoom_to_selection)
-        buttons = {"Accept": lambda: self.set_feature("review", "accepted"),
-                   "Reject": lambda: self.set_feature("review", "rejected"),
-                   "Set kind": lambda: self.set_feature("kind", self.kind_box.value),
-                   "Redraw": self.redraw, "Add": self.add, "Save": self.save}
+        buttons = {
+            "Accept": lambda: self.set_feature("review", "accepted"),
+            "Reject": lambda: self.set_feature("review", "rejected"),
+            "Set kind": lambda: self.set_feature("kind", self.kind_box.value),
+            "Redraw": self.redraw,
+            "Add": self.add,
+            "Save": self.save,
+        }
         self.buttons = {}
         row = QHBoxLayout()
         for text, slot in buttons.items():
@@ -132,10 +145,19 @@ class ReviewWidget(QWidget):
         """Draw a new region of the chosen kind (polygon mode); it is accepted when drawn."""
         self.table.clearSelection()
         self.layer.selected_data = set()  # napari gives the selected shapes the current colours set below
-        self.layer.feature_defaults = {"region_id": "", "kind": self.kind_box.value, "name": self.kind_box.value,
-                                       "review": "accepted", "grade": np.nan}
-        self.layer.current_face_color, self.layer.current_edge_color = (c[0] for c in region_colors(
-            pd.DataFrame({"kind": [self.kind_box.value], "grade": [np.nan], "review": ["accepted"]})))
+        self.layer.feature_defaults = {
+            "region_id": "",
+            "kind": self.kind_box.value,
+            "name": self.kind_box.value,
+            "review": "accepted",
+            "grade": np.nan,
+        }
+        self.layer.current_face_color, self.layer.current_edge_color = (
+            c[0]
+            for c in region_colors(
+                pd.DataFrame({"kind": [self.kind_box.value], "grade": [np.nan], "review": ["accepted"]})
+            )
+        )
         self.viewer.layers.selection.active = self.layer
         self.layer.mode = "add_polygon"
 
@@ -171,8 +193,10 @@ class ReviewWidget(QWidget):
         layer.features = features
         layer.face_color, layer.edge_color = region_colors(features)
         self.refresh()
-        show_info(f"{Path(layer.metadata['bundle']).name}: regions saved and re-measured ({len(data)} shapes); "
-                  "overview and report redrawn")
+        show_info(
+            f"{Path(layer.metadata['bundle']).name}: regions saved and re-measured ({len(data)} shapes); "
+            "overview and report redrawn"
+        )
 
 
 def write_review(bundle: Path, regions, offset) -> tuple[list, pd.DataFrame]:

@@ -75,5 +75,7 @@ def analyse_sample(viewer, slide: Path) -> None:
     form.slide.value = next(lyr for lyr in form.slide.choices if lyr.metadata["slide"]["path"] == str(slide.resolve()))
     form.region.value, form.workflow.value, form.out.value = WHOLE_SLIDE, "lymph-node-he", bundle_folder(slide)
     widget.run_button.click()
-    show_info(f"analysing the sample slide {slide.name} (minutes, once): its overlays open when it is done; "
-              "progress in the Analyze panel")
+    show_info(
+        f"analysing the sample slide {slide.name} (minutes, once): its overlays open when it is done; "
+        "progress in the Analyze panel"
+    )

@@ -20,11 +20,14 @@ def test_real_svs_gives_nuclei_on_tissue_and_none_on_glass(client, tmp_path):
     tissue_mm2 = run["tissue"]["area_mm2"]
     assert 0.4 < tissue_mm2 < 0.9  # the strip of skin; the glass on both sides is not tissue
     density = len(cells) / tissue_mm2
-    assert 1_000 < density < 15_000, f"{len(cells)} nuclei on {tissue_mm2:.2f} mm²"  # nuclei / mm² of dermis + epidermis
+    assert 1_000 < density < 15_000, (
+        f"{len(cells)} nuclei on {tissue_mm2:.2f} mm²"
+    )  # nuclei / mm² of dermis + epidermis
     assert 15 < cells.area_um2.median() < 60  # µm²: real nucleus sizes
     regions = json.loads((bundle / "regions.geojson").read_text())["features"]
-    pieces = shapely.union_all([shapely.geometry.shape(f["geometry"]) for f in regions
-                                if f["properties"]["kind"] == "tissue"])
+    pieces = shapely.union_all(
+        [shapely.geometry.shape(f["geometry"]) for f in regions if f["properties"]["kind"] == "tissue"]
+    )
     um_per_px = run["input"]["mpp"]  # regions.geojson is in level-0 px (QuPath)
     inside = shapely.contains_xy(pieces.buffer(10 / um_per_px), cells.x_um / um_per_px, cells.y_um / um_per_px)
     assert inside.mean() > 0.99, f"{(~inside).sum()} nuclei off the tissue"

@@ -47,22 +47,41 @@ def write_tiff(path, levels, resolution=None, reduced=True, **kw):
     """Generic tiled TIFF, levels as successive pages; ``resolution`` = (px per cm)."""
     with tifffile.TiffWriter(path) as w:
         for i, lv in enumerate(levels):
-            extra = {"resolution": (resolution, resolution), "resolutionunit": "CENTIMETER"} \
-                if resolution and i == 0 else {}
-            w.write(lv, tile=(128, 128), compression="zlib", metadata=None,
-                    subfiletype=1 if i and reduced else 0, **extra, **kw)
+            extra = (
+                {"resolution": (resolution, resolution), "resolutionunit": "CENTIMETER"}
+                if resolution and i == 0
+                else {}
+            )
+            w.write(
+                lv,
+                tile=(128, 128),
+                compression="zlib",
+                metadata=None,
+                subfiletype=1 if i and reduced else 0,
+                **extra,
+                **kw,
+            )
     return path
 
 
 def jpeg_tiled(path, shape, tile=512, n_distinct=1, **kw):
     """A big JPEG-tiled TIFF written fast from pre-encoded tiles (cycled)."""
     src = tifffile.imread(SVS)[: tile * 4, : tile * 4] if SVS.exists() else rgb(tile * 4, tile * 4)
-    tiles = [imagecodecs.jpeg_encode(src[i // 4 * tile:(i // 4 + 1) * tile, i % 4 * tile:(i % 4 + 1) * tile],
-                                     level=90) for i in range(n_distinct)]
+    tiles = [
+        imagecodecs.jpeg_encode(src[i // 4 * tile : (i // 4 + 1) * tile, i % 4 * tile : (i % 4 + 1) * tile], level=90)
+        for i in range(n_distinct)
+    ]
     n = -(-shape[0] // tile) * -(-shape[1] // tile)
     with tifffile.TiffWriter(path) as w:
-        w.write((tiles[i % n_distinct] for i in range(n)), shape=(*shape, 3), dtype=np.uint8,
-                tile=(tile, tile), compression="jpeg", photometric="rgb", **kw)
+        w.write(
+            (tiles[i % n_distinct] for i in range(n)),
+            shape=(*shape, 3),
+            dtype=np.uint8,
+            tile=(tile, tile),
+            compression="jpeg",
+            photometric="rgb",
+            **kw,
+        )
     return path
 
 
@@ -81,8 +100,16 @@ def test_ome_pyramid_reads_exact_levels(tmp_path):
 
 def test_ome_unit_and_fluorescence_channels(tmp_path):
     c = RNG.integers(0, 60000, (3, 300, 260), np.uint16)
-    s = open_slide(write_ome(tmp_path / "f.ome.tif", [c, c[:, ::2, ::2]], mpp=500, unit="nm", axes="CYX",
-                             Channel={"Name": ["DNA", "CD3", "CD20"]}))
+    s = open_slide(
+        write_ome(
+            tmp_path / "f.ome.tif",
+            [c, c[:, ::2, ::2]],
+            mpp=500,
+            unit="nm",
+            axes="CYX",
+            Channel={"Name": ["DNA", "CD3", "CD20"]},
+        )
+    )
     assert s.kind == "fluorescence" and s.mpp == pytest.approx(0.5)
     assert s.channel_names == ["DNA", "CD3", "CD20"] and s.levels[0].dtype == np.uint16
     r = s.read(-10, 250, 60, 80, 0.5)  # partly outside: filled with 0
@@ -103,10 +130,10 @@ def test_svs_description_mpp(tmp_path):
     desc = "Aperio Image Library v12.0.0\r\n640x512 [0,0 640x512] (128x128) JPEG/RGB Q=70|AppMag = 40|MPP = 0.2520"
     with tifffile.TiffWriter(tmp_path / "s.svs") as w:
         w.write(a, tile=(128, 128), compression="zlib", description=desc, metadata=None)
-        w.write(thumb, compression="zlib", description="Aperio Image Library v12.0.0\r\n640x512 -> 80x64",
-                metadata=None)
-        w.write(l1, tile=(128, 128), compression="zlib", description="Aperio Image Library v12.0.0\r\n",
-                metadata=None)
+        w.write(
+            thumb, compression="zlib", description="Aperio Image Library v12.0.0\r\n640x512 -> 80x64", metadata=None
+        )
+        w.write(l1, tile=(128, 128), compression="zlib", description="Aperio Image Library v12.0.0\r\n", metadata=None)
     s = open_slide(tmp_path / "s.svs")
     assert (s.format, s.mpp, s.downsamples) == ("svs", 0.252, [1.0, 2.0])
     assert np.array_equal(s.read(0, 0, 320, 256, 0.504), l1)
@@ -214,8 +241,7 @@ def test_resampling_picks_level_and_averages(tmp_path):
 
 
 def test_open_is_lazy_and_reads_only_needed_tiles(tmp_path, monkeypatch):
-    path = jpeg_tiled(tmp_path / "big.tif", (20_000, 20_000), resolution=(1e4 / 0.25,) * 2,
-                      resolutionunit="CENTIMETER")
+    path = jpeg_tiled(tmp_path / "big.tif", (20_000, 20_000), resolution=(1e4 / 0.25,) * 2, resolutionunit="CENTIMETER")
     calls = []
     real = tt.os.pread
     monkeypatch.setattr(tt.os, "pread", lambda *a: calls.append(a[2]) or real(*a))

@@ -18,8 +18,8 @@ import pytest
 import shapely
 from shapely.geometry import shape
 
-from histo.train.matching import match_points
 from histo.run.pipeline import run_slide
+from histo.train.matching import match_points
 
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
 
@@ -157,7 +157,7 @@ def test_cell_type_legend_opens_with_a_bundle(made, make_napari_viewer):
     viewer = make_napari_viewer()
     assert not viewer.window.dock_widgets
     image, nuclei, types, regions = viewer.open(str(bundle), plugin=PLUGIN)
-    (name, widget), = viewer.window.dock_widgets.items()
+    ((name, widget),) = viewer.window.dock_widgets.items()
     assert name.startswith("Cell-type legend") and widget is dock(viewer, "Cell-type legend")
     cells = pd.read_parquet(bundle / "cells.parquet", columns=["cell_type"])
     assert widget.entries == cell_colors(_cell_types(cells))  # overview.png's and the report's colours
@@ -206,8 +206,10 @@ def save(review, qtbot):
 
 
 def saved_regions(bundle) -> dict:
-    return {f["properties"]["region_id"]: f["properties"]
-            for f in json.loads((bundle / "regions.geojson").read_text())["features"]}
+    return {
+        f["properties"]["region_id"]: f["properties"]
+        for f in json.loads((bundle / "regions.geojson").read_text())["features"]
+    }
 
 
 def test_review_session(made, make_napari_viewer, qtbot, tmp_path, screenshots):
@@ -293,12 +295,15 @@ def test_export_from_the_menu(made, make_napari_viewer, tmp_path):
     widget()
     raw = widget.metrics_csv.value.read_bytes()
     assert raw.startswith(b"\xef\xbb\xbf") and b"\r\n" in raw  # Excel-friendly by default
-    pd.testing.assert_frame_equal(pd.read_csv(widget.metrics_csv.value, encoding="utf-8-sig"),
-                                  pd.read_csv(bundle / "metrics.csv"))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(widget.metrics_csv.value, encoding="utf-8-sig"), pd.read_csv(bundle / "metrics.csv")
+    )
     mpp = json.loads((bundle / "run.json").read_text())["input"]["mpp"]
     back = import_annotations(widget.regions_geojson.value, mpp, object_types=None)
-    mine = {f["properties"]["region_id"]: shapely.from_wkt(f["properties"]["geometry_um"])
-            for f in json.loads((bundle / "regions.geojson").read_text())["features"]}
+    mine = {
+        f["properties"]["region_id"]: shapely.from_wkt(f["properties"]["geometry_um"])
+        for f in json.loads((bundle / "regions.geojson").read_text())["features"]
+    }
     assert len(back) == len(mine)
     for geom, rid in zip(back.geometry, mine):
         assert geom.symmetric_difference(mine[rid]).area < 1e-3 * mine[rid].area

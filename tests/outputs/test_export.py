@@ -17,9 +17,9 @@ from shapely.geometry import box, shape
 from histo.errors import HistoError
 from histo.io.annotations import import_annotations
 from histo.outputs.export import cells_geojson, regions_geojson, write_h5ad, write_regions_geojson
+from histo.outputs.report import overview_figure, write_report
 from histo.structures.metrics import region_metrics
 from histo.structures.regions import assign_cells, find_regions
-from histo.outputs.report import overview_figure, write_report
 
 MPP = 0.5
 
@@ -27,6 +27,7 @@ MPP = 0.5
 def _strict(text: str):
     def no_constants(name):
         raise ValueError(f"{name} is not JSON")
+
     return json.loads(text, parse_constant=no_constants)
 
 
@@ -52,7 +53,9 @@ def test_regions_geojson_is_a_qupath_feature_collection(bundle, tmp_path):
         props = feat["properties"]
         assert feat["type"] == "Feature" and props["objectType"] == "annotation"
         assert props["kind"] == rec.kind == props["classification"]["name"] and props["region_id"] == rec.region_id
-        assert len(props["classification"]["color"]) == 3 and all(isinstance(v, int) for v in props["classification"]["color"])
+        assert len(props["classification"]["color"]) == 3 and all(
+            isinstance(v, int) for v in props["classification"]["color"]
+        )
         assert all(isinstance(v, float) for v in props["measurements"].values())
         assert props["measurements"]["area_um2"] == pytest.approx(rec.area_um2)
         px = shape(feat["geometry"])
@@ -85,7 +88,7 @@ def test_cells_as_qupath_detections(bundle, tmp_path):
         props = feat["properties"]
         assert feat["type"] == "Feature" and uuid.UUID(feat["id"]) and props["objectType"] == "detection"
         assert props["classification"]["name"] == rec.cell_type
-        assert "#%02x%02x%02x" % tuple(props["classification"]["color"]) == colors[rec.cell_type].lower()
+        assert "#{:02x}{:02x}{:02x}".format(*props["classification"]["color"]) == colors[rec.cell_type].lower()
         assert props["metadata"] == {"cell_id": str(rec.cell_id), "label": str(rec.label)}
         assert props["measurements"]["area_um2"] == pytest.approx(rec.area_um2)
         assert "x_um" not in props["measurements"] and "label" not in props["measurements"]
@@ -111,24 +114,40 @@ def test_annotations_round_trip(bundle, tmp_path):
 
 
 def _features(*geometries):
-    return {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "geometry": g, "properties": {"objectType": "annotation", "classification": {"name": "ROI"}}}
-        for g in geometries]}
+    return {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "geometry": g,
+                "properties": {"objectType": "annotation", "classification": {"name": "ROI"}},
+            }
+            for g in geometries
+        ],
+    }
 
 
 SQUARE = {"type": "Polygon", "coordinates": [[[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]]]}
 BOWTIE = {"type": "Polygon", "coordinates": [[[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]]}
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "not a GeoJSON file: invalid JSON at line 1"),
-    (json.dumps({"rois": []}), "not GeoJSON annotations"),
-    (json.dumps(_features(SQUARE, SQUARE, BOWTIE)), "feature 3 of 3: self-intersecting polygon"),
-    (json.dumps(_features(SQUARE, {"type": "Point", "coordinates": [1, 2]})), "feature 2 of 2: a Point is not an area"),
-    (json.dumps(_features({"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]})),
-     "feature 1 of 1: invalid Polygon coordinates"),
-    (json.dumps(_features(None)), "feature 1 of 1: no geometry"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not a GeoJSON file: invalid JSON at line 1"),
+        (json.dumps({"rois": []}), "not GeoJSON annotations"),
+        (json.dumps(_features(SQUARE, SQUARE, BOWTIE)), "feature 3 of 3: self-intersecting polygon"),
+        (
+            json.dumps(_features(SQUARE, {"type": "Point", "coordinates": [1, 2]})),
+            "feature 2 of 2: a Point is not an area",
+        ),
+        (
+            json.dumps(_features({"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]})),
+            "feature 1 of 1: invalid Polygon coordinates",
+        ),
+        (json.dumps(_features(None)), "feature 1 of 1: no geometry"),
+    ],
+)
 def test_bad_annotations_name_the_file_and_feature(tmp_path, content, message):
     path = tmp_path / "bad.geojson"
     path.write_text(content)
@@ -173,8 +192,8 @@ def test_h5ad_statistics_plot_with_squidpy(bundle, tmp_path):
     import matplotlib
     import squidpy as sq
 
-    from histo.stats.neighbourhood import neighbourhood_stats
     from histo.outputs.report import type_colors
+    from histo.stats.neighbourhood import neighbourhood_stats
     from histo.workflow import load_workflow
 
     matplotlib.use("Agg")
@@ -271,8 +290,12 @@ def test_export_command_writes_qupath_cells(small_bundle):
     import sys
 
     folder, cells, _ = small_bundle
-    done = subprocess.run([sys.executable, "-m", "histo.cli", "export", str(folder), "--qupath-cells"],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "histo.cli", "export", str(folder), "--qupath-cells"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"wrote {folder / 'cells.geojson'}" and done.stderr == ""
     data = _strict((folder / "cells.geojson").read_text(encoding="utf-8"))

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from histo_sample import write_sample
 
-from histo.run.batch import is_current, read_input, run_batch
-from histo.io.bundle import is_complete
-from histo.run.cluster import WORKER_ENV
 from histo.errors import HistoError
+from histo.io.bundle import is_complete
+from histo.run.batch import is_current, read_input, run_batch
+from histo.run.cluster import WORKER_ENV
 from histo.workflow import load_workflow
+from histo_sample import write_sample
 
 GOOD = {"a": ("lymph-node", 11), "b": ("synovium", 12), "c": ("lymph-node", 13)}
 SIZE, MPP = 512, 0.5  # px, µm/px of the generated slides
@@ -122,8 +122,12 @@ def test_killed_run_restarts_to_the_same_tables(slides, reference, client, tmp_p
     out = tmp_path / "out"
     log = tmp_path / "batch.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen(histo_cmd("batch", slides, "--out", out, "--workers", 2, "--quiet"),
-                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            histo_cmd("batch", slides, "--out", out, "--workers", 2, "--quiet"),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 900
         while proc.poll() is None and time.monotonic() < deadline:
@@ -155,15 +159,46 @@ def dask_processes(tmp_path):
     yields the scheduler's address."""
     env = {**os.environ, **WORKER_ENV}
     file = tmp_path / "scheduler.json"
-    procs = [subprocess.Popen([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
-                               "127.0.0.1:0", "--scheduler-file", file], env=env, stderr=subprocess.DEVNULL)]
+    procs = [
+        subprocess.Popen(
+            [
+                BIN / "dask",
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--dashboard-address",
+                "127.0.0.1:0",
+                "--scheduler-file",
+                file,
+            ],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
     try:
         deadline = time.monotonic() + 120
         while not file.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
-        procs += [subprocess.Popen([BIN / "dask", "worker", "--scheduler-file", file, "--host", "127.0.0.1",
-                                    "--nthreads", "1", "--no-dashboard"], env=env, stderr=subprocess.DEVNULL)
-                  for _ in range(2)]
+        procs += [
+            subprocess.Popen(
+                [
+                    BIN / "dask",
+                    "worker",
+                    "--scheduler-file",
+                    file,
+                    "--host",
+                    "127.0.0.1",
+                    "--nthreads",
+                    "1",
+                    "--no-dashboard",
+                ],
+                env=env,
+                stderr=subprocess.DEVNULL,
+            )
+            for _ in range(2)
+        ]
         yield json.loads(file.read_text())["address"]
     finally:
         for proc in reversed(procs):
@@ -184,8 +219,12 @@ def test_cluster_of_separate_processes_gives_the_same_tables(slides, reference, 
         workers = c.nthreads()
         assert len(workers) == 2 and all(a.startswith("tcp://127.0.0.1:") for a in workers)
     out = tmp_path / "out"
-    done = subprocess.run(histo_cmd("batch", slides, "--out", out, "--scheduler", dask_processes, "--quiet"),
-                          capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(
+        histo_cmd("batch", slides, "--out", out, "--scheduler", dask_processes, "--quiet"),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert done.returncode == 0, done.stderr
     assert "Dask dashboard: http://127.0.0.1:" in done.stdout and "3 ok (0 reused), 1 failed" in done.stdout
     assert_same_tables(out, ref)
@@ -202,11 +241,18 @@ def test_generated_cohort_gives_paired_rows(slides, reference, client, tmp_path)
         shutil.copytree(ref / name, out / name)
     sheet_dir = tmp_path / "sheet"
     sheet_dir.mkdir()
-    rows = [("a", slides, "P1", "pre", "lymph node", "H&E"), ("c", slides, "P1", "post", "lymph node", "H&E"),
-            ("b", slides, "P2", "Pre", "synovium", "H&E"), ("d", more, "P2", "Post", "synovium", "H&E"),
-            ("e", more, "P3", "pre", "lymph node", "H&E"), ("cut", slides, "P3", "post", "lymph node", "H&E")]
-    sheet = pd.DataFrame([(os.path.relpath(folder / f"{n}.ome.tif", sheet_dir), *rest) for n, folder, *rest in rows],
-                         columns=["slide", "patient", "timepoint", "tissue", "stain"])
+    rows = [
+        ("a", slides, "P1", "pre", "lymph node", "H&E"),
+        ("c", slides, "P1", "post", "lymph node", "H&E"),
+        ("b", slides, "P2", "Pre", "synovium", "H&E"),
+        ("d", more, "P2", "Post", "synovium", "H&E"),
+        ("e", more, "P3", "pre", "lymph node", "H&E"),
+        ("cut", slides, "P3", "post", "lymph node", "H&E"),
+    ]
+    sheet = pd.DataFrame(
+        [(os.path.relpath(folder / f"{n}.ome.tif", sheet_dir), *rest) for n, folder, *rest in rows],
+        columns=["slide", "patient", "timepoint", "tissue", "stain"],
+    )
     sheet.to_csv(sheet_dir / "sheet.csv", index=False)
 
     summary = run_batch(read_input(sheet_dir / "sheet.csv"), out, client, show_progress=False).set_index("name")
@@ -243,5 +289,7 @@ def test_sample_sheet_errors_name_the_file(tmp_path):
     sheet.write_text("slide,mpp\nx.svs,0.25µm\n")
     with pytest.raises(HistoError, match="mpp must be a number of µm per px, got '0.25µm'"):
         read_input(sheet)
-    done = subprocess.run(histo_cmd("batch", tmp_path / "nothing", "--out", tmp_path / "out"), capture_output=True, text=True)
+    done = subprocess.run(
+        histo_cmd("batch", tmp_path / "nothing", "--out", tmp_path / "out"), capture_output=True, text=True
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr and str(tmp_path / "nothing") in done.stderr

@@ -22,18 +22,22 @@ import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from histo.io.bundle import slide_name
 from histo.errors import HistoError, WorkflowError
 from histo.io.annotations import import_annotations
+from histo.io.bundle import slide_name
 from histo.io.slide import open_slide
 from histo.io.tiff_tiles import MAX_DECODE_PX, MAX_PX_PER_BYTE
 from histo.workflow import RANGES, SCHEMA, validate
 from tests.run.test_hardening import _jpeg_claiming, _png_header, lying_tiff
 
 EXAMPLES = int(os.environ.get("HISTO_FUZZ_EXAMPLES", "500"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                       HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def _seeds(folder: Path) -> dict[str, tuple[bytes, np.ndarray]]:
@@ -41,13 +45,24 @@ def _seeds(folder: Path) -> dict[str, tuple[bytes, np.ndarray]]:
     (headers, IFDs, tag values: where a mutation changes the structure, not a pixel)."""
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (200, 300, 3), np.uint8)
-    paths = {"ome": folder / "s.ome.tif", "svs": folder / "s.svs", "strips": folder / "s.tif",
-             "png": folder / "s.png", "jpeg": folder / "s.jpg"}
+    paths = {
+        "ome": folder / "s.ome.tif",
+        "svs": folder / "s.svs",
+        "strips": folder / "s.tif",
+        "png": folder / "s.png",
+        "jpeg": folder / "s.jpg",
+    }
     with tifffile.TiffWriter(paths["ome"]) as w:
         w.write(a, tile=(64, 64), compression="zlib", subifds=1, metadata={"PhysicalSizeX": 0.5})
         w.write(a[::2, ::2], tile=(64, 64), compression="zlib", subfiletype=1)
-    tifffile.imwrite(paths["svs"], a, tile=(128, 128), compression="jpeg", metadata=None,
-                     description="Aperio Image Library v12.0.0\r\n300x200 [0,0 300x200] (128x128) JPEG/RGB|MPP = 0.25")
+    tifffile.imwrite(
+        paths["svs"],
+        a,
+        tile=(128, 128),
+        compression="jpeg",
+        metadata=None,
+        description="Aperio Image Library v12.0.0\r\n300x200 [0,0 300x200] (128x128) JPEG/RGB|MPP = 0.25",
+    )
     tifffile.imwrite(paths["strips"], a[..., 0], rowsperstrip=32, resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
     imagecodecs.imwrite(paths["png"], a)
     imagecodecs.imwrite(paths["jpeg"], a)
@@ -57,9 +72,9 @@ def _seeds(folder: Path) -> dict[str, tuple[bytes, np.ndarray]]:
         pixels = np.zeros(len(data), bool)
         if kind not in ("png", "jpeg"):
             with tifffile.TiffFile(path) as tif:
-                for page in [*tif.pages, *(p for page in tif.pages for p in (page.pages or []))]:
+                for page in [*tif.pages, *(p for pg in tif.pages for p in (pg.pages or []))]:
                     for off, n in zip(page.dataoffsets, page.databytecounts):
-                        pixels[off:off + n] = True
+                        pixels[off : off + n] = True
         seeds[kind] = (data, np.flatnonzero(~pixels))
     return seeds
 
@@ -76,11 +91,16 @@ def damaged(draw, seeds):
     data, structure = seeds[kind]
     out = bytearray(data)
     for _ in range(draw(st.integers(1, 4))):
-        where = int(structure[draw(st.integers(0, len(structure) - 1))]) if draw(st.integers(0, 2)) == 0 else \
-            draw(st.integers(0, len(out) - 1))
-        out[where:where + 1] = draw(st.sampled_from([b"\x00", b"\xff", b"\x7f", b"\x80"]) | st.binary(min_size=1, max_size=4))
+        where = (
+            int(structure[draw(st.integers(0, len(structure) - 1))])
+            if draw(st.integers(0, 2)) == 0
+            else draw(st.integers(0, len(out) - 1))
+        )
+        out[where : where + 1] = draw(
+            st.sampled_from([b"\x00", b"\xff", b"\x7f", b"\x80"]) | st.binary(min_size=1, max_size=4)
+        )
     if draw(st.integers(0, 4)) == 0:
-        out = out[:draw(st.integers(0, len(out)))]
+        out = out[: draw(st.integers(0, len(out)))]
     return kind, bytes(out)
 
 
@@ -112,24 +132,40 @@ def test_slide_opener_fuzz(seeds, tmp_path):
     assert tried["refused"] > 0 and sum(tried.values()) >= EXAMPLES // 2
 
 
-NUMBER = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True))
+NUMBER = st.one_of(st.integers(-(10**6), 10**6), st.floats(allow_nan=True, allow_infinity=True))
 SCALAR = st.one_of(st.none(), st.booleans(), NUMBER, st.text(max_size=4))
-KEYS = st.sampled_from(["type", "coordinates", "geometry", "properties", "features", "objectType",
-                        "classification", "name"]) | st.text(max_size=3)
-JSON = st.recursive(SCALAR, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS, inner, max_size=4),
-                    max_leaves=16)
+KEYS = st.sampled_from(
+    ["type", "coordinates", "geometry", "properties", "features", "objectType", "classification", "name"]
+) | st.text(max_size=3)
+JSON = st.recursive(
+    SCALAR, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS, inner, max_size=4), max_leaves=16
+)
 POINT = st.lists(NUMBER, min_size=0, max_size=3)
 RING = st.lists(POINT, max_size=8)
-GEOMETRY = st.fixed_dictionaries({
-    "type": st.sampled_from(["Polygon", "MultiPolygon", "Point", "LineString", 3, None]),
-    "coordinates": st.lists(RING, max_size=3) | st.lists(st.lists(RING, max_size=2), max_size=2) | JSON})
-PROPERTIES = st.none() | JSON | st.fixed_dictionaries({
-    "objectType": st.sampled_from(["annotation", "detection", 1, None]),
-    "classification": JSON | st.fixed_dictionaries({"name": JSON})})
-FEATURE = JSON | st.fixed_dictionaries({"type": st.just("Feature"), "geometry": GEOMETRY | JSON,
-                                        "properties": PROPERTIES})
-DOCUMENT = JSON | st.lists(FEATURE, max_size=4) | st.fixed_dictionaries(
-    {"type": st.just("FeatureCollection"), "features": st.lists(FEATURE, max_size=4)})
+GEOMETRY = st.fixed_dictionaries(
+    {
+        "type": st.sampled_from(["Polygon", "MultiPolygon", "Point", "LineString", 3, None]),
+        "coordinates": st.lists(RING, max_size=3) | st.lists(st.lists(RING, max_size=2), max_size=2) | JSON,
+    }
+)
+PROPERTIES = (
+    st.none()
+    | JSON
+    | st.fixed_dictionaries(
+        {
+            "objectType": st.sampled_from(["annotation", "detection", 1, None]),
+            "classification": JSON | st.fixed_dictionaries({"name": JSON}),
+        }
+    )
+)
+FEATURE = JSON | st.fixed_dictionaries(
+    {"type": st.just("Feature"), "geometry": GEOMETRY | JSON, "properties": PROPERTIES}
+)
+DOCUMENT = (
+    JSON
+    | st.lists(FEATURE, max_size=4)
+    | st.fixed_dictionaries({"type": st.just("FeatureCollection"), "features": st.lists(FEATURE, max_size=4)})
+)
 
 
 def test_geojson_importer_fuzz(tmp_path):
@@ -171,7 +207,8 @@ def _numeric_keys(schema: dict, where: str = "") -> list[str]:
         if isinstance(spec, dict):
             out += _numeric_keys(spec, name)
         elif {int, float} & set(spec[0] if isinstance(spec[0], tuple) else (spec[0],)) or (
-                isinstance(spec[1], list) and spec[1] and isinstance(spec[1][0], (int, float))):
+            isinstance(spec[1], list) and spec[1] and isinstance(spec[1][0], (int, float))
+        ):
             out.append(name)
     return out
 

@@ -22,13 +22,13 @@ import pytest
 import tifffile
 from scipy.spatial import cKDTree
 
-from histo.run.batch import read_input, run_batch, write_summary
-from histo.io.bundle import OutputLock, check_same_input, file_fingerprint, is_complete, slide_name
 from histo.errors import HistoError, SlideError, WorkflowError
 from histo.io.annotations import import_annotations
-from histo.outputs.export import write_metrics
-from histo.run.pipeline import finish_slide, plan_slide, run_slide, submit_tiles
+from histo.io.bundle import OutputLock, check_same_input, file_fingerprint, is_complete, slide_name
 from histo.io.slide import check_stain, open_slide, skip_unreadable_tiles
+from histo.outputs.export import write_metrics
+from histo.run.batch import read_input, run_batch, write_summary
+from histo.run.pipeline import finish_slide, plan_slide, run_slide, submit_tiles
 from histo.workflow import load_workflow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,8 +36,9 @@ RNG = np.random.default_rng(7)
 
 
 def histo(*args):
-    return subprocess.run([sys.executable, "-m", "histo.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "histo.cli", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
 
 
 def assert_clean_error(result, path, *words):
@@ -122,8 +123,11 @@ def test_sixteen_bit_and_float_slides_need_a_fluorescence_workflow(tmp_path):
         tiled(path, RNG.integers(0, 255, (256, 256, 3)).astype(dtype), photometric="rgb")
         slide = open_slide(path, mpp=0.5)
         assert slide.kind == "fluorescence" and slide.levels[0].dtype == dtype
-        with pytest.raises(SlideError, match=rf"{path.name}: {np.dtype(dtype).name} image with 3 channel\(s\) is not "
-                                             r"8-bit RGB, which the workflow 'lymph-node-he' \(stain he\) needs"):
+        with pytest.raises(
+            SlideError,
+            match=rf"{path.name}: {np.dtype(dtype).name} image with 3 channel\(s\) is not "
+            r"8-bit RGB, which the workflow 'lymph-node-he' \(stain he\) needs",
+        ):
             check_stain(slide, he)
         check_stain(slide, fluo)
     gray, rgba = tmp_path / "gray.tif", tmp_path / "rgba.tif"
@@ -133,12 +137,24 @@ def test_sixteen_bit_and_float_slides_need_a_fluorescence_workflow(tmp_path):
         check_stain(open_slide(path, mpp=0.5), he)
 
 
-@pytest.mark.parametrize("kind, image, kw, message", [
-    ("bilevel", np.zeros((64, 64), bool), {}, "unsupported pixel type bool"),
-    ("palette", np.zeros((64, 64), np.uint8), {"photometric": "palette", "colormap": np.zeros((3, 256), np.uint16)},
-     r"unsupported TIFF image kind \(photometric 3"),
-    ("cmyk", np.zeros((64, 64, 4), np.uint8), {"photometric": "separated"}, r"unsupported TIFF image kind \(photometric 5"),
-])
+@pytest.mark.parametrize(
+    "kind, image, kw, message",
+    [
+        ("bilevel", np.zeros((64, 64), bool), {}, "unsupported pixel type bool"),
+        (
+            "palette",
+            np.zeros((64, 64), np.uint8),
+            {"photometric": "palette", "colormap": np.zeros((3, 256), np.uint16)},
+            r"unsupported TIFF image kind \(photometric 3",
+        ),
+        (
+            "cmyk",
+            np.zeros((64, 64, 4), np.uint8),
+            {"photometric": "separated"},
+            r"unsupported TIFF image kind \(photometric 5",
+        ),
+    ],
+)
 def test_unsupported_pixel_kinds(tmp_path, kind, image, kw, message):
     path = tmp_path / f"{kind}.tif"
     tifffile.imwrite(path, image, **kw)
@@ -149,8 +165,13 @@ def test_unsupported_pixel_kinds(tmp_path, kind, image, kw, message):
 def _png_header(width: int, height: int) -> bytes:
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_absurd_sizes_in_metadata(tmp_path):
@@ -158,7 +179,9 @@ def test_absurd_sizes_in_metadata(tmp_path):
     for value in ("inf", "1e-9", "1e9"):
         path = tmp_path / f"mpp{value}.ome.tif"
         tifffile.imwrite(path, small, metadata={"PhysicalSizeX": value})
-        with pytest.raises(SlideError, match=rf"{path.name}: implausible pixel size in the file .*give the right one with --mpp"):
+        with pytest.raises(
+            SlideError, match=rf"{path.name}: implausible pixel size in the file .*give the right one with --mpp"
+        ):
             open_slide(path)
         assert open_slide(path, mpp=0.5).mpp == 0.5  # --mpp overrides the file's
     svs = tmp_path / "huge.svs"
@@ -180,8 +203,15 @@ def lying_tiff(path: Path, width: int, height: int, seg: tuple[int, int] | None 
     sh, sw = seg or (height, width)
     n = -(-height // sh) * -(-width // sw)
     blob = zlib.compress(bytes(sh * sw * 3 if seg else 3))
-    layout = [(256, 4, [width]), (257, 4, [height]), (258, 3, [8, 8, 8]), (259, 3, [8]), (262, 3, [2]),
-              (277, 3, [3]), (284, 3, [1])]
+    layout = [
+        (256, 4, [width]),
+        (257, 4, [height]),
+        (258, 3, [8, 8, 8]),
+        (259, 3, [8]),
+        (262, 3, [2]),
+        (277, 3, [3]),
+        (284, 3, [1]),
+    ]
     layout += [(322, 4, [sw]), (323, 4, [sh])] if seg else [(278, 4, [sh])]
     base = 16 + 8 + 20 * (len(layout) + 2) + 8
     blob_at = base + 8 + 16 * n + 8  # after bits-per-sample and both offset arrays
@@ -202,7 +232,7 @@ def _jpeg_claiming(width: int, height: int, junk: bytes = b"\x00") -> bytes:
     (libjpeg skips it: 'extraneous bytes before marker')."""
     data = imagecodecs.jpeg_encode(np.zeros((16, 16, 3), np.uint8))
     sof = data.index(b"\xff\xc0")
-    return data[:sof] + junk + data[sof:sof + 5] + struct.pack(">HH", height, width) + data[sof + 9:]
+    return data[:sof] + junk + data[sof : sof + 5] + struct.pack(">HH", height, width) + data[sof + 9 :]
 
 
 def test_headers_that_lie_about_the_size_are_refused_before_decoding(tmp_path):
@@ -210,10 +240,14 @@ def test_headers_that_lie_about_the_size_are_refused_before_decoding(tmp_path):
     frame header hid its size and 2.9 GB were decoded."""
     cases = [
         (lying_tiff(tmp_path / "strip.tif", 100_000, 100_000), r"absurd strip of 100,000×100,000 px at level 0"),
-        (lying_tiff(tmp_path / "sparse.tif", 100_000, 100_000, seg=(4096, 4096)),
-         r"declares 100,000×100,000 px in a file of [0-9,]+ bytes"),
-        (lying_tiff(tmp_path / "tiny-tiles.tif", 24_000, 24_000, seg=(16, 16)),
-         r"absurd number of tiles or strips at level 0: 2,250,000 \(at most 2,097,152\)"),
+        (
+            lying_tiff(tmp_path / "sparse.tif", 100_000, 100_000, seg=(4096, 4096)),
+            r"declares 100,000×100,000 px in a file of [0-9,]+ bytes",
+        ),
+        (
+            lying_tiff(tmp_path / "tiny-tiles.tif", 24_000, 24_000, seg=(16, 16)),
+            r"absurd number of tiles or strips at level 0: 2,250,000 \(at most 2,097,152\)",
+        ),
     ]
     jpeg = tmp_path / "junk.jpg"
     jpeg.write_bytes(_jpeg_claiming(30_000, 30_000))
@@ -230,25 +264,30 @@ def test_headers_that_lie_about_the_size_are_refused_before_decoding(tmp_path):
 
 def test_a_jpeg_tile_whose_header_claims_more_than_the_tile_is_not_decoded(tmp_path):
     path = tmp_path / "tiles.tif"
-    tifffile.imwrite(path, RNG.integers(0, 255, (64, 64, 3), np.uint8), tile=(32, 32), compression="jpeg",
-                     metadata=None)
+    tifffile.imwrite(
+        path, RNG.integers(0, 255, (64, 64, 3), np.uint8), tile=(32, 32), compression="jpeg", metadata=None
+    )
     with tifffile.TiffFile(path) as tif:
         off, n = tif.pages[0].dataoffsets[1], tif.pages[0].databytecounts[1]
     data = bytearray(path.read_bytes())
     sof = data.index(b"\xff\xc0", off, off + n)
-    data[sof + 5:sof + 9] = struct.pack(">HH", 40_000, 40_000)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 40_000, 40_000)
     path.write_bytes(bytes(data))
-    with pytest.raises(SlideError, match="tile at level 0 32,0 unreadable: JPEG frame header of 40000×40000 px in a "
-                                         "32×32 px tile"):
+    with pytest.raises(
+        SlideError, match="tile at level 0 32,0 unreadable: JPEG frame header of 40000×40000 px in a 32×32 px tile"
+    ):
         open_slide(path, mpp=0.5).read(0, 0, 64, 64, 0.5)
 
 
 def test_cmyk_jpeg_is_refused_with_a_message(tmp_path):
     path = tmp_path / "cmyk.jpg"
-    path.write_bytes(imagecodecs.jpeg8_encode(np.full((16, 16, 4), 100, np.uint8), colorspace="cmyk",
-                                              outcolorspace="cmyk"))
-    with pytest.raises(SlideError, match=re.escape(f"{path}: unsupported jpeg colour space: 4 components (CMYK or "
-                                                   "YCCK); convert it to RGB")):
+    path.write_bytes(
+        imagecodecs.jpeg8_encode(np.full((16, 16, 4), 100, np.uint8), colorspace="cmyk", outcolorspace="cmyk")
+    )
+    with pytest.raises(
+        SlideError,
+        match=re.escape(f"{path}: unsupported jpeg colour space: 4 components (CMYK or YCCK); convert it to RGB"),
+    ):
         open_slide(path, mpp=0.5)
 
 
@@ -283,7 +322,8 @@ def test_unreadable_tile_reads_as_glass_inside_the_skip_block(tmp_path):
     good[128:, 128:256] = False
     assert np.array_equal(region[good], a[good])
     assert [{k: v for k, v in t.items() if k != "problem"} for t in skipped] == [
-        {"level": 0, "x_px": 128, "y_px": 128, "width_px": 128, "height_px": 128}]
+        {"level": 0, "x_px": 128, "y_px": 128, "width_px": 128, "height_px": 128}
+    ]
     with pytest.raises(SlideError):  # outside the block, errors raise again
         s.read(128, 128, 10, 10, 0.5)
 
@@ -308,19 +348,24 @@ def test_workflow_yaml_is_loaded_safely(tmp_path):
         load_workflow(typed)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("segmentation: {halo_um: -100}", "'segmentation.halo_um' must be 0–256, not -100"),
-    ("segmentation: {tile_um: .nan}", "'segmentation.tile_um' must be a finite number, not nan"),
-    ("segmentation: {tile_um: 1.0e+6}", "'segmentation.tile_um' must be 32–2048, not 1000000.0"),
-    ("segmentation: {prob_thresh: 1.5}", "'segmentation.prob_thresh' must be 0–1, not 1.5"),
-    ("tissue: {min_area_um2: -.inf}", "'tissue.min_area_um2' must be a finite number, not -inf"),
-    ("regions: {grid_um: 0}", "'regions.grid_um' must be 0.5–100, not 0"),
-    ("regions: {aggregate: {grade_min_layers: [2, -6, 11]}}",
-     "'regions.aggregate.grade_min_layers' must be ≥ 0, not -6"),
-    ("regions: {lining: {deep_um: [60, x]}}", "'regions.lining.deep_um' must hold numbers, not 'x'"),
-    ("neighbourhood: {ripley: {n_steps: 0}}", "'neighbourhood.ripley.n_steps' must be 2–1000, not 0"),
-    ("cell_types: {dense_fraction: 2}", "'cell_types.dense_fraction' must be 0.0001–1, not 2"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("segmentation: {halo_um: -100}", "'segmentation.halo_um' must be 0–256, not -100"),
+        ("segmentation: {tile_um: .nan}", "'segmentation.tile_um' must be a finite number, not nan"),
+        ("segmentation: {tile_um: 1.0e+6}", "'segmentation.tile_um' must be 32–2048, not 1000000.0"),
+        ("segmentation: {prob_thresh: 1.5}", "'segmentation.prob_thresh' must be 0–1, not 1.5"),
+        ("tissue: {min_area_um2: -.inf}", "'tissue.min_area_um2' must be a finite number, not -inf"),
+        ("regions: {grid_um: 0}", "'regions.grid_um' must be 0.5–100, not 0"),
+        (
+            "regions: {aggregate: {grade_min_layers: [2, -6, 11]}}",
+            "'regions.aggregate.grade_min_layers' must be ≥ 0, not -6",
+        ),
+        ("regions: {lining: {deep_um: [60, x]}}", "'regions.lining.deep_um' must hold numbers, not 'x'"),
+        ("neighbourhood: {ripley: {n_steps: 0}}", "'neighbourhood.ripley.n_steps' must be 2–1000, not 0"),
+        ("cell_types: {dense_fraction: 2}", "'cell_types.dense_fraction' must be 0.0001–1, not 2"),
+    ],
+)
 def test_workflow_numbers_out_of_range_are_named(tmp_path, text, message):
     path = tmp_path / "wf.yaml"
     path.write_text(f"name: x\n{text}\n")
@@ -341,12 +386,15 @@ def test_every_range_names_a_workflow_key():
 def test_yaml_alias_bomb_is_refused_at_once(tmp_path):
     """395 bytes of nested aliases would expand to 9⁹ strings (issue 21: a MemoryError after segmenting)."""
     refs = ["&a [lol,lol,lol,lol,lol,lol,lol,lol,lol]"] + [
-        f"&{b} [{','.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+        f"&{b} [{','.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")
+    ]
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(f"name: bomb\nneighbourhood:\n  run: false\n  kinds: [{', '.join(refs)}]\n")
     assert len(bomb.read_bytes()) < 400
     t = time.perf_counter()
-    with pytest.raises(WorkflowError, match=r"bomb.yaml: not valid YAML: YAML aliases \(\*a\) are not allowed \(line 4\)"):
+    with pytest.raises(
+        WorkflowError, match=r"bomb.yaml: not valid YAML: YAML aliases \(\*a\) are not allowed \(line 4\)"
+    ):
         load_workflow(bomb)
     assert time.perf_counter() - t < 1
 
@@ -360,8 +408,13 @@ def test_model_folder_with_a_config_value_of_the_wrong_type_is_named(tmp_path):
     (folder / "weights_best.h5").write_bytes(b"")  # never loaded: the spec is refused first
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "n_rays": "many"}))
-    with pytest.raises(ModelError, match=re.escape(f"{folder}: a value in config.json, card.json or thresholds.json "
-                                                   "is not a number (invalid literal for int() with base 10: 'many')")):
+    with pytest.raises(
+        ModelError,
+        match=re.escape(
+            f"{folder}: a value in config.json, card.json or thresholds.json "
+            "is not a number (invalid literal for int() with base 10: 'many')"
+        ),
+    ):
         resolve_model(folder)
 
 
@@ -369,8 +422,11 @@ def test_sample_sheet_missing_paths_and_clashing_columns(tmp_path):
     (tmp_path / "a.svs").write_bytes(b"x")
     sheet = tmp_path / "sheet.csv"
     sheet.write_text("slide,patient\na.svs,P1\nmissing.svs,P2\ngone.svs,P3\n")
-    with pytest.raises(HistoError, match=rf"sheet.csv: slide file not found: {re.escape(str(tmp_path / 'missing.svs'))} "
-                                         "and 1 more"):
+    with pytest.raises(
+        HistoError,
+        match=rf"sheet.csv: slide file not found: {re.escape(str(tmp_path / 'missing.svs'))} "
+        "and 1 more",
+    ):
         read_input(sheet)
     sheet.write_text("slide,patient\na.svs,P1\n ,P2\n")
     with pytest.raises(HistoError, match="sheet.csv: line 3: no slide path"):
@@ -384,16 +440,30 @@ def test_sample_sheet_missing_paths_and_clashing_columns(tmp_path):
         read_input(sheet)
 
 
-@pytest.mark.parametrize("content, message", [
-    ('[{"type": "Feature", "geometry": null, "properties": [1, 2]}]', "feature 1 of 1: 'properties' is not an object"),
-    ('{"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": {}}}',
-     "feature 1 of 1: invalid Polygon coordinates"),
-    ('{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1e999, 0], [1, 1], [0, 0]]]}}',
-     "feature 1 of 1: Polygon coordinates that are not numbers within ±1e+09 px"),
-    ('{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1e308, 0], [1e308, 1e308], [0, 0]]]}}',
-     "feature 1 of 1: Polygon coordinates that are not numbers within ±1e+09 px"),
-    ("[" * 100_000, "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            '[{"type": "Feature", "geometry": null, "properties": [1, 2]}]',
+            "feature 1 of 1: 'properties' is not an object",
+        ),
+        (
+            '{"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": {}}}',
+            "feature 1 of 1: invalid Polygon coordinates",
+        ),
+        (
+            '{"type": "Feature", "geometry": {"type": "Polygon", '
+            '"coordinates": [[[0, 0], [1e999, 0], [1, 1], [0, 0]]]}}',
+            "feature 1 of 1: Polygon coordinates that are not numbers within ±1e+09 px",
+        ),
+        (
+            '{"type": "Feature", "geometry": {"type": "Polygon", '
+            '"coordinates": [[[0, 0], [1e308, 0], [1e308, 1e308], [0, 0]]]}}',
+            "feature 1 of 1: Polygon coordinates that are not numbers within ±1e+09 px",
+        ),
+        ("[" * 100_000, "nested too deeply"),
+    ],
+)
 def test_malformed_geojson_names_the_file_and_feature(tmp_path, content, message):
     path = tmp_path / "bad.geojson"
     path.write_text(content)
@@ -410,14 +480,39 @@ def test_geojson_with_a_byte_order_mark_is_read(tmp_path):
 
 def test_csv_text_cells_cannot_become_spreadsheet_formulas(tmp_path):
     """Issue 21: sheet cells beginning with = went verbatim into summary.csv (CSV injection for Excel users)."""
-    rows = [{"slide": "a.svs", "patient": "=cmd|' /C calc'!A0", "timepoint": "-1", "site": "@SUM(A1)",
-             "status": "ok", "n_cells": -3, "density": -0.5}]
+    rows = [
+        {
+            "slide": "a.svs",
+            "patient": "=cmd|' /C calc'!A0",
+            "timepoint": "-1",
+            "site": "@SUM(A1)",
+            "status": "ok",
+            "n_cells": -3,
+            "density": -0.5,
+        }
+    ]
     write_summary(rows, ["slide", "patient", "timepoint", "site", "+x"], tmp_path)
     summary = pd.read_csv(tmp_path / "summary.csv", dtype=str, keep_default_na=False).iloc[0].to_dict()
-    assert summary == {"slide": "a.svs", "patient": "'=cmd|' /C calc'!A0", "timepoint": "-1", "site": "'@SUM(A1)",
-                       "status": "ok", "n_cells": "-3", "density": "-0.5"}
-    write_metrics(pd.DataFrame({"region_id": ["slide", "annotation-1"], "name": [None, "-tumour"],
-                                "=region": ["x", "y"], "area_mm2": [1.5, -0.0]}), tmp_path)
+    assert summary == {
+        "slide": "a.svs",
+        "patient": "'=cmd|' /C calc'!A0",
+        "timepoint": "-1",
+        "site": "'@SUM(A1)",
+        "status": "ok",
+        "n_cells": "-3",
+        "density": "-0.5",
+    }
+    write_metrics(
+        pd.DataFrame(
+            {
+                "region_id": ["slide", "annotation-1"],
+                "name": [None, "-tumour"],
+                "=region": ["x", "y"],
+                "area_mm2": [1.5, -0.0],
+            }
+        ),
+        tmp_path,
+    )
     metrics = pd.read_csv(tmp_path / "metrics.csv", dtype=str, keep_default_na=False)
     assert list(metrics.columns) == ["region_id", "name", "'=region", "area_mm2"]
     assert metrics["name"].tolist() == ["", "'-tumour"] and metrics["area_mm2"].tolist() == ["1.5", "-0.0"]
@@ -433,17 +528,42 @@ def cli_inputs(tmp_path_factory, generated):
     bomb = folder / "bomb.png"
     bomb.write_bytes(_png_header(100_000, 100_000))
     bowtie = folder / "bowtie.geojson"
-    bowtie.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": {
-        "type": "Polygon", "coordinates": [[[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]]}}))
+    bowtie.write_text(
+        json.dumps(
+            {
+                "type": "Feature",
+                "properties": {},
+                "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]]},
+            }
+        )
+    )
     sheet = folder / "sheet.csv"
     sheet.write_text("slide,patient\nnowhere.svs,P1\n")
     far = folder / "far.geojson"  # a valid square, 10,000 px beyond a 1024² px slide
-    far.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": {
-        "type": "Polygon", "coordinates": [[[1e4, 1e4], [1e4 + 50, 1e4], [1e4 + 50, 1e4 + 50], [1e4, 1e4]]]}}))
+    far.write_text(
+        json.dumps(
+            {
+                "type": "Feature",
+                "properties": {},
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[1e4, 1e4], [1e4 + 50, 1e4], [1e4 + 50, 1e4 + 50], [1e4, 1e4]]],
+                },
+            }
+        )
+    )
     nan = folder / "nan.yaml"
     nan.write_text("segmentation: {tile_um: .nan}\n")
-    return {"rgb16": rgb16, "bomb": bomb, "bowtie": bowtie, "sheet": sheet, "far": far, "nan": nan,
-            "lying": lying_tiff(folder / "lying.tif", 100_000, 100_000), "slide": generated("lymph-node", 1024, 2)}
+    return {
+        "rgb16": rgb16,
+        "bomb": bomb,
+        "bowtie": bowtie,
+        "sheet": sheet,
+        "far": far,
+        "nan": nan,
+        "lying": lying_tiff(folder / "lying.tif", 100_000, 100_000),
+        "slide": generated("lymph-node", 1024, 2),
+    }
 
 
 @pytest.mark.parametrize("case", ["rgb16", "bomb", "mpp", "annotations", "sheet", "outside", "nan", "lying"])
@@ -455,9 +575,16 @@ def test_cli_bad_input_is_one_line(cli_inputs, tmp_path, case):
         "mpp": (["run", c["slide"], "--mpp", 1e9], c["slide"], ["pixel size must be"]),
         "annotations": (["run", c["slide"], "--annotations", c["bowtie"]], c["bowtie"], ["self-intersecting polygon"]),
         "sheet": (["batch", c["sheet"]], c["sheet"], ["slide file not found"]),
-        "outside": (["run", c["slide"], "--annotations", c["far"]], c["far"],
-                    ["annotation-1 lies wholly outside the slide (512 × 512 µm)"]),
-        "nan": (["run", c["slide"], "--workflow", c["nan"]], c["nan"], ["'segmentation.tile_um' must be a finite number"]),
+        "outside": (
+            ["run", c["slide"], "--annotations", c["far"]],
+            c["far"],
+            ["annotation-1 lies wholly outside the slide (512 × 512 µm)"],
+        ),
+        "nan": (
+            ["run", c["slide"], "--workflow", c["nan"]],
+            c["nan"],
+            ["'segmentation.tile_um' must be a finite number"],
+        ),
         "lying": (["run", c["lying"], "--mpp", 0.5], c["lying"], ["absurd strip of 100,000×100,000 px"]),
     }[case]
     assert_clean_error(histo(*args, "--out", out), path, *words)
@@ -475,13 +602,19 @@ def test_special_files_and_symlink_loops_fail_at_once(tmp_path):
     loop = tmp_path / "loop.svs"
     loop.symlink_to(tmp_path / "loop.svs")
     (tmp_path / "folder.tif").mkdir()
-    for path, problem in [(fifo, "not a slide: a FIFO, not a regular file"),
-                          (loop, "cannot open: symbolic link loop"),
-                          (tmp_path / "folder.tif", "not a slide: a folder, not a regular file")]:
+    for path, problem in [
+        (fifo, "not a slide: a FIFO, not a regular file"),
+        (loop, "cannot open: symbolic link loop"),
+        (tmp_path / "folder.tif", "not a slide: a folder, not a regular file"),
+    ]:
         with pytest.raises(SlideError, match=re.escape(f"{path}: {problem}")):
             open_slide(path, mpp=0.5)
-    result = subprocess.run([sys.executable, "-m", "histo.cli", "run", str(fifo), "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "histo.cli", "run", str(fifo), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert_clean_error(result, fifo, "a FIFO")
 
 
@@ -492,8 +625,11 @@ def test_run_refuses_to_replace_the_bundle_of_another_input(generated, tmp_path)
     bundle.mkdir(parents=True)
     other = {"path": "/elsewhere/A.ome.tif", "size_bytes": 1, "mtime": 0.0, "sha256": "0" * 64}
     (bundle / "run.json").write_text(json.dumps({"status": "complete", "input": other}))
-    assert_clean_error(histo("run", slide, "--out", tmp_path / "out"), bundle,
-                       "this bundle holds the results of another input (/elsewhere/A.ome.tif); give --overwrite")
+    assert_clean_error(
+        histo("run", slide, "--out", tmp_path / "out"),
+        bundle,
+        "this bundle holds the results of another input (/elsewhere/A.ome.tif); give --overwrite",
+    )
     assert json.loads((bundle / "run.json").read_text())["input"] == other  # untouched
     (bundle / "run.json").write_text(json.dumps({"status": "complete", "input": file_fingerprint(slide)}))
     check_same_input(bundle, slide)  # the same input: replaced as before
@@ -509,8 +645,10 @@ def test_names_that_clean_to_the_same_string_get_different_bundles():
 
 # ---- two writers on one output folder -----------------------------------------------------------
 
-HOLD = ("import sys, time; from pathlib import Path; from histo.io.bundle import OutputLock; "
-        "lock = OutputLock(Path(sys.argv[1]), 'it').acquire(); print('held', flush=True); time.sleep(600)")
+HOLD = (
+    "import sys, time; from pathlib import Path; from histo.io.bundle import OutputLock; "
+    "lock = OutputLock(Path(sys.argv[1]), 'it').acquire(); print('held', flush=True); time.sleep(600)"
+)
 
 
 def _holder(lock: Path) -> subprocess.Popen:
@@ -527,8 +665,11 @@ def test_second_batch_on_one_folder_is_refused_and_a_killed_holder_blocks_nothin
     sheet.write_text(f"slide\n{generated('lymph-node', 1024, 2)}\n")
     proc = _holder(out / ".histo-batch.lock")
     try:  # refused before it touches the cluster (client=None)
-        with pytest.raises(HistoError, match=rf"{re.escape(str(out))}: this output folder is being written by another "
-                                             rf"histo process \(pid {proc.pid} on .*\); wait for it"):
+        with pytest.raises(
+            HistoError,
+            match=rf"{re.escape(str(out))}: this output folder is being written by another "
+            rf"histo process \(pid {proc.pid} on .*\); wait for it",
+        ):
             run_batch(read_input(sheet), out, client=None, show_progress=False)
     finally:
         proc.kill()
@@ -560,8 +701,11 @@ def test_second_writer_of_one_bundle_is_refused(generated, tmp_path):
     name = slide_name(slide)
     proc = _holder(tmp_path / f".{name}.lock")
     try:
-        with pytest.raises(HistoError, match=rf"the bundle '{name}' is being written by another histo process "
-                                             rf"\(pid {proc.pid} "):
+        with pytest.raises(
+            HistoError,
+            match=rf"the bundle '{name}' is being written by another histo process "
+            rf"\(pid {proc.pid} ",
+        ):
             run_slide(slide, tmp_path, client=None, show_progress=False)
     finally:
         proc.kill()
@@ -572,8 +716,20 @@ def test_second_writer_of_one_bundle_is_refused(generated, tmp_path):
 # ---- safe defaults ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["../../etc/passwd", "..", "/abs/path/x.svs", ".hidden.svs", "a/../../b.tif",
-                                  "C:\\evil\\..\\x.svs", "\x00nul.tif", "é" * 300 + ".svs", "a" * 400 + ".tif"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../etc/passwd",
+        "..",
+        "/abs/path/x.svs",
+        ".hidden.svs",
+        "a/../../b.tif",
+        "C:\\evil\\..\\x.svs",
+        "\x00nul.tif",
+        "é" * 300 + ".svs",
+        "a" * 400 + ".tif",
+    ],
+)
 def test_bundle_names_stay_inside_the_output_folder(tmp_path, name):
     safe = slide_name(name)
     assert (tmp_path / safe).resolve().parent == tmp_path.resolve()
@@ -582,12 +738,21 @@ def test_bundle_names_stay_inside_the_output_folder(tmp_path, name):
 
 def test_no_unsafe_deserialisation_in_the_code():
     """No pickle / marshal / yaml.load / eval / exec / allow_pickle on anything histo reads."""
-    unsafe = re.compile(r"pickle\.loads?\(|marshal\.loads?\(|yaml\.load\(|yaml\.unsafe_load|\beval\(|\bexec\(|"
-                        r"allow_pickle\s*=\s*True|read_pickle|torch\.load|dill\.|joblib\.load")
-    files = [*ROOT.joinpath("histo").rglob("*.py"), *ROOT.joinpath("sample_data").glob("*.py"),
-             *ROOT.joinpath("plugins").rglob("*.py")]
-    hits = [f"{f.relative_to(ROOT)}:{i}" for f in files for i, line in enumerate(f.read_text().splitlines(), 1)
-            if unsafe.search(line)]
+    unsafe = re.compile(
+        r"pickle\.loads?\(|marshal\.loads?\(|yaml\.load\(|yaml\.unsafe_load|\beval\(|\bexec\(|"
+        r"allow_pickle\s*=\s*True|read_pickle|torch\.load|dill\.|joblib\.load"
+    )
+    files = [
+        *ROOT.joinpath("histo").rglob("*.py"),
+        *ROOT.joinpath("sample_data").glob("*.py"),
+        *ROOT.joinpath("plugins").rglob("*.py"),
+    ]
+    hits = [
+        f"{f.relative_to(ROOT)}:{i}"
+        for f in files
+        for i, line in enumerate(f.read_text().splitlines(), 1)
+        if unsafe.search(line)
+    ]
     assert len(files) > 30 and not hits, hits
 
 
@@ -603,7 +768,11 @@ def test_an_error_raised_in_a_worker_reaches_the_client_as_itself(client, tmp_pa
     gone = tmp_path / "gone.svs"
     with pytest.raises(SlideError) as err:
         client.submit(open_slide, gone, pure=False).result()
-    assert (err.value.path, err.value.problem, str(err.value)) == (str(gone), "file not found", f"{gone}: file not found")
+    assert (err.value.path, err.value.problem, str(err.value)) == (
+        str(gone),
+        "file not found",
+        f"{gone}: file not found",
+    )
 
 
 def test_evaluate_images_sees_jpeg_images(client, tmp_path):
@@ -651,7 +820,14 @@ def test_one_unreadable_tile_is_reported_and_the_rest_analysed(reference, client
     run = json.loads((bundle / "run.json").read_text())
     [error] = run["tile_errors"]
     assert {k: error[k] for k in ("level", "x_px", "y_px", "width_px", "height_px", "x_um", "y_um")} == {
-        "level": 0, "x_px": 0, "y_px": 512, "width_px": 512, "height_px": 512, "x_um": 0.0, "y_um": 256.0}
+        "level": 0,
+        "x_px": 0,
+        "y_px": 512,
+        "width_px": 512,
+        "height_px": 512,
+        "x_um": 0.0,
+        "y_um": 256.0,
+    }
     assert error["problem"] and any("unreadable slide tile" in w for w in run["warnings"])
     cells, before = _cells(bundle), _cells(ref)
     inside = (cells.x_um < 256) & (cells.y_um >= 256)
@@ -689,8 +865,9 @@ def test_disk_full_while_finishing_keeps_the_earlier_bundle(reference, client, t
     plan = plan_slide(slide, out, "lymph-node-he")
     client.gather(submit_tiles(client, plan))
     (plan.partial / "run.json.tmp").symlink_to("/dev/full")  # its write fails with ENOSPC, for real
-    with pytest.raises(HistoError, match="cannot write the bundle: No space left on device; the bundles already "
-                                         "complete are kept"):
+    with pytest.raises(
+        HistoError, match="cannot write the bundle: No space left on device; the bundles already complete are kept"
+    ):
         finish_slide(client, plan, {}, show_progress=False)
     after = {p.relative_to(out): p.read_bytes() for p in (out / ref.name).rglob("*") if p.is_file()}
     assert after == before and is_complete(out / ref.name)

@@ -13,11 +13,11 @@ import zarr
 from scipy.spatial import cKDTree
 
 from histo.io.bundle import is_complete
-from histo.segment.labels import rasterise
-from histo.train.matching import match_points
-from histo.segment.nuclei import id_centres_um
 from histo.run.pipeline import run_slide
+from histo.segment.labels import rasterise
+from histo.segment.nuclei import id_centres_um
 from histo.segment.task import whole_image_centres
+from histo.train.matching import match_points
 from histo.workflow import load_workflow
 
 pytestmark = pytest.mark.slow
@@ -55,8 +55,9 @@ def test_bundle_is_complete_and_consistent(ln_bundle):
     drawn = np.unique(level0[level0 > 0])
     assert set(drawn) <= set(cells.label) and len(drawn) > 0.95 * len(cells)
     # chunk by chunk, each from its 3×3 tiles' nuclei, equals all nuclei drawn at once
-    whole = rasterise(shapely.from_wkb(cells.polygon), cells.label.to_numpy(), run["parameters"]["grid_mpp"], (0, 0),
-                      level0.shape)
+    whole = rasterise(
+        shapely.from_wkb(cells.polygon), cells.label.to_numpy(), run["parameters"]["grid_mpp"], (0, 0), level0.shape
+    )
     assert np.array_equal(level0, whole)
     # a nucleus's label sits at its centroid (µm → grid px at the model's µm/px)
     sample = cells.sample(200, random_state=0)

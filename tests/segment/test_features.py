@@ -33,8 +33,15 @@ def random_stars(rng, n, size, r=(3, 8), n_rays=32):
     return np.stack([cy + rad * np.sin(ang), cx + rad * np.cos(ang)], axis=1)
 
 
-SHAPES = [ellipse(60, 60, 30, 30, 0), ellipse(60, 60, 40, 15, 0.3), ellipse(60, 60, 35, 25, 1.2),
-          ellipse(60, 60, 45, 9, 2.0), star(60, 60, 30, 3, 0.3), star(60, 60, 30, 5, 0.2), star(60, 60, 35, 2, 0.4)]
+SHAPES = [
+    ellipse(60, 60, 30, 30, 0),
+    ellipse(60, 60, 40, 15, 0.3),
+    ellipse(60, 60, 35, 25, 1.2),
+    ellipse(60, 60, 45, 9, 2.0),
+    star(60, 60, 30, 3, 0.3),
+    star(60, 60, 30, 5, 0.2),
+    star(60, 60, 35, 2, 0.4),
+]
 
 
 def test_shape_features_match_regionprops():
@@ -96,7 +103,9 @@ def test_stain_features_recover_painted_he():
     coord = np.stack([cy[:, None] * 20 + 10 + r * np.sin(ang), cx[:, None] * 20 + 10 + r * np.cos(ang)], axis=1)
     conc = np.stack([rng.uniform(0.1, 1.2, n), rng.uniform(0.02, 0.4, n), np.zeros(n)], axis=1)
     # chromatin texture: haematoxylin × 1.3 / × 0.7 on a checkerboard
-    img = paint((side * 20, side * 20), coord, conc, [0.02, 0.1, 0], lambda flat: np.where((flat + flat // 260) % 2, 1.3, 0.7))
+    img = paint(
+        (side * 20, side * 20), coord, conc, [0.02, 0.1, 0], lambda flat: np.where((flat + flat // 260) % 2, 1.3, 0.7)
+    )
     nuc, flat = polygon_pixels(coord, img.shape[:2])
     h = conc[nuc, 0] * np.where((flat + flat // 260) % 2, 1.3, 0.7)
     h_mean = np.bincount(nuc, h) / np.bincount(nuc)
@@ -112,8 +121,9 @@ def test_stain_features_recover_painted_he():
 
 def test_stain_features_ihc_if_and_empty_nuclei():
     rng = np.random.default_rng(3)
-    coord = np.stack([ellipse(20, 20, 8, 6, 0.4, 32), ellipse(20, 50, 7, 7, 0, 32),
-                      ellipse(40.3, 40.3, 0.2, 0.2, 0, 32)])  # the last holds no pixel centre
+    coord = np.stack(
+        [ellipse(20, 20, 8, 6, 0.4, 32), ellipse(20, 50, 7, 7, 0, 32), ellipse(40.3, 40.3, 0.2, 0.2, 0, 32)]
+    )  # the last holds no pixel centre
     conc = np.array([[0.6, 0, 0.05], [0.3, 0, 0.8], [0.5, 0, 0.5]])
     img = paint((64, 72), coord, conc, [0.01, 0.05, 0])
     f = stain_features(img, coord, "ihc")

@@ -18,8 +18,9 @@ def test_pixel_centres_inside_and_later_on_top():
     expected[2:6, 2:6] = 9
     assert np.array_equal(out, expected)
     # a chunk whose top-left is grid px (x=3, y=1) sees the same pixels
-    assert np.array_equal(rasterise(np.array([square, shifted]), np.array([7, 9]), 1.0, (3, 1), (5, 5)),
-                          expected[1:6, 3:8])
+    assert np.array_equal(
+        rasterise(np.array([square, shifted]), np.array([7, 9]), 1.0, (3, 1), (5, 5)), expected[1:6, 3:8]
+    )
     # half the pixel size: the square covers 8 × 8 px
     assert (rasterise(np.array([square]), np.array([1]), 0.5, (0, 0), (10, 10)) == 1).sum() == 64
 

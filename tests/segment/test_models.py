@@ -28,8 +28,15 @@ def _write_untrained_model(folder: Path, card: dict | None = None, thresholds=No
     """A tiny valid StarDist model folder (random weights): config.json + weights_best.h5."""
     from stardist.models import Config2D, StarDist2D
 
-    conf = Config2D(n_rays=8, grid=(2, 2), n_channel_in=3, unet_n_depth=1, unet_n_filter_base=4,
-                    train_tensorboard=False, use_gpu=False)
+    conf = Config2D(
+        n_rays=8,
+        grid=(2, 2),
+        n_channel_in=3,
+        unet_n_depth=1,
+        unet_n_filter_base=4,
+        train_tensorboard=False,
+        use_gpu=False,
+    )
     model = StarDist2D(conf, name=folder.name, basedir=str(folder.parent))
     model.keras_model.save_weights(str(folder / "weights_best.h5"))
     if thresholds is not None:
@@ -39,8 +46,13 @@ def _write_untrained_model(folder: Path, card: dict | None = None, thresholds=No
     return folder
 
 
-CARD = {"name": "mine", "mpp": 0.5, "normalize": {"kind": "fixed", "low": 0, "high": 255},
-        "max_nucleus_um": 22.0, "thresholds": {"prob": 0.6, "nms": 0.3}}
+CARD = {
+    "name": "mine",
+    "mpp": 0.5,
+    "normalize": {"kind": "fixed", "low": 0, "high": 255},
+    "max_nucleus_um": 22.0,
+    "thresholds": {"prob": 0.6, "nms": 0.3},
+}
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +176,11 @@ def test_bad_folders_are_model_errors(model_dir, tmp_path):
 
 
 def test_resolve_model_does_not_import_tensorflow(model_dir):
-    code = ("import sys, histo.segment.models as m; m.resolve_model(sys.argv[1]); "
-            "print('tensorflow' in sys.modules, 'stardist' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code, str(model_dir)], capture_output=True, text=True,
-                         check=True)
+    code = (
+        "import sys, histo.segment.models as m; m.resolve_model(sys.argv[1]); "
+        "print('tensorflow' in sys.modules, 'stardist' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(model_dir)], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
 
@@ -219,8 +232,7 @@ def test_percentile_normalisation_uses_slide_values():
     # tissue mask restricts the statistics
     m = np.zeros((200, 200), bool)
     m[:20] = True
-    assert compute_percentiles(slide, spec, mask=m) == pytest.approx(
-        tuple(np.percentile(slide[:20], [1, 99.8])))
+    assert compute_percentiles(slide, spec, mask=m) == pytest.approx(tuple(np.percentile(slide[:20], [1, 99.8])))
 
 
 def test_shipped_model_and_its_card():

@@ -9,11 +9,18 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import ROOT, shared_path
+
+from histo.segment.nucleus_classes import (
+    CLASSES,
+    CLASSIFIER_FILE,
+    PATCH_MPP,
+    PATCH_PX,
+    class_of,
+    nucleus_patches,
+    tile_patches,
+)
 from histo.train.evaluate import class_counts, class_f1
-from histo.segment.nucleus_classes import (CLASSES, CLASSIFIER_FILE, PATCH_MPP, PATCH_PX, class_of, nucleus_patches,
-                                   tile_patches)
 
 
 def disc(cy: float, cx: float, r: float, n: int = 32) -> np.ndarray:
@@ -52,7 +59,8 @@ def test_class_counts_follow_the_fields_definition():
     """A nucleus counts for class c only when matched and both say c; unmatched calls are false positives."""
     true_cls = np.array(["", "lymphocyte", "lymphocyte", "stromal", "lymphocyte"], object)
     pred_cls = np.array(["", "lymphocyte", "stromal", "stromal", "lymphocyte"], object)
-    # true 1↔pred 1 (both lymphocyte), true 2↔pred 2 (lymphocyte called stromal), true 3↔pred 3; true 4 missed, pred 4 spare
+    # true 1↔pred 1 (both lymphocyte), true 2↔pred 2 (lymphocyte called stromal), true 3↔pred 3;
+    # true 4 missed, pred 4 spare
     c = class_counts(true_cls, pred_cls, np.array([1, 2, 3]), np.array([1, 2, 3]), ["lymphocyte", "stromal"])
     assert (c["tp_lymphocyte"], c["fp_lymphocyte"], c["fn_lymphocyte"]) == (1, 1, 2)
     assert (c["tp_stromal"], c["fp_stromal"], c["fn_stromal"]) == (1, 1, 0)
@@ -80,7 +88,9 @@ def test_pipeline_writes_learned_classes(classified_model, generated, client, tm
     from histo.run.pipeline import run_slide
 
     slide = generated("lymph-node", 1024, 5, 0.5)
-    bundle = run_slide(slide, tmp_path, "lymph-node-he", model=str(classified_model), client=client, show_progress=False)
+    bundle = run_slide(
+        slide, tmp_path, "lymph-node-he", model=str(classified_model), client=client, show_progress=False
+    )
     cells = pq.read_table(bundle / "cells.parquet").to_pandas()
     assert len(cells) > 100
     assert set(cells["nucleus_class"]) <= set(CLASSES)
@@ -107,10 +117,28 @@ def test_train_classes_on_two_real_tiles(tmp_path):
             (tmp_path / kind / f"{tile}{ext}").symlink_to(consep / kind / f"{tile}{ext}")
     model = tmp_path / "model"
     shutil.copytree(ROOT / "models" / "histo-he", model)
-    done = subprocess.run([sys.executable, "-m", "histo.cli", "train-classes", str(tmp_path / "images"),
-                           str(tmp_path / "masks"), str(consep / "types.csv"), "--model", str(model),
-                           "--image-mpp", "0.275", "--epochs", "1", "--val-fraction", "0.5"],
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "histo.cli",
+            "train-classes",
+            str(tmp_path / "images"),
+            str(tmp_path / "masks"),
+            str(consep / "types.csv"),
+            "--model",
+            str(model),
+            "--image-mpp",
+            "0.275",
+            "--epochs",
+            "1",
+            "--val-fraction",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     card = json.loads((model / "card.json").read_text())["nucleus_classes"]
     assert (model / CLASSIFIER_FILE).is_file() and card["classes"] == list(CLASSES)

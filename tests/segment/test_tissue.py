@@ -9,7 +9,6 @@ from shapely.geometry import Point
 
 from histo.io.slide import open_slide
 from histo.segment.tissue import detect_tissue, tissue_fraction
-
 from tests.conftest import shared_path
 
 MPP = 4.0  # µm/px of the synthetic slides: 1000 × 800 px = 4 × 3.2 mm

@@ -13,11 +13,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from histo.stats.cohort import (_mwu_null_cdf, between_arms_test, endpoint_tests, hodges_lehmann, paired_rows,
-                          pooled_values, tissue_endpoints, usable_slides, within_arm_test)
-from histo.outputs.cohort_report import write_cohort
-from histo.stats.endpoints import endpoint_table, unit_from_name
 from histo.errors import WorkflowError
+from histo.outputs.cohort_report import write_cohort
+from histo.stats.cohort import (
+    _mwu_null_cdf,
+    between_arms_test,
+    endpoint_tests,
+    hodges_lehmann,
+    paired_rows,
+    pooled_values,
+    tissue_endpoints,
+    usable_slides,
+    within_arm_test,
+)
+from histo.stats.endpoints import endpoint_table, unit_from_name
 from histo.workflow import WORKFLOW_DIR, load_workflow, validate
 
 LN = "lymph node"
@@ -26,14 +35,27 @@ EXPLORATORY = [f"score_{k}" for k in range(30)]
 
 
 def test_presets_declare_primary_endpoints_with_units():
-    for name, first in (("lymph-node-he", "follicles_per_mm2"), ("synovium-he", "max_aggregate_grade"),
-                        ("lymph-node-if", "follicles_per_mm2")):
+    for name, first in (
+        ("lymph-node-he", "follicles_per_mm2"),
+        ("synovium-he", "max_aggregate_grade"),
+        ("lymph-node-if", "follicles_per_mm2"),
+    ):
         endpoints = load_workflow(name)["endpoints"]
         assert 4 <= len(endpoints["primary"]) <= 6 and endpoints["primary"][0]["metric"] == first
         assert all(e["unit"] and e["label"] and e["pool"] for e in endpoints["primary"] + endpoints["exploratory"])
-    table = endpoint_table(load_workflow("lymph-node-he")["endpoints"],
-                           ["fraction_area_follicle", "co_occurrence_n_cells", "ripley_n_cells", "nhood_n_cells",
-                            "n_cells", "area_mm2", "nhood_z_lymphocyte__large", "follicle_area_p90_um2"])
+    table = endpoint_table(
+        load_workflow("lymph-node-he")["endpoints"],
+        [
+            "fraction_area_follicle",
+            "co_occurrence_n_cells",
+            "ripley_n_cells",
+            "nhood_n_cells",
+            "n_cells",
+            "area_mm2",
+            "nhood_z_lymphocyte__large",
+            "follicle_area_p90_um2",
+        ],
+    )
     tested = {e["metric"]: e for e in table}
     assert not [m for m in tested if m.endswith("_n_cells") or m in ("n_cells", "area_mm2")]  # sizes: never tested
     assert tested["nhood_z_lymphocyte__large"]["family"] == "exploratory"
@@ -41,13 +63,16 @@ def test_presets_declare_primary_endpoints_with_units():
     assert unit_from_name("follicle_area_p90_um2") == "µm²" and unit_from_name("follicles_per_mm2") == "/mm²"
 
 
-@pytest.mark.parametrize("item,message", [
-    ({"metric": "follicles_per_mm2"}, r"endpoints.primary\[0\]' needs 'unit'"),
-    ({"metric": "x", "unit": "µm", "pool": "mean"}, r"endpoints.primary\[0\].pool' must be one of"),
-    ({"metric": "x", "unit": "µm", "pool": "median"}, r"'median' and 'region' \+ 'column' go together"),
-    ({"metric": "x", "unit": "µm", "colour": "red"}, r"unknown key 'endpoints.primary\[0\].colour'"),
-    ("follicles_per_mm2", r"endpoints.primary\[0\]' must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "item,message",
+    [
+        ({"metric": "follicles_per_mm2"}, r"endpoints.primary\[0\]' needs 'unit'"),
+        ({"metric": "x", "unit": "µm", "pool": "mean"}, r"endpoints.primary\[0\].pool' must be one of"),
+        ({"metric": "x", "unit": "µm", "pool": "median"}, r"'median' and 'region' \+ 'column' go together"),
+        ({"metric": "x", "unit": "µm", "colour": "red"}, r"unknown key 'endpoints.primary\[0\].colour'"),
+        ("follicles_per_mm2", r"endpoints.primary\[0\]' must be a mapping"),
+    ],
+)
 def test_bad_endpoints_are_named(item, message):
     with pytest.raises(WorkflowError, match=message):
         validate({"name": "x", "endpoints": {"primary": [item]}})
@@ -70,8 +95,9 @@ def test_moses_interval_and_exact_null_distribution():
 
 
 def test_tests_say_which_ran_and_why_not():
-    assert within_arm_test(np.arange(1, 7.0)) == dict(statistic=0.0, p_value=pytest.approx(2 / 2**6),
-                                                      test="Wilcoxon signed-rank, exact")
+    assert within_arm_test(np.arange(1, 7.0)) == dict(
+        statistic=0.0, p_value=pytest.approx(2 / 2**6), test="Wilcoxon signed-rank, exact"
+    )
     ties = within_arm_test(np.array([1.0, 1, 2, 2, 3, 3, -0.5]))
     assert ties["test"] == "Wilcoxon signed-rank, exact permutation (ties)" and ties["p_value"] < 0.05
     few = within_arm_test(np.array([1.0, 2, 3, 4, 5, 0]))  # a zero change drops out: 5 left
@@ -88,8 +114,17 @@ def test_tests_say_which_ran_and_why_not():
 
 
 def _slide(patient, timepoint, arm, area_mm2, n_pieces, **metrics):
-    return dict(name=f"{patient}-{timepoint}-{area_mm2}", patient=patient, timepoint=timepoint, arm=arm, tissue=LN,
-                status="ok", area_mm2=area_mm2, n_tissue_pieces=n_pieces, **metrics)
+    return dict(
+        name=f"{patient}-{timepoint}-{area_mm2}",
+        patient=patient,
+        timepoint=timepoint,
+        arm=arm,
+        tissue=LN,
+        status="ok",
+        area_mm2=area_mm2,
+        n_tissue_pieces=n_pieces,
+        **metrics,
+    )
 
 
 def test_values_pooled_over_a_patients_slides(tmp_path):
@@ -97,27 +132,83 @@ def test_values_pooled_over_a_patients_slides(tmp_path):
     for k, mantles in enumerate(([30.0, 50.0], [10.0])):  # follicle rows of two bundles
         folder = tmp_path / f"b{k}"
         folder.mkdir()
-        pd.DataFrame({"region_id": ["f1", "f2", "slide"][-len(mantles) - 1:],
-                      "kind": ["follicle"] * len(mantles) + ["slide"],
-                      "mantle_thickness_um": mantles + [np.nan]}).to_csv(folder / "metrics.csv", index=False)
+        pd.DataFrame(
+            {
+                "region_id": ["f1", "f2", "slide"][-len(mantles) - 1 :],
+                "kind": ["follicle"] * len(mantles) + ["slide"],
+                "mantle_thickness_um": mantles + [np.nan],
+            }
+        ).to_csv(folder / "metrics.csv", index=False)
         bundles.append(str(folder))
-    summary = pd.DataFrame([  # P1 pre: 1 mm² with 100 lymphocytes/mm², 3 mm² (2 pieces) with 500: pooled 400 /mm²
-        _slide("P1", "pre", "a", 1.0, 1, density_lymphocyte_per_mm2=100.0, fraction_lymphocyte=0.5, n_cells=1000,
-               n_follicles=2, bundle=bundles[0]),
-        _slide("P1", "PRE", "a", 3.0, 2, density_lymphocyte_per_mm2=500.0, fraction_lymphocyte=0.9, n_cells=3000,
-               n_follicles=1, bundle=bundles[1]),
-        _slide("P1", "post", "a", 2.0, 1, density_lymphocyte_per_mm2=300.0, fraction_lymphocyte=0.6, n_cells=100,
-               n_follicles=0, bundle=bundles[1]),
-        {**_slide("P2", "post", "a", 2.0, 1, density_lymphocyte_per_mm2=1.0), "status": "failed"}])
-    wf = validate({"name": "x", "tissue_type": "lymph-node", "endpoints": {"primary": [
-        {"metric": "density_lymphocyte_per_mm2", "unit": "/mm²"},
-        {"metric": "mantle_thickness_median_um", "unit": "µm", "pool": "median", "region": "follicle",
-         "column": "mantle_thickness_um"}], "rest": True}})
+    summary = pd.DataFrame(
+        [  # P1 pre: 1 mm² with 100 lymphocytes/mm², 3 mm² (2 pieces) with 500: pooled 400 /mm²
+            _slide(
+                "P1",
+                "pre",
+                "a",
+                1.0,
+                1,
+                density_lymphocyte_per_mm2=100.0,
+                fraction_lymphocyte=0.5,
+                n_cells=1000,
+                n_follicles=2,
+                bundle=bundles[0],
+            ),
+            _slide(
+                "P1",
+                "PRE",
+                "a",
+                3.0,
+                2,
+                density_lymphocyte_per_mm2=500.0,
+                fraction_lymphocyte=0.9,
+                n_cells=3000,
+                n_follicles=1,
+                bundle=bundles[1],
+            ),
+            _slide(
+                "P1",
+                "post",
+                "a",
+                2.0,
+                1,
+                density_lymphocyte_per_mm2=300.0,
+                fraction_lymphocyte=0.6,
+                n_cells=100,
+                n_follicles=0,
+                bundle=bundles[1],
+            ),
+            {**_slide("P2", "post", "a", 2.0, 1, density_lymphocyte_per_mm2=1.0), "status": "failed"},
+        ]
+    )
+    wf = validate(
+        {
+            "name": "x",
+            "tissue_type": "lymph-node",
+            "endpoints": {
+                "primary": [
+                    {"metric": "density_lymphocyte_per_mm2", "unit": "/mm²"},
+                    {
+                        "metric": "mantle_thickness_median_um",
+                        "unit": "µm",
+                        "pool": "median",
+                        "region": "follicle",
+                        "column": "mantle_thickness_um",
+                    },
+                ],
+                "rest": True,
+            },
+        }
+    )
     slides = usable_slides(summary)
-    endpoints = tissue_endpoints(slides, {LN: wf}, ["density_lymphocyte_per_mm2", "fraction_lymphocyte", "n_cells",
-                                                     "n_follicles"])
-    assert [e["metric"] for e in endpoints[LN]] == ["density_lymphocyte_per_mm2", "mantle_thickness_median_um",
-                                                    "fraction_lymphocyte"]  # counts never
+    endpoints = tissue_endpoints(
+        slides, {LN: wf}, ["density_lymphocyte_per_mm2", "fraction_lymphocyte", "n_cells", "n_follicles"]
+    )
+    assert [e["metric"] for e in endpoints[LN]] == [
+        "density_lymphocyte_per_mm2",
+        "mantle_thickness_median_um",
+        "fraction_lymphocyte",
+    ]  # counts never
     pairs = paired_rows(pooled_values(slides, endpoints)).set_index("metric")
     density = pairs.loc["density_lymphocyte_per_mm2"]
     assert density["pre"] == pytest.approx((100 * 1 + 500 * 3) / 4) and density["change"] == pytest.approx(-100)
@@ -136,14 +227,20 @@ def simulated_summary(rng, n_per_arm: int, shrink: float = 1.0, n_exploratory: i
     for arm in ("belimumab", "other"):
         for p in range(n_per_arm):
             patient = f"{arm[0]}{p}"
-            base = dict(follicles_per_mm2=rng.lognormal(np.log(4), 0.3),
-                        fraction_area_follicle=rng.lognormal(np.log(0.2), 0.3),
-                        density_lymphocyte_per_mm2=rng.lognormal(np.log(9000), 0.3),
-                        **{m: rng.normal(0, 1) for m in EXPLORATORY[:n_exploratory]})
+            base = dict(
+                follicles_per_mm2=rng.lognormal(np.log(4), 0.3),
+                fraction_area_follicle=rng.lognormal(np.log(0.2), 0.3),
+                density_lymphocyte_per_mm2=rng.lognormal(np.log(9000), 0.3),
+                **{m: rng.normal(0, 1) for m in EXPLORATORY[:n_exploratory]},
+            )
             for tp in ("pre", "post"):
                 effect = shrink if (arm == "belimumab" and tp == "post") else 1.0
-                values = {m: v * rng.lognormal(0, 0.15) * (effect if m in PRIMARY[:2] else 1.0) if m in PRIMARY
-                          else v + rng.normal(0, 0.5) for m, v in base.items()}
+                values = {
+                    m: v * rng.lognormal(0, 0.15) * (effect if m in PRIMARY[:2] else 1.0)
+                    if m in PRIMARY
+                    else v + rng.normal(0, 0.5)
+                    for m, v in base.items()
+                }
                 rows.append(_slide(patient, tp, arm, rng.uniform(1, 4), int(rng.integers(1, 4)), **values))
     return pd.DataFrame(rows)
 
@@ -185,8 +282,12 @@ def test_null_cohorts_rarely_give_a_primary_finding():
 def test_report_and_tables(tmp_path):
     summary = simulated_summary(np.random.default_rng(3), 6, shrink=0.5, n_exploratory=5)
     summary["co_occurrence_n_cells"] = 5000
-    wf = validate({"name": "x", "endpoints": {"primary": [{"metric": m, "unit": unit_from_name(m), "label": m.upper()}
-                                                          for m in PRIMARY]}})
+    wf = validate(
+        {
+            "name": "x",
+            "endpoints": {"primary": [{"metric": m, "unit": unit_from_name(m), "label": m.upper()} for m in PRIMARY]},
+        }
+    )
     metrics = [*PRIMARY, *EXPLORATORY[:5], "co_occurrence_n_cells"]
     pairs = write_cohort(summary, metrics, tmp_path, workflows={LN: wf})
     assert set(pairs.arm) == {"belimumab", "other"} and pairs.patient.nunique() == 12
@@ -266,9 +367,18 @@ def cohort_sheet(effect: bool) -> list[dict]:
         treated = "belimumab" if effect and arm == "belimumab" else None
         for timepoint, section in (("pre", 0), ("post", 1)):
             tag = "" if timepoint == "pre" or not (arm == "belimumab" and not effect) else "-untreated"
-            rows.append(dict(name=f"P{k:02d}-{timepoint}{tag}", seed=SEEDS + k, section=section,
-                             treatment=treated if timepoint == "post" else None, patient=f"P{k:02d}",
-                             timepoint=timepoint, arm=arm, tissue=LN))
+            rows.append(
+                dict(
+                    name=f"P{k:02d}-{timepoint}{tag}",
+                    seed=SEEDS + k,
+                    section=section,
+                    treatment=treated if timepoint == "post" else None,
+                    patient=f"P{k:02d}",
+                    timepoint=timepoint,
+                    arm=arm,
+                    tissue=LN,
+                )
+            )
     return rows
 
 
@@ -289,11 +399,10 @@ def assert_effect_found(tests: pd.DataFrame, effect: bool) -> None:
 def true_nuclei_slides(tmp_path_factory):
     """``slide(row, wf)`` → the summary row of one generated slide analysed from its true nuclei and cell
     types (regions and metrics as the pipeline's, ``metrics.csv`` in a bundle folder); cached by name."""
-    from histo_sample import make_scene
-    from histo_sample.scene import STYLE_TYPE
-
     from histo.structures.metrics import region_metrics
     from histo.structures.regions import find_regions
+    from histo_sample import make_scene
+    from histo_sample.scene import STYLE_TYPE
 
     folder, cache = tmp_path_factory.mktemp("true-nuclei"), {}
 
@@ -321,36 +430,58 @@ def test_generated_cohort_on_true_nuclei(tmp_path, true_nuclei_slides, effect):
     not within the other; without it, no primary endpoint has q < 0.05."""
     _, wf = cohort_workflow(tmp_path)
     summary = pd.DataFrame([true_nuclei_slides(s, wf) for s in cohort_sheet(effect)])
-    numeric = [c for c in summary.columns[summary.columns.get_loc("bundle") + 1:]
-               if pd.api.types.is_numeric_dtype(summary[c]) and not pd.api.types.is_bool_dtype(summary[c])]
+    numeric = [
+        c
+        for c in summary.columns[summary.columns.get_loc("bundle") + 1 :]
+        if pd.api.types.is_numeric_dtype(summary[c]) and not pd.api.types.is_bool_dtype(summary[c])
+    ]
     write_cohort(summary, numeric, tmp_path, workflows={LN: wf})
     assert_effect_found(pd.read_csv(tmp_path / "cohort_tests.csv"), effect)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("HISTO_COHORT_E2E"), reason="24 slides through histo batch (26 min on 2 "
-                    "loaded cores) for an effect not yet found there (xfail): set HISTO_COHORT_E2E=1 to run it")
-@pytest.mark.xfail(strict=False, reason="measured 2026-12-06 (24 slides, 26 min on 2 loaded cores): through the "
-                   "pipeline's own nuclei and cell types the follicle finder on 0.77 mm slides is too noisy (one "
-                   "post-belimumab slide 0.38 → 0.57, a control 0.38 → 0.23): follicle area fraction shift −0.086 "
-                   "[−0.24, 0.13], q 0.31; lymphocyte density shift −784 /mm² [−1018, −587], q 0.006. Larger slides "
-                   "or a follicle finder tuned for small follicles are next (issue 23 report)")
+@pytest.mark.skipif(
+    not os.environ.get("HISTO_COHORT_E2E"),
+    reason="24 slides through histo batch (26 min on 2 "
+    "loaded cores) for an effect not yet found there (xfail): set HISTO_COHORT_E2E=1 to run it",
+)
+@pytest.mark.xfail(
+    strict=False,
+    reason="measured 2026-12-06 (24 slides, 26 min on 2 loaded cores): through the "
+    "pipeline's own nuclei and cell types the follicle finder on 0.77 mm slides is too noisy (one "
+    "post-belimumab slide 0.38 → 0.57, a control 0.38 → 0.23): follicle area fraction shift −0.086 "
+    "[−0.24, 0.13], q 0.31; lymphocyte density shift −784 /mm² [−1018, −587], q 0.006. Larger slides "
+    "or a follicle finder tuned for small follicles are next (issue 23 report)",
+)
 def test_histo_batch_finds_the_built_in_effect(client, tmp_path):
     """The generated cohort (6 + 6 patients, 24 slides of 0.77 mm) through ``histo batch`` (run_batch on a
     sample sheet): the follicle shrinkage built into the belimumab arm is found there and between the
     arms (q < 0.05, shift below 0), not within the other arm; cohort.html holds the report."""
-    from histo_sample import write_sample
-
     from histo.run.batch import read_input, run_batch
+    from histo_sample import write_sample
 
     path, _ = cohort_workflow(tmp_path)
     sheet = cohort_sheet(effect=True)
     for s in sheet:
-        write_sample("lymph-node", tmp_path / f"{s['name']}.ome.tif", size=SIZE, seed=s["seed"], mpp=0.5,
-                     section=s["section"], treatment=s["treatment"])
-    pd.DataFrame([dict(slide=f"{s['name']}.ome.tif", workflow=str(path), **{k: s[k] for k in ("patient", "timepoint",
-                                                                                             "arm", "tissue")})
-                  for s in sheet]).to_csv(tmp_path / "sheet.csv", index=False)
+        write_sample(
+            "lymph-node",
+            tmp_path / f"{s['name']}.ome.tif",
+            size=SIZE,
+            seed=s["seed"],
+            mpp=0.5,
+            section=s["section"],
+            treatment=s["treatment"],
+        )
+    pd.DataFrame(
+        [
+            dict(
+                slide=f"{s['name']}.ome.tif",
+                workflow=str(path),
+                **{k: s[k] for k in ("patient", "timepoint", "arm", "tissue")},
+            )
+            for s in sheet
+        ]
+    ).to_csv(tmp_path / "sheet.csv", index=False)
     summary = run_batch(read_input(tmp_path / "sheet.csv"), tmp_path / "out", client, show_progress=False)
     assert (summary["status"] == "ok").all()
     assert_effect_found(pd.read_csv(tmp_path / "out" / "cohort_tests.csv"), effect=True)

@@ -8,16 +8,18 @@ import pandas as pd
 import pytest
 
 from histo.errors import HistoError, WorkflowError
-from histo.structures.metrics import region_metrics
-from histo.stats.neighbourhood import group_stats, neighbourhood_stats, nhood_params, region_groups, stats_result
-from histo.structures.regions import assign_cells, find_regions
 from histo.io.slide import open_slide
 from histo.outputs.write import write_outputs
+from histo.stats.neighbourhood import group_stats, neighbourhood_stats, nhood_params, region_groups, stats_result
+from histo.structures.metrics import region_metrics
+from histo.structures.regions import assign_cells, find_regions
 from histo.workflow import load_workflow
 from tests.structures.test_regions import load_truth
 
-OFF = {s: {"run": False} for s in ("nhood_enrichment", "interaction_matrix", "centrality_scores", "co_occurrence",
-                                   "ripley", "moran")}
+OFF = {
+    s: {"run": False}
+    for s in ("nhood_enrichment", "interaction_matrix", "centrality_scores", "co_occurrence", "ripley", "moran")
+}
 ENRICHMENT = {**OFF, "nhood_enrichment": {"run": True, "n_perms": 100}}
 
 
@@ -60,8 +62,12 @@ def test_mixed_control_is_near_zero(node):
 
 def test_same_seed_same_numbers_and_sample_bound(node):
     cells, regions, _ = node
-    params = {"kinds": ["tissue", "follicle"], "co_occurrence": {"max_cells": 800, "max_um": 60.0},
-              "ripley": {"max_cells": 500}, "centrality_scores": {"max_cells": 5_000}}
+    params = {
+        "kinds": ["tissue", "follicle"],
+        "co_occurrence": {"max_cells": 800, "max_um": 60.0},
+        "ripley": {"max_cells": 500},
+        "centrality_scores": {"max_cells": 5_000},
+    }
     first, again = neighbourhood_stats(cells, params), neighbourhood_stats(cells, params)
     other = neighbourhood_stats(cells, {**params, "seed": 1, "kinds": []})
     assert first["regions"].keys() == again["regions"].keys()
@@ -72,11 +78,16 @@ def test_same_seed_same_numbers_and_sample_bound(node):
         assert r["co_occurrence_n_cells"] == min(n, 800) and r["ripley_n_cells"] == min(n, 500)
         assert np.isnan(r["centrality"].to_numpy()).all() == (n > 5_000)
     assert not np.array_equal(first["regions"]["slide"]["nhood_zscore"], other["regions"]["slide"]["nhood_zscore"])
-    assert not np.array_equal(first["regions"]["slide"]["ripley_L"], other["regions"]["slide"]["ripley_L"],
-                              equal_nan=True)  # another sample
+    assert not np.array_equal(
+        first["regions"]["slide"]["ripley_L"], other["regions"]["slide"]["ripley_L"], equal_nan=True
+    )  # another sample
     # as a cluster computes them: one graph, the slide alone, the regions in groups of about equal cells
     groups = region_groups(cells, params, 3)
-    assert groups[0] == ["slide"] and len(groups) == 4 and sorted(sum(groups[1:], [])) == sorted(set(first["regions"]) - {"slide"})
+    assert (
+        groups[0] == ["slide"]
+        and len(groups) == 4
+        and sorted(sum(groups[1:], [])) == sorted(set(first["regions"]) - {"slide"})
+    )
     split = stats_result(cells, params, [group_stats(cells, params, g) for g in reversed(groups)])
     assert list(split["regions"]) == list(first["regions"]) and split["cell_types"] == first["cell_types"]
     _assert_same(first, split)
@@ -86,8 +97,11 @@ def _assert_same(a: dict, b: dict):
     """Every statistic of every region of result ``a`` equals ``b``'s (NaN equal to NaN)."""
     for rid, r in a["regions"].items():
         for key, value in r.items():
-            same = value.equals(b["regions"][rid][key]) if isinstance(value, pd.DataFrame) else \
-                np.array_equal(value, b["regions"][rid][key], equal_nan=np.asarray(value).dtype.kind == "f")
+            same = (
+                value.equals(b["regions"][rid][key])
+                if isinstance(value, pd.DataFrame)
+                else np.array_equal(value, b["regions"][rid][key], equal_nan=np.asarray(value).dtype.kind == "f")
+            )
             assert same, (rid, key)
 
 
@@ -111,14 +125,18 @@ def test_bundle_files_carry_the_statistics(node, generated, tmp_path):
     uns = ad.read_h5ad(tmp_path / "cells.h5ad").uns["neighbourhood"]
     assert list(uns["cell_types"]) == ["lymphocyte", "large", "stromal"]
     follicle = uns["regions"]["follicle-1"]
-    assert follicle["co_occurrence"].shape == (3, 3, 20) and np.allclose(follicle["co_occurrence_um"][[0, -1]], [10, 200])
+    assert follicle["co_occurrence"].shape == (3, 3, 20) and np.allclose(
+        follicle["co_occurrence_um"][[0, -1]], [10, 200]
+    )
     assert follicle["n_cells"] == int(metrics.set_index("region_id").at["follicle-1", "nhood_n_cells"])
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") == 3 and "Neighbourhood" in html
 
 
 def test_params_are_checked():
-    assert nhood_params()["max_edge_um"] == 30.0 and nhood_params({"ripley": {"n_steps": 5}})["ripley"]["max_um"] == 100.0
+    assert (
+        nhood_params()["max_edge_um"] == 30.0 and nhood_params({"ripley": {"n_steps": 5}})["ripley"]["max_um"] == 100.0
+    )
     with pytest.raises(WorkflowError, match=r"neighbourhood\.ripley\.max_cell"):
         nhood_params({"ripley": {"max_cell": 5}})
     with pytest.raises(HistoError, match="knn"):
@@ -141,12 +159,20 @@ def _one_type_follicle(n: int = 900, seed: int = 2) -> pd.DataFrame:
     """Cells on a jittered grid, B and T mixed, except a follicle (the left third) of B cells only."""
     rng = np.random.default_rng(seed)
     side = int(np.sqrt(n))
-    x, y = (np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2) * 10.0
-            + rng.uniform(-3, 3, (side * side, 2))).T
+    x, y = (
+        np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2) * 10.0
+        + rng.uniform(-3, 3, (side * side, 2))
+    ).T
     follicle = x < side * 10 / 3
-    return pd.DataFrame({"x_um": x, "y_um": y, "area_um2": rng.uniform(20, 40, x.size),
-                         "cell_type": np.where(follicle | (rng.random(x.size) < 0.5), "B", "T"),
-                         "follicle_id": pd.Categorical(np.where(follicle, "follicle-1", None))})
+    return pd.DataFrame(
+        {
+            "x_um": x,
+            "y_um": y,
+            "area_um2": rng.uniform(20, 40, x.size),
+            "cell_type": np.where(follicle | (rng.random(x.size) < 0.5), "B", "T"),
+            "follicle_id": pd.Categorical(np.where(follicle, "follicle-1", None)),
+        }
+    )
 
 
 def test_one_cell_type_skips_the_pair_statistics_and_says_why():
@@ -192,12 +218,33 @@ def test_a_real_patch_of_one_cell_type_completes(tmp_path):
 
     patch = shared_path("data", "lymph_node_patches", "follicular_lymphoma", "FL_examples_106.jpg")
     wf = yaml.safe_load((ROOT / "workflows" / "lymph-node-he.yaml").read_text())
-    wf["cell_types"] = {"learned": False, "calibrate": False, "lymphocyte_min_area_um2": 0,
-                        "lymphocyte_max_area_um2": 1e4, "lymphocyte_max_eccentricity": 1.0,
-                        "lymphocyte_min_solidity": 0, "lymphocyte_min_od_ratio": 0}
+    wf["cell_types"] = {
+        "learned": False,
+        "calibrate": False,
+        "lymphocyte_min_area_um2": 0,
+        "lymphocyte_max_area_um2": 1e4,
+        "lymphocyte_max_eccentricity": 1.0,
+        "lymphocyte_min_solidity": 0,
+        "lymphocyte_min_od_ratio": 0,
+    }
     (tmp_path / "one-type.yaml").write_text(yaml.safe_dump(wf))
-    proc = subprocess.run([sys.executable, "-m", "histo.cli", "run", str(patch), "--mpp", "0.46", "--out",
-                           str(tmp_path), "--workflow", str(tmp_path / "one-type.yaml")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "histo.cli",
+            "run",
+            str(patch),
+            "--mpp",
+            "0.46",
+            "--out",
+            str(tmp_path),
+            "--workflow",
+            str(tmp_path / "one-type.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads((tmp_path / "FL_examples_106" / "run.json").read_text())
     assert run["status"] == "complete" and run["n_cells"] > 50

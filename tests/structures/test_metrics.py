@@ -22,9 +22,23 @@ def load_truth(slide):
     return cells, feats, [shape(f["geometry"]) for f in feats if f["properties"]["kind"] == "tissue"]
 
 
-UNITLESS = {"grade", "radial_layers", "layers_median", "layers_p90", "lining_layers_median", "circularity", "krenn_lining",
-            "krenn_stroma", "krenn_infiltrate", "krenn_sum", "max_aggregate_grade", "edge_truncated", "has_gc", "tls_size",
-            "sampling_flag"}
+UNITLESS = {
+    "grade",
+    "radial_layers",
+    "layers_median",
+    "layers_p90",
+    "lining_layers_median",
+    "circularity",
+    "krenn_lining",
+    "krenn_stroma",
+    "krenn_infiltrate",
+    "krenn_sum",
+    "max_aggregate_grade",
+    "edge_truncated",
+    "has_gc",
+    "tls_size",
+    "sampling_flag",
+}
 UNITS = re.compile(r"^(n_.+|fraction_.+|.+_(um|um2|mm|mm2|per_mm2|per_100um))$")
 
 
@@ -41,8 +55,11 @@ def test_one_row_per_region_and_a_slide_row(measured):
     tissue_type, cells, regions, table = measured
     assert list(table.region_id) == [*regions.region_id, "slide"]
     assert table.region_id.is_unique
-    numeric = [c for c in table.columns
-               if pd.api.types.is_numeric_dtype(table[c]) or table[c].dropna().map(type).isin([bool]).all()]
+    numeric = [
+        c
+        for c in table.columns
+        if pd.api.types.is_numeric_dtype(table[c]) or table[c].dropna().map(type).isin([bool]).all()
+    ]
     unnamed = [c for c in numeric if not UNITS.match(c) and c not in UNITLESS]
     assert not unnamed, f"numeric columns without units in their names: {unnamed}"
 
@@ -51,7 +68,11 @@ def test_counts_and_densities_add_up(measured):
     tissue_type, cells, regions, table = measured
     slide = table.set_index("region_id").loc["slide"]
     assert slide.n_cells == cells.tissue_id.notna().sum()
-    types = [c for c in table.columns if c.startswith("n_") and c[2:] in {"lymphocyte", "large", "stromal", "lining", "other"}]
+    types = [
+        c
+        for c in table.columns
+        if c.startswith("n_") and c[2:] in {"lymphocyte", "large", "stromal", "lining", "other"}
+    ]
     assert (table[types].sum(1) == table.n_cells).all()
     assert slide.density_lymphocyte_per_mm2 == pytest.approx(slide.n_lymphocyte / slide.area_mm2)
     assert slide.area_mm2 == pytest.approx(table[table.kind == "tissue"].area_mm2.sum())
@@ -82,7 +103,14 @@ def test_structure_summaries(measured):
 
 def test_scores():
     scores = region_params("synovium")["scores"]
-    assert [krenn_band(v) for v in (0, 1, 2, 4, 5, 9)] == ["none", "none", "low-grade", "low-grade", "high-grade", "high-grade"]
+    assert [krenn_band(v) for v in (0, 1, 2, 4, 5, 9)] == [
+        "none",
+        "none",
+        "low-grade",
+        "low-grade",
+        "high-grade",
+        "high-grade",
+    ]
     bands = scores["stroma_bands_per_mm2"]
     assert [stroma_grade(v, bands) for v in (1000, 1500, 3399, 3400, 6000, 9000)] == [0, 1, 1, 2, 3, 3]
     assert infiltrate_grade([], False, 150.0, 0.0, scores) == 0
@@ -97,8 +125,15 @@ def test_scores():
 
 
 def test_small_biopsy_without_lymphocytes(tmp_path):
-    cells = pd.DataFrame({"cell_id": np.arange(10), "x_um": np.linspace(10, 90, 10), "y_um": 50.0,  # 1,000/mm²
-                          "cell_type": "stromal", "area_um2": 30.0})
+    cells = pd.DataFrame(
+        {
+            "cell_id": np.arange(10),
+            "x_um": np.linspace(10, 90, 10),
+            "y_um": 50.0,  # 1,000/mm²
+            "cell_type": "stromal",
+            "area_um2": 30.0,
+        }
+    )
     regions = find_regions(cells, [box(0, 0, 100, 100)], "synovium")
     table = region_metrics(cells, regions, "synovium")
     slide = table.set_index("region_id").loc["slide"]
@@ -119,8 +154,21 @@ def test_cells_outside_tissue_count_in_no_region():
     x, y = np.meshgrid(np.arange(5.0, 150, 10), np.arange(5.0, 100, 10))
     cells = pd.DataFrame({"x_um": x.ravel(), "y_um": y.ravel(), "cell_type": "lymphocyte"})  # 150 cells, 100 on tissue
     tissue = find_regions(cells, [box(0, 0, 100, 100)], "lymph-node", {"structures": []})
-    roi = gpd.GeoDataFrame([dict(region_id="annotation-1", kind="annotation", name="ROI", parent_id=None, tissue_id=None,
-                                 area_um2=10_000.0, edge_truncated=False, geometry=box(50, 0, 150, 100))], geometry="geometry")
+    roi = gpd.GeoDataFrame(
+        [
+            dict(
+                region_id="annotation-1",
+                kind="annotation",
+                name="ROI",
+                parent_id=None,
+                tissue_id=None,
+                area_um2=10_000.0,
+                edge_truncated=False,
+                geometry=box(50, 0, 150, 100),
+            )
+        ],
+        geometry="geometry",
+    )
     regions = pd.concat([tissue, roi], ignore_index=True)
     ids = assign_cells(cells, regions)
     assert ids.tissue_id.notna().sum() == 100 and ids.annotation_id.notna().sum() == 50

@@ -12,8 +12,15 @@ from scipy import ndimage as ndi
 from histo.errors import SlideError, WorkflowError
 from histo.segment.features import nucleus_features
 from histo.segment.nuclei import polygon_area
-from histo.structures.phenotypes import (DEFAULT_HE_RULES, HE_RULES_SCHEMA, HE_TYPES, auto_threshold, check_gates, classify_he,
-                              gate_markers)
+from histo.structures.phenotypes import (
+    DEFAULT_HE_RULES,
+    HE_RULES_SCHEMA,
+    HE_TYPES,
+    auto_threshold,
+    check_gates,
+    classify_he,
+    gate_markers,
+)
 from histo.workflow import cell_type_names, load_workflow, nucleus_channel
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -60,9 +67,14 @@ def node_cells():
 def scores(types, truth) -> dict:
     """Lymphocyte vs non-lymphocyte accuracy and recalls, and the confusion table (text)."""
     pred, true = np.asarray(types) == "lymphocyte", np.asarray(truth) == "lymphocyte"
-    return {"accuracy": (pred == true).mean(), "lymphocyte_recall": pred[true].mean(),
-            "non_lymphocyte_recall": (~pred[~true]).mean(),
-            "confusion": pd.crosstab(np.asarray(truth), np.asarray(types), rownames=["truth"], colnames=["called"]).to_string()}
+    return {
+        "accuracy": (pred == true).mean(),
+        "lymphocyte_recall": pred[true].mean(),
+        "non_lymphocyte_recall": (~pred[~true]).mean(),
+        "confusion": pd.crosstab(
+            np.asarray(truth), np.asarray(types), rownames=["truth"], colnames=["called"]
+        ).to_string(),
+    }
 
 
 def test_classify_he_matches_truth_on_generated_node(node_cells):
@@ -81,13 +93,18 @@ def test_classify_he_matches_truth_on_generated_node(node_cells):
 
 def test_calibration_follows_a_paler_slide_and_larger_masks(node_cells):
     """A slide stained 40 % paler and a model drawing 25 % larger nuclei: calibrated thresholds follow."""
-    shifted = node_cells.assign(hematoxylin_od=node_cells.hematoxylin_od * 0.6, area_um2=node_cells.area_um2 * 1.25,
-                                major_axis_um=node_cells.major_axis_um * 1.25**0.5,
-                                minor_axis_um=node_cells.minor_axis_um * 1.25**0.5)
+    shifted = node_cells.assign(
+        hematoxylin_od=node_cells.hematoxylin_od * 0.6,
+        area_um2=node_cells.area_um2 * 1.25,
+        major_axis_um=node_cells.major_axis_um * 1.25**0.5,
+        minor_axis_um=node_cells.minor_axis_um * 1.25**0.5,
+    )
     base, _ = classify_he(node_cells)
     calibrated, report = classify_he(shifted)
     assert (np.asarray(calibrated) == np.asarray(base)).mean() >= 0.97
-    assert report["lymphocyte_hematoxylin_od"] == pytest.approx(0.6 * classify_he(node_cells)[1]["lymphocyte_hematoxylin_od"], rel=0.02)
+    assert report["lymphocyte_hematoxylin_od"] == pytest.approx(
+        0.6 * classify_he(node_cells)[1]["lymphocyte_hematoxylin_od"], rel=0.02
+    )
     slide_wide, report = classify_he(shifted, {"calibrate": False})  # no density: every round lymphocyte-sized nucleus
     assert not report["calibrated"] and report["reference_source"] == "slide"
     assert scores(slide_wide, shifted.truth)["lymphocyte_recall"] >= 0.8  # still relative to the slide, not a preset
@@ -110,8 +127,9 @@ def test_he_rules_schema_and_errors(node_cells):
 
 def test_learned_classes_are_kept_and_large_pale_nuclei_split_off(node_cells):
     """With a ``nucleus_class`` column the learned class wins; large pale non-epithelial nuclei are ``large``."""
-    learned = np.where(node_cells.truth == "lymphocyte", "lymphocyte", np.where(node_cells.truth == "stromal", "stromal",
-                                                                                 "other")).astype(object)
+    learned = np.where(
+        node_cells.truth == "lymphocyte", "lymphocyte", np.where(node_cells.truth == "stromal", "stromal", "other")
+    ).astype(object)
     learned[:5] = "epithelial"
     cells = node_cells.assign(nucleus_class=learned)
     types, report = classify_he(cells)
@@ -121,7 +139,9 @@ def test_learned_classes_are_kept_and_large_pale_nuclei_split_off(node_cells):
     truth = node_cells.truth.to_numpy()
     assert (called[5:][truth[5:] == "large"] == "large").mean() >= 0.8
     assert (called[5:][truth[5:] == "lymphocyte"] == "lymphocyte").mean() >= 0.95
-    assert report["lymphocyte_hematoxylin_od"] == pytest.approx(np.median(cells.hematoxylin_od[learned == "lymphocyte"]))
+    assert report["lymphocyte_hematoxylin_od"] == pytest.approx(
+        np.median(cells.hematoxylin_od[learned == "lymphocyte"])
+    )
     rules_only, report = classify_he(cells, {"learned": False})
     assert report["method"] == "rules" and "epithelial" not in set(np.asarray(rules_only))
 
@@ -132,8 +152,10 @@ def test_gate_markers_order_auto_and_report():
     cd20 = np.where(rng.random(n) < 0.3, rng.lognormal(7, 0.3, n), rng.lognormal(4, 0.3, n))
     cd3 = np.where(rng.random(n) < 0.4, rng.lognormal(6, 0.3, n), rng.lognormal(3, 0.3, n))
     cells = pd.DataFrame({"mean_CD20": cd20, "CD3": cd3})
-    gates = [{"marker": "CD20", "threshold": "auto", "cell_type": "B cell"},
-             {"marker": "CD3", "column": "CD3", "threshold": 150.0, "cell_type": "T cell"}]
+    gates = [
+        {"marker": "CD20", "threshold": "auto", "cell_type": "B cell"},
+        {"marker": "CD3", "column": "CD3", "threshold": 150.0, "cell_type": "T cell"},
+    ]
     for method in ("otsu", "gmm"):
         types, report = gate_markers(cells, gates, auto=method)
         assert list(types.categories) == ["B cell", "T cell", "other"]
@@ -141,9 +163,15 @@ def test_gate_markers_order_auto_and_report():
         assert (b == (np.log(cd20) > 5.5)).mean() > 0.99
         assert (np.asarray(types == "T cell") == (~b & (cd3 >= 150))).all()
         assert report[0]["method"] == method and np.exp(4.9) < report[0]["threshold"] < np.exp(6.1)
-        assert report[1] == {"marker": "CD3", "column": "CD3", "cell_type": "T cell", "method": "manual",
-                             "threshold": 150.0, "positive_fraction": float((cd3 >= 150).mean()),
-                             "typed_fraction": float((~b & (cd3 >= 150)).mean())}
+        assert report[1] == {
+            "marker": "CD3",
+            "column": "CD3",
+            "cell_type": "T cell",
+            "method": "manual",
+            "threshold": 150.0,
+            "positive_fraction": float((cd3 >= 150).mean()),
+            "typed_fraction": float((~b & (cd3 >= 150)).mean()),
+        }
     with pytest.raises(ValueError, match="automatic thresholds are off"):
         gate_markers(cells, gates, auto=None)
     with pytest.raises(ValueError, match="no column 'mean_CD68'"):
@@ -158,7 +186,9 @@ def test_gate_markers_order_auto_and_report():
         check_gates([{"marker": "CD3", "celltype": "T cell"}])
 
 
-@pytest.mark.skipif(not CYCIF.exists(), reason=f"{CYCIF} not present (../shared is provided to developers and CI, not shipped)")
+@pytest.mark.skipif(
+    not CYCIF.exists(), reason=f"{CYCIF} not present (../shared is provided to developers and CI, not shipped)"
+)
 def test_auto_gates_agree_with_expert_gates_on_cycif():
     """Per-slide thresholds vs the expert gates (log1p units, scimap) on a real 11k-cell CyCIF table."""
     cells = pd.read_csv(CYCIF / "exemplar-001--unmicst_cell.csv")
@@ -172,7 +202,11 @@ def test_auto_gates_agree_with_expert_gates_on_cycif():
             called = np.asarray(types == "pos")
             p_o = (called == expert).mean()
             p_e = called.mean() * expert.mean() + (1 - called.mean()) * (1 - expert.mean())
-            row |= {f"{method}_positive": called.mean(), f"{method}_agreement": p_o, f"{method}_kappa": (p_o - p_e) / (1 - p_e)}
+            row |= {
+                f"{method}_positive": called.mean(),
+                f"{method}_agreement": p_o,
+                f"{method}_kappa": (p_o - p_e) / (1 - p_e),
+            }
         rows.append(row)
     table = pd.DataFrame(rows).set_index("marker").round(3)
     print("\n" + table.to_string())
@@ -195,13 +229,19 @@ def test_if_preset_names_its_gates_structure_cells_and_nucleus_channel():
     assert nucleus_channel(default, ["DNA1", "CD20"], "s.ome.tif") == 0  # unset: the first channel (tissue detection's)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"follicle": {"cell_types": ["B cells"]}},
-     r"'regions\.follicle\.cell_types': 'B cells' is not a cell type of this workflow \(stain 'if' gives: B cell, T cell, "),
-    ({"follicle": {"cell_types": []}}, r"'regions\.follicle\.cell_types' is empty"),
-    ({"structures": ["follicle", "germinal_centre"]}, r"'regions\.germinal_centre\.cell_types' is empty"),
-    ({"structures": ["follicle", "tonsil"]}, r"'regions\.structures': unknown structure 'tonsil'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"follicle": {"cell_types": ["B cells"]}},
+            r"'regions\.follicle\.cell_types': 'B cells' is not a cell type of this workflow "
+            r"\(stain 'if' gives: B cell, T cell, ",
+        ),
+        ({"follicle": {"cell_types": []}}, r"'regions\.follicle\.cell_types' is empty"),
+        ({"structures": ["follicle", "germinal_centre"]}, r"'regions\.germinal_centre\.cell_types' is empty"),
+        ({"structures": ["follicle", "tonsil"]}, r"'regions\.structures': unknown structure 'tonsil'"),
+    ],
+)
 def test_structure_cell_types_must_be_the_workflows_own(tmp_path, change, message):
     import yaml
 
@@ -218,10 +258,16 @@ def test_structure_cell_types_must_be_the_workflows_own(tmp_path, change, messag
 def test_he_structure_cell_types_are_the_rules_types(tmp_path):
     path = tmp_path / "he.yaml"
     path.write_text("stain: he\nregions:\n  follicle:\n    cell_types: [B cell]\n")
-    with pytest.raises(WorkflowError, match=r"'B cell' is not a cell type .* gives: lymphocyte, large, stromal, epithelial, other"):
+    with pytest.raises(
+        WorkflowError, match=r"'B cell' is not a cell type .* gives: lymphocyte, large, stromal, epithelial, other"
+    ):
         load_workflow(path)
     path.write_text("stain: if\n")  # gates missing: the default (H&E) follicle cells are not this workflow's
-    with pytest.raises(WorkflowError, match=r"'regions\.follicle\.cell_types': 'lymphocyte' is not a cell type .* gives: other"):
+    with pytest.raises(
+        WorkflowError, match=r"'regions\.follicle\.cell_types': 'lymphocyte' is not a cell type .* gives: other"
+    ):
         load_workflow(path)
     path.write_text("stain: he\ntissue_type: synovium\nregions:\n  follicle:\n    cell_types: [nonsense]\n")
-    assert load_workflow(path)["regions"]["follicle"]["cell_types"] == ["nonsense"]  # follicles not looked for in synovium
+    assert load_workflow(path)["regions"]["follicle"]["cell_types"] == [
+        "nonsense"
+    ]  # follicles not looked for in synovium

@@ -11,14 +11,20 @@ import pytest
 import shapely
 from shapely.geometry import Polygon, box, shape
 
-from histo.structures.aggregates import dbscan, grade
 from histo.errors import HistoError
+from histo.outputs.report import report_html
+from histo.structures.aggregates import dbscan, grade
+from histo.structures.analyse import cell_types
 from histo.structures.lining import krenn_lining
 from histo.structures.metrics import region_metrics
-from histo.outputs.report import report_html
-from histo.structures.regions import (REGION_PARAMS_SCHEMA, TISSUE_DEFAULTS, assign_cells, edge_truncated, find_regions,
-                           region_params)
-from histo.structures.analyse import cell_types
+from histo.structures.regions import (
+    REGION_PARAMS_SCHEMA,
+    TISSUE_DEFAULTS,
+    assign_cells,
+    edge_truncated,
+    find_regions,
+    region_params,
+)
 from histo.workflow import load_workflow
 
 
@@ -74,7 +80,9 @@ def check_aggregate_grades(feats, regions) -> list[tuple]:
     for geom, props in truth:
         k, score = best_match(geom, list(found.geometry))
         if score >= 0.3:
-            matched.append((props["grade"], int(found.iloc[k].grade), props["layers"], float(found.iloc[k].radial_layers)))
+            matched.append(
+                (props["grade"], int(found.iloc[k].grade), props["layers"], float(found.iloc[k].radial_layers))
+            )
         else:
             assert props["grade"] == 1, f"a grade-{props['grade']} aggregate was missed"
     assert len(matched) >= 0.7 * len(truth), matched
@@ -95,7 +103,10 @@ def check_lining_layers(feats, regions) -> list[tuple]:
         k, _ = best_match(pieces[props["piece"]], list(tissue.geometry))
         mine = lining[lining.tissue_id == tissue.iloc[k].region_id]
         assert len(mine), f"no lining found on piece {props['piece']}"
-        assert all(abs(v - props["layers"]) <= 1 for v in mine.layers_median), (props["layers"], list(mine.layers_median))
+        assert all(abs(v - props["layers"]) <= 1 for v in mine.layers_median), (
+            props["layers"],
+            list(mine.layers_median),
+        )
         covered = shapely.union_all(list(mine.geometry)).intersection(geom).area / geom.area
         assert covered > 0.5, covered
         out.append((props["piece"], props["layers"], [round(v, 2) for v in mine.layers_median]))
@@ -220,7 +231,11 @@ def test_if_preset_gates_cells_and_finds_b_cell_follicles(if_node):
     wf = load_workflow("lymph-node-if")
     types, report = cell_types(cells, wf)
     assert [(g["marker"], g["cell_type"], g["method"]) for g in report["gates"]] == [
-        ("CD20", "B cell", "otsu"), ("CD3", "T cell", "otsu"), ("CD68", "macrophage", "otsu"), ("CD138", "plasma cell", "otsu")]
+        ("CD20", "B cell", "otsu"),
+        ("CD3", "T cell", "otsu"),
+        ("CD68", "macrophage", "otsu"),
+        ("CD138", "plasma cell", "otsu"),
+    ]
     assert all(150 < g["threshold"] < 1500 for g in report["gates"])  # between negative and positive cells
     assert (np.asarray(types) == cells.phenotype).mean() >= 0.97
     cells = cells.assign(cell_type=types)
@@ -230,7 +245,9 @@ def test_if_preset_gates_cells_and_finds_b_cell_follicles(if_node):
     assert np.mean(ious) >= 0.8, np.round(ious, 2)
     found = regions[regions.kind == "follicle"]
     assert set(regions.kind) == {"tissue", "follicle"} and found.has_gc.isna().all()  # no GC marker: not looked for
-    table = region_metrics(pd.concat([cells, assign_cells(cells, regions)], axis=1), regions, wf["tissue_type"], wf["regions"])
+    table = region_metrics(
+        pd.concat([cells, assign_cells(cells, regions)], axis=1), regions, wf["tissue_type"], wf["regions"]
+    )
     rows = table.set_index("region_id")
     assert (rows.loc[found.region_id, "fraction_b_cell"] >= 0.7).all()
     slide = rows.loc["slide"]

@@ -1,6 +1,7 @@
 """Issue 3's must-shows on the pipeline's own nuclei: ``run_slide`` (real Dask workers, the shipped
 model) on generated slides, its bundle checked against the generator's truth. The same checks on
-truth cells, and the field-level export checks, are in tests/structures/test_regions.py and tests/outputs/test_export.py."""
+truth cells, and the field-level export checks, are in tests/structures/test_regions.py and
+tests/outputs/test_export.py."""
 
 from __future__ import annotations
 
@@ -14,23 +15,32 @@ import pytest
 import shapely
 from shapely.geometry import shape
 
-from histo.train.matching import match_points
 from histo.run.pipeline import run_slide
+from histo.train.matching import match_points
 from tests.structures.test_metrics import UNITLESS, UNITS
 from tests.structures.test_regions import check_aggregate_grades, check_lining_layers, follicle_scores, load_truth
 
 pytestmark = pytest.mark.slow
 # histo.stats.neighbourhood's summary columns: z-scores, ratios, centralities, Moran's I (no unit), sample sizes
-NEIGHBOURHOOD = ("nhood_", "co_occurrence_", "ripley_", "degree_centrality_", "average_clustering_",
-                 "closeness_centrality_", "moran_i_")
+NEIGHBOURHOOD = (
+    "nhood_",
+    "co_occurrence_",
+    "ripley_",
+    "degree_centrality_",
+    "average_clustering_",
+    "closeness_centrality_",
+    "moran_i_",
+)
 
 
 def bundle_regions(bundle) -> gpd.GeoDataFrame:
     """The bundle's regions in µm: metrics.parquet's region rows (every region property) with the
     µm geometry of regions.geojson (its WKT rounded to 0.01 µm, which can make a ring self-touch: made valid)."""
     feats = json.loads((bundle / "regions.geojson").read_text(encoding="utf-8"))["features"]
-    geometry = {f["properties"]["region_id"]: shapely.make_valid(shapely.from_wkt(f["properties"]["geometry_um"]))
-                for f in feats}
+    geometry = {
+        f["properties"]["region_id"]: shapely.make_valid(shapely.from_wkt(f["properties"]["geometry_um"]))
+        for f in feats
+    }
     metrics = pd.read_parquet(bundle / "metrics.parquet")
     rows = metrics[metrics.kind != "slide"].reset_index(drop=True)
     return gpd.GeoDataFrame(rows, geometry=[geometry[r] for r in rows.region_id])
@@ -56,14 +66,19 @@ def node(generated, client, tmp_path_factory):
 @pytest.fixture(scope="module")
 def synovium(generated, client, tmp_path_factory):
     slide = generated("synovium", 4096, 2)
-    return slide, run_slide(slide, tmp_path_factory.mktemp("synovium"), "synovium-he", client=client, show_progress=False)
+    return slide, run_slide(
+        slide, tmp_path_factory.mktemp("synovium"), "synovium-he", client=client, show_progress=False
+    )
 
 
 def test_follicles_match_truth(node):
     slide, bundle = node
     _, feats, _ = load_truth(slide)
     n_found, n_true, ious, has_gc = follicle_scores(feats, bundle_regions(bundle))
-    print(f"\nfollicles {n_found} found / {n_true} true, IoU {np.round(ious, 2)} (mean {np.mean(ious):.3f}), has_gc right {has_gc:.2f}")
+    print(
+        f"\nfollicles {n_found} found / {n_true} true, IoU {np.round(ious, 2)} (mean {np.mean(ious):.3f}), "
+        f"has_gc right {has_gc:.2f}"
+    )
     assert abs(n_found - n_true) <= 0.2 * n_true, f"{n_found} follicles found, {n_true} true"
     assert np.mean(ious) >= 0.6, np.round(ious, 2)
 
@@ -82,8 +97,11 @@ def test_synovium_lining_and_aggregate_grades_match_truth(synovium):
     regions = bundle_regions(bundle)
     grades = check_aggregate_grades(feats, regions)
     lining = check_lining_layers(feats, regions)
-    print(f"\naggregates (true grade, grade, true layers, layers): {[(t, g, tl, round(fl, 1)) for t, g, tl, fl in grades]}"
-          f"\nlining (piece, true layers, layers found): {lining}")
+    print(
+        "\naggregates (true grade, grade, true layers, layers): "
+        f"{[(t, g, tl, round(fl, 1)) for t, g, tl, fl in grades]}"
+        f"\nlining (piece, true layers, layers found): {lining}"
+    )
 
 
 def test_exports_open_in_qupath_anndata_and_squidpy(node):
@@ -103,7 +121,9 @@ def test_exports_open_in_qupath_anndata_and_squidpy(node):
         assert geom.geom_type in ("Polygon", "MultiPolygon") and geom.is_valid and not geom.is_empty
     metrics = pd.read_csv(bundle / "metrics.csv")
     assert list(metrics.region_id) == [f["properties"]["region_id"] for f in data["features"]] + ["slide"]
-    numeric = [c for c in metrics.columns if pd.api.types.is_numeric_dtype(metrics[c]) and not c.startswith(NEIGHBOURHOOD)]
+    numeric = [
+        c for c in metrics.columns if pd.api.types.is_numeric_dtype(metrics[c]) and not c.startswith(NEIGHBOURHOOD)
+    ]
     assert not [c for c in numeric if not UNITS.match(c) and c not in UNITLESS]
     adata = ad.read_h5ad(bundle / "cells.h5ad")
     cells = pd.read_parquet(bundle / "cells.parquet", columns=["cell_type"])

@@ -78,7 +78,10 @@ def _write(folder, masks: dict) -> None:
 def test_cli_mask_against_itself_and_with_nuclei_removed(tmp_path, capsys):
     truths = {f"tile{i}": disks(seed=i) for i in range(3)}
     _write(tmp_path / "truth", truths)
-    assert main(["evaluate", str(tmp_path / "truth"), "--pred", str(tmp_path / "truth"), "--out", str(tmp_path / "a")]) == 0
+    assert (
+        main(["evaluate", str(tmp_path / "truth"), "--pred", str(tmp_path / "truth"), "--out", str(tmp_path / "a")])
+        == 0
+    )
     table = pd.read_csv(tmp_path / "a" / "scores.csv")
     assert list(table["image"]) == ["tile0", "tile1", "tile2", "pooled"]
     assert (table[["f1", "pq", "aji", "precision", "recall"]] == 1).all().all()
@@ -106,17 +109,32 @@ def test_geojson_outlines_and_bad_files(tmp_path, capsys):
         from skimage.measure import find_contours
 
         c = max(find_contours(np.pad(truth == i, 1).astype(float), 0.5), key=len)[:, ::-1] - 1 + 0.5
-        feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [c.tolist() + [c[0].tolist()]]},
-                      "properties": {"objectType": "detection"}})
-    feats.append({"type": "Feature", "properties": {},  # a self-intersecting bow tie: mended, still counted
-                  "geometry": {"type": "Polygon", "coordinates": [[[250, 250], [270, 270], [270, 250], [250, 270], [250, 250]]]}})
+        feats.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [c.tolist() + [c[0].tolist()]]},
+                "properties": {"objectType": "detection"},
+            }
+        )
+    feats.append(
+        {
+            "type": "Feature",
+            "properties": {},  # a self-intersecting bow tie: mended, still counted
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[250, 250], [270, 270], [270, 250], [250, 270], [250, 250]]],
+            },
+        }
+    )
     (tmp_path / "pred" / "t.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
     main(["evaluate", str(tmp_path / "truth"), "--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "o")])
     row = pd.read_csv(tmp_path / "o" / "scores.csv").iloc[0]
     assert row["tp"] == row["n_true"] and row["fp"] == 1 and row["mean_iou"] > 0.85
 
     (tmp_path / "pred" / "t.geojson").write_text("{not json")
-    assert main(["evaluate", str(tmp_path / "truth"), "--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["evaluate", str(tmp_path / "truth"), "--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "o")]) == 2
+    )
     err = capsys.readouterr().err
     assert "t.geojson" in err and "not a GeoJSON file" in err
 
@@ -142,8 +160,14 @@ def test_plain_crops_through_histo_run_then_scored(client, tmp_path):
     from histo_sample import write_training_set
 
     write_training_set(tmp_path / "set", 2, tile_px=640, seed=5, mpp=0.25, per_scene=1)
-    errors = run_images(tmp_path / "set" / "masks", tmp_path / "set" / "images", tmp_path / "bundles", 0.25,
-                        client=client, show_progress=False)
+    errors = run_images(
+        tmp_path / "set" / "masks",
+        tmp_path / "set" / "images",
+        tmp_path / "bundles",
+        0.25,
+        client=client,
+        show_progress=False,
+    )
     assert errors == {}
     run = json.loads((tmp_path / "bundles" / "0000" / "run.json").read_text())
     assert run["input"]["levels"] == 1 and run["tissue"]["pieces"] >= 1

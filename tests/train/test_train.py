@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from histo.errors import HistoError
 from histo.train.augment import (
     HEAugmenter,
     brightness_contrast,
@@ -22,7 +23,6 @@ from histo.train.augment import (
     scale_jitter,
     stain_jitter,
 )
-from histo.errors import HistoError
 from histo.train.outlines import (
     pairs_from_folders,
     read_pair,
@@ -211,10 +211,20 @@ def trained(disks, tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "tiny-he"
     ims, mks = zip(*disks)
     folder, model = train(
-        list(ims), list(mks), out, mpp=0.5, image_mpp=0.5, epochs=2, steps_per_epoch=4,
-        val_fraction=0.34, seed=0, return_model=True, verbose=0,
+        list(ims),
+        list(mks),
+        out,
+        mpp=0.5,
+        image_mpp=0.5,
+        epochs=2,
+        steps_per_epoch=4,
+        val_fraction=0.34,
+        seed=0,
+        return_model=True,
+        verbose=0,
         sources=[{"name": "synthetic disks (test)", "licence": "CC0-1.0", "n_images": len(ims)}],
-        command="pytest", **TINY,
+        command="pytest",
+        **TINY,
     )
     return folder, model, disks
 
@@ -225,8 +235,18 @@ def test_train_writes_a_complete_small_model_folder(trained):
     assert {"config.json", "thresholds.json", "weights_best.h5", "card.json", "MODEL.md"} <= names
     assert not names & {"weights_last.h5", "weights_now.h5", "train_state.json", "logs"}
     card = json.loads((folder / "card.json").read_text())
-    for key in ("name", "mpp", "normalize", "n_rays", "grid", "architecture", "training",
-                "validation", "thresholds", "max_nucleus_um"):
+    for key in (
+        "name",
+        "mpp",
+        "normalize",
+        "n_rays",
+        "grid",
+        "architecture",
+        "training",
+        "validation",
+        "thresholds",
+        "max_nucleus_um",
+    ):
         assert key in card, key
     assert card["mpp"] == 0.5 and card["normalize"] == {"kind": "fixed", "low": 0, "high": 255}
     assert card["n_rays"] == 16 and card["grid"] == [2, 2]
@@ -267,8 +287,7 @@ def test_existing_model_is_not_overwritten(trained):
     folder, _, disks = trained
     ims, mks = zip(*disks)
     with pytest.raises(HistoError, match="already holds a trained model"):
-        train(list(ims), list(mks), folder, mpp=0.5, image_mpp=0.5, epochs=1, steps_per_epoch=1,
-              verbose=0, **TINY)
+        train(list(ims), list(mks), folder, mpp=0.5, image_mpp=0.5, epochs=1, steps_per_epoch=1, verbose=0, **TINY)
 
 
 def test_training_resumes_from_the_saved_epoch(disks, tmp_path):
@@ -284,8 +303,17 @@ def test_training_resumes_from_the_saved_epoch(disks, tmp_path):
 
     ims, mks = zip(*disks)
     out = tmp_path / "resumable"
-    kw = dict(mpp=0.5, image_mpp=0.5, epochs=3, steps_per_epoch=2, val_fraction=0.34, seed=1,
-              verbose=0, optimize=False, **TINY)
+    kw = dict(
+        mpp=0.5,
+        image_mpp=0.5,
+        epochs=3,
+        steps_per_epoch=2,
+        val_fraction=0.34,
+        seed=1,
+        verbose=0,
+        optimize=False,
+        **TINY,
+    )
     with pytest.raises(Stop):
         train(list(ims), list(mks), out, extra_callbacks=[StopAfter()], **kw)
     state = json.loads((out / "train_state.json").read_text())
@@ -309,8 +337,10 @@ def test_training_resumes_from_the_saved_epoch(disks, tmp_path):
     assert card["training"]["n_val"] == len(state["split"]["val"])
 
 
-@pytest.mark.skipif(not MONUSEG_TRAIN.is_dir(), reason=f"real data not available: {MONUSEG_TRAIN} is absent "
-                    "(the shared data folder sits next to the repository)")
+@pytest.mark.skipif(
+    not MONUSEG_TRAIN.is_dir(),
+    reason=f"real data not available: {MONUSEG_TRAIN} is absent (the shared data folder sits next to the repository)",
+)
 def test_histo_train_cli_on_real_tiles_with_per_image_pixel_sizes(tmp_path):
     """`histo train` on two real MoNuSeg tiles (a 40x one at its XML pixel size and a 20x outlier,
     from a CSV) plus a folder of generated tiles: both resampled to the model's 0.5 µm/px, both
@@ -327,11 +357,38 @@ def test_histo_train_cli_on_real_tiles_with_per_image_pixel_sizes(tmp_path):
     (tmp_path / "mpp.csv").write_text(f"image,mpp\n{names[0]}.tif,0.2527\n{names[1]},0.5005\n")
     write_training_set(tmp_path / "gen", 2, tile_px=256, seed=0, mpp=0.5, per_scene=1)
     out = tmp_path / "he-tiny"
-    rc = main(["train", str(real / "images"), str(real / "masks"), "--image-mpp", str(tmp_path / "mpp.csv"),
-               "--licence", "CC BY-NC-SA 4.0", "--data", str(tmp_path / "gen" / "images"),
-               str(tmp_path / "gen" / "masks"), "0.5", "BSD-3-Clause", "--out", str(out), "--mpp", "0.5",
-               "--epochs", "1", "--steps", "2", "--patch", "128", "--batch", "2", "--val-fraction", "0.25",
-               "--note", "smoke test"])
+    rc = main(
+        [
+            "train",
+            str(real / "images"),
+            str(real / "masks"),
+            "--image-mpp",
+            str(tmp_path / "mpp.csv"),
+            "--licence",
+            "CC BY-NC-SA 4.0",
+            "--data",
+            str(tmp_path / "gen" / "images"),
+            str(tmp_path / "gen" / "masks"),
+            "0.5",
+            "BSD-3-Clause",
+            "--out",
+            str(out),
+            "--mpp",
+            "0.5",
+            "--epochs",
+            "1",
+            "--steps",
+            "2",
+            "--patch",
+            "128",
+            "--batch",
+            "2",
+            "--val-fraction",
+            "0.25",
+            "--note",
+            "smoke test",
+        ]
+    )
     assert rc == 0
     card = json.loads((out / "card.json").read_text())
     assert card["mpp"] == 0.5 and card["training"]["image_mpp"] == [0.2527, 0.5, 0.5005]
@@ -347,5 +404,19 @@ def test_histo_train_cli_on_real_tiles_with_per_image_pixel_sizes(tmp_path):
     assert spec.mpp == 0.5 and spec.thresholds == card["thresholds"]
 
     (tmp_path / "mpp.csv").write_text(f"image,mpp\n{names[0]},0.2527\n")  # one image without a size
-    assert main(["train", str(real / "images"), str(real / "masks"), "--image-mpp", str(tmp_path / "mpp.csv"),
-                 "--out", str(tmp_path / "x"), "--epochs", "1"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                str(real / "images"),
+                str(real / "masks"),
+                "--image-mpp",
+                str(tmp_path / "mpp.csv"),
+                "--out",
+                str(tmp_path / "x"),
+                "--epochs",
+                "1",
+            ]
+        )
+        == 2
+    )
