@@ -21,8 +21,8 @@ import tifffile
 from histo.run.cluster import dask_client
 from histo.train.augment import recolour
 from histo.train.classes import read_types
+from histo.train.data import list_images, read_array
 from histo.train.evaluate import evaluate, run_images
-from histo.train.outlines import _list_images, _read_array
 
 #: name → (hematoxylin, eosin) concentration factors
 CHANGES = {"original": None, "pale-H-strong-E": (0.65, 1.35), "strong-H-pale-E": (1.35, 0.65)}
@@ -30,8 +30,8 @@ CHANGES = {"original": None, "pale-H-strong-E": (0.65, 1.35), "strong-H-pale-E":
 
 def recoloured(images: Path, out: Path, factors: tuple[float, float]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    for stem, path in _list_images(images).items():
-        rgb = _read_array(path)[..., :3].astype(np.float32) / 255
+    for stem, path in list_images(images).items():
+        rgb = read_array(path)[..., :3].astype(np.float32) / 255
         alpha = (factors[0], factors[1], 1.0)
         tifffile.imwrite(out / f"{stem}.tif", np.round(recolour(rgb, alpha) * 255).astype(np.uint8))
     return out

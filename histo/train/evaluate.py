@@ -14,7 +14,6 @@ are drawn at the image's own pixel grid.
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -25,7 +24,9 @@ import shapely
 from scipy.optimize import linear_sum_assignment
 
 from histo.errors import HistoError
+from histo.io.files import read_json, write_json
 from histo.segment.labels import rasterise
+from histo.train.data import list_images, pixel_sizes, read_array
 
 MASK_EXT = (".tif", ".tiff", ".png")
 GEOJSON_EXT = (".geojson", ".json")
@@ -149,9 +150,7 @@ def bundle_classes(bundle: str | Path) -> np.ndarray:
 def truth_files(folder: str | Path) -> dict[str, Path]:
     """Truth files (masks or GeoJSON) in ``folder`` by stem; HistoError if there are none or two
     share a stem."""
-    from histo.train.outlines import _list_images
-
-    out = _list_images(Path(folder), MASK_EXT + GEOJSON_EXT)
+    out = list_images(Path(folder), MASK_EXT + GEOJSON_EXT)
     if not out:
         raise HistoError(folder, "no truth files (instance masks .tif/.png or QuPath .geojson) in this folder")
     return out
@@ -169,9 +168,7 @@ def read_truth(path: str | Path, shape: tuple[int, int] | None = None) -> np.nda
         geoms = import_annotations(path, mpp=1.0, object_types=None, repair=True).geometry.to_numpy()
         parts, index = shapely.get_parts(geoms, return_index=True)  # a mended outline may be in pieces
         return rasterise(parts, index + 1, 1.0, (0, 0), shape)
-    from histo.train.outlines import _read_array
-
-    mask = _read_array(path)
+    mask = read_array(path)
     if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
         raise HistoError(path, f"a truth mask must be a 2-D integer label image, got {mask.dtype} {mask.shape}")
     return mask.astype(np.int64)
@@ -182,7 +179,7 @@ def bundle_labels(bundle: str | Path) -> tuple[np.ndarray, float]:
     grid's µm/px."""
     bundle = Path(bundle)
     try:
-        run = json.loads((bundle / "run.json").read_text())
+        run = read_json(bundle / "run.json")
     except FileNotFoundError:
         raise HistoError(bundle, "not a complete histo bundle (no run.json)") from None
     mpp, shape = float(run["input"]["mpp"]), tuple(run["input"]["shape_px"])
@@ -199,22 +196,42 @@ def evaluate(
     errors: dict[str, str] | None = None,
     types: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """One row per truth file plus a ``pooled`` row.
+    """Score predicted nuclei against expert outlines: one row per truth file plus a ``pooled`` row.
 
     Parameters
     ----------
-    truth_dir : instance masks or GeoJSON outlines (px), one per image.
-    bundles_dir, pred_dir : predictions, exactly one: the bundles ``bundles_dir/<stem>/`` or the
-        files ``pred_dir/<stem>.*`` (label masks or GeoJSON outlines in pixels).
-    thresh : IoU at which a nucleus counts as found.
-    errors : {stem: message} of images that could not be run (e.g. from :func:`run_images`).
-    types : with bundles, a type per true nucleus (``histo.train.classes.read_types``): adds per class
-        ``tp_/fp_/fn_/f1_<class>`` (:func:`class_counts`) and ``table.attrs["confusion"]``, the
-        matched nuclei's true × called classes.
+    truth_dir : str or Path
+        Instance masks (.tif/.png, 0 = background) or QuPath GeoJSON outlines in pixels, one per image.
+    bundles_dir, pred_dir : str or Path, optional
+        The predictions, exactly one of them: histo bundles ``bundles_dir/<stem>/`` (nuclei drawn on
+        the slide's level-0 pixel grid), or files ``pred_dir/<stem>.*`` (label masks or GeoJSON
+        outlines in pixels).
+    thresh : float
+        IoU at which a true and a predicted nucleus match (0.5: the field's convention).
+    errors : dict of str to str, optional
+        ``{stem: message}`` of images that could not be run (e.g. from :func:`run_images`); they
+        become rows with that ``error``.
+    types : pandas.DataFrame, optional
+        With bundles only: a class per true nucleus (``tile``, ``label``, ``class``; from
+        ``histo.train.classes.read_types``). Adds per class ``tp_/fp_/fn_/f1_<class>``
+        (:func:`class_counts`) and ``table.attrs["confusion"]``, the matched nuclei's true × called
+        classes.
 
     Returns
     -------
-    pandas.DataFrame : one row per image (a missing prediction is a row with its ``error``), then ``pooled``.
+    pandas.DataFrame
+        One row per truth file (``image`` = its stem): counts ``n_true``, ``n_pred``, ``tp``, ``fp``,
+        ``fn`` (nuclei), ``sum_iou``, ``aji_intersection``/``aji_union`` (px), and the scores
+        ``precision``, ``recall``, ``f1``, ``mean_iou``, ``pq``, ``aji`` (fractions, 0–1); a truth
+        file without a usable prediction is a row with its ``error``. The last row, ``pooled``, scores
+        the counts summed over the scored images.
+
+    Raises
+    ------
+    ValueError
+        Both or neither of ``bundles_dir`` and ``pred_dir``, or ``types`` without bundles.
+    HistoError
+        No truth files, or no image could be scored.
     """
     if (bundles_dir is None) == (pred_dir is None):
         raise ValueError("give exactly one of bundles_dir and pred_dir")
@@ -303,13 +320,12 @@ def run_images(
     show_progress: bool = True,
 ) -> dict[str, str]:
     """``histo run`` on the image of every truth file (same stem in ``images_dir``) into
-    ``bundles_dir``; ``image_mpp`` is one µm/px for all or a CSV (``histo.train.outlines.pixel_sizes``).
+    ``bundles_dir``; ``image_mpp`` is one µm/px for all or a CSV (``histo.train.data.pixel_sizes``).
     Returns {stem: error} for the images that could not be run (the others are bundles)."""
     from histo.run.cluster import dask_client
     from histo.run.pipeline import run_slide
-    from histo.train.outlines import _list_images, pixel_sizes
 
-    images = _list_images(Path(images_dir), MASK_EXT + (".jpg", ".jpeg"))  # histo run reads JPEG too
+    images = list_images(Path(images_dir), MASK_EXT + (".jpg", ".jpeg"))  # histo run reads JPEG too
     mpp_of = pixel_sizes(image_mpp, images_dir)
     errors = {}
     with dask_client(None, None) if client is None else nullcontext(client) as cl:
@@ -337,13 +353,13 @@ def run_images(
 def record_in_card(folder: str | Path, dataset: str, table: pd.DataFrame, command: str | None = None) -> Path:
     """Add (or replace, by ``dataset`` name) a pooled evaluation in a model folder's ``card.json``
     and rewrite its ``MODEL.md``."""
-    from histo.train.outlines import _write_json, write_model_md
+    from histo.train.outlines import write_model_md
 
     folder = Path(folder)
     card_path = folder / "card.json"
     if not card_path.is_file():
         raise HistoError(folder, "not a histo model folder (no card.json) to record the evaluation in")
-    card = json.loads(card_path.read_text())
+    card = read_json(card_path)
     scored = table[(table["image"] != "pooled") & table["tp"].notna()]
     pooled = table.set_index("image").loc["pooled"]
     entry = {
@@ -356,5 +372,5 @@ def record_in_card(folder: str | Path, dataset: str, table: pd.DataFrame, comman
         "f1_per_image": {r.image: round(float(r.f1), 4) for r in scored.itertuples()},
     }
     card["evaluations"] = [e for e in card.get("evaluations", []) if e["dataset"] != dataset] + [entry]
-    _write_json(card_path, card)
+    write_json(card_path, card)
     return write_model_md(folder)

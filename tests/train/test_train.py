@@ -1,4 +1,4 @@
-"""Training (histo.train.outlines) and H&E augmentation (histo.train.augment).
+"""Training (histo.train.outlines), its data (histo.train.data) and H&E augmentation (histo.train.augment).
 
 Training tests use a tiny network (U-Net depth 2, 8 filters) on small synthetic disk images made
 here, so each runs in seconds on 2 cores; one test fits two real MoNuSeg *training* tiles (never
@@ -23,13 +23,8 @@ from histo.train.augment import (
     scale_jitter,
     stain_jitter,
 )
-from histo.train.outlines import (
-    pairs_from_folders,
-    read_pair,
-    resample_pair,
-    split_by_image,
-    train,
-)
+from histo.train.data import pairs_from_folders, read_pair, resample_pair, split_by_image
+from histo.train.outlines import TrainConfig, train
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 MONUSEG_TRAIN = SHARED / "data" / "monuseg" / "train"
@@ -206,6 +201,20 @@ def test_he_augmenter_is_reproducible_and_keeps_shapes():
 
 
 # ---------------------------------------------------------------- training
+def test_train_config_is_frozen_typed_and_round_trips_through_json():
+    c = TrainConfig(mpp=0.5, grid=[2, 2], nms_threshs=[0.3], reduce_lr={"factor": 0.5})
+    assert c.grid == (2, 2) and c.nms_threshs == (0.3,) and TrainConfig().epochs == 50
+    with pytest.raises(AttributeError):
+        c.epochs = 3
+    d = json.loads(json.dumps(c.as_dict()))
+    assert d["grid"] == [2, 2] and TrainConfig.from_dict(d) == c
+    assert c.with_settings(epochs=3).epochs == 3 and c.with_settings() is c
+    with pytest.raises(TypeError, match="unknown training setting.*epoch_count"):
+        c.with_settings(epoch_count=3)
+    with pytest.raises(TypeError, match="unknown training setting"):
+        train([], [], "x", image_mpp=0.5, epoch_count=3)
+
+
 @pytest.fixture(scope="module")
 def trained(disks, tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "tiny-he"
@@ -258,6 +267,18 @@ def test_train_writes_a_complete_small_model_folder(trained):
     for k in ("f1", "precision", "recall"):
         assert 0.0 <= card["validation"][k] <= 1.0
     assert card["validation"]["thresh"] == 0.5
+    config = TrainConfig.from_dict(t["config"])  # the settings, saved with the model
+    assert config == TrainConfig(
+        mpp=0.5,
+        epochs=2,
+        steps_per_epoch=4,
+        val_fraction=0.34,
+        learning_rate=3e-4,
+        reduce_lr=config.reduce_lr,  # as StarDist saved it (it adds "verbose")
+        stain_scale=0.2,
+        **TINY,
+    )
+    assert {"factor": 0.5, "patience": 5, "min_delta": 0}.items() <= config.reduce_lr.items()
     thr = json.loads((folder / "thresholds.json").read_text())
     assert thr["prob"] == pytest.approx(card["thresholds"]["prob"])
     md = (folder / "MODEL.md").read_text()
@@ -331,6 +352,9 @@ def test_training_resumes_from_the_saved_epoch(disks, tmp_path):
     assert card["training"]["epochs"] == 3 and card["training"]["learning_rate_changes"][0]["to"] == 1e-4
     assert state["stain_scale_changes"] == [{"epoch": 1, "from": 0.2, "to": 0.4}]
     assert card["training"]["augmentation"]["stain_scale"] == 0.4
+    # the card's config is the run's start; the changes are listed beside it
+    assert card["training"]["config"]["learning_rate"] == pytest.approx(3e-4)
+    assert card["training"]["config"]["stain_scale"] == 0.2 and card["training"]["config"]["epochs"] == 3
     assert "set to 0.0001 after epoch 1" in (out / "MODEL.md").read_text()
     assert "±0.2 until epoch 1" in (out / "MODEL.md").read_text()
     # the split did not change between the two calls
