@@ -59,12 +59,12 @@ def stats(path: Path) -> None:
     """Child process: the preset's neighbourhood statistics on the cells in ``path``, timed per step."""
     import squidpy as sq
 
-    from histo import neighbourhood as nb
+    from histo.stats import neighbourhood as nb
     from histo.workflow import load_workflow
 
     cells = pd.read_parquet(path)
-    params = load_workflow("lymph-node-he")["neighbourhood"]
-    params["centrality_scores"]["max_cells"] = len(cells)
+    params = load_workflow("lymph-node-he").neighbourhood
+    params = params.replace(centrality_scores=params.centrality_scores.replace(max_cells=len(cells)))
     steps: dict[str, float] = {}
     for module, name in (
         (sq.gr, "spatial_neighbors_delaunay"),

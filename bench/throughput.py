@@ -46,7 +46,7 @@ from histo.segment.models import (
     use_precision,
 )
 from histo.segment.task import warm_worker
-from histo.stats.neighbourhood import input_columns, neighbourhood_stats
+from histo.stats.neighbourhood import NeighbourhoodParams, input_columns, neighbourhood_stats
 from histo.train.evaluate import bundle_labels, score
 from histo.workflow import load_workflow
 from histo_sample import write_sample
@@ -65,7 +65,7 @@ def generated(workdir: Path, size: int, mpp: float, seed: int = 7) -> Path:
     return path
 
 
-def warm_statistics(bundle: Path, params: dict) -> None:
+def warm_statistics(bundle: Path, params: NeighbourhoodParams) -> None:
     """The neighbourhood statistics of ``bundle``'s cells, for their numba JIT in this worker."""
     cells = pd.read_parquet(bundle / "cells.parquet")
     neighbourhood_stats(cells[input_columns(cells, params)], params)
@@ -78,7 +78,7 @@ def histo_run(slide: Path, warm: Path, out: Path, workflow: str, model: str, wor
     with dask_client(n_workers=workers) as client:
         client.run(warm_worker, resolve_model(model), inference_precision())
         warmed = run_slide(warm, out / "warm", workflow, model=model, client=client, show_progress=False)
-        client.run(warm_statistics, warmed, load_workflow(workflow)["neighbourhood"])
+        client.run(warm_statistics, warmed, load_workflow(workflow).neighbourhood)
         walls, peak = [], 0.0
         for r in range(rounds):
             bundle, wall, round_peak = timed(
@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "histo-throughput")
     args = ap.parse_args()
     size = 2048 if args.quick else args.size
-    model = args.model or load_workflow(args.workflow)["model"]
+    model = args.model or load_workflow(args.workflow).model
     mpp = resolve_model(model).mpp
     args.workdir.mkdir(parents=True, exist_ok=True)
     slide, warm = generated(args.workdir, size, mpp), generated(args.workdir, 1024, mpp, seed=1)  # 257 nuclei

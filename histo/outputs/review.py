@@ -32,12 +32,14 @@ from histo.structures.aggregates import count_inside, grade
 from histo.structures.metrics import region_metrics
 from histo.structures.regions import (
     KINDS,
+    RegionParams,
     assign_cells,
     edge_truncated,
     lymphoid_cell_types,
     mantle_thickness,
     region_params,
 )
+from histo.workflow import Workflow, validate
 
 REVIEW_STATES = ("unreviewed", "accepted", "rejected")
 HOSTS = ("follicle", "aggregate")  # kinds that hold germinal centres
@@ -128,7 +130,11 @@ def _best(geom, candidates: gpd.GeoDataFrame) -> str | None:
 
 
 def refresh_properties(
-    regions: gpd.GeoDataFrame, changed: np.ndarray, xy: np.ndarray, tissue_type: str, params: dict | None = None
+    regions: gpd.GeoDataFrame,
+    changed: np.ndarray,
+    xy: np.ndarray,
+    tissue_type: str,
+    params: RegionParams | dict | None = None,
 ) -> gpd.GeoDataFrame:
     """Region properties after editing: rows ``changed`` get area, tissue and parent ids, the
     edge-truncated flag and (aggregates) radial layers and grade from the cells at ``xy`` (n, 2) µm;
@@ -145,14 +151,14 @@ def refresh_properties(
         host = _best(geom, out[out.kind.isin(HOSTS)]) if kind == "germinal_centre" else None
         piece = tissue.geometry[tissue.region_id == tid].iloc[0] if tid else None
         out.loc[out.index[i], ["tissue_id", "parent_id"]] = [tid, host or tid]
-        out.loc[out.index[i], "edge_truncated"] = bool(piece is not None and edge_truncated(geom, piece, p["edge_um"]))
+        out.loc[out.index[i], "edge_truncated"] = bool(piece is not None and edge_truncated(geom, piece, p.edge_um))
         if kind == "aggregate":
             n = count_inside(geom, xy)
             layers = float(np.sqrt(n / np.pi))  # radius / spacing with spacing = sqrt(area / n)
             out.loc[out.index[i], ["spacing_um", "radial_layers", "grade"]] = [
                 float(np.sqrt(geom.area / max(n, 1))),
                 layers,
-                grade(layers, p["aggregate"]["grade_min_layers"]),
+                grade(layers, p.aggregate.grade_min_layers),
             ]
     gcs = out[out.kind == "germinal_centre"]
     for i in np.flatnonzero(out.kind.isin(HOSTS).to_numpy()):
@@ -170,7 +176,7 @@ def refresh_properties(
 
 
 def remeasure(
-    cells: pd.DataFrame, regions: gpd.GeoDataFrame, tissue_type: str, params: dict | None = None
+    cells: pd.DataFrame, regions: gpd.GeoDataFrame, tissue_type: str, params: RegionParams | dict | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Region ids of every cell and the metrics table (:func:`histo.structures.metrics.region_metrics`) of
     ``regions``, keeping the region finders' properties (grades, layers, …) and re-deriving
@@ -249,15 +255,20 @@ def saved_neighbourhood(bundle: Path) -> dict | None:
         return read_elem(f["uns/neighbourhood"]) if "uns/neighbourhood" in f else None
 
 
+def run_workflow(bundle: Path, run: dict) -> Workflow:
+    """The :class:`histo.workflow.Workflow` the bundle was made with (run.json's ``workflow``, validated)."""
+    return validate(run["workflow"], str(Path(bundle) / "run.json"))
+
+
 def redraw_figures(
     bundle: Path, run: dict, regions: gpd.GeoDataFrame, cells: pd.DataFrame, metrics: pd.DataFrame
 ) -> None:
     """Redraw ``overview.png`` and ``report.html`` of ``bundle`` for ``regions`` and their ``metrics``
     (``cells``: ``x_um``, ``y_um``, ``cell_type``), with the saved neighbourhood statistics."""
-    wf = run["workflow"]
+    wf = run_workflow(bundle, run)
     thumb, thumb_mpp = slide_thumbnail(run)
     nhood = saved_neighbourhood(bundle)
-    lymphoid = lymphoid_cell_types(wf["tissue_type"], wf["regions"])
+    lymphoid = lymphoid_cell_types(wf.tissue_type, wf.regions)
     overview = overview_figure(thumb, thumb_mpp, regions, cells)  # the PNG file and the report's map
     _replace(bundle / "overview.png", lambda tmp: tmp.write_bytes(overview))
     _replace(
@@ -270,7 +281,7 @@ def redraw_figures(
             regions,
             cells,
             metrics,
-            wf["tissue_type"],
+            wf.tissue_type,
             nhood,
             lymphoid,
             {"overview": overview},
@@ -285,7 +296,7 @@ def save_review(bundle: str | Path, regions: gpd.GeoDataFrame) -> pd.DataFrame:
     ``run.json``. Returns the new metrics table."""
     bundle = Path(bundle)
     run = read_run(bundle)
-    wf = run["workflow"]
+    wf = run_workflow(bundle, run)
     old = read_regions(bundle)
     kept = regions[regions.review != "rejected"].reset_index(drop=True)
     rejected = [r for r in regions.region_id[regions.review == "rejected"] if isinstance(r, str)]
@@ -299,8 +310,8 @@ def save_review(bundle: str | Path, regions: gpd.GeoDataFrame) -> pd.DataFrame:
     kept["name"] = [n if k == "annotation" and isinstance(n, str) else k for n, k in zip(kept.name, kept.kind)]
     cells = pd.read_parquet(bundle / "cells.parquet", columns=["x_um", "y_um", "cell_type"])
     xy = cells[["x_um", "y_um"]].to_numpy(np.float64)
-    kept = refresh_properties(kept, changed, xy, wf["tissue_type"], wf["regions"])
-    ids, metrics = remeasure(cells, kept, wf["tissue_type"], wf["regions"])
+    kept = refresh_properties(kept, changed, xy, wf.tissue_type, wf.regions)
+    ids, metrics = remeasure(cells, kept, wf.tissue_type, wf.regions)
     _write_cell_ids(bundle, ids)
     collection = regions_geojson(kept, run["input"]["mpp"], metrics)
     for feature, state in zip(collection["features"], kept.review):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -20,6 +21,9 @@ from histo.stats.neighbourhood import (
     stats_result,
 )
 from histo.structures.regions import lymphoid_cell_types
+
+if TYPE_CHECKING:
+    from histo.workflow import Workflow
 
 
 def _submit(client, fn, *args, priority: int = 0):
@@ -44,7 +48,7 @@ def write_outputs(
     regions,
     metrics: pd.DataFrame,
     slide,
-    wf: dict,
+    wf: Workflow,
     client=None,
     report: dict | None = None,
 ) -> dict[str, float]:
@@ -60,22 +64,22 @@ def write_outputs(
     this process writes the tables (the workers are idle once the tiles are done). ``report`` (run.json's)
     gains ``neighbourhood_skipped``: the statistics skipped per region and why (one cell type, too few cells)."""
     t0 = time.perf_counter()
-    params = wf["neighbourhood"]
-    if params["run"]:
+    params = wf.neighbourhood
+    if params.run:
         # first (the longest chain): the slide's statistics, then its figure; beside them the regions' in groups
         nhood_in = cells[input_columns(cells, params)]
         groups = region_groups(nhood_in, params, len(client.nthreads()) - 1 if client is not None else 1)
         parts = [_submit(client, group_stats, nhood_in, params, g, priority=2 - bool(k)) for k, g in enumerate(groups)]
     thumb, thumb_mpp = thumbnail(slide)
-    lymphoid = lymphoid_cell_types(wf["tissue_type"], wf["regions"])
+    lymphoid = lymphoid_cell_types(wf.tissue_type, wf.regions)
     plotted = cells[["x_um", "y_um", "cell_type"]]
     figures = {
         "overview": _submit(client, overview_figure, thumb, thumb_mpp, regions, plotted),
         "density": _submit(client, density_figure, thumb, thumb_mpp, regions, plotted, lymphoid),
     }
-    uns = {"histo": {"workflow": wf["name"], "tissue_type": wf["tissue_type"]}}
+    uns = {"histo": {"workflow": wf.name, "tissue_type": wf.tissue_type}}
     nhood = None
-    if params["run"]:
+    if params.run:
         if parts:
             figures["neighbourhood"] = _submit(client, _slide_figure, cell_type_order(nhood_in), parts[0], priority=2)
         uns["neighbourhood"] = nhood = stats_result(nhood_in, params, [f.result() for f in parts])
@@ -97,7 +101,7 @@ def write_outputs(
         regions,
         cells,
         metrics,
-        wf["tissue_type"],
+        wf.tissue_type,
         nhood,
         lymphoid,
         figures,

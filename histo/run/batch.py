@@ -30,7 +30,7 @@ from histo.io.bundle import SLIDE_SUFFIXES, OutputLock, bundle_lock, file_finger
 from histo.outputs.export import spreadsheet_safe
 from histo.run.pipeline import add_timings, finish_slide, plan_slide, run_fingerprint, submit_tiles
 from histo.segment.models import inference_precision, resolve_model
-from histo.workflow import WORKFLOW_DIR, load_workflow
+from histo.workflow import WORKFLOW_DIR, Workflow, load_workflow
 
 RUN_COLUMNS = ("name", "status", "error", "reused", "bundle", "n_tiles", "n_tile_errors")  # besides sheet and metrics
 TILES_PER_THREAD = 2  # tile tasks queued per worker thread: enough to bridge a slide's finishing
@@ -113,7 +113,7 @@ def workflow_for(entry: dict, default: str | None) -> str:
     return name
 
 
-def is_current(bundle: Path, slide: Path, wf: dict, model: str | None, mpp: float | None) -> bool:
+def is_current(bundle: Path, slide: Path, wf: Workflow, model: str | None, mpp: float | None) -> bool:
     """True when ``bundle`` is complete and its fingerprint equals the one the slide would get now.
     The input's SHA-256 is taken from ``run.json`` while the file's size and mtime are unchanged,
     else recomputed (so a re-run over hundreds of unchanged slides reads none of them)."""
@@ -125,7 +125,7 @@ def is_current(bundle: Path, slide: Path, wf: dict, model: str | None, mpp: floa
     stat, seen = slide.stat(), run["input"]
     same_file = stat.st_size == seen.get("size_bytes") and stat.st_mtime == seen.get("mtime")
     sha = seen["sha256"] if same_file else file_fingerprint(slide)["sha256"]
-    spec = resolve_model(model or wf["model"], stain="fluo" if wf["stain"] == "if" else "he")
+    spec = resolve_model(model or wf.model, stain="fluo" if wf.stain == "if" else "he")
     return run["fingerprint"] == run_fingerprint(sha, wf, spec, mpp, None, inference_precision())
 
 
@@ -165,17 +165,46 @@ def run_batch(
     show_progress: bool = True,
     cluster: Callable[[], AbstractContextManager[Client]] | None = None,
 ) -> pd.DataFrame:
-    """Analyse every slide of ``sheet`` (from :func:`read_input`) into ``out/<name>/`` on ``client``'s
-    cluster; returns the summary table, also written to ``out/summary.csv`` after every slide, and
-    writes the cohort tables (``histo.stats.cohort``).
+    """Analyse every slide of ``sheet`` into ``out/<name>/`` and write the cohort tables.
 
-    ``workflow``, ``model`` and ``mpp`` (µm/px) apply to every slide (a sheet's ``workflow`` and
-    ``mpp`` columns fill in where they are not given). A slide that fails is recorded with its
-    error; the others go on. Complete bundles with an unchanged fingerprint are reused. A second
-    batch on the same ``out`` is refused while this one runs (HistoError naming the folder). An
-    OSError outside a slide (disk full while writing the summary) ends the batch with a HistoError.
-    ``cluster``, instead of ``client``: a function giving a context manager that yields one (e.g.
-    :func:`histo.run.cluster.dask_client`), entered only once the lock is held: a refused batch starts none."""
+    Parameters
+    ----------
+    sheet : pandas.DataFrame
+        The sample sheet (:func:`read_input`): ``name``, ``slide`` and optionally ``patient``,
+        ``timepoint``, ``arm``, ``tissue``, ``stain``, ``workflow``, ``mpp`` (µm/px) and any
+        other columns, carried into the summary.
+    out : str or pathlib.Path
+        The output folder: one bundle per slide, ``summary.csv`` and the cohort tables
+        (``histo.stats.cohort``).
+    client : distributed.Client, optional
+        The Dask cluster the slides' tile tasks run on (or give ``cluster``).
+    workflow : str, optional
+        A preset name or YAML path for every slide; else the sheet's ``workflow`` column, else the
+        preset of the slide's tissue and stain (:func:`workflow_for`).
+    model : str, optional
+        Overrides every workflow's nucleus model.
+    mpp : float, optional
+        µm/px of level 0 for every slide; else the sheet's ``mpp`` column where given, else the file's.
+    show_progress : bool
+        Progress bars on the console.
+    cluster : callable, optional
+        Instead of ``client``: a function giving a context manager that yields one (e.g.
+        :func:`histo.run.cluster.dask_client`), entered only once the lock is held: a refused batch
+        starts none.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The summary: one row per slide (status, error, reused, bundle, the slide row's metrics),
+        also written to ``out/summary.csv`` after every slide.
+
+    Raises
+    ------
+    histo.errors.HistoError
+        A second batch on the same ``out`` while this one runs (naming the folder), or an OSError
+        outside a slide (disk full while writing the summary). A slide that fails is recorded with
+        its error and the others go on; complete bundles with an unchanged fingerprint are reused.
+    """
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -316,10 +345,10 @@ def _run_batch(
     return summary
 
 
-def tissue_workflows(entries: list[dict], workflow: str | None) -> dict[str, dict]:
+def tissue_workflows(entries: list[dict], workflow: str | None) -> dict[str, Workflow]:
     """tissue (the sheet's spelling, ``""`` without one) → the validated workflow of its first slide
     whose workflow loads: where the cohort report reads that tissue's endpoints."""
-    out: dict[str, dict] = {}
+    out: dict[str, Workflow] = {}
     for entry in entries:
         tissue = str(entry.get("tissue") or "")
         if tissue not in out:

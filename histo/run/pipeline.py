@@ -46,22 +46,23 @@ from histo.segment.task import SegmentJob, segment_tile
 from histo.segment.tiling import Tile, align_up, tile_grid
 from histo.segment.tissue import detect_tissue
 from histo.structures.analyse import analyse_cells
-from histo.workflow import load_workflow, nucleus_channel
+from histo.workflow import Segmentation, Workflow, as_workflow, nucleus_channel
 
 MIN_HALO_PX = 64  # px at the model's µm/px: context the U-Net needs beyond the largest nucleus
 UNREADABLE = ".unreadable.json"  # a tile task's record of slide tiles it read as glass, beside its part
 
 
 def plan_tiles(
-    slide: Slide, tissue, grid_mpp: float, max_nucleus_um: float, segmentation: dict
+    slide: Slide, tissue, grid_mpp: float, max_nucleus_um: float, segmentation: Segmentation
 ) -> tuple[tuple[int, int], list[Tile]]:
-    """The grid shape (H, W) px at ``grid_mpp`` µm/px and the tiles over tissue."""
+    """The grid shape (H, W) px at ``grid_mpp`` µm/px and the tiles over tissue (``segmentation``:
+    the workflow's section; ``tile_um``, ``halo_um`` in µm)."""
     scale = slide.mpp / grid_mpp
     shape = (math.ceil(slide.shape[0] * scale), math.ceil(slide.shape[1] * scale))
-    halo_um = segmentation["halo_um"]
+    halo_um = segmentation.halo_um
     # a kept nucleus reaches at most its diameter past the core; the U-Net needs MIN_HALO_PX of context
     halo_px = max(MIN_HALO_PX, max_nucleus_um / grid_mpp) if halo_um is None else halo_um / grid_mpp
-    tile_px = align_up(segmentation["tile_um"] / grid_mpp)
+    tile_px = align_up(segmentation.tile_um / grid_mpp)
     return shape, tile_grid(shape, tile_px, align_up(halo_px), tissue.mask, tissue.mpp / grid_mpp)
 
 
@@ -150,7 +151,7 @@ class SlidePlan:
     out_dir: Path
     name: str
     partial: Path
-    wf: dict
+    wf: Workflow
     spec: ModelSpec
     slide: Slide
     tissue: object
@@ -180,7 +181,7 @@ def _model_files_digest(folder: str | None) -> str | None:
 
 
 def run_fingerprint(
-    input_sha256: str, wf: dict, spec: ModelSpec, mpp: float | None, annotations: str | Path | None, precision: str
+    input_sha256: str, wf: Workflow, spec: ModelSpec, mpp: float | None, annotations: str | Path | None, precision: str
 ) -> str:
     """SHA-256 of what a bundle depends on: the input's content, the validated workflow (less its
     cohort ``endpoints``), the model (description and files, not its location), the ``mpp`` override
@@ -189,7 +190,8 @@ def run_fingerprint(
     bundles; ``run.json`` stores it as ``fingerprint``."""
     model = {k: v for k, v in spec.to_dict().items() if k != "path"}
     model["files_sha256"] = _model_files_digest(None if spec.path is None else str(spec.path))
-    wf = {k: v for k, v in wf.items() if k != "endpoints"}  # the cohort report's endpoints change no bundle
+    # run.json's workflow, less the cohort report's endpoints: they change no bundle
+    wf = {k: v for k, v in wf.as_dict().items() if k != "endpoints"}
     parts = {
         "input_sha256": input_sha256,
         "workflow": wf,
@@ -204,7 +206,7 @@ def run_fingerprint(
 def plan_slide(
     slide_path: str | Path,
     out_dir: str | Path,
-    workflow: str | Path | dict | None = None,
+    workflow: str | Path | Workflow | dict | None = None,
     model: str | None = None,
     mpp: float | None = None,
     annotations: str | Path | None = None,
@@ -214,21 +216,21 @@ def plan_slide(
     started = datetime.now(UTC)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    wf = workflow if isinstance(workflow, dict) else load_workflow(workflow)
+    wf = as_workflow(workflow)
     slide = open_slide(slide_path, mpp=mpp)
     check_stain(slide, wf)
-    spec = resolve_model(model or wf["model"], stain="fluo" if wf["stain"] == "if" else "he")
+    spec = resolve_model(model or wf.model, stain="fluo" if wf.stain == "if" else "he")
     # a one-channel (fluorescence) model reads the workflow's nucleus channel of a multiplex slide
-    one_channel = wf["stain"] == "if" and spec.n_channels == 1
+    one_channel = wf.stain == "if" and spec.n_channels == 1
     channel = nucleus_channel(wf, slide.channel_names, slide_path) if one_channel else None
     timings["open_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     with skip_unreadable_tiles() as unreadable:
-        tissue = detect_tissue(slide, mpp=wf["tissue"]["mpp"], min_area_um2=wf["tissue"]["min_area_um2"])
+        tissue = detect_tissue(slide, mpp=wf.tissue.mpp, min_area_um2=wf.tissue.min_area_um2)
         # the model's µm/px, or the slide level's own where that is within 1 % (read unscaled)
         grid_mpp = slide.effective_mpp(spec.mpp)
-        shape, tiles = plan_tiles(slide, tissue, grid_mpp, spec.max_nucleus_um, wf["segmentation"])
+        shape, tiles = plan_tiles(slide, tissue, grid_mpp, spec.max_nucleus_um, wf.segmentation)
         percentiles = slide_percentiles(slide, tissue, spec, channel)
     timings["tissue_s"] = time.perf_counter() - t
 
@@ -242,7 +244,7 @@ def plan_slide(
         parts = partial / f"parts-{uuid.uuid4().hex[:12]}"
         parts.mkdir(parents=True)
 
-    seg = wf["segmentation"]
+    seg = wf.segmentation
     job = SegmentJob(
         str(Path(slide_path).resolve()),
         slide.mpp,
@@ -250,11 +252,11 @@ def plan_slide(
         grid_mpp,
         shape[1],
         str(parts),
-        seg["prob_thresh"],
-        seg["nms_thresh"],
+        seg.prob_thresh,
+        seg.nms_thresh,
         percentiles,
-        wf["stain"],
-        tuple(slide.channel_names) if wf["stain"] == "if" else None,
+        wf.stain,
+        tuple(slide.channel_names) if wf.stain == "if" else None,
         channel,
         inference_precision(),
     )
@@ -386,7 +388,7 @@ def _finish(client: Client, plan: SlidePlan, task_totals: dict[str, float], show
             "shape_px": list(slide.shape),
             "levels": len(slide.levels),
         },
-        "workflow": plan.wf,
+        "workflow": plan.wf.as_dict(),
         "model": plan.spec.to_dict(),
         "parameters": {
             "grid_mpp": plan.grid_mpp,
@@ -418,20 +420,46 @@ def _finish(client: Client, plan: SlidePlan, task_totals: dict[str, float], show
 def run_slide(
     slide_path: str | Path,
     out_dir: str | Path,
-    workflow: str | Path | dict | None = None,
+    workflow: str | Path | Workflow | dict | None = None,
     model: str | None = None,
     mpp: float | None = None,
     client: Client | None = None,
     show_progress: bool = True,
     annotations: str | Path | None = None,
 ) -> Path:
-    """Analyse one slide and write its bundle ``out_dir/<slide name>/``; returns the bundle path.
+    """Analyse one slide and write its bundle ``out_dir/<slide name>/``.
 
-    ``workflow`` is a preset name, a YAML path or an already validated dict; ``model`` overrides the
-    workflow's model; ``mpp`` (µm/px) overrides or supplies the slide's pixel size. Without a
-    ``client`` a LocalCluster is started for this call and closed after it. ``annotations`` is a
-    QuPath GeoJSON whose polygons become ``annotation`` regions. While it runs, another process
-    that writes the same bundle is refused (:func:`histo.io.bundle.bundle_lock`).
+    Parameters
+    ----------
+    slide_path : str or pathlib.Path
+        The slide (OME-TIFF, SVS, NDPI, tiled or plain TIFF, PNG; histo.io.slide.open_slide).
+    out_dir : str or pathlib.Path
+        The folder the bundle goes into (created if missing).
+    workflow : str, pathlib.Path, Workflow or dict, optional
+        A preset name, a YAML path, a loaded :class:`histo.workflow.Workflow`, or a mapping
+        (validated here); None: the defaults.
+    model : str, optional
+        Overrides the workflow's nucleus model (a folder, a shipped or registry name).
+    mpp : float, optional
+        µm/px of level 0: overrides or supplies the slide's pixel size.
+    client : distributed.Client, optional
+        The Dask cluster; None: a LocalCluster is started for this call and closed after it.
+    show_progress : bool
+        Progress bars on the console.
+    annotations : str or pathlib.Path, optional
+        A QuPath GeoJSON whose polygons become ``annotation`` regions.
+
+    Returns
+    -------
+    pathlib.Path
+        The bundle folder ``out_dir/<slide name>/`` (cells.parquet, labels.ome.zarr, run.json, …).
+
+    Raises
+    ------
+    histo.errors.HistoError
+        Bad input (slide, workflow, model, annotations) or a full disk, naming the file; also when
+        another process writes the same bundle (:func:`histo.io.bundle.bundle_lock`). The partial
+        bundle is removed on any error.
     """
     with bundle_lock(Path(out_dir), slide_name(slide_path)):
         plan = plan_slide(slide_path, out_dir, workflow, model, mpp, annotations)

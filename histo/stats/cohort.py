@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from scipy.stats import PermutationMethod, false_discovery_control, mannwhitneyu, wilcoxon
 
-from histo.stats.endpoints import endpoint_table
-from histo.workflow import validate
+from histo.stats.endpoints import Endpoints, endpoint_table
+
+if TYPE_CHECKING:
+    from histo.workflow import Workflow
 
 PRE, POST = "pre", "post"  # the sample sheet's timepoint values (case-insensitive)
 ALPHA = 0.05  # two-sided level of the tests and of the confidence intervals (1 − ALPHA)
@@ -298,13 +301,13 @@ def endpoint_tests(pairs: pd.DataFrame, endpoints: dict[str, list[dict]], arms: 
     return table
 
 
-def tissue_endpoints(slides: pd.DataFrame, workflows: dict[str, dict], metrics: list[str]) -> dict[str, list[dict]]:
+def tissue_endpoints(slides: pd.DataFrame, workflows: dict[str, Workflow], metrics: list[str]) -> dict[str, list[dict]]:
     """tissue → its endpoint list (:func:`histo.stats.endpoints.endpoint_table`), from the validated
     workflow of that tissue in ``workflows`` (tissue → workflow), else the defaults (no primary
     endpoint; every numeric slide metric but sampling sizes and counts exploratory)."""
-    default = validate({"name": "default"})["endpoints"]
+    default = Endpoints().validated()
     out = {}
     for tissue in dict.fromkeys(slides["tissue"]):
         wf = workflows.get(tissue)
-        out[tissue] = endpoint_table(wf["endpoints"] if wf else default, metrics)
+        out[tissue] = endpoint_table(wf.endpoints if wf else default, metrics)
     return out

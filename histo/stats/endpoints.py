@@ -13,14 +13,16 @@ are pooled, never averaged slide by slide (``pool``):
 * ``sum``, ``max``: the sum or the largest value (counts, the highest grade);
 * ``median``: the median of ``column`` over every region of kind ``region`` in those slides.
 
-This module imports nothing heavy: :mod:`histo.workflow` validates the section with it.
+This module imports nothing heavy: :mod:`histo.workflow` builds the section (:class:`Endpoints`) with it.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
+from dataclasses import dataclass, field
 
+from histo.config import Section
 from histo.errors import WorkflowError
 
 POOLS = ("area", "cells", "sum", "max", "median")
@@ -68,7 +70,7 @@ def _endpoint(item, where: str, path: str) -> dict:
     if unknown := sorted(set(item) - set(ENDPOINT_KEYS)):
         raise WorkflowError(path, f"unknown key '{where}.{unknown[0]}' (allowed: {', '.join(ENDPOINT_KEYS)})")
     for key in ENDPOINT_KEYS:
-        if key in item and not isinstance(item[key], str):
+        if item.get(key) is not None and not isinstance(item[key], str):  # null: not given (run.json writes it)
             raise WorkflowError(path, f"'{where}.{key}' has the wrong type: {item[key]!r} ({type(item[key]).__name__})")
     for key in ("metric", "unit"):
         if not item.get(key):
@@ -94,30 +96,42 @@ def _endpoint(item, where: str, path: str) -> dict:
     )
 
 
-def check_endpoints(section: dict, path: str = "<workflow>") -> dict:
-    """Validate a workflow's ``endpoints`` section (already type-checked by histo.workflow); returns it
-    with every endpoint filled in (``label``, ``pool``, ``region``, ``column``). Raises WorkflowError
-    naming the key for a missing metric or unit, an unknown pool, a metric declared twice."""
-    out = dict(section)
-    seen: set[str] = set()
-    for family in ("primary", "exploratory"):
-        out[family] = [_endpoint(item, f"endpoints.{family}[{i}]", path) for i, item in enumerate(section[family])]
-        for e in out[family]:
-            if e["metric"] in seen:
-                raise WorkflowError(path, f"'endpoints.{family}': {e['metric']!r} is declared twice")
-            seen.add(e["metric"])
-    if bad := [p for p in section["never"] if not isinstance(p, str)]:
-        raise WorkflowError(path, f"'endpoints.never' lists metric names or patterns, got {bad[0]!r}")
-    return out
+@dataclass(frozen=True)
+class Endpoints(Section):
+    """The ``endpoints:`` section of a workflow: the cohort report's endpoints (items, units, pooling
+    over slides; module docstring)."""
+
+    primary: list[dict] = field(default_factory=list)  # [{metric, unit, label, pool, region, column}]: one test family
+    exploratory: list[dict] = field(default_factory=list)  # declared exploratory endpoints: the second family
+    rest: bool = True  # every other numeric slide metric is exploratory too (unit from its name)
+    never: list[str] = field(default_factory=lambda: list(NEVER))  # glob patterns of metrics never tested
+    #   (sampling sizes, counts)
+
+    def validated(self, path: str = "<workflow>") -> Endpoints:
+        """A copy with every endpoint filled in (``label``, ``pool``, ``region``, ``column``).
+        Raises WorkflowError naming the key for a missing metric or unit, an unknown pool, a
+        metric declared twice."""
+        families = {}
+        seen: set[str] = set()
+        for family in ("primary", "exploratory"):
+            items = getattr(self, family)
+            families[family] = [_endpoint(item, f"endpoints.{family}[{i}]", path) for i, item in enumerate(items)]
+            for e in families[family]:
+                if e["metric"] in seen:
+                    raise WorkflowError(path, f"'endpoints.{family}': {e['metric']!r} is declared twice")
+                seen.add(e["metric"])
+        if bad := [p for p in self.never if not isinstance(p, str)]:
+            raise WorkflowError(path, f"'endpoints.never' lists metric names or patterns, got {bad[0]!r}")
+        return self.replace(**families)
 
 
-def endpoint_table(endpoints: dict, metrics: list[str]) -> list[dict]:
+def endpoint_table(endpoints: Endpoints, metrics: list[str]) -> list[dict]:
     """Every endpoint of one tissue with its ``family`` (primary first, then exploratory): the
     declared ones, then with ``rest`` each other numeric slide metric in ``metrics`` (unit and pool
     from its name) unless it matches ``never``."""
-    rows = [{**e, "family": family} for family in ("primary", "exploratory") for e in endpoints[family]]
+    rows = [{**e, "family": family} for family in ("primary", "exploratory") for e in getattr(endpoints, family)]
     declared = {e["metric"] for e in rows}
-    if endpoints["rest"]:
+    if endpoints.rest:
         rows += [
             dict(
                 metric=m,
@@ -129,6 +143,6 @@ def endpoint_table(endpoints: dict, metrics: list[str]) -> list[dict]:
                 family="exploratory",
             )
             for m in metrics
-            if m not in declared and not is_never(m, endpoints["never"])
+            if m not in declared and not is_never(m, endpoints.never)
         ]
     return rows

@@ -15,18 +15,22 @@ DataFrames that AnnData writes to ``uns``; :func:`neighbourhood_metrics` flatten
 
 from __future__ import annotations
 
-import anndata as ad
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sps
-import squidpy as sq
 from scipy.sparse.csgraph import dijkstra
 from scipy.spatial import ConvexHull, cKDTree
 
-from histo.errors import HistoError
+from histo.config import Section, build
+from histo.errors import WorkflowError
 from histo.structures.metrics import CELL_TYPES
 from histo.structures.regions import KINDS
-from histo.workflow import SCHEMA, check_section
+
+if TYPE_CHECKING:  # anndata and squidpy are imported where used: loading a workflow must stay light
+    import anndata as ad
 
 GRAPHS = ("delaunay", "radius")
 # statistics between cell types: skipped (and the reason recorded) in a region of one type, where squidpy
@@ -35,14 +39,106 @@ CENTRALITIES = ("degree_centrality", "average_clustering", "closeness_centrality
 PAIR_STATS = ("nhood_enrichment", "interaction_matrix", "centrality_scores", "co_occurrence")
 
 
-def nhood_params(overrides: dict | None = None) -> dict:
-    """The workflow's ``neighbourhood`` section defaults with ``overrides`` (nested) on top, checked."""
-    p = check_section(overrides or {}, SCHEMA["neighbourhood"], "neighbourhood", "<neighbourhood parameters>")
-    if p["graph"] not in GRAPHS:
-        raise HistoError(None, f"'neighbourhood.graph' must be one of {', '.join(GRAPHS)}, got {p['graph']!r}")
-    if unknown := sorted(set(p["kinds"]) - set(KINDS)):
-        raise HistoError(None, f"'neighbourhood.kinds': unknown region kind {unknown[0]!r} (kinds: {', '.join(KINDS)})")
-    return p
+@dataclass(frozen=True)
+class NhoodEnrichment(Section):
+    """``neighbourhood.nhood_enrichment``: squidpy's neighbourhood enrichment z-scores."""
+
+    run: bool = True
+    n_perms: int = 100  # label permutations for the z-scores
+
+    RANGES: ClassVar = {"n_perms": (1, 100_000)}
+
+
+@dataclass(frozen=True)
+class InteractionMatrix(Section):
+    """``neighbourhood.interaction_matrix``: graph edges between cell types."""
+
+    run: bool = True
+
+
+@dataclass(frozen=True)
+class CentralityScores(Section):
+    """``neighbourhood.centrality_scores``: degree, clustering and closeness per cell type
+    (:func:`centrality_scores`)."""
+
+    run: bool = True
+    max_cells: int = 200_000  # larger regions skipped (NaN): sparse breadth-first searches, ~linear in cells
+
+
+@dataclass(frozen=True)
+class CoOccurrence(Section):
+    """``neighbourhood.co_occurrence``: KD-tree pair counts (:func:`co_occurrence`) on a seeded sample of
+    ≤ ``max_cells`` per region (its size recorded)."""
+
+    run: bool = True
+    max_um: float = 200.0  # µm, the largest distance: 10, 20, … 200 µm
+    step_um: float = 10.0  # µm
+    max_cells: int = 20_000  # seeded sample per region
+
+    RANGES: ClassVar = {"max_um": (0.1, 1e4), "step_um": (0.1, 1e4), "max_cells": (2, 200_000)}
+
+
+@dataclass(frozen=True)
+class Ripley(Section):
+    """``neighbourhood.ripley``: Ripley's L per cell type (:func:`_ripley`); memory ≈ (n²/2)·(8 + n_steps)
+    bytes for n cells of one type."""
+
+    run: bool = True
+    max_um: float = 100.0  # µm
+    n_steps: int = 21  # distances 0 … max_um
+    max_cells: int = 10_000  # seeded sample per region (size recorded)
+
+    RANGES: ClassVar = {"max_um": (0.1, 1e4), "n_steps": (2, 1000), "max_cells": (2, 100_000)}
+
+
+@dataclass(frozen=True)
+class Moran(Section):
+    """``neighbourhood.moran``: Moran's I on the graph; features the cells table lacks are skipped."""
+
+    run: bool = True
+    features: list[str] = field(default_factory=lambda: ["area_um2", "hematoxylin_od", "eccentricity"])
+
+
+@dataclass(frozen=True)
+class NeighbourhoodParams(Section):
+    """The ``neighbourhood:`` section of a workflow: Squidpy statistics per slide and per region
+    (:func:`neighbourhood_stats`)."""
+
+    run: bool = True
+    graph: str = "delaunay"  # delaunay: its edges ≤ max_edge_um | radius: all pairs ≤ max_edge_um
+    max_edge_um: float = 30.0  # µm; cuts Delaunay edges across gaps and tissue pieces
+    kinds: list[str] = field(
+        default_factory=lambda: ["tissue", "follicle", "aggregate", "annotation"]
+    )  # region kinds analysed, besides the slide
+    min_cells: int = 50  # regions with fewer cells are skipped
+    seed: int = 0  # permutations, samples and simulations: same input + seed = same numbers
+    nhood_enrichment: NhoodEnrichment = field(default_factory=NhoodEnrichment)
+    interaction_matrix: InteractionMatrix = field(default_factory=InteractionMatrix)
+    centrality_scores: CentralityScores = field(default_factory=CentralityScores)
+    co_occurrence: CoOccurrence = field(default_factory=CoOccurrence)
+    ripley: Ripley = field(default_factory=Ripley)
+    moran: Moran = field(default_factory=Moran)
+
+    RANGES: ClassVar = {"max_edge_um": (0.1, 1e4)}
+
+    def validated(self, path: str) -> NeighbourhoodParams:
+        """Itself; WorkflowError for an unknown ``graph`` or region kind."""
+        if self.graph not in GRAPHS:
+            raise WorkflowError(path, f"'neighbourhood.graph' must be one of {', '.join(GRAPHS)}, got {self.graph!r}")
+        if unknown := sorted(set(self.kinds) - set(KINDS)):
+            raise WorkflowError(
+                path, f"'neighbourhood.kinds': unknown region kind {unknown[0]!r} (kinds: {', '.join(KINDS)})"
+            )
+        return self
+
+
+def nhood_params(params: NeighbourhoodParams | dict | None = None) -> NeighbourhoodParams:
+    """The workflow's ``neighbourhood`` section: ``params`` checked, a mapping (overrides of the
+    defaults) built by :func:`histo.config.build`, None the defaults."""
+    where = "<neighbourhood parameters>"
+    if isinstance(params, NeighbourhoodParams):
+        return params.validated(where)
+    return build(NeighbourhoodParams, params or {}, "neighbourhood", where)
 
 
 def cell_type_order(cells: pd.DataFrame) -> list[str]:
@@ -51,9 +147,9 @@ def cell_type_order(cells: pd.DataFrame) -> list[str]:
     return [t for t in CELL_TYPES if t in present] + sorted(present - set(CELL_TYPES))
 
 
-def cells_adata(cells: pd.DataFrame, params: dict) -> ad.AnnData:
+def cells_adata(cells: pd.DataFrame, params: NeighbourhoodParams) -> ad.AnnData:
     """AnnData of the cells (obs: ``cell_type`` categorical in :func:`cell_type_order`, the
-    ``<kind>_id`` columns of ``params["kinds"]`` and the Moran features; ``obsm["spatial"]`` in µm)
+    ``<kind>_id`` columns of ``params.kinds`` and the Moran features; ``obsm["spatial"]`` in µm)
     with the spatial graph in ``obsp``; ``params`` checked by :func:`nhood_params`."""
     obs = (
         cells[_obs_columns(cells, params)]
@@ -61,26 +157,29 @@ def cells_adata(cells: pd.DataFrame, params: dict) -> ad.AnnData:
         .assign(cell_type=pd.Categorical(cells["cell_type"].astype(str).to_numpy(), categories=cell_type_order(cells)))
     )
     obs.index = obs.index.astype(str)
+    import anndata as ad
+    import squidpy as sq
+
     adata = ad.AnnData(obs=obs, obsm={"spatial": cells[["x_um", "y_um"]].to_numpy(np.float64)})
-    build = sq.gr.spatial_neighbors_delaunay if params["graph"] == "delaunay" else sq.gr.spatial_neighbors_radius
-    build(adata, radius=float(params["max_edge_um"]))
+    graph = sq.gr.spatial_neighbors_delaunay if params.graph == "delaunay" else sq.gr.spatial_neighbors_radius
+    graph(adata, radius=float(params.max_edge_um))
     return adata
 
 
-def input_columns(cells: pd.DataFrame, params: dict | None = None) -> list[str]:
+def input_columns(cells: pd.DataFrame, params: NeighbourhoodParams | dict | None = None) -> list[str]:
     """The columns of ``cells`` that :func:`neighbourhood_stats` reads: ``x_um``, ``y_um``,
     ``cell_type``, the ``<kind>_id`` columns and the Moran features."""
     return ["x_um", "y_um", "cell_type", *_obs_columns(cells, nhood_params(params))]
 
 
-def _obs_columns(cells: pd.DataFrame, params: dict) -> list[str]:
-    """The ``<kind>_id`` columns of ``params["kinds"]`` that ``cells`` has, and its Moran features."""
-    return [f"{k}_id" for k in params["kinds"] if f"{k}_id" in cells] + _features(cells, params)
+def _obs_columns(cells: pd.DataFrame, params: NeighbourhoodParams) -> list[str]:
+    """The ``<kind>_id`` columns of ``params.kinds`` that ``cells`` has, and its Moran features."""
+    return [f"{k}_id" for k in params.kinds if f"{k}_id" in cells] + _features(cells, params)
 
 
-def _features(table: pd.DataFrame, params: dict) -> list[str]:
+def _features(table: pd.DataFrame, params: NeighbourhoodParams) -> list[str]:
     """The Moran features that the cells table has (IF and IHC tables lack the H&E ones)."""
-    return [f for f in params["moran"]["features"] if f in table.columns] if params["moran"]["run"] else []
+    return [f for f in params.moran.features if f in table.columns] if params.moran.run else []
 
 
 def _sample(adata: ad.AnnData, max_cells: int, seed: int) -> ad.AnnData:
@@ -102,7 +201,7 @@ def _square(values: np.ndarray, present: list[str], types: list[str]) -> np.ndar
     return out
 
 
-def region_stats(adata: ad.AnnData, types: list[str], params: dict) -> dict:
+def region_stats(adata: ad.AnnData, types: list[str], params: NeighbourhoodParams) -> dict:
     """The statistics of one region's cells (an AnnData with its graph, :func:`cells_adata`; its obs
     is modified).
 
@@ -116,25 +215,27 @@ def region_stats(adata: ad.AnnData, types: list[str], params: dict) -> dict:
     ({statistic: reason}, only when some were: :data:`PAIR_STATS` in a region of one cell type, Moran's
     I in a region without graph edges).
     """
-    p, seed = params, params["seed"]
+    import squidpy as sq
+
+    p, seed = params, params.seed
     adata.obs["cell_type"] = adata.obs["cell_type"].cat.remove_unused_categories()
     present = list(adata.obs["cell_type"].cat.categories)
     out: dict = {"n_cells": int(adata.n_obs)}
     skipped = {
         s: f"needs 2 cell types, the region has {len(present)} ({', '.join(present)})"
         for s in PAIR_STATS
-        if p[s]["run"] and len(present) < 2
+        if getattr(p, s).run and len(present) < 2
     }
-    if p["moran"]["run"] and adata.obsp["spatial_connectivities"].nnz == 0:
+    if p.moran.run and adata.obsp["spatial_connectivities"].nnz == 0:
         skipped["moran"] = "no graph edge between the region's cells"
-    p = {**p, **{s: {**p[s], "run": False} for s in skipped}}
+    p = p.replace(**{s: getattr(p, s).replace(run=False) for s in skipped})
     if skipped:
         out["skipped"] = skipped
-    if p["nhood_enrichment"]["run"]:
+    if p.nhood_enrichment.run:
         z, count = sq.gr.nhood_enrichment(
             adata,
             "cell_type",
-            n_perms=p["nhood_enrichment"]["n_perms"],
+            n_perms=p.nhood_enrichment.n_perms,
             seed=seed,
             copy=True,
             n_jobs=1,
@@ -142,26 +243,26 @@ def region_stats(adata: ad.AnnData, types: list[str], params: dict) -> dict:
         )
         z = np.where(np.isfinite(z), z, np.nan)  # a type whose neighbours never vary under permutation
         out |= {"nhood_zscore": _square(z, present, types), "nhood_count": _square(count, present, types)}
-    if p["interaction_matrix"]["run"]:
+    if p.interaction_matrix.run:
         out["interaction"] = _square(_interaction(adata), present, types)
-    if p["centrality_scores"]["run"]:
-        if adata.n_obs <= p["centrality_scores"]["max_cells"]:
+    if p.centrality_scores.run:
+        if adata.n_obs <= p.centrality_scores.max_cells:
             out["centrality"] = centrality_scores(adata).reindex(types)
         else:
             out["centrality"] = pd.DataFrame(np.nan, index=types, columns=list(CENTRALITIES))
-    if p["co_occurrence"]["run"]:
-        c = p["co_occurrence"]
-        sub = _sample(adata, c["max_cells"], seed)
-        interval = np.arange(0.0, c["max_um"] + c["step_um"] / 2, c["step_um"]).astype(np.float32)  # as squidpy
+    if p.co_occurrence.run:
+        c = p.co_occurrence
+        sub = _sample(adata, c.max_cells, seed)
+        interval = np.arange(0.0, c.max_um + c.step_um / 2, c.step_um).astype(np.float32)  # as squidpy
         occ = co_occurrence(sub, interval)
         out |= {
             "co_occurrence": _square(occ, list(sub.obs["cell_type"].cat.categories), types),
             "co_occurrence_um": interval[1:].astype(np.float64),
             "co_occurrence_n_cells": int(sub.n_obs),
         }
-    if p["ripley"]["run"]:
-        out |= _ripley(_sample(adata, p["ripley"]["max_cells"], seed), types, p["ripley"])
-    if p["moran"]["run"]:
+    if p.ripley.run:
+        out |= _ripley(_sample(adata, p.ripley.max_cells, seed), types, p.ripley)
+    if p.moran.run:
         feats = _features(adata.obs, p)
         out["moran_features"] = np.asarray(feats, dtype=str)
         out["moran_I"] = _moran(adata, feats, seed) if feats else np.zeros(0)
@@ -228,7 +329,7 @@ def co_occurrence(sub: ad.AnnData, interval: np.ndarray) -> np.ndarray:
     return np.where((share[:, None, :] != 0) & (near[None, :, :] != 0), occ, 0.0)
 
 
-def _ripley(sub: ad.AnnData, types: list[str], p: dict) -> dict:
+def _ripley(sub: ad.AnnData, types: list[str], p: Ripley) -> dict:
     """Ripley's L per type on ``sub``, as squidpy's ``ripley(mode="L")`` (pairs closer than d, K over
     the intensity of all cells in their convex hull, no edge correction) with the pairs counted by a
     KD-tree instead of all pairwise distances, and then multiplied by n_all / n_type: the type's own
@@ -236,7 +337,7 @@ def _ripley(sub: ad.AnnData, types: list[str], p: dict) -> dict:
     reused one seeded pattern for every simulation)."""
     xy = sub.obsm["spatial"].astype(np.float64)
     n, area = len(xy), ConvexHull(xy).volume
-    support = np.linspace(0, p["max_um"], p["n_steps"])
+    support = np.linspace(0, p.max_um, p.n_steps)
     r = np.nextafter(support, -np.inf)  # squidpy counts d < support; count_neighbors counts d ≤ r
     codes, present = sub.obs["cell_type"].cat.codes.to_numpy(), list(sub.obs["cell_type"].cat.categories)
     out = np.full((len(types), len(support)), np.nan)
@@ -250,6 +351,8 @@ def _ripley(sub: ad.AnnData, types: list[str], p: dict) -> dict:
 
 def _moran(adata: ad.AnnData, feats: list[str], seed: int) -> np.ndarray:
     """Moran's I of ``feats`` (obs columns) on the row-normalised graph; missing values → the median."""
+    import squidpy as sq
+
     obs = adata.obs[feats].astype(np.float64)
     adata.obs[feats] = obs.fillna(obs.median())
     res = sq.gr.spatial_autocorr(
@@ -258,11 +361,11 @@ def _moran(adata: ad.AnnData, feats: list[str], seed: int) -> np.ndarray:
     return res["I"].reindex(feats).to_numpy(np.float64)
 
 
-def _region_cells(obs: pd.DataFrame, p: dict) -> dict[str, np.ndarray]:
-    """Row positions in ``obs`` of each region of ``p["kinds"]`` with ≥ ``min_cells`` cells, in kind
+def _region_cells(obs: pd.DataFrame, p: NeighbourhoodParams) -> dict[str, np.ndarray]:
+    """Row positions in ``obs`` of each region of ``p.kinds`` with ≥ ``min_cells`` cells, in kind
     then id order (``<kind>_id`` columns: categorical, or the text ids of a read cells.parquet)."""
     out = {}
-    for kind in p["kinds"]:
+    for kind in p.kinds:
         col = f"{kind}_id"
         if col not in obs:
             continue
@@ -272,23 +375,23 @@ def _region_cells(obs: pd.DataFrame, p: dict) -> dict[str, np.ndarray]:
             ids.codes[order], np.arange(len(ids.categories) + 1)
         )  # missing ids (−1) first, skipped
         for k, rid in enumerate(ids.categories):
-            if bounds[k + 1] - bounds[k] >= p["min_cells"]:
+            if bounds[k + 1] - bounds[k] >= p.min_cells:
                 out[str(rid)] = order[bounds[k] : bounds[k + 1]]
     return out
 
 
-def _no_graph(cells: pd.DataFrame, p: dict) -> str | None:
+def _no_graph(cells: pd.DataFrame, p: NeighbourhoodParams) -> str | None:
     """Why ``cells`` get no statistics at all (None: they do): no graph without 3 cells off one line,
     and no region can reach ``min_cells``."""
-    if len(cells) < max(p["min_cells"], 3):
-        return f"{len(cells)} cells: fewer than " + (f"min_cells ({p['min_cells']})" if p["min_cells"] > 3 else "3")
+    if len(cells) < max(p.min_cells, 3):
+        return f"{len(cells)} cells: fewer than " + (f"min_cells ({p.min_cells})" if p.min_cells > 3 else "3")
     xy = cells[["x_um", "y_um"]].to_numpy(np.float64)
     if np.linalg.matrix_rank(xy - xy.mean(axis=0)) < 2:
         return f"all {len(cells)} cells lie on one line: no Delaunay graph"
     return None
 
 
-def region_groups(cells: pd.DataFrame, params: dict | None, n_groups: int) -> list[list[str]]:
+def region_groups(cells: pd.DataFrame, params: NeighbourhoodParams | dict | None, n_groups: int) -> list[list[str]]:
     """The region ids :func:`neighbourhood_stats` analyses, as tasks for a cluster: ``["slide"]``
     first (the report's figure needs only it), then the other regions in ≤ ``n_groups`` groups of
     about equal cell counts (largest first, each to the lightest group). Empty with too few cells."""
@@ -307,7 +410,9 @@ def region_groups(cells: pd.DataFrame, params: dict | None, n_groups: int) -> li
     return [["slide"]] + [g for g in groups if g]
 
 
-def group_stats(cells: pd.DataFrame, params: dict | None, region_ids: list[str]) -> dict[str, dict]:
+def group_stats(
+    cells: pd.DataFrame, params: NeighbourhoodParams | dict | None, region_ids: list[str]
+) -> dict[str, dict]:
     """:func:`region_stats` of each of ``region_ids`` (``slide``: all cells) on the graph of all
     ``cells`` (:func:`cells_adata`). Each group task builds that graph itself: a tenth of its time
     or less, and the tasks then go to whichever worker is free (a shared graph task pinned them all
@@ -321,7 +426,7 @@ def group_stats(cells: pd.DataFrame, params: dict | None, region_ids: list[str])
     }
 
 
-def stats_result(cells: pd.DataFrame, params: dict | None, groups: list[dict[str, dict]]) -> dict:
+def stats_result(cells: pd.DataFrame, params: NeighbourhoodParams | dict | None, groups: list[dict[str, dict]]) -> dict:
     """The result of :func:`neighbourhood_stats` from the :func:`group_stats` of its :func:`region_groups`."""
     regions = {rid: stats for g in groups for rid, stats in g.items()}
     p = nhood_params(params)
@@ -330,11 +435,11 @@ def stats_result(cells: pd.DataFrame, params: dict | None, groups: list[dict[str
     skipped = {rid: r.pop("skipped") for rid, r in regions.items() if "skipped" in r}
     if not regions and (why := _no_graph(cells, p)):
         skipped["slide"] = {"all": why}
-    return {"cell_types": cell_type_order(cells), "params": _plain(p), "regions": regions, "skipped": skipped}
+    return {"cell_types": cell_type_order(cells), "params": _plain(p.as_dict()), "regions": regions, "skipped": skipped}
 
 
-def neighbourhood_stats(cells: pd.DataFrame, params: dict | None = None) -> dict:
-    """Statistics for the slide and each region of ``params["kinds"]`` with ≥ ``min_cells`` cells.
+def neighbourhood_stats(cells: pd.DataFrame, params: NeighbourhoodParams | dict | None = None) -> dict:
+    """Statistics for the slide and each region of ``params.kinds`` with ≥ ``min_cells`` cells.
 
     ``cells``: ``x_um``, ``y_um``, ``cell_type`` and the ``<kind>_id`` columns of
     :func:`histo.structures.regions.assign_cells`. Returns ``{"cell_types": [...], "params": {...},
@@ -349,7 +454,8 @@ def neighbourhood_stats(cells: pd.DataFrame, params: dict | None = None) -> dict
 
 
 def _plain(p: dict) -> dict:
-    """Parameters as AnnData writes them in ``uns`` (lists as string / number arrays)."""
+    """Parameters (``NeighbourhoodParams.as_dict()``) as AnnData writes them in ``uns`` (lists as
+    string / number arrays)."""
     return {k: _plain(v) if isinstance(v, dict) else np.asarray(v) if isinstance(v, list) else v for k, v in p.items()}
 
 

@@ -6,6 +6,8 @@ distance matrix): memory grows with the number of lymphocyte pairs closer than `
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import shapely
@@ -13,6 +15,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 from shapely.geometry import Polygon
+
+if TYPE_CHECKING:
+    from histo.structures.regions import RegionParams
 
 
 def dbscan(xy: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
@@ -60,7 +65,7 @@ def grade(layers: float, min_layers: list) -> int:
     return int(np.searchsorted(np.asarray(min_layers), round(layers), side="right"))
 
 
-def find_aggregates(cells: pd.DataFrame, piece: Polygon, params: dict) -> list[dict]:
+def find_aggregates(cells: pd.DataFrame, piece: Polygon, params: RegionParams) -> list[dict]:
     """Lymphoid aggregates of one synovial tissue piece (``cells`` = the piece's cells).
 
     DBSCAN (``eps_um``, ``min_samples``) on the centroids of the lymphocytes (the cells of
@@ -74,23 +79,24 @@ def find_aggregates(cells: pd.DataFrame, piece: Polygon, params: dict) -> list[d
     layers (§7.3); ``tls_size`` = ≥ ``tls_min_cells`` nuclei and ≥ ``tls_min_area_um2`` (§2) — a flag,
     not a filter: a grade-1 aggregate (2–5 layers, radius ≲ 45 µm) is smaller than 6,245 µm², and
     the infiltrate score (§7.7) needs the grade-1 aggregates.
+    ``params``: the ``regions`` section (:func:`histo.structures.regions.region_params`); its ``aggregate``.
     Returns dicts: geometry, n_clustered_lymphocytes, spacing_um, radial_layers, grade, tls_size.
     """
-    p = params["aggregate"]
-    lym = cells[cells.cell_type.isin(p["cell_types"])]
+    p = params.aggregate
+    lym = cells[cells.cell_type.isin(p.cell_types)]
     xy = lym[["x_um", "y_um"]].to_numpy(np.float64)
-    clustered = xy[dbscan(xy, p["eps_um"], p["min_samples"]) >= 0]
+    clustered = xy[dbscan(xy, p.eps_um, p.min_samples) >= 0]
     allxy = cells[["x_um", "y_um"]].to_numpy(np.float64)
     out = []
-    for geom in outlines(clustered, p["buffer_um"], p["smooth_um"]):
+    for geom in outlines(clustered, p.buffer_um, p.smooth_um):
         n_lym = count_inside(geom, clustered)
-        if n_lym < p["min_cells"]:
+        if n_lym < p.min_cells:
             continue
         geom = max(shapely.get_parts(shapely.make_valid(geom.intersection(piece))), key=lambda g: g.area)
         n = count_inside(geom, allxy)
         spacing = float(np.sqrt(geom.area / max(n, 1)))
         layers = float(np.sqrt(geom.area / np.pi) / spacing)
-        g = grade(layers, p["grade_min_layers"])
+        g = grade(layers, p.grade_min_layers)
         if g == 0:
             continue
         out.append(
@@ -100,7 +106,7 @@ def find_aggregates(cells: pd.DataFrame, piece: Polygon, params: dict) -> list[d
                 spacing_um=spacing,
                 radial_layers=layers,
                 grade=g,
-                tls_size=bool(n >= p["tls_min_cells"] and geom.area >= p["tls_min_area_um2"]),
+                tls_size=bool(n >= p.tls_min_cells and geom.area >= p.tls_min_area_um2),
             )
         )
     return out

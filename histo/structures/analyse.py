@@ -7,6 +7,7 @@ each), after the tiles are segmented and before ``cells.parquet`` is written.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -15,19 +16,22 @@ from histo.structures.metrics import region_metrics
 from histo.structures.phenotypes import classify_he, gate_markers
 from histo.structures.regions import assign_cells, find_regions
 
+if TYPE_CHECKING:
+    from histo.workflow import Workflow
 
-def cell_types(cells: pd.DataFrame, wf: dict) -> tuple[pd.Categorical | None, dict]:
+
+def cell_types(cells: pd.DataFrame, wf: Workflow) -> tuple[pd.Categorical | None, dict]:
     """Cell types (H&E rules, or marker gates for IHC / IF) and the report of thresholds used."""
-    if wf["stain"] == "he":
-        return classify_he(cells, wf["cell_types"])
-    gates = wf["marker_gates"]
-    if not gates["gates"]:
+    if wf.stain == "he":
+        return classify_he(cells, wf.cell_types)
+    gates = wf.marker_gates
+    if not gates.gates:
         return None, {"note": "no marker gates in the workflow: cells are not typed"}
-    types, report = gate_markers(cells, gates["gates"], gates["auto"])
+    types, report = gate_markers(cells, gates.gates, gates.auto)
     return types, {"gates": report}
 
 
-def analyse_cells(cells: pd.DataFrame, slide, tissue, wf: dict, annotations: str | Path | None = None):
+def analyse_cells(cells: pd.DataFrame, slide, tissue, wf: Workflow, annotations: str | Path | None = None):
     """Type the cells and find, grade and measure the regions.
 
     Returns (per-cell columns to add to ``cells.parquet``: ``cell_type`` and region ids,
@@ -35,12 +39,12 @@ def analyse_cells(cells: pd.DataFrame, slide, tissue, wf: dict, annotations: str
     """
     types, type_report = cell_types(cells, wf)
     cells = cells.assign(cell_type=types if types is not None else pd.Categorical(["other"] * len(cells)))
-    regions = find_regions(cells, tissue.pieces, wf["tissue_type"], wf["regions"])
+    regions = find_regions(cells, tissue.pieces, wf.tissue_type, wf.regions)
     candidates = regions.attrs.get("candidates", [])
     if annotations:
         regions = pd.concat([regions, import_annotations(annotations, slide.mpp)], ignore_index=True)
     ids = assign_cells(cells, regions)
-    metrics = region_metrics(pd.concat([cells, ids], axis=1), regions, wf["tissue_type"], wf["regions"])
+    metrics = region_metrics(pd.concat([cells, ids], axis=1), regions, wf.tissue_type, wf.regions)
     extra = pd.concat([cells[["cell_type"]], ids], axis=1)
     counts = regions["kind"].value_counts().to_dict() if len(regions) else {}
     return (

@@ -10,6 +10,8 @@ thickness / s, s = median nearest-neighbour distance of the band's nuclei (§7.5
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import shapely
@@ -17,6 +19,9 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 from shapely.geometry import Polygon
 from shapely.ops import substring
+
+if TYPE_CHECKING:
+    from histo.structures.regions import LiningParams, RegionParams
 
 MAX_SAMPLES = 4_000_000  # area sample points per piece; the pitch grows beyond this
 
@@ -53,7 +58,7 @@ def depth_profiles(x, y, piece: Polygon, segment_um: float, bin_um: float, max_d
     return binned(x, y, 1.0), binned(gx[keep], gy[keep], pitch * pitch), seg
 
 
-def band_depths(counts: np.ndarray, area: np.ndarray, p: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def band_depths(counts: np.ndarray, area: np.ndarray, p: LiningParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per segment: where the band starts and ends (µm below the outline) and whether it is lining.
 
     Densities pool each segment with its two neighbours along the outline (the noise of ~20 nuclei
@@ -71,7 +76,7 @@ def band_depths(counts: np.ndarray, area: np.ndarray, p: dict) -> tuple[np.ndarr
     the band beneath alone: on synthetic slides that found 65 % of true lining segments, this 79 %,
     2.5 → 4.1 % false.)
     """
-    b = p["bin_um"]
+    b = p.bin_um
     n_seg, n_bins = counts.shape
     kernel = np.ones(3)
     c = ndi.convolve1d(counts.astype(float), kernel, axis=0, mode="wrap")
@@ -85,22 +90,22 @@ def band_depths(counts: np.ndarray, area: np.ndarray, p: dict) -> tuple[np.ndarr
         return (cum_c[rows, j] - cum_c[rows, i]) / np.maximum(cum_a[rows, j] - cum_a[rows, i], 1e-9)
 
     bins = lambda um: int(round(um / b))  # noqa: E731
-    lo_deep, hi_deep = (bins(v) for v in p["deep_um"])
+    lo_deep, hi_deep = (bins(v) for v in p.deep_um)
     deep = rho(c, a, np.full(n_seg, lo_deep), hi_deep - lo_deep)
     smooth = lambda v: ndi.uniform_filter1d(v, 5, axis=1, mode="nearest")  # noqa: E731
     prof = smooth(c) / np.maximum(smooth(a), 1e-9)
-    risen = prof[:, : bins(p["rim_um"]) + 1] >= deep[:, None]
+    risen = prof[:, : bins(p.rim_um) + 1] >= deep[:, None]
     start = np.where(risen.any(1), risen.argmax(1), 0)
-    surface = rho(c, a, start, bins(p["surface_um"]))
+    surface = rho(c, a, start, bins(p.surface_um))
     half = ((surface + deep) / 2)[:, None]
     index = np.arange(n_bins)
     above = (prof >= half) & (index > start[:, None])
     rise = np.where(above.any(1), above.argmax(1), n_bins)
     below = (prof < half) & (index > np.maximum(rise, start + 1)[:, None])
     first = np.where(below.any(1), below.argmax(1), n_bins)
-    ref = np.minimum(rho(c, a, first, bins(p["reference_um"])), deep)
-    own = rho(counts.astype(float), area.astype(float), start, bins(p["surface_um"]))
-    ratio = p["min_density_ratio"]
+    ref = np.minimum(rho(c, a, first, bins(p.reference_um)), deep)
+    own = rho(counts.astype(float), area.astype(float), start, bins(p.surface_um))
+    ratio = p.min_density_ratio
     is_lining = (first < n_bins) & (surface >= ratio * ref) & (own >= ratio * ref) & (ref > 0)
     return start * b, first * b, is_lining
 
@@ -122,29 +127,29 @@ def _runs(flags: np.ndarray) -> list[list[int]]:
     return runs + ([cur] if cur else [])
 
 
-def find_lining(cells: pd.DataFrame, piece: Polygon, params: dict) -> list[dict]:
+def find_lining(cells: pd.DataFrame, piece: Polygon, params: RegionParams) -> list[dict]:
     """Lining regions of one synovial tissue piece (``cells`` = its cells), one per run of lining
     segments of ≥ ``min_length_um``, bridging gaps of ≤ ``max_gap_um`` between lining segments.
     Returns dicts: geometry (µm), length_um, n_segments, spacing_um,
     thickness_median_um, thickness_p90_um, layers_median, layers_p90, krenn_lining."""
-    p = params["lining"]
+    p = params.lining
     x, y = cells.x_um.to_numpy(np.float64), cells.y_um.to_numpy(np.float64)
     if len(x) < 3:
         return []
-    counts, area, seg = depth_profiles(x, y, piece, p["segment_um"], p["bin_um"], p["deep_um"][1])
+    counts, area, seg = depth_profiles(x, y, piece, p.segment_um, p.bin_um, p.deep_um[1])
     top, bottom, is_lining = band_depths(counts, area, p)
     depth = bottom - top  # band thickness, µm
     if is_lining.any():
         for gap in _runs(~is_lining):
-            if len(gap) * seg <= p["max_gap_um"]:
+            if len(gap) * seg <= p.max_gap_um:
                 is_lining[gap] = True
     ring = shapely.LineString(piece.exterior.coords)
     out = []
     for run in _runs(is_lining):
-        if len(run) * seg < p["min_length_um"]:
+        if len(run) * seg < p.min_length_um:
             continue
         bands = [
-            substring(ring, k * seg, (k + 1) * seg).buffer(max(bottom[k], p["bin_um"]), cap_style="flat") for k in run
+            substring(ring, k * seg, (k + 1) * seg).buffer(max(bottom[k], p.bin_um), cap_style="flat") for k in run
         ]
         geom = shapely.make_valid(shapely.union_all(bands).intersection(piece))
         parts = [g for g in shapely.get_parts(geom) if isinstance(g, Polygon)]

@@ -14,7 +14,7 @@ import pandas as pd
 import shapely
 
 from histo.structures.lining import krenn_lining
-from histo.structures.regions import KINDS, assign_cells, region_params
+from histo.structures.regions import KINDS, RegionParams, ScoreParams, assign_cells, region_params
 
 CELL_TYPES = ("lymphocyte", "large", "stromal", "epithelial", "lining", "other")
 KRENN_VERSION = "2006"  # §1: sum bands 0–1 none, 2–4 low, 5–9 high (Krenn 2006 Histopathology 49:358)
@@ -31,16 +31,18 @@ def stroma_grade(density_per_mm2: float, bands_per_mm2: list) -> int:
     return int(np.searchsorted(np.asarray(bands_per_mm2, float), density_per_mm2, side="right"))
 
 
-def infiltrate_grade(grades, has_gc: bool, lymphocytes_per_mm2: float, lymphoid_fraction: float, scores: dict) -> int:
+def infiltrate_grade(
+    grades, has_gc: bool, lymphocytes_per_mm2: float, lymphoid_fraction: float, scores: ScoreParams
+) -> int:
     """Infiltrate sub-score 0–3 (§7.7 [P]): 3 = a grade-3 aggregate, a germinal centre or lymphoid
     area > ``lymphoid_area_fraction`` (25 %); 2 = any grade-2 aggregate; 1 = grade-1 aggregates only
     or ≥ ``min_lymphocytes_per_mm2`` (200); 0 = no clusters and fewer lymphocytes."""
     top = max(grades, default=0)
-    if top >= 3 or has_gc or lymphoid_fraction > scores["lymphoid_area_fraction"]:
+    if top >= 3 or has_gc or lymphoid_fraction > scores.lymphoid_area_fraction:
         return 3
     if top == 2:
         return 2
-    return int(top == 1 or lymphocytes_per_mm2 >= scores["min_lymphocytes_per_mm2"])
+    return int(top == 1 or lymphocytes_per_mm2 >= scores.min_lymphocytes_per_mm2)
 
 
 def pathotype_proxy(grades, infiltrate: int, stroma: int) -> str:
@@ -106,11 +108,11 @@ def _summary(
     n_total: float,
     tissue_mm2: float,
     tissue_type: str,
-    params: dict,
+    params: RegionParams,
 ) -> dict:
     """Structure and score columns of a tissue piece or of the whole slide (``tissue_ids``);
     germinal-centre columns are NaN where ``params`` did not look for them."""
-    scores = params["scores"]
+    scores = params.scores
     tissue_mm2 = np.float64(tissue_mm2)  # 0 mm² gives NaN rates, not ZeroDivisionError
     inside = regions[regions.tissue_id.isin(tissue_ids)]
     by = {k: inside[inside.kind == k] for k in KINDS}
@@ -118,7 +120,7 @@ def _summary(
     if tissue_type == "lymph-node":
         fol = by["follicle"]
         out |= _structures("follicle", fol, tissue_mm2)
-        searched = "germinal_centre" in params["structures"]
+        searched = "germinal_centre" in params.structures
         out["n_follicles_with_gc"] = (
             int(fol.get("has_gc", pd.Series(dtype=bool)).astype(bool).sum()) if searched else np.nan
         )
@@ -148,9 +150,7 @@ def _summary(
     lymphoid = lymphoid_um2 / 1e6 / tissue_mm2 if tissue_mm2 else 0.0
     sub = dict(
         krenn_lining=krenn_lining(out["lining_layers_median"]) if len(lin) else 0,
-        krenn_stroma=stroma_grade(out["stroma_density_per_mm2"], scores["stroma_bands_per_mm2"])
-        if stroma_um2 > 0
-        else 0,
+        krenn_stroma=stroma_grade(out["stroma_density_per_mm2"], scores.stroma_bands_per_mm2) if stroma_um2 > 0 else 0,
         krenn_infiltrate=infiltrate_grade(grades, bool(len(by["germinal_centre"])), lym_per_mm2, lymphoid, scores),
     )
     total = sum(sub.values())
@@ -175,7 +175,7 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
 
 
 def region_metrics(
-    cells: pd.DataFrame, regions: pd.DataFrame, tissue_type: str, params: dict | None = None
+    cells: pd.DataFrame, regions: pd.DataFrame, tissue_type: str, params: RegionParams | dict | None = None
 ) -> pd.DataFrame:
     """One row per region and a final ``slide`` row (all tissue pieces together).
 
@@ -186,10 +186,10 @@ def region_metrics(
     tissue and slide rows add structure counts per mm², area fractions, size distributions, and for
     synovium the Krenn sub-scores, sum, band, version and H&E pathotype proxy (lymphocytes: the cells
     of ``aggregate.cell_types``); the slide row adds ``sampling_flag`` (tissue < 2.5 mm², §7.8).
-    Thresholds: ``params["scores"]`` (``region_params``).
+    Thresholds: ``params.scores`` (``region_params``).
     """
     params = region_params(tissue_type, params)
-    scores = params["scores"]
+    scores = params.scores
     ids = cells if all(f"{k}_id" in cells for k in KINDS) else assign_cells(cells, regions)
     listed = (
         list(cells["cell_type"].cat.categories)
@@ -221,7 +221,7 @@ def region_metrics(
         table.loc[agg, "distance_to_lining_um"] = [shapely.distance(g, near) for g, a in zip(geoms, agg) if a]
     tissue_rows = table.index[table.kind == "tissue"]
     totals = n.sum(1)
-    lymphoid = n.reindex(columns=params["aggregate"]["cell_types"], fill_value=0).sum(1)
+    lymphoid = n.reindex(columns=params.aggregate.cell_types, fill_value=0).sum(1)
     extras = [
         _summary(regions, [rid], totals, lymphoid[rid], totals[rid], mm2, tissue_type, params)
         for rid, mm2 in zip(table.region_id[tissue_rows], table.area_mm2[tissue_rows])
@@ -248,6 +248,6 @@ def region_metrics(
             params,
         ),
         n_tissue_pieces=len(tissue_rows),
-        sampling_flag=bool(slide_um2 < scores["min_tissue_um2"]),
+        sampling_flag=bool(slide_um2 < scores.min_tissue_um2),
     )
     return pd.concat([table, pd.DataFrame([slide])], ignore_index=True)

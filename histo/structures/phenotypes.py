@@ -8,42 +8,75 @@ No stain constant is absolute: haematoxylin references are measured on the slide
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import numpy as np
 import pandas as pd
 from scipy.ndimage import gaussian_filter1d
 from scipy.spatial import cKDTree
 from skimage.filters import threshold_otsu
 
+from histo.config import Section
+from histo.errors import WorkflowError
+
 Number = (int, float)
 HE_TYPES = ("lymphocyte", "large", "stromal", "epithelial", "other")
 
-# key -> (accepted types, default), the format of histo.workflow.SCHEMA (section `cell_types:`).
-# [L] read in the cited source, [P] our proxy (DOMAIN.md tags). Areas µm², OD decadic (histo.segment.features).
-HE_RULES_SCHEMA: dict = {
-    "learned": (
-        bool,
-        True,
-    ),  # use the model's learned nucleus classes (histo.segment.nucleus_classes) where it has them
-    "calibrate": (bool, True),  # measure the two lymphocyte references below on the slide (DOMAIN §6)
-    "lymphocyte_area_um2": (Number, 28.0),  # µm², reference small-lymphocyte nucleus area, 27–29 (Baek 2010) [L];
+
+@dataclass(frozen=True)
+class HERules(Section):
+    """The ``cell_types:`` section of a workflow: H&E nucleus typing rules (:func:`classify_he`).
+
+    [L] read in the cited source, [P] our proxy (DOMAIN.md tags). Areas µm², OD decadic (histo.segment.features).
+    """
+
+    learned: bool = True  # use the model's learned nucleus classes (histo.segment.nucleus_classes) where it has them
+    calibrate: bool = True  # measure the two lymphocyte references below on the slide (DOMAIN §6)
+    lymphocyte_area_um2: float = 28.0  # µm², reference small-lymphocyte nucleus area, 27–29 (Baek 2010) [L];
     #   calibrated: mode of the areas in the densest `dense_fraction` of nuclei (DOMAIN §6) [P]
-    "lymphocyte_min_area_um2": (Number, 15.0),  # µm², DOMAIN §6 [P]; areas scale with measured / reference area
-    "lymphocyte_max_area_um2": (Number, 40.0),  # µm², DOMAIN §6 [P]
-    "lymphocyte_max_eccentricity": (Number, 0.7),  # DOMAIN §6 [P]
-    "lymphocyte_min_solidity": (Number, 0.9),  # DOMAIN §6 [P]
-    "lymphocyte_min_od_ratio": (Number, 0.75),  # dark: H OD ≥ ratio × reference OD [P] (DOMAIN's slide-wide
+    lymphocyte_min_area_um2: float = 15.0  # µm², DOMAIN §6 [P]; areas scale with measured / reference area
+    lymphocyte_max_area_um2: float = 40.0  # µm², DOMAIN §6 [P]
+    lymphocyte_max_eccentricity: float = 0.7  # DOMAIN §6 [P]
+    lymphocyte_min_solidity: float = 0.9  # DOMAIN §6 [P]
+    lymphocyte_min_od_ratio: float = 0.75  # dark: H OD ≥ ratio × reference OD [P] (DOMAIN's slide-wide
     #   "top tercile" would call only a third of a node's lymphocytes lymphocytes, so the reference is used)
-    "large_classes": (list, ["lymphocyte", "stromal", "other"]),  # learned classes a large pale one comes from
-    #   (lymph node: add epithelial — a node has no epithelium; a colon-trained classifier calls centroblasts so) [P]
-    "large_min_area_um2": (Number, 45.0),  # µm², centroblast / macrophage > 45 (DOMAIN §6) [P]
-    "large_max_od_ratio": (Number, 1.0),  # pale: H OD < ratio × reference OD, "below lymphocyte median" (§7.4) [P]
-    "stromal_min_eccentricity": (Number, 0.9),  # fibroblast / synoviocyte, DOMAIN §6 [P]
-    "stromal_min_axis_ratio": (Number, 2.5),  # major / minor axis, DOMAIN §6 [P]
-    "dense_fraction": (Number, 0.05),  # the densest 5 % of nuclei give the references (DOMAIN §6) [P]
-    "density_radius_um": (Number, 25.0),  # µm, neighbourhood for density (DOMAIN §7.1) [P]
-    "min_reference_cells": (int, 50),  # fewer dense reference nuclei: the slide-wide fallbacks (reported)
-}
-DEFAULT_HE_RULES: dict = {key: default for key, (_, default) in HE_RULES_SCHEMA.items()}
+    large_classes: list[str] = field(default_factory=lambda: ["lymphocyte", "stromal", "other"])  # learned classes a
+    #   large pale one comes from (lymph node: add epithelial — a node has no epithelium; a colon-trained
+    #   classifier calls centroblasts so) [P]
+    large_min_area_um2: float = 45.0  # µm², centroblast / macrophage > 45 (DOMAIN §6) [P]
+    large_max_od_ratio: float = 1.0  # pale: H OD < ratio × reference OD, "below lymphocyte median" (§7.4) [P]
+    stromal_min_eccentricity: float = 0.9  # fibroblast / synoviocyte, DOMAIN §6 [P]
+    stromal_min_axis_ratio: float = 2.5  # major / minor axis, DOMAIN §6 [P]
+    dense_fraction: float = 0.05  # the densest 5 % of nuclei give the references (DOMAIN §6) [P]
+    density_radius_um: float = 25.0  # µm, neighbourhood for density (DOMAIN §7.1) [P]
+    min_reference_cells: int = 50  # fewer dense reference nuclei: the slide-wide fallbacks (reported)
+
+    RANGES: ClassVar = {
+        "lymphocyte_max_eccentricity": (0.0, 1.0),
+        "lymphocyte_min_solidity": (0.0, 1.0),
+        "stromal_min_eccentricity": (0.0, 1.0),
+        "dense_fraction": (1e-4, 1.0),
+    }
+
+
+@dataclass(frozen=True)
+class MarkerGates(Section):
+    """The ``marker_gates:`` section: IHC / immunofluorescence cell types, the first positive gate wins
+    (:func:`gate_markers`)."""
+
+    gates: list[dict] = field(default_factory=list)  # [{marker, cell_type, threshold: number | auto, column}]
+    auto: str | None = "otsu"  # per-slide threshold method for "auto" gates: otsu | gmm
+
+    def validated(self, path: str) -> MarkerGates:
+        """Itself; WorkflowError naming ``marker_gates`` for a malformed gate or method (:func:`check_gates`)."""
+        try:
+            check_gates(self.gates, self.auto)
+        except ValueError as exc:
+            raise WorkflowError(path, f"'marker_gates': {exc}") from None
+        return self
+
+
 DENSITY_SAMPLE = 100_000  # nuclei whose neighbours are counted for the calibration
 HE_COLUMNS = ("area_um2", "eccentricity", "solidity", "major_axis_um", "minor_axis_um", "hematoxylin_od")
 
@@ -54,14 +87,14 @@ def _area_mode(area: np.ndarray) -> float:
     return float(edges[np.argmax(gaussian_filter1d(counts.astype(float), 2.0))] + 0.5)
 
 
-def _dense_sample(cells: pd.DataFrame, rules: dict) -> tuple[np.ndarray, np.ndarray]:
+def _dense_sample(cells: pd.DataFrame, rules: HERules) -> tuple[np.ndarray, np.ndarray]:
     """(indices of the nuclei whose density was counted, which of them are in the densest
     ``dense_fraction``). Density (neighbours within ``density_radius_um``) is counted around every
     k-th nucleus only, at most ``DENSITY_SAMPLE`` of them (1M nuclei: 18 s → 2 s on 2 busy cores)."""
     xy = cells[["x_um", "y_um"]].to_numpy(np.float64)
     sample = np.arange(0, len(xy), -(-len(xy) // DENSITY_SAMPLE))
-    density = cKDTree(xy).query_ball_point(xy[sample], rules["density_radius_um"], return_length=True, workers=-1)
-    return sample, density >= np.quantile(density, 1 - rules["dense_fraction"])
+    density = cKDTree(xy).query_ball_point(xy[sample], rules.density_radius_um, return_length=True, workers=-1)
+    return sample, density >= np.quantile(density, 1 - rules.dense_fraction)
 
 
 def _first_reference(
@@ -81,7 +114,7 @@ def _first_reference(
     }
 
 
-def _references(cells: pd.DataFrame, rules: dict, round_: np.ndarray) -> dict:
+def _references(cells: pd.DataFrame, rules: HERules, round_: np.ndarray) -> dict:
     """The slide's lymphocyte references (:func:`_first_reference`), in order of preference:
 
     ``dense``: round lymphocyte-sized nuclei among the densest ``dense_fraction`` (DOMAIN §6);
@@ -89,39 +122,48 @@ def _references(cells: pd.DataFrame, rules: dict, round_: np.ndarray) -> dict:
     ones); ``all``: every nucleus. The area mode is the dense nuclei's, else the preset. Never a preset OD.
     """
     area = cells["area_um2"].to_numpy(np.float64)
-    ref_area = rules["lymphocyte_area_um2"]
-    calibrate = rules["calibrate"] and len(cells)
+    ref_area = rules.lymphocyte_area_um2
+    calibrate = rules.calibrate and len(cells)
     if calibrate:
         sample, dense = _dense_sample(cells, rules)
-        if dense.sum() >= rules["min_reference_cells"]:
+        if dense.sum() >= rules.min_reference_cells:
             ref_area = _area_mode(area[sample][dense])
-    scale = ref_area / rules["lymphocyte_area_um2"]
-    sized = (
-        round_ & (area >= rules["lymphocyte_min_area_um2"] * scale) & (area <= rules["lymphocyte_max_area_um2"] * scale)
-    )
+    scale = ref_area / rules.lymphocyte_area_um2
+    sized = round_ & (area >= rules.lymphocyte_min_area_um2 * scale) & (area <= rules.lymphocyte_max_area_um2 * scale)
     candidates = [("slide", sized, ref_area)]
     if calibrate:
         in_dense = np.zeros(len(cells), bool)
         in_dense[sample[dense]] = True
         candidates.insert(0, ("dense", in_dense & sized, ref_area))
     od = cells["hematoxylin_od"].to_numpy(np.float64)
-    return _first_reference(candidates, od, rules["min_reference_cells"], ref_area)
+    return _first_reference(candidates, od, rules.min_reference_cells, ref_area)
 
 
-def classify_he(cells: pd.DataFrame, rules: dict | None = None) -> tuple[pd.Categorical, dict]:
+def classify_he(cells: pd.DataFrame, rules: HERules | None = None) -> tuple[pd.Categorical, dict]:
     """H&E nucleus types: learned classes where the cells table has them, else morphology rules.
 
     Parameters
     ----------
-    cells : one row per nucleus with ``area_um2``, ``eccentricity``, ``solidity``,
-        ``major_axis_um``, ``minor_axis_um``, ``hematoxylin_od``, ``x_um``, ``y_um`` (µm, OD), and
-        optionally ``nucleus_class`` (histo.segment.nucleus_classes: lymphocyte, epithelial, stromal, other).
-    rules : overrides of :data:`DEFAULT_HE_RULES` (partial dicts allowed).
+    cells : pandas.DataFrame
+        One row per nucleus with ``area_um2`` (µm²), ``eccentricity``, ``solidity``,
+        ``major_axis_um``, ``minor_axis_um`` (µm), ``hematoxylin_od`` (decadic OD), and ``x_um``,
+        ``y_um`` (µm; read when ``rules.calibrate``), optionally ``nucleus_class``
+        (histo.segment.nucleus_classes: lymphocyte, epithelial, stromal, other).
+    rules : HERules, optional
+        The workflow's ``cell_types`` section; None: its defaults (``HERules()``; change a few
+        with keyword arguments, ``HERules(calibrate=False)``).
 
     Returns
     -------
-    types : pandas.Categorical with categories :data:`HE_TYPES`.
-    report : the references and thresholds used, where they came from, and the counts.
+    types : pandas.Categorical
+        One type per nucleus, categories :data:`HE_TYPES`.
+    report : dict
+        The references (µm², OD) and thresholds used, where they came from, and the counts per type.
+
+    Raises
+    ------
+    ValueError
+        The cells table lacks a column the rules read.
 
     Notes
     -----
@@ -132,36 +174,31 @@ def classify_he(cells: pd.DataFrame, rules: dict | None = None) -> tuple[pd.Cate
     lymphocyte-sized, round and dark; stromal = elongated; large = large and pale; else other. The
     references come from the slide (:func:`_references`); area bounds scale with the area mode.
     """
-    unknown = set(rules or {}) - set(DEFAULT_HE_RULES)
-    if unknown:
-        raise ValueError(f"unknown H&E rule(s): {', '.join(sorted(unknown))}")
-    r = {**DEFAULT_HE_RULES, **(rules or {})}
-    missing = [c for c in HE_COLUMNS + (("x_um", "y_um") if r["calibrate"] else ()) if c not in cells]
+    r = HERules() if rules is None else rules
+    missing = [c for c in HE_COLUMNS + (("x_um", "y_um") if r.calibrate else ()) if c not in cells]
     if missing:
         raise ValueError(f"cells table lacks the column(s): {', '.join(missing)}")
     col = {c: cells[c].to_numpy(np.float64) for c in HE_COLUMNS}
     area, od = col["area_um2"], col["hematoxylin_od"]
-    learned = r["learned"] and "nucleus_class" in cells
+    learned = r.learned and "nucleus_class" in cells
     if learned:
         cls = cells["nucleus_class"].astype(str).to_numpy()
         refs = _learned_references(cls, area, od, r)
     else:
-        round_ = (col["eccentricity"] < r["lymphocyte_max_eccentricity"]) & (
-            col["solidity"] >= r["lymphocyte_min_solidity"]
-        )
+        round_ = (col["eccentricity"] < r.lymphocyte_max_eccentricity) & (col["solidity"] >= r.lymphocyte_min_solidity)
         refs = _references(cells, r, round_)
-    scale = refs["lymphocyte_area_um2"] / r["lymphocyte_area_um2"]
+    scale = refs["lymphocyte_area_um2"] / r.lymphocyte_area_um2
     ref_od = refs["lymphocyte_hematoxylin_od"]
     t = {
-        "lymphocyte_min_area_um2": r["lymphocyte_min_area_um2"] * scale,
-        "lymphocyte_max_area_um2": r["lymphocyte_max_area_um2"] * scale,
-        "lymphocyte_min_hematoxylin_od": r["lymphocyte_min_od_ratio"] * ref_od,
-        "large_min_area_um2": r["large_min_area_um2"] * scale,
-        "large_max_hematoxylin_od": r["large_max_od_ratio"] * ref_od,
+        "lymphocyte_min_area_um2": r.lymphocyte_min_area_um2 * scale,
+        "lymphocyte_max_area_um2": r.lymphocyte_max_area_um2 * scale,
+        "lymphocyte_min_hematoxylin_od": r.lymphocyte_min_od_ratio * ref_od,
+        "large_min_area_um2": r.large_min_area_um2 * scale,
+        "large_max_hematoxylin_od": r.large_max_od_ratio * ref_od,
     }
     large = (area >= t["large_min_area_um2"]) & (od < t["large_max_hematoxylin_od"])
     if learned:
-        large &= np.isin(cls, r["large_classes"])
+        large &= np.isin(cls, r.large_classes)
         code = np.select([large, cls == "epithelial", cls == "lymphocyte", cls == "stromal"], [1, 3, 0, 2], 4)
         t = {k: v for k, v in t.items() if k.startswith("large")}
     else:
@@ -173,7 +210,7 @@ def classify_he(cells: pd.DataFrame, rules: dict | None = None) -> tuple[pd.Cate
             & round_
             & (od >= t["lymphocyte_min_hematoxylin_od"])
         )
-        stromal = (col["eccentricity"] > r["stromal_min_eccentricity"]) | (ratio >= r["stromal_min_axis_ratio"])
+        stromal = (col["eccentricity"] > r.stromal_min_eccentricity) | (ratio >= r.stromal_min_axis_ratio)
         code = np.select([lymphocyte, stromal, large], [0, 2, 1], 4)  # codes of HE_TYPES
     types = pd.Categorical.from_codes(code, categories=list(HE_TYPES))
     report = {
@@ -189,12 +226,12 @@ def classify_he(cells: pd.DataFrame, rules: dict | None = None) -> tuple[pd.Cate
     return types, report
 
 
-def _learned_references(cls: np.ndarray, area: np.ndarray, od: np.ndarray, rules: dict) -> dict:
+def _learned_references(cls: np.ndarray, area: np.ndarray, od: np.ndarray, rules: HERules) -> dict:
     """Lymphocyte references from the nuclei the classifier calls lymphocytes (``learned``), else
     from every nucleus with the preset area (``all``; :func:`_first_reference`)."""
     lym = (cls == "lymphocyte") & np.isfinite(area) & np.isfinite(od)
-    mode = _area_mode(area[lym]) if lym.any() else rules["lymphocyte_area_um2"]
-    return _first_reference([("learned", lym, mode)], od, rules["min_reference_cells"], rules["lymphocyte_area_um2"])
+    mode = _area_mode(area[lym]) if lym.any() else rules.lymphocyte_area_um2
+    return _first_reference([("learned", lym, mode)], od, rules.min_reference_cells, rules.lymphocyte_area_um2)
 
 
 def _gmm_split(x: np.ndarray, iterations: int = 500) -> float:

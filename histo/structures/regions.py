@@ -10,9 +10,9 @@ input gives the same ids), ``kind`` (also its QuPath classification), ``name``, 
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass, field
 from functools import reduce
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import geopandas as gpd
 import numpy as np
@@ -27,90 +27,132 @@ from skimage.measure import find_contours
 from skimage.morphology import disk
 from skimage.segmentation import watershed
 
+from histo.config import Section, build
 from histo.errors import HistoError
 from histo.structures.aggregates import find_aggregates
 from histo.structures.lining import find_lining
 
-Number = (int, float)
 TISSUE_TYPES = ("lymph-node", "synovium")
 STRUCTURES = ("follicle", "germinal_centre", "aggregate", "lining")  # what find_regions can look for
 KINDS = ("tissue", "follicle", "germinal_centre", "aggregate", "lining", "annotation")
 MAX_GRID_PX = 16_000_000  # density rasters are coarsened beyond this many pixels per tissue piece
 
-# The ``regions:`` section of a workflow, in histo.workflow's SCHEMA format: key -> (types, default).
-REGION_PARAMS_SCHEMA: dict = {
-    "structures": (
-        (list, type(None)),
-        None,
-    ),  # kinds to find (STRUCTURES), [] = none; None = the tissue type's (TISSUE_DEFAULTS)
-    "grid_um": (Number, 5.0),  # pixel of the density rasters, µm [P]
-    "edge_um": (Number, 10.0),  # this close to the tissue outline = edge-truncated (§0: cores cut follicles) [P]
-    "follicle": {  # lymph node, §7.4b [P]
-        "cell_types": (
-            list,
-            ["lymphocyte"],
-        ),  # the cells follicles are made of: small lymphocytes (H&E); B cells (IF / IHC)
-        "smooth_fwhm_um": (Number, 50.0),  # "50 µm-smoothed" small-lymphocyte density: Gaussian FWHM (σ 21 µm)
-        "min_density_ratio": (Number, 1.2),  # ≥ 1.2 × the paracortex (tissue) median
-        "min_cell_fraction": ((*Number, type(None)), None),  # set: follicular where `cell_types` are ≥ this fraction of
-        #   all nuclei, instead of the density ratio (gated B cells are too few outside follicles for a median) [P]
-        "large_density_ratio": (Number, 2.5),  # GC fill: large-nucleus density ≥ 2.5 × median [P]
-        "min_dense_fraction": (Number, 0.33),  # ≥ 1/3 of a follicle is dense small lymphocytes (mantle) [P]
-        "close_um": (Number, 20.0),  # closing radius that seals mantle rings around GCs [P]
-        "split_um": (Number, 60.0),  # watershed splits touching follicles whose centres are ≥ this apart [P]
-        "open_um": (Number, 30.0),  # opening radius: trims spurs of dense paracortex < 60 µm wide [P]
-        "min_area_um2": (Number, 30_000.0),  # ≥ 0.03 mm² (§7.4b; follicle ⌀ 200–1,000 µm, §3)
-        "min_cells_per_mm2": (Number, 6000.0),  # absolute floor: dense pixels and kept follicles hold ≥ this many
-        #   follicle cells per mm² (lymphocytes in TLS 12,800 ± 2,600 vs 4,000 outside, §2 Barmpoutis 2021) [P from L]
-        "min_cells": (int, 45),  # ≥ 45 follicle cells (TLS minimum, §2 Barmpoutis 2021) [L]
-    },
-    "germinal_centre": {  # §7.4
-        "cell_types": (
-            list,
-            ["large"],
-        ),  # the "large pale" nuclei (centroblasts, tingible-body macrophages, §3); [] = none
-        "radius_um": (Number, 50.0),  # "nuclei within 50 µm" (a disc)
-        "min_large_fraction": (Number, 0.4),  # ≥ 40 % large/pale nuclei (§7.4)
-        "edge_large_fraction": (Number, 0.2),  # outline where the fraction falls to half of that [P]
-        "min_area_um2": (Number, 900.0),  # ≥ 900 µm² (§5 HookNet-TLS, §7.4)
-        "min_inside_fraction": (Number, 0.5),  # ≥ 50 % inside its follicle / aggregate (§7.4)
-    },
-    "aggregate": {  # synovium, §7.2–7.3
-        "cell_types": (
-            list,
-            ["lymphocyte"],
-        ),  # the cells clustered into aggregates (and counted for the infiltrate score)
-        "eps_um": (Number, 12.0),  # DBSCAN radius on lymphocyte centroids (§7.2)
-        "min_samples": (int, 5),  # DBSCAN core: ≥ 5 lymphocytes within eps, itself included (§7.2)
-        "min_cells": (int, 10),  # cluster ≥ 10 lymphocytes = grade-1 candidate (§7.2)
-        "buffer_um": (Number, 5.0),  # outline = 5 µm buffer of the cells (§7.2)
-        "smooth_um": (Number, 6.0),  # closing radius of the outline (eps / 2) [P]
-        "tls_min_cells": (int, 50),  # `tls_size` flag: ≥ 50 cells (§2, Chisholm & Mason 1968) …
-        "tls_min_area_um2": (Number, 6245.0),  # … and ≥ 6,245 µm² (§2, Barmpoutis 2021); a flag, not a filter
-        "grade_min_layers": (list, [2, 6, 11]),  # radial layers for G1, G2, G3 (§2, §7.3: 2–5, 6–10, >10)
-    },
-    "lining": {  # synovium, §7.5
-        "segment_um": (Number, 100.0),  # boundary segments (§7.5)
-        "surface_um": (Number, 15.0),  # surface band 0–15 µm (§7.5)
-        "reference_um": (Number, 45.0),  # reference band under the lining band (15–60 µm if thin, §7.5)
-        "min_density_ratio": (Number, 2.0),  # surface ≥ 2 × reference density (§7.5)
-        "deep_um": (list, [60.0, 120.0]),  # sublining depth range that sets the band's half-density edge [P]
-        "bin_um": (Number, 2.5),  # depth profile bin [P]
-        "rim_um": (Number, 12.5),  # the outline may run this far outside the outermost nuclei (~1.5 px of the 8 µm/px
-        #   tissue mask; raise it with a coarser `tissue.mpp`) [P]
-        "max_gap_um": (Number, 100.0),  # a gap of one segment between lining segments is bridged (the ratio test
-        #   on ~20 nuclei misses 1 in 5 segments of a true lining on generated synovium) [P]
-        "min_length_um": (Number, 200.0),  # shorter lining runs are dropped [P]
-    },
-    "scores": {  # synovium Krenn-like sub-scores and sampling (histo.structures.metrics)
-        "stroma_bands_per_mm2": (list, [1500.0, 3400.0, 6000.0]),  # §7.6 [P]; 3,400 = RA vs OA (HSS 2023, §1)
-        "min_lymphocytes_per_mm2": (Number, 200.0),  # §7.7: no clusters and fewer = infiltrate 0 [P]
-        "lymphoid_area_fraction": (Number, 0.25),  # §7.7: aggregates over > 25 % of tissue = infiltrate 3 [P]
-        "min_tissue_um2": (Number, 2_500_000.0),  # §7.8: < 2.5 mm² (20 high-power fields) = sampling flag [L]
-    },
-}
 
-TISSUE_DEFAULTS: dict = {  # per-tissue overrides of the schema defaults (the presets' `regions:` sections)
+@dataclass(frozen=True)
+class FollicleParams(Section):
+    """``regions.follicle``: lymph-node follicles, §7.4b [P] (:func:`find_follicles`)."""
+
+    cell_types: list[str] = field(default_factory=lambda: ["lymphocyte"])  # the cells follicles are made of: small
+    #   lymphocytes (H&E); B cells (IF / IHC)
+    smooth_fwhm_um: float = 50.0  # µm, "50 µm-smoothed" small-lymphocyte density: Gaussian FWHM (σ 21 µm)
+    min_density_ratio: float = 1.2  # ≥ 1.2 × the paracortex (tissue) median
+    min_cell_fraction: float | None = None  # set: follicular where `cell_types` are ≥ this fraction of all nuclei,
+    #   instead of the density ratio (gated B cells are too few outside follicles for a median) [P]
+    large_density_ratio: float = 2.5  # GC fill: large-nucleus density ≥ 2.5 × median [P]
+    min_dense_fraction: float = 0.33  # ≥ 1/3 of a follicle is dense small lymphocytes (mantle) [P]
+    close_um: float = 20.0  # µm, closing radius that seals mantle rings around GCs [P]
+    split_um: float = 60.0  # µm, watershed splits touching follicles whose centres are ≥ this apart [P]
+    open_um: float = 30.0  # µm, opening radius: trims spurs of dense paracortex < 60 µm wide [P]
+    min_area_um2: float = 30_000.0  # µm², ≥ 0.03 mm² (§7.4b; follicle ⌀ 200–1,000 µm, §3)
+    min_cells_per_mm2: float = 6000.0  # /mm², absolute floor: dense pixels and kept follicles hold ≥ this many
+    #   follicle cells per mm² (lymphocytes in TLS 12,800 ± 2,600 vs 4,000 outside, §2 Barmpoutis 2021) [P from L]
+    min_cells: int = 45  # ≥ 45 follicle cells (TLS minimum, §2 Barmpoutis 2021) [L]
+
+    RANGES: ClassVar = {"min_cell_fraction": (0.0, 1.0), "min_dense_fraction": (0.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class GerminalCentreParams(Section):
+    """``regions.germinal_centre``: germinal centres in follicles or aggregates, §7.4
+    (:func:`find_germinal_centres`)."""
+
+    cell_types: list[str] = field(default_factory=lambda: ["large"])  # the "large pale" nuclei (centroblasts,
+    #   tingible-body macrophages, §3); [] = none
+    radius_um: float = 50.0  # µm, "nuclei within 50 µm" (a disc)
+    min_large_fraction: float = 0.4  # ≥ 40 % large/pale nuclei (§7.4)
+    edge_large_fraction: float = 0.2  # outline where the fraction falls to half of that [P]
+    min_area_um2: float = 900.0  # µm², ≥ 900 µm² (§5 HookNet-TLS, §7.4)
+    min_inside_fraction: float = 0.5  # ≥ 50 % inside its follicle / aggregate (§7.4)
+
+    RANGES: ClassVar = {
+        "min_large_fraction": (0.0, 1.0),
+        "edge_large_fraction": (0.0, 1.0),
+        "min_inside_fraction": (0.0, 1.0),
+    }
+
+
+@dataclass(frozen=True)
+class AggregateParams(Section):
+    """``regions.aggregate``: synovial lymphoid aggregates, §7.2–7.3 (histo.structures.aggregates)."""
+
+    cell_types: list[str] = field(default_factory=lambda: ["lymphocyte"])  # the cells clustered into aggregates
+    #   (and counted for the infiltrate score)
+    eps_um: float = 12.0  # µm, DBSCAN radius on lymphocyte centroids (§7.2)
+    min_samples: int = 5  # DBSCAN core: ≥ 5 lymphocytes within eps, itself included (§7.2)
+    min_cells: int = 10  # cluster ≥ 10 lymphocytes = grade-1 candidate (§7.2)
+    buffer_um: float = 5.0  # µm, outline = 5 µm buffer of the cells (§7.2)
+    smooth_um: float = 6.0  # µm, closing radius of the outline (eps / 2) [P]
+    tls_min_cells: int = 50  # `tls_size` flag: ≥ 50 cells (§2, Chisholm & Mason 1968) …
+    tls_min_area_um2: float = 6245.0  # µm², … and ≥ 6,245 µm² (§2, Barmpoutis 2021); a flag, not a filter
+    grade_min_layers: list[int] = field(default_factory=lambda: [2, 6, 11])  # radial layers for G1, G2, G3
+    #   (§2, §7.3: 2–5, 6–10, >10)
+
+    RANGES: ClassVar = {"min_samples": (1, 1e6)}
+
+
+@dataclass(frozen=True)
+class LiningParams(Section):
+    """``regions.lining``: the synovial lining, §7.5 (histo.structures.lining)."""
+
+    segment_um: float = 100.0  # µm, boundary segments (§7.5)
+    surface_um: float = 15.0  # µm, surface band 0–15 µm (§7.5)
+    reference_um: float = 45.0  # µm, reference band under the lining band (15–60 µm if thin, §7.5)
+    min_density_ratio: float = 2.0  # surface ≥ 2 × reference density (§7.5)
+    deep_um: list[float] = field(default_factory=lambda: [60.0, 120.0])  # µm, sublining depth range that sets the
+    #   band's half-density edge [P]
+    bin_um: float = 2.5  # µm, depth profile bin [P]
+    rim_um: float = 12.5  # µm, the outline may run this far outside the outermost nuclei (~1.5 px of the 8 µm/px
+    #   tissue mask; raise it with a coarser `tissue.mpp`) [P]
+    max_gap_um: float = 100.0  # µm, a gap of one segment between lining segments is bridged (the ratio test
+    #   on ~20 nuclei misses 1 in 5 segments of a true lining on generated synovium) [P]
+    min_length_um: float = 200.0  # µm, shorter lining runs are dropped [P]
+
+    RANGES: ClassVar = {"segment_um": (1.0, 1e4), "bin_um": (0.1, 100.0)}
+
+
+@dataclass(frozen=True)
+class ScoreParams(Section):
+    """``regions.scores``: synovium Krenn-like sub-scores and sampling (histo.structures.metrics)."""
+
+    stroma_bands_per_mm2: list[float] = field(default_factory=lambda: [1500.0, 3400.0, 6000.0])  # /mm², §7.6 [P];
+    #   3,400 = RA vs OA (HSS 2023, §1)
+    min_lymphocytes_per_mm2: float = 200.0  # /mm², §7.7: no clusters and fewer = infiltrate 0 [P]
+    lymphoid_area_fraction: float = 0.25  # §7.7: aggregates over > 25 % of tissue = infiltrate 3 [P]
+    min_tissue_um2: float = 2_500_000.0  # µm², §7.8: < 2.5 mm² (20 high-power fields) = sampling flag [L]
+
+    RANGES: ClassVar = {"lymphoid_area_fraction": (0.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class RegionParams(Section):
+    """The ``regions:`` section of a workflow: which structures to find and how (:func:`find_regions`)."""
+
+    structures: list[str] | None = None  # kinds to find (STRUCTURES), [] = none; None = the tissue type's
+    #   (TISSUE_DEFAULTS; :func:`region_params` fills it in)
+    grid_um: float = 5.0  # µm, pixel of the density rasters [P]
+    edge_um: float = 10.0  # µm; this close to the tissue outline = edge-truncated (§0: cores cut follicles) [P]
+    follicle: FollicleParams = field(default_factory=FollicleParams)  # lymph node, §7.4b [P]
+    germinal_centre: GerminalCentreParams = field(default_factory=GerminalCentreParams)  # §7.4
+    aggregate: AggregateParams = field(default_factory=AggregateParams)  # synovium, §7.2–7.3
+    lining: LiningParams = field(default_factory=LiningParams)  # synovium, §7.5
+    scores: ScoreParams = field(
+        default_factory=ScoreParams
+    )  # synovium Krenn-like sub-scores (histo.structures.metrics)
+
+    RANGES: ClassVar = {"grid_um": (0.5, 100.0)}
+
+
+TISSUE_DEFAULTS: dict = {  # per-tissue defaults of RegionParams.structures (where a preset leaves it unset)
     "lymph-node": {"structures": ["follicle", "germinal_centre"]},  # aggregates mean nothing in a node (§7.4b)
     "synovium": {"structures": ["aggregate", "germinal_centre", "lining"]},
 }
@@ -125,43 +167,39 @@ class Grid(NamedTuple):
     shape: tuple[int, int]
 
 
-def region_params(tissue_type: str, overrides: dict | None = None) -> dict:
-    """Defaults of REGION_PARAMS_SCHEMA for ``tissue_type``, with ``overrides`` (nested) on top."""
+def region_params(tissue_type: str, params: RegionParams | dict | None = None) -> RegionParams:
+    """The ``regions`` section for ``tissue_type``: ``params`` (a RegionParams; a mapping, such as
+    run.json's ``workflow.regions``, is built by :func:`histo.config.build`; None: the defaults) with
+    ``structures`` filled in from TISSUE_DEFAULTS where it is None."""
     if tissue_type not in TISSUE_TYPES:
         raise HistoError(None, f"tissue type must be one of {', '.join(TISSUE_TYPES)}, got {tissue_type!r}")
-
-    def defaults(schema):
-        return {k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v[1]) for k, v in schema.items()}
-
-    def merge(base, top):
-        for k, v in (top or {}).items():
-            base[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
-        return base
-
-    out = merge(merge(defaults(REGION_PARAMS_SCHEMA), TISSUE_DEFAULTS[tissue_type]), overrides)
-    structures = out["structures"]
-    out["structures"] = list(TISSUE_DEFAULTS[tissue_type]["structures"] if structures is None else structures)
-    return out
+    if params is None:
+        params = RegionParams()
+    elif isinstance(params, dict):
+        params = build(RegionParams, params, "regions", "<region parameters>")
+    if params.structures is None:
+        params = params.replace(structures=list(TISSUE_DEFAULTS[tissue_type]["structures"]))
+    return params
 
 
-def lymphoid_cell_types(tissue_type: str, overrides: dict | None = None) -> tuple[str, ...]:
+def lymphoid_cell_types(tissue_type: str, params: RegionParams | dict | None = None) -> tuple[str, ...]:
     """The cell types the tissue's lymphoid structures (lymph node: follicles; synovium: aggregates)
-    are made of, per ``region_params(tissue_type, overrides)``."""
-    structure = "follicle" if tissue_type == "lymph-node" else "aggregate"
-    return tuple(region_params(tissue_type, overrides)[structure]["cell_types"])
+    are made of, per ``region_params(tissue_type, params)``."""
+    p = region_params(tissue_type, params)
+    return tuple((p.follicle if tissue_type == "lymph-node" else p.aggregate).cell_types)
 
 
-def used_cell_types(params: dict, tissue_type: str) -> dict[str, list]:
+def used_cell_types(params: RegionParams, tissue_type: str) -> dict[str, list]:
     """The ``<section>.cell_types`` lists read by the wanted ``structures`` of ``params`` (a
-    ``region_params`` dict), by section: follicles read their own and the germinal centres' (the
-    fill), synovium always the aggregates' (the infiltrate score)."""
-    want = set(params["structures"])
+    :func:`region_params` result), by section: follicles read their own and the germinal centres'
+    (the fill), synovium always the aggregates' (the infiltrate score)."""
+    want = set(params.structures)
     sections = {"follicle"} & want
     if want & {"follicle", "germinal_centre"}:
         sections.add("germinal_centre")
     if "aggregate" in want or tissue_type == "synovium":
         sections.add("aggregate")
-    return {s: list(params[s]["cell_types"]) for s in sorted(sections)}
+    return {s: list(getattr(params, s).cell_types) for s in sorted(sections)}
 
 
 # ----------------------------------------------------------------------------------- rasters
@@ -223,7 +261,7 @@ def mask_polygons(mask: np.ndarray, grid: Grid) -> list[Polygon]:
 # ----------------------------------------------------------------------------------- structures
 
 
-def find_follicles(cells: pd.DataFrame, piece: Polygon, params: dict, log: list | None = None) -> list[Polygon]:
+def find_follicles(cells: pd.DataFrame, piece: Polygon, params: RegionParams, log: list | None = None) -> list[Polygon]:
     """Lymph-node follicles in one tissue piece (§7.4b [P]).
 
     A pixel is dense where the density of the follicle cells (``follicle.cell_types``, Gaussian of
@@ -238,27 +276,27 @@ def find_follicles(cells: pd.DataFrame, piece: Polygon, params: dict, log: list 
     ``min_cells_per_mm2``. ``log``, a list, receives one dict per candidate: its numbers and why it
     was kept or dropped.
     """
-    p = params["follicle"]
-    grid, mask = piece_grid(piece, params["grid_um"])
-    lym = cells[cells.cell_type.isin(p["cell_types"])]
-    large = cells[cells.cell_type.isin(params["germinal_centre"]["cell_types"])]
-    sigma = p["smooth_fwhm_um"] / 2.3548
+    p = params.follicle
+    grid, mask = piece_grid(piece, params.grid_um)
+    lym = cells[cells.cell_type.isin(p.cell_types)]
+    large = cells[cells.cell_type.isin(params.germinal_centre.cell_types)]
+    sigma = p.smooth_fwhm_um / 2.3548
     dl = smooth_density(grid_counts(grid, lym.x_um, lym.y_um), mask, grid, sigma)
     dL = smooth_density(grid_counts(grid, large.x_um, large.y_um), mask, grid, sigma)
     ml, mL = np.median(dl[mask]) if mask.any() else 0.0, np.median(dL[mask]) if mask.any() else 0.0
-    floor = p["min_cells_per_mm2"] / 1e6  # per µm²
-    if p["min_cell_fraction"] is not None:
+    floor = p.min_cells_per_mm2 / 1e6  # per µm²
+    if p.min_cell_fraction is not None:
         d_all = smooth_density(grid_counts(grid, cells.x_um, cells.y_um), mask, grid, sigma)
-        dense = mask & (dl > 0) & (dl >= p["min_cell_fraction"] * d_all)
+        dense = mask & (dl > 0) & (dl >= p.min_cell_fraction * d_all)
     elif ml > 0:
-        dense = mask & (dl >= p["min_density_ratio"] * ml)
+        dense = mask & (dl >= p.min_density_ratio * ml)
     else:
         return []
     dense &= dl >= floor
-    m = dense | (mask & (dL >= p["large_density_ratio"] * mL) if mL > 0 else dense)
-    m = ndi.binary_fill_holes(ndi.binary_closing(m, disk(max(1, round(p["close_um"] / grid.px)))) & mask)
+    m = dense | (mask & (dL >= p.large_density_ratio * mL) if mL > 0 else dense)
+    m = ndi.binary_fill_holes(ndi.binary_closing(m, disk(max(1, round(p.close_um / grid.px)))) & mask)
     dist = ndi.distance_transform_edt(m)
-    split = p["split_um"] / grid.px
+    split = p.split_um / grid.px
     peaks = peak_local_max(
         dist, min_distance=max(1, int(split)), threshold_abs=split / 2, labels=ndi.label(m)[0], exclude_border=False
     )
@@ -271,7 +309,7 @@ def find_follicles(cells: pd.DataFrame, piece: Polygon, params: dict, log: list 
     lxy = lym[["x_um", "y_um"]].to_numpy(np.float64)
     for i, frac in zip(idx, dense_frac):
         for g in mask_polygons(lab == i, grid):
-            g = g.buffer(-p["open_um"], quad_segs=4).buffer(p["open_um"], quad_segs=4)
+            g = g.buffer(-p.open_um, quad_segs=4).buffer(p.open_um, quad_segs=4)
             parts = [q for q in shapely.get_parts(g) if isinstance(q, Polygon) and q.area > 0]  # opening can empty it
             if not parts:
                 continue
@@ -282,10 +320,10 @@ def find_follicles(cells: pd.DataFrame, piece: Polygon, params: dict, log: list 
             failed = [
                 name
                 for name, ok in (
-                    ("dense_fraction", frac >= p["min_dense_fraction"]),
-                    ("area", best.area >= p["min_area_um2"]),
-                    ("cells", n >= p["min_cells"]),
-                    ("density", density >= p["min_cells_per_mm2"]),
+                    ("dense_fraction", frac >= p.min_dense_fraction),
+                    ("area", best.area >= p.min_area_um2),
+                    ("cells", n >= p.min_cells),
+                    ("density", density >= p.min_cells_per_mm2),
                 )
                 if not ok
             ]
@@ -310,7 +348,7 @@ def find_follicles(cells: pd.DataFrame, piece: Polygon, params: dict, log: list 
 
 
 def find_germinal_centres(
-    cells: pd.DataFrame, piece: Polygon, hosts: list[Polygon], params: dict
+    cells: pd.DataFrame, piece: Polygon, hosts: list[Polygon], params: RegionParams
 ) -> list[tuple[int, Polygon]]:
     """Germinal centres inside ``hosts`` (follicles or aggregates) of one piece, as (host index, polygon).
 
@@ -321,21 +359,21 @@ def find_germinal_centres(
     """
     if not hosts:
         return []
-    p = params["germinal_centre"]
-    grid, mask = piece_grid(piece, params["grid_um"])
-    large = cells[cells.cell_type.isin(p["cell_types"])]
-    n_all = disc_sum(grid_counts(grid, cells.x_um, cells.y_um), p["radius_um"] / grid.px)
-    frac = disc_sum(grid_counts(grid, large.x_um, large.y_um), p["radius_um"] / grid.px) / np.maximum(n_all, 1e-9)
-    gc = apply_hysteresis_threshold(np.where(mask, frac, 0), p["edge_large_fraction"], p["min_large_fraction"])
+    p = params.germinal_centre
+    grid, mask = piece_grid(piece, params.grid_um)
+    large = cells[cells.cell_type.isin(p.cell_types)]
+    n_all = disc_sum(grid_counts(grid, cells.x_um, cells.y_um), p.radius_um / grid.px)
+    frac = disc_sum(grid_counts(grid, large.x_um, large.y_um), p.radius_um / grid.px) / np.maximum(n_all, 1e-9)
+    gc = apply_hysteresis_threshold(np.where(mask, frac, 0), p.edge_large_fraction, p.min_large_fraction)
     out = []
     for poly in mask_polygons(gc, grid):
         inside = [poly.intersection(h).area / poly.area for h in hosts]
         k = int(np.argmax(inside))
         clipped = shapely.make_valid(poly.intersection(hosts[k]))
         parts = [g for g in shapely.get_parts(clipped) if isinstance(g, Polygon)]
-        if inside[k] >= p["min_inside_fraction"] and parts:
+        if inside[k] >= p.min_inside_fraction and parts:
             best = max(parts, key=lambda g: g.area)
-            if best.area >= p["min_area_um2"]:
+            if best.area >= p.min_area_um2:
                 out.append((k, best))
     return out
 
@@ -383,17 +421,33 @@ def _numbered(rows: list[dict], kind: str) -> list[dict]:
 
 
 def find_regions(
-    cells: pd.DataFrame, pieces: list[Polygon], tissue_type: str, params: dict | None = None
+    cells: pd.DataFrame, pieces: list[Polygon], tissue_type: str, params: RegionParams | dict | None = None
 ) -> gpd.GeoDataFrame:
-    """All regions of a slide from its cells table (``x_um``, ``y_um``, ``cell_type``) and tissue pieces.
+    """All regions of a slide from its cells table and tissue pieces.
 
-    ``params``: a ``region_params(tissue_type)`` dict or overrides of it; its ``structures`` say what
-    to look for (lymph node: follicles and their germinal centres; synovium: graded aggregates,
-    germinal centres in them, lining). A slide without lymphocytes gives no follicles or aggregates.
-    ``attrs["candidates"]`` of the result lists every follicle candidate and why it was kept or dropped.
+    Parameters
+    ----------
+    cells : pandas.DataFrame
+        One row per nucleus: ``x_um``, ``y_um`` (µm, level-0 origin) and ``cell_type``.
+    pieces : list of shapely.Polygon
+        The tissue pieces, in µm (histo.segment.tissue).
+    tissue_type : str
+        ``lymph-node`` or ``synovium`` (:data:`TISSUE_TYPES`): the structures looked for by default.
+    params : RegionParams or dict, optional
+        The workflow's ``regions`` section (a mapping is built by :func:`region_params`); None: the
+        defaults. Its ``structures`` say what to look for (lymph node: follicles and their germinal
+        centres; synovium: graded aggregates, germinal centres in them, lining).
+
+    Returns
+    -------
+    geopandas.GeoDataFrame
+        One row per region (µm; columns in the module docstring): the tissue pieces first, then
+        follicles, aggregates, germinal centres and lining. ``attrs["candidates"]`` lists every
+        follicle candidate and why it was kept or dropped. A slide without lymphocytes gives no
+        follicles or aggregates.
     """
     params = region_params(tissue_type, params)
-    want = set(params["structures"])
+    want = set(params.structures)
     tissue = [
         dict(
             region_id=f"tissue-{i}",
@@ -423,7 +477,7 @@ def find_regions(
                 tissue_id=tid,
                 parent_id=tid,
                 has_gc=False if "germinal_centre" in want else None,
-                edge_truncated=edge_truncated(f["geometry"], piece, params["edge_um"]),
+                edge_truncated=edge_truncated(f["geometry"], piece, params.edge_um),
             )
         if "germinal_centre" in want:
             centres = find_germinal_centres(sub, piece, [f["geometry"] for f in found], params)

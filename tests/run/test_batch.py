@@ -107,8 +107,9 @@ def test_fingerprint_follows_content_and_parameters(slides, reference, monkeypat
     os.utime(slide, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same content: still current
     assert is_current(bundle, slide, wf, None, None)
     os.utime(slide, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    changed = {**wf, "segmentation": {**wf["segmentation"], "prob_thresh": 0.7}}
+    changed = wf.replace(segmentation=wf.segmentation.replace(prob_thresh=0.7))
     assert not is_current(bundle, slide, changed, None, None)
+    assert is_current(bundle, slide, wf.replace(endpoints=wf.endpoints.replace(rest=False)), None, None)  # cohort only
     assert not is_current(bundle, slide, load_workflow("synovium-he"), None, None)
     assert not is_current(bundle, slide, wf, None, MPP)  # an --mpp override is a parameter
     assert not is_current(bundle, slides / "c.ome.tif", wf, None, None)  # another slide's content

@@ -18,7 +18,7 @@ from histo.segment.labels import rasterise
 from histo.segment.nuclei import id_centres_um
 from histo.segment.task import whole_image_centres
 from histo.train.matching import match_points
-from histo.workflow import load_workflow
+from histo.workflow import load_workflow, validate
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +46,8 @@ def test_bundle_is_complete_and_consistent(ln_bundle):
     assert {"cell_id", "x_um", "y_um", "polygon", "area_um2", "prob", "label"} <= set(cells.columns)
     assert cells.cell_id.is_unique and (cells.label.to_numpy() == np.arange(1, len(cells) + 1)).all()
     assert run["input"]["mpp"] == pytest.approx(0.5) and run["model"]["name"] == "histo-he"
+    wf = load_workflow("lymph-node-he")  # run.json records the whole Workflow, and it loads back into it
+    assert run["workflow"] == wf.as_dict() and validate(run["workflow"]) == wf
     assert run["parameters"]["precision"] in ("float32", "bfloat16") and run["n_border_duplicates_removed"] >= 0
     steps = {"segment_s", "structures_s", "neighbourhood_s", "exports_s", "report_s", "labels_s"}
     assert steps <= set(run["timings_s"]) and all(run["timings_s"][k] >= 0 for k in steps)
@@ -75,7 +77,7 @@ def test_nuclei_match_truth(ln_bundle):
 def test_small_tiles_give_the_same_nuclei_without_duplicates(ln_bundle, client, tmp_path):
     slide, bundle = ln_bundle
     wf = load_workflow("lymph-node-he")
-    wf["segmentation"]["tile_um"] = 96.0  # ~190 px cores: many tile borders
+    wf = wf.replace(segmentation=wf.segmentation.replace(tile_um=96.0))  # ~190 px cores: many tile borders
     small = pd.read_parquet(run_slide(slide, tmp_path, wf, client=client, show_progress=False) / "cells.parquet")
     big = pd.read_parquet(bundle / "cells.parquet")
     assert small.tile.nunique() > 4 * big.tile.nunique()

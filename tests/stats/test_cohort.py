@@ -8,6 +8,7 @@ import itertools
 import math
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,7 +28,7 @@ from histo.stats.cohort import (
     within_arm_test,
 )
 from histo.stats.endpoints import endpoint_table, unit_from_name
-from histo.workflow import WORKFLOW_DIR, load_workflow, validate
+from histo.workflow import WORKFLOW_DIR, Workflow, load_workflow, validate
 
 LN = "lymph node"
 PRIMARY = ["follicles_per_mm2", "fraction_area_follicle", "density_lymphocyte_per_mm2"]
@@ -40,11 +41,11 @@ def test_presets_declare_primary_endpoints_with_units():
         ("synovium-he", "max_aggregate_grade"),
         ("lymph-node-if", "follicles_per_mm2"),
     ):
-        endpoints = load_workflow(name)["endpoints"]
-        assert 4 <= len(endpoints["primary"]) <= 6 and endpoints["primary"][0]["metric"] == first
-        assert all(e["unit"] and e["label"] and e["pool"] for e in endpoints["primary"] + endpoints["exploratory"])
+        endpoints = load_workflow(name).endpoints
+        assert 4 <= len(endpoints.primary) <= 6 and endpoints.primary[0]["metric"] == first
+        assert all(e["unit"] and e["label"] and e["pool"] for e in endpoints.primary + endpoints.exploratory)
     table = endpoint_table(
-        load_workflow("lymph-node-he")["endpoints"],
+        load_workflow("lymph-node-he").endpoints,
         [
             "fraction_area_follicle",
             "co_occurrence_n_cells",
@@ -346,15 +347,15 @@ def test_post_belimumab_lymph_node_has_fewer_smaller_follicles():
 N_PER_ARM, SIZE, SEEDS = 6, 1536, 200
 
 
-def cohort_workflow(folder) -> dict:
+def cohort_workflow(folder) -> tuple[Path, Workflow]:
     """lymph-node-he with follicles from 0.01 mm² and no neighbourhood statistics (small slides, CI time);
     written to ``folder/small.yaml``; returns its path and the validated workflow."""
     import yaml
 
     data = yaml.safe_load((WORKFLOW_DIR / "lymph-node-he.yaml").read_text())
     data["name"] = "lymph-node-he-small"
-    data["regions"]["follicle"]["min_area_um2"] = 10_000
-    data["neighbourhood"]["run"] = False
+    data["regions"].setdefault("follicle", {})["min_area_um2"] = 10_000  # the preset states only what differs
+    data.setdefault("neighbourhood", {})["run"] = False
     (folder / "small.yaml").write_text(yaml.safe_dump(data, allow_unicode=True))
     return folder / "small.yaml", load_workflow(folder / "small.yaml")
 
@@ -406,13 +407,13 @@ def true_nuclei_slides(tmp_path_factory):
 
     folder, cache = tmp_path_factory.mktemp("true-nuclei"), {}
 
-    def slide(s: dict, wf: dict) -> dict:
+    def slide(s: dict, wf: Workflow) -> dict:
         if s["name"] not in cache:
             scene = make_scene("lymph-node", SIZE, s["seed"], 0.5, section=s["section"], treatment=s["treatment"])
             nuclei = scene.nuclei_in(0, 0, scene.width_um, scene.height_um)
             cells = pd.DataFrame(dict(x_um=nuclei["x"], y_um=nuclei["y"], cell_type=STYLE_TYPE[nuclei["style"]]))
-            regions = find_regions(cells, [p.polygon(360) for p in scene.pieces], "lymph-node", wf["regions"])
-            metrics = region_metrics(cells, regions, "lymph-node", wf["regions"])
+            regions = find_regions(cells, [p.polygon(360) for p in scene.pieces], "lymph-node", wf.regions)
+            metrics = region_metrics(cells, regions, "lymph-node", wf.regions)
             (folder / s["name"]).mkdir()
             metrics.to_csv(folder / s["name"] / "metrics.csv", index=False)
             row = metrics[metrics["region_id"] == "slide"].iloc[0].drop(["region_id", "kind", "name"])

@@ -10,17 +10,34 @@ import pytest
 from histo.errors import HistoError, WorkflowError
 from histo.io.slide import open_slide
 from histo.outputs.write import write_outputs
-from histo.stats.neighbourhood import group_stats, neighbourhood_stats, nhood_params, region_groups, stats_result
+from histo.stats.neighbourhood import (
+    CentralityScores,
+    CoOccurrence,
+    InteractionMatrix,
+    Moran,
+    NeighbourhoodParams,
+    NhoodEnrichment,
+    Ripley,
+    group_stats,
+    neighbourhood_stats,
+    nhood_params,
+    region_groups,
+    stats_result,
+)
 from histo.structures.metrics import region_metrics
 from histo.structures.regions import assign_cells, find_regions
 from histo.workflow import load_workflow
 from tests.structures.test_regions import load_truth
 
-OFF = {
-    s: {"run": False}
-    for s in ("nhood_enrichment", "interaction_matrix", "centrality_scores", "co_occurrence", "ripley", "moran")
-}
-ENRICHMENT = {**OFF, "nhood_enrichment": {"run": True, "n_perms": 100}}
+OFF = NeighbourhoodParams(
+    nhood_enrichment=NhoodEnrichment(run=False),
+    interaction_matrix=InteractionMatrix(run=False),
+    centrality_scores=CentralityScores(run=False),
+    co_occurrence=CoOccurrence(run=False),
+    ripley=Ripley(run=False),
+    moran=Moran(run=False),
+)
+ENRICHMENT = OFF.replace(nhood_enrichment=NhoodEnrichment(run=True, n_perms=100))
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +58,10 @@ def _z(result, region_id, a, b):
 
 def test_b_cells_segregate_and_germinal_centres_cluster(node):
     cells, regions, bt = node
-    res = neighbourhood_stats(bt, {**ENRICHMENT, "kinds": ["tissue"]})
+    res = neighbourhood_stats(bt, ENRICHMENT.replace(kinds=["tissue"]))
     assert _z(res, "slide", "B", "B") > 20 and _z(res, "slide", "T", "T") > 20
     assert _z(res, "slide", "B", "T") < -20
-    res = neighbourhood_stats(cells, {**ENRICHMENT, "kinds": ["follicle"]})
+    res = neighbourhood_stats(cells, ENRICHMENT.replace(kinds=["follicle"]))
     with_gc = regions[(regions.kind == "follicle") & regions.has_gc.astype(bool)].region_id
     assert len(with_gc) >= 3
     z_gc = [_z(res, rid, "large", "large") for rid in with_gc if rid in res["regions"]]
@@ -54,22 +71,22 @@ def test_b_cells_segregate_and_germinal_centres_cluster(node):
 def test_mixed_control_is_near_zero(node):
     _, _, bt = node
     mixed = bt.assign(cell_type=np.random.default_rng(5).permutation(bt.cell_type.to_numpy()))
-    res = neighbourhood_stats(mixed, {**ENRICHMENT, "kinds": ["tissue"]})
+    res = neighbourhood_stats(mixed, ENRICHMENT.replace(kinds=["tissue"]))
     z = res["regions"]["slide"]["nhood_zscore"]
     assert np.isfinite(z).all() and np.abs(z).max() < 4, z
-    assert _z(neighbourhood_stats(bt, {**ENRICHMENT, "kinds": []}), "slide", "B", "B") > 10 * np.abs(z).max()
+    assert _z(neighbourhood_stats(bt, ENRICHMENT.replace(kinds=[])), "slide", "B", "B") > 10 * np.abs(z).max()
 
 
 def test_same_seed_same_numbers_and_sample_bound(node):
     cells, regions, _ = node
-    params = {
-        "kinds": ["tissue", "follicle"],
-        "co_occurrence": {"max_cells": 800, "max_um": 60.0},
-        "ripley": {"max_cells": 500},
-        "centrality_scores": {"max_cells": 5_000},
-    }
+    params = NeighbourhoodParams(
+        kinds=["tissue", "follicle"],
+        co_occurrence=CoOccurrence(max_cells=800, max_um=60.0),
+        ripley=Ripley(max_cells=500),
+        centrality_scores=CentralityScores(max_cells=5_000),
+    )
     first, again = neighbourhood_stats(cells, params), neighbourhood_stats(cells, params)
-    other = neighbourhood_stats(cells, {**params, "seed": 1, "kinds": []})
+    other = neighbourhood_stats(cells, params.replace(seed=1, kinds=[]))
     assert first["regions"].keys() == again["regions"].keys()
     assert {"slide", "tissue-1"} | set(regions[regions.kind == "follicle"].region_id) == set(first["regions"])
     _assert_same(first, again)
@@ -108,8 +125,13 @@ def _assert_same(a: dict, b: dict):
 def test_bundle_files_carry_the_statistics(node, generated, tmp_path):
     cells, regions, _ = node
     wf = load_workflow("lymph-node-he")
-    for stat, n in (("co_occurrence", 2_000), ("ripley", 2_000), ("centrality_scores", 3_000)):
-        wf["neighbourhood"][stat]["max_cells"] = n
+    nhood = wf.neighbourhood
+    nhood = nhood.replace(
+        co_occurrence=nhood.co_occurrence.replace(max_cells=2_000),
+        ripley=nhood.ripley.replace(max_cells=2_000),
+        centrality_scores=nhood.centrality_scores.replace(max_cells=3_000),
+    )
+    wf = wf.replace(neighbourhood=nhood)
     slide = open_slide(generated("lymph-node", 4096, 3))
     write_outputs(tmp_path, "node", cells, regions, region_metrics(cells, regions, "lymph-node"), slide, wf)
     metrics = pd.read_csv(tmp_path / "metrics.csv")
@@ -134,15 +156,15 @@ def test_bundle_files_carry_the_statistics(node, generated, tmp_path):
 
 
 def test_params_are_checked():
-    assert (
-        nhood_params()["max_edge_um"] == 30.0 and nhood_params({"ripley": {"n_steps": 5}})["ripley"]["max_um"] == 100.0
-    )
+    assert nhood_params().max_edge_um == 30.0 and nhood_params({"ripley": {"n_steps": 5}}).ripley.max_um == 100.0
     with pytest.raises(WorkflowError, match=r"neighbourhood\.ripley\.max_cell"):
         nhood_params({"ripley": {"max_cell": 5}})
     with pytest.raises(HistoError, match="knn"):
         nhood_params({"graph": "knn"})
     with pytest.raises(HistoError, match="folicle"):
         nhood_params({"kinds": ["tissue", "folicle"]})
+    with pytest.raises(WorkflowError, match="'neighbourhood.graph' must be one of delaunay, radius, got 'knn'"):
+        nhood_params(NeighbourhoodParams(graph="knn"))  # built in code: checked all the same
 
 
 def test_too_few_cells_give_no_statistics():
@@ -181,7 +203,9 @@ def test_one_cell_type_skips_the_pair_statistics_and_says_why():
     from histo.stats.neighbourhood import PAIR_STATS, neighbourhood_metrics
 
     cells = _one_type_follicle()
-    params = {"kinds": ["follicle"], "co_occurrence": {"max_cells": 500}, "ripley": {"max_cells": 500}}
+    params = NeighbourhoodParams(
+        kinds=["follicle"], co_occurrence=CoOccurrence(max_cells=500), ripley=Ripley(max_cells=500)
+    )
     res = neighbourhood_stats(cells, params)
     assert set(res["regions"]) == {"slide", "follicle-1"} and set(res["skipped"]) == {"follicle-1"}
     assert set(res["skipped"]["follicle-1"]) == set(PAIR_STATS)
@@ -262,7 +286,7 @@ def test_sparse_statistics_equal_squidpy_and_networkx(node):
     _, _, bt = node
     window = bt[(bt.x_um < bt.x_um.min() + 500) & (bt.y_um < bt.y_um.min() + 700)]
     assert 1_000 < len(window) < 5_000
-    adata = cells_adata(window, nhood_params({"kinds": [], "max_edge_um": 12.0}))  # short edges: isolated cells
+    adata = cells_adata(window, NeighbourhoodParams(kinds=[], max_edge_um=12.0))  # short edges: isolated cells
     assert (np.diff(adata.obsp["spatial_connectivities"].indptr) == 0).any()
     ours, theirs = centrality_scores(adata), sq.gr.centrality_scores(adata, "cell_type", copy=True, n_jobs=1)
     pd.testing.assert_frame_equal(ours, theirs[ours.columns].astype(np.float64), rtol=1e-12, check_names=False)
@@ -274,4 +298,4 @@ def test_sparse_statistics_equal_squidpy_and_networkx(node):
     res = sq.gr.ripley(adata, "cell_type", mode="L", max_dist=100.0, n_steps=21, n_simulations=1, seed=0, copy=True)
     wide = res["L_stat"].pivot(index="cell_type", columns="bins", values="stats").reindex(types)
     wide = wide.mul(adata.n_obs / adata.obs.cell_type.value_counts().reindex(types).astype(float), axis=0)
-    assert np.allclose(_ripley(adata, types, {"max_um": 100.0, "n_steps": 21})["ripley_L"], wide.to_numpy(), rtol=1e-12)
+    assert np.allclose(_ripley(adata, types, Ripley(max_um=100.0, n_steps=21))["ripley_L"], wide.to_numpy(), rtol=1e-12)

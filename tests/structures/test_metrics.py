@@ -12,7 +12,7 @@ from shapely.geometry import box, shape
 
 from histo.outputs.export import write_metrics
 from histo.structures.metrics import infiltrate_grade, krenn_band, pathotype_proxy, region_metrics, stroma_grade
-from histo.structures.regions import assign_cells, find_regions, region_params
+from histo.structures.regions import RegionParams, ScoreParams, assign_cells, find_regions, region_params
 
 
 def load_truth(slide):
@@ -102,7 +102,7 @@ def test_structure_summaries(measured):
 
 
 def test_scores():
-    scores = region_params("synovium")["scores"]
+    scores = region_params("synovium").scores
     assert [krenn_band(v) for v in (0, 1, 2, 4, 5, 9)] == [
         "none",
         "none",
@@ -139,7 +139,7 @@ def test_small_biopsy_without_lymphocytes(tmp_path):
     slide = table.set_index("region_id").loc["slide"]
     assert slide.sampling_flag and slide.n_aggregates == 0 and slide.krenn_infiltrate == 0
     assert slide.pathotype_proxy_he == "pauci-immune"
-    relaxed = region_metrics(cells, regions, "synovium", {"scores": {"min_tissue_um2": 5000.0}})
+    relaxed = region_metrics(cells, regions, "synovium", RegionParams(scores=ScoreParams(min_tissue_um2=5000.0)))
     assert not relaxed.set_index("region_id").loc["slide"].sampling_flag
     csv, parquet = write_metrics(table, tmp_path)
     assert pd.read_csv(csv).shape == table.shape
@@ -153,7 +153,7 @@ def test_cells_outside_tissue_count_in_no_region():
 
     x, y = np.meshgrid(np.arange(5.0, 150, 10), np.arange(5.0, 100, 10))
     cells = pd.DataFrame({"x_um": x.ravel(), "y_um": y.ravel(), "cell_type": "lymphocyte"})  # 150 cells, 100 on tissue
-    tissue = find_regions(cells, [box(0, 0, 100, 100)], "lymph-node", {"structures": []})
+    tissue = find_regions(cells, [box(0, 0, 100, 100)], "lymph-node", RegionParams(structures=[]))
     roi = gpd.GeoDataFrame(
         [
             dict(

@@ -13,9 +13,8 @@ from histo.errors import SlideError, WorkflowError
 from histo.segment.features import nucleus_features
 from histo.segment.nuclei import polygon_area
 from histo.structures.phenotypes import (
-    DEFAULT_HE_RULES,
-    HE_RULES_SCHEMA,
     HE_TYPES,
+    HERules,
     auto_threshold,
     check_gates,
     classify_he,
@@ -105,17 +104,20 @@ def test_calibration_follows_a_paler_slide_and_larger_masks(node_cells):
     assert report["lymphocyte_hematoxylin_od"] == pytest.approx(
         0.6 * classify_he(node_cells)[1]["lymphocyte_hematoxylin_od"], rel=0.02
     )
-    slide_wide, report = classify_he(shifted, {"calibrate": False})  # no density: every round lymphocyte-sized nucleus
+    slide_wide, report = classify_he(
+        shifted, HERules(calibrate=False)
+    )  # no density: every round lymphocyte-sized nucleus
     assert not report["calibrated"] and report["reference_source"] == "slide"
     assert scores(slide_wide, shifted.truth)["lymphocyte_recall"] >= 0.8  # still relative to the slide, not a preset
 
 
 def test_he_rules_schema_and_errors(node_cells):
-    assert set(HE_RULES_SCHEMA) == set(DEFAULT_HE_RULES)
-    for key, (types, default) in HE_RULES_SCHEMA.items():
+    from histo.config import schema
+
+    for key, (types, default) in schema(HERules).items():
         assert isinstance(default, types), key
-    with pytest.raises(ValueError, match="unknown H&E rule"):
-        classify_he(node_cells, {"lymphocyte_area": 3})
+    with pytest.raises(TypeError, match="lymphocyte_area"):
+        HERules(lymphocyte_area=3)
     with pytest.raises(ValueError, match="hematoxylin_od"):
         classify_he(node_cells.drop(columns="hematoxylin_od"))
     few, report = classify_he(node_cells.iloc[:30])  # too few for any reference set: all nuclei's OD, said so
@@ -142,7 +144,7 @@ def test_learned_classes_are_kept_and_large_pale_nuclei_split_off(node_cells):
     assert report["lymphocyte_hematoxylin_od"] == pytest.approx(
         np.median(cells.hematoxylin_od[learned == "lymphocyte"])
     )
-    rules_only, report = classify_he(cells, {"learned": False})
+    rules_only, report = classify_he(cells, HERules(learned=False))
     assert report["method"] == "rules" and "epithelial" not in set(np.asarray(rules_only))
 
 
@@ -217,10 +219,10 @@ def test_auto_gates_agree_with_expert_gates_on_cycif():
 
 def test_if_preset_names_its_gates_structure_cells_and_nucleus_channel():
     wf = load_workflow("lymph-node-if")
-    assert wf["stain"] == "if" and wf["model"] == "2D_versatile_fluo"
-    assert [g["marker"] for g in wf["marker_gates"]["gates"]] == ["CD20", "CD3", "CD68", "CD138"]
+    assert wf.stain == "if" and wf.model == "2D_versatile_fluo"
+    assert [g["marker"] for g in wf.marker_gates.gates] == ["CD20", "CD3", "CD68", "CD138"]
     assert cell_type_names(wf) == ["B cell", "T cell", "macrophage", "plasma cell", "other"]
-    assert wf["regions"]["follicle"]["cell_types"] == ["B cell"] and wf["regions"]["structures"] == ["follicle"]
+    assert wf.regions.follicle.cell_types == ["B cell"] and wf.regions.structures == ["follicle"]
     assert nucleus_channel(wf, ["DAPI", "CD20", "CD3"], "s.ome.tif") == 0
     assert nucleus_channel(wf, ["CD20", "DAPI"], "s.ome.tif") == 1
     with pytest.raises(SlideError, match=r"s\.ome\.tif: no channel 'DAPI' .* the slide's channels: DNA1, CD20"):
@@ -268,6 +270,4 @@ def test_he_structure_cell_types_are_the_rules_types(tmp_path):
     ):
         load_workflow(path)
     path.write_text("stain: he\ntissue_type: synovium\nregions:\n  follicle:\n    cell_types: [nonsense]\n")
-    assert load_workflow(path)["regions"]["follicle"]["cell_types"] == [
-        "nonsense"
-    ]  # follicles not looked for in synovium
+    assert load_workflow(path).regions.follicle.cell_types == ["nonsense"]  # follicles not looked for in synovium

@@ -18,8 +18,8 @@ from histo.structures.analyse import cell_types
 from histo.structures.lining import krenn_lining
 from histo.structures.metrics import region_metrics
 from histo.structures.regions import (
-    REGION_PARAMS_SCHEMA,
     TISSUE_DEFAULTS,
+    RegionParams,
     assign_cells,
     edge_truncated,
     find_regions,
@@ -201,14 +201,17 @@ def test_grades_and_edges():
 
 
 def test_params_follow_the_workflow_schema():
-    from histo.workflow import check_section
-
     for tissue_type in ("lymph-node", "synovium"):
         params = region_params(tissue_type)
-        assert check_section(params, REGION_PARAMS_SCHEMA, "regions", "<test>") == params
-        assert params["structures"] == TISSUE_DEFAULTS[tissue_type]["structures"]
-    tuned = region_params("synovium", {"aggregate": {"eps_um": 15.0}})
-    assert tuned["aggregate"]["eps_um"] == 15.0 and tuned["aggregate"]["min_samples"] == 5
+        assert isinstance(params, RegionParams) and params.replace(structures=None) == RegionParams()
+        assert params.structures == TISSUE_DEFAULTS[tissue_type]["structures"]
+    tuned = region_params("synovium", {"aggregate": {"eps_um": 15}})  # a mapping (run.json's) is built and checked
+    assert tuned.aggregate.eps_um == 15.0 and tuned.aggregate.min_samples == 5
+    assert region_params("synovium", tuned) is tuned  # its structures already set
+    with pytest.raises(HistoError, match=r"'regions\.aggregate\.eps' \(allowed"):
+        region_params("synovium", {"aggregate": {"eps": 15.0}})
+    preset = load_workflow("synovium-he").regions
+    assert region_params("synovium", preset.as_dict()) == preset
     with pytest.raises(HistoError, match="tonsil"):
         region_params("tonsil")
 
@@ -239,14 +242,14 @@ def test_if_preset_gates_cells_and_finds_b_cell_follicles(if_node):
     assert all(150 < g["threshold"] < 1500 for g in report["gates"])  # between negative and positive cells
     assert (np.asarray(types) == cells.phenotype).mean() >= 0.97
     cells = cells.assign(cell_type=types)
-    regions = find_regions(cells, pieces, wf["tissue_type"], wf["regions"])
+    regions = find_regions(cells, pieces, wf.tissue_type, wf.regions)
     n_found, n_true, ious, _ = follicle_scores(feats, regions)
     assert abs(n_found - n_true) <= 0.2 * n_true, f"{n_found} follicles found, {n_true} true"
     assert np.mean(ious) >= 0.8, np.round(ious, 2)
     found = regions[regions.kind == "follicle"]
     assert set(regions.kind) == {"tissue", "follicle"} and found.has_gc.isna().all()  # no GC marker: not looked for
     table = region_metrics(
-        pd.concat([cells, assign_cells(cells, regions)], axis=1), regions, wf["tissue_type"], wf["regions"]
+        pd.concat([cells, assign_cells(cells, regions)], axis=1), regions, wf.tissue_type, wf.regions
     )
     rows = table.set_index("region_id")
     assert (rows.loc[found.region_id, "fraction_b_cell"] >= 0.7).all()
@@ -255,5 +258,5 @@ def test_if_preset_gates_cells_and_finds_b_cell_follicles(if_node):
     assert {"n_t_cell", "density_plasma_cell_per_mm2"} <= set(table.columns) and "n_lymphocyte" not in table.columns
     assert slide.n_b_cell + slide.n_t_cell + slide.n_macrophage + slide.n_plasma_cell + slide.n_other == slide.n_cells
     blank = np.full((256, 256, 3), 255, np.uint8)  # the report names the gated types and maps the B cells
-    html = report_html("if-node", blank, 2048 / 256, regions, cells, table, wf["tissue_type"], lymphoid=("B cell",))
+    html = report_html("if-node", blank, 2048 / 256, regions, cells, table, wf.tissue_type, lymphoid=("B cell",))
     assert "B cell density" in html and "fraction_plasma_cell" in html and "density_b_cell_per_mm2" in html
