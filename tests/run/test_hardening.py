@@ -757,10 +757,15 @@ def test_no_unsafe_deserialisation_in_the_code():
 
 
 def test_dask_binds_to_localhost(client):
+    """Scheduler, workers, nannies and every HTTP server on 127.0.0.1; the Dask comms over TLS
+    (test_cluster_security: what that keeps out)."""
     info = client.scheduler_info()
-    assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+    assert client.scheduler.address.startswith("tls://127.0.0.1:")
     assert client.dashboard_link.startswith("http://127.0.0.1:")
-    assert info["workers"] and all(a.startswith("tcp://127.0.0.1:") for a in info["workers"])
+    assert info["workers"] and all(a.startswith("tls://127.0.0.1:") for a in info["workers"])
+    assert all(w["nanny"].startswith("tls://127.0.0.1:") for w in info["workers"].values())
+    http = client.run(lambda dask_worker: [s.getsockname()[0] for s in dask_worker.http_server._sockets.values()])
+    assert set(http) == set(info["workers"]) and all(hosts == ["127.0.0.1"] for hosts in http.values())
 
 
 def test_an_error_raised_in_a_worker_reaches_the_client_as_itself(client, tmp_path):
