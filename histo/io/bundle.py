@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from histo.errors import HistoError
+from histo.io.files import read_json, write_json
 
 if TYPE_CHECKING:
     from histo.segment.tiling import Tile
@@ -69,9 +69,7 @@ def partial_dir(out: Path, name: str) -> Path:
 def finish(partial: Path, final: Path, run: dict) -> Path:
     """Write ``run.json`` last, then move the bundle to its final name (replacing an older one,
     which is put back if the move fails)."""
-    tmp = partial / "run.json.tmp"
-    tmp.write_text(json.dumps(run, indent=2, default=str))
-    os.replace(tmp, partial / "run.json")
+    write_json(partial / "run.json", run, default=str)
     if final.exists():
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -161,7 +159,7 @@ class OutputLock:
 def is_complete(bundle: Path) -> bool:
     """True when ``bundle/run.json`` exists and says the run completed."""
     try:
-        return json.loads((bundle / "run.json").read_text()).get("status") == "complete"
+        return read_json(bundle / "run.json").get("status") == "complete"
     except (OSError, ValueError):
         return False
 
@@ -215,7 +213,7 @@ def check_same_input(bundle: Path, slide: Path) -> None:
     """HistoError naming ``bundle`` when it holds the results of another input file than ``slide``
     (the SHA-256 in its ``run.json``; not recomputed when path, size and mtime are the ones recorded)."""
     try:
-        seen = json.loads((bundle / "run.json").read_text())["input"]
+        seen = read_json(bundle / "run.json")["input"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # no bundle there, or no record of its input
     stat = slide.stat()

@@ -27,7 +27,6 @@ hashes and only their known member names are extracted.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from histo.errors import HistoError, ModelError
+from histo.io.files import atomic_write, read_json
 
 __all__ = [
     "ModelSpec",
@@ -189,13 +189,11 @@ def _download_registry(name: str, timeout: float = 30.0) -> Path:
     try:
         base.mkdir(parents=True, exist_ok=True)
         if not (zpath.is_file() and _sha256(zpath) == info["sha256"]):
-            with tempfile.NamedTemporaryFile(dir=base, delete=False, suffix=".part") as tmp:
-                with urllib.request.urlopen(info["url"], timeout=timeout) as r:  # noqa: S310 (fixed https URL)
-                    shutil.copyfileobj(r, tmp)
-            if _sha256(Path(tmp.name)) != info["sha256"]:
-                os.unlink(tmp.name)
-                raise ModelError(name, f"downloaded file does not match StarDist's checksum ({info['url']})")
-            os.replace(tmp.name, zpath)
+            with atomic_write(zpath, unique=True) as tmp:
+                with urllib.request.urlopen(info["url"], timeout=timeout) as r, open(tmp, "wb") as f:  # noqa: S310
+                    shutil.copyfileobj(r, f)
+                if _sha256(tmp) != info["sha256"]:
+                    raise ModelError(name, f"downloaded file does not match StarDist's checksum ({info['url']})")
     except ModelError:
         raise
     except Exception as e:  # noqa: BLE001 - network errors of every kind
@@ -230,10 +228,11 @@ def _sha256(p: Path) -> str:
 
 # ---------------------------------------------------------------- spec from a folder
 def _read_json(p: Path, what: str) -> dict | None:
+    """The JSON object in ``p``, None if there is no such file; ModelError if it is not a JSON object."""
     if not p.is_file():
         return None
     try:
-        d = json.loads(p.read_text())
+        d = read_json(p)
     except Exception as e:  # noqa: BLE001
         raise ModelError(p, f"{what} is not valid JSON: {e}") from e
     if not isinstance(d, dict):
@@ -317,9 +316,28 @@ def _classes(folder: Path, card: dict | None) -> tuple[str, ...] | None:
 def resolve_model(spec: str | os.PathLike | None, stain: str = "he") -> ModelSpec:
     """Find a model by folder path, shipped name, ``$HISTO_MODEL_DIR`` name or registry name.
 
-    ``spec=None`` picks the default for ``stain`` (``DEFAULT_MODELS``: "he" -> the shipped
-    ``histo-he``; "fluo"/"if" -> ``2D_versatile_fluo``). Raises ``ModelError`` naming what was
-    looked for and where.
+    Never imports TensorFlow (a registry model missing from the cache is downloaded, sha256-checked).
+
+    Parameters
+    ----------
+    spec : str or os.PathLike, optional
+        A model folder, a shipped model's name (``histo-he``), a name in ``$HISTO_MODEL_DIR`` or a
+        StarDist registry name (``2D_versatile_he``); looked up in that order (module docstring).
+        None or "" picks the default for ``stain``.
+    stain : str
+        The stain whose default model ``spec=None`` picks (``DEFAULT_MODELS``: "he" -> the shipped
+        ``histo-he``; "fluo"/"if" -> ``2D_versatile_fluo``).
+
+    Returns
+    -------
+    ModelSpec
+        The folder, the pixel size it expects (µm/px), normalisation, channels, thresholds, largest
+        nucleus (µm) and nucleus classes, from its ``card.json`` or the registry defaults.
+
+    Raises
+    ------
+    ModelError
+        Naming what was looked for and where, or the file of the folder that is not valid.
     """
     if spec is None or str(spec).strip() == "":
         key = str(stain).lower()
@@ -373,7 +391,24 @@ def resolve_model(spec: str | os.PathLike | None, stain: str = "he") -> ModelSpe
 # ---------------------------------------------------------------- loading / normalising
 def load_model(spec: ModelSpec | str | os.PathLike):
     """Load the StarDist2D model (weights only: config.json + weights_best.h5 via Keras
-    ``load_weights``; thresholds from ``spec``). Imports TensorFlow."""
+    ``load_weights``). Imports TensorFlow.
+
+    Parameters
+    ----------
+    spec : ModelSpec or str or os.PathLike
+        A resolved model, or anything :func:`resolve_model` takes.
+
+    Returns
+    -------
+    stardist.models.StarDist2D
+        With ``spec``'s thresholds, and read-only (``basedir`` None: it never writes into the folder).
+
+    Raises
+    ------
+    ModelError
+        The spec has no folder, the folder lacks ``config.json`` / ``weights_best.h5``, or the
+        weights cannot be loaded.
+    """
     if not isinstance(spec, ModelSpec):
         spec = resolve_model(spec)
     if spec.path is None:

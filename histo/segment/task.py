@@ -7,8 +7,6 @@ once (cached per process) and writes its nuclei to a parquet part file, returnin
 from __future__ import annotations
 
 import functools
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from histo.io.files import atomic_write
 from histo.io.slide import open_slide
 from histo.segment.features import nucleus_features
 from histo.segment.models import (
@@ -30,6 +29,7 @@ from histo.segment.models import (
 from histo.segment.nuclei import cell_schema, owned, tile_cells
 from histo.segment.nucleus_classes import load_classifier, predict_classes, tile_patches
 from histo.segment.tiling import Tile
+from histo.timing import Timings, stopwatch
 
 
 @dataclass(frozen=True)
@@ -89,46 +89,44 @@ def warm_worker(spec: ModelSpec, precision: str) -> None:
 def predict_tile(job: SegmentJob, tile: Tile) -> tuple:
     """StarDist on the tile's read box; returns its pixels, (coord, points, prob) in read-box px and
     timings (s)."""
-    t0 = time.perf_counter()
-    model = _model(job.model, job.precision)
-    t1 = time.perf_counter()
-    img = _slide(job.slide_path, job.slide_mpp).read(*tile.read_box, mpp=job.grid_mpp)
-    t2 = time.perf_counter()
-    x = normalize_image(
-        img if job.nucleus_channel is None else img[..., job.nucleus_channel], job.model, job.percentiles
-    )
-    t3 = time.perf_counter()
-    _, det = model.predict_instances(
-        x,
-        axes="YXC" if x.ndim == 3 else "YX",
-        prob_thresh=job.prob_thresh,
-        nms_thresh=job.nms_thresh,
-        return_labels=False,
-        show_tile_progress=False,
-        verbose=False,
-    )
-    t4 = time.perf_counter()
-    timings = {"model_load_s": t1 - t0, "read_s": t2 - t1, "normalize_s": t3 - t2, "stardist_s": t4 - t3}
-    return img, det["coord"], det["points"], det["prob"], timings
+    timings = Timings()
+    with timings.time("model_load_s"):
+        model = _model(job.model, job.precision)
+    with timings.time("read_s"):
+        img = _slide(job.slide_path, job.slide_mpp).read(*tile.read_box, mpp=job.grid_mpp)
+    with timings.time("normalize_s"):
+        x = normalize_image(
+            img if job.nucleus_channel is None else img[..., job.nucleus_channel], job.model, job.percentiles
+        )
+    with timings.time("stardist_s"):
+        _, det = model.predict_instances(
+            x,
+            axes="YXC" if x.ndim == 3 else "YX",
+            prob_thresh=job.prob_thresh,
+            nms_thresh=job.nms_thresh,
+            return_labels=False,
+            show_tile_progress=False,
+            verbose=False,
+        )
+    return img, det["coord"], det["points"], det["prob"], dict(timings)
 
 
 def segment_tile(job: SegmentJob, tile: Tile) -> dict:
     """Segment one tile and write its nuclei to ``parts_dir/<tile>.parquet``; return a summary."""
     img, coord, points, prob, timings = predict_tile(job, tile)
-    t0 = time.perf_counter()
-    keep = owned(points, tile)
-    coord, points, prob = coord[keep], points[keep], prob[keep]
-    features = nucleus_features(img, coord, job.grid_mpp, job.stain, job.channel_names)
-    if job.classify:
-        features = features.assign(**nucleus_classes(img, coord, points, job))
-    t1 = time.perf_counter()
-    cells = tile_cells(coord, points, prob, tile, job.grid_mpp, job.grid_width, features)
-    part = Path(job.parts_dir) / f"{tile.name}.parquet"
-    tmp = part.with_suffix(f".tmp{os.getpid()}")
-    pq.write_table(pa.Table.from_pandas(cells, schema=job.schema, preserve_index=False), tmp)
-    os.replace(tmp, part)
-    timings["features_s"] = t1 - t0
-    timings["table_write_s"] = time.perf_counter() - t1
+    with stopwatch() as features_clock:
+        keep = owned(points, tile)
+        coord, points, prob = coord[keep], points[keep], prob[keep]
+        features = nucleus_features(img, coord, job.grid_mpp, job.stain, job.channel_names)
+        if job.classify:
+            features = features.assign(**nucleus_classes(img, coord, points, job))
+    with stopwatch() as write_clock:
+        cells = tile_cells(coord, points, prob, tile, job.grid_mpp, job.grid_width, features)
+        part = Path(job.parts_dir) / f"{tile.name}.parquet"
+        with atomic_write(part, unique=True) as tmp:
+            pq.write_table(pa.Table.from_pandas(cells, schema=job.schema, preserve_index=False), tmp)
+    timings["features_s"] = features_clock.s
+    timings["table_write_s"] = write_clock.s
     return {"tile": tile.name, "n_cells": len(cells), **timings}
 
 

@@ -140,6 +140,18 @@ def test_registry_offline_gives_clear_error(no_shipped, monkeypatch, tmp_path):
         resolve_model(None, stain="fluo")
 
 
+def test_registry_download_with_a_wrong_checksum_leaves_nothing(no_shipped, monkeypatch, tmp_path):
+    import io
+    import urllib.request
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: io.BytesIO(b"not the model"))
+    with pytest.raises(ModelError, match="does not match StarDist's checksum"):
+        resolve_model("2D_versatile_fluo")
+    cache = tmp_path / "keras" / "models" / "StarDist2D" / "2D_versatile_fluo"
+    assert list(cache.iterdir()) == []  # neither the zip nor its temporary file
+
+
 def test_registry_model_found_in_keras_cache(model_dir, no_shipped, monkeypatch, tmp_path):
     import shutil
 
@@ -250,7 +262,7 @@ def test_shipped_model_segments_fresh_generated_tiles(tmp_path):
     model's own pixel size."""
     from stardist.matching import matching_dataset
 
-    from histo.train.outlines import pairs_from_folders, read_pair
+    from histo.train.data import pairs_from_folders, read_pair
     from histo_sample import write_training_set
 
     spec = resolve_model("histo-he")
