@@ -118,10 +118,26 @@ class Slide:
 
 
 def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
-    """Open a slide lazily (reads metadata, no pixels). ``mpp`` (level-0 µm/px) overrides the file's.
+    """Open a slide lazily (reads metadata, no pixels).
 
-    Raises :class:`SlideError` for a missing, unreadable, truncated or absurd file, an unsupported
-    pixel type, or when neither the file nor ``mpp`` gives a plausible pixel size (0.01–20 µm/px).
+    Parameters
+    ----------
+    path : str or Path
+        OME-TIFF, Aperio SVS, Hamamatsu NDPI, generic tiled TIFF, plain TIFF/PNG crop, or any format
+        OpenSlide reads.
+    mpp : float, optional
+        Level-0 pixel size, µm/px; overrides the file's (needed when the file has none).
+
+    Returns
+    -------
+    Slide
+        Its levels, shape (px), pixel size (µm/px) and channels; pixels are read on demand.
+
+    Raises
+    ------
+    SlideError
+        A missing, unreadable, truncated or absurd file, an unsupported pixel type, or neither the
+        file nor ``mpp`` giving a plausible pixel size (0.01–20 µm/px).
     """
     _check_regular_file(path)
     path = Path(path).absolute()

@@ -124,17 +124,31 @@ def train_classes(
 
     Parameters
     ----------
-    datasets : [(pairs, mpp, types, name, licence), ...] with ``pairs`` a list of (image, mask)
-        paths, ``mpp`` their µm/px and ``types`` a DataFrame ``tile, label, class`` (:func:`read_types`).
-    model_dir : a nucleus model folder; ``nucleus_classes.keras`` is written there and
+    datasets : sequence of (pairs, mpp, types, name, licence)
+        ``pairs`` a list of (image, mask) paths, ``mpp`` their µm/px, ``types`` a DataFrame
+        ``tile, label, class`` (:func:`read_types`), ``name`` and ``licence`` for the card.
+    model_dir : str or Path
+        A nucleus model folder; ``nucleus_classes.keras`` is written there and
         ``card.json["nucleus_classes"]`` (classes, data, validation scores, time) is updated.
-    epochs, batch : at most ``epochs`` passes over the training nuclei in batches of ``batch``;
-        training stops after ``patience`` epochs without a lower validation loss, best epoch kept.
-    val_fraction, seed : share of tiles held out for validation (by tile, seeded).
+    epochs, batch : int
+        At most ``epochs`` passes over the training nuclei in batches of ``batch`` nuclei.
+    val_fraction : float
+        Share of the tiles held out for validation (by tile).
+    seed : int
+        Split, augmentation and shuffling.
+    stain_scale : float
+        H and E concentration jitter, a fraction (0.4: ×0.6–×1.4).
+    patience : int
+        Epochs without a lower validation loss before training stops (the best epoch is kept).
+    command : str, optional
+        The command line, for the card.
+    verbose : int
+        Print the data summary and one Keras line per epoch.
 
     Returns
     -------
-    dict : the card section.
+    dict
+        The card section.
     """
     import keras
 
