@@ -227,7 +227,7 @@ def _sha256(p: Path) -> str:
 
 
 # ---------------------------------------------------------------- spec from a folder
-def _read_json(p: Path, what: str) -> dict | None:
+def _json_object(p: Path, what: str) -> dict | None:
     """The JSON object in ``p``, None if there is no such file; ModelError if it is not a JSON object."""
     if not p.is_file():
         return None
@@ -258,9 +258,9 @@ def _read_spec(folder: Path, source: str, name: str | None) -> ModelSpec:
     missing = [f for f in _REQUIRED if not (folder / f).is_file()]
     if missing:
         raise ModelError(folder, f"not a StarDist model folder: missing {', '.join(missing)}")
-    config = _read_json(folder / "config.json", "config.json") or {}
-    thr = _read_json(folder / "thresholds.json", "thresholds.json")
-    card = _read_json(folder / "card.json", "card.json")
+    config = _json_object(folder / "config.json", "config.json") or {}
+    thr = _json_object(folder / "thresholds.json", "thresholds.json")
+    card = _json_object(folder / "card.json", "card.json")
     name = name or folder.name
     reg = REGISTRY.get(name, {})
 
