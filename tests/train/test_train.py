@@ -215,6 +215,40 @@ def test_train_config_is_frozen_typed_and_round_trips_through_json():
         train([], [], "x", image_mpp=0.5, epoch_count=3)
 
 
+def test_start_run_resumes_a_state_written_before_train_config(tmp_path):
+    """``train_state.json`` as every version wrote it (no config in it) still resumes; a new rate and
+    stain scale are recorded as changes, more epochs extend the run, and the split is kept."""
+    from histo.train.outlines import start_run
+
+    images = [tmp_path / f"{i}.tif" for i in range(4)]
+    state = {
+        "images": [str(p) for p in images],
+        "split": {"train": [0, 1, 3], "val": [2]},
+        "epochs_total": 20,
+        "steps_per_epoch": 100,
+        "epochs_done": 7,
+        "best_val_loss": 0.9,
+        "learning_rate": 1e-4,
+        "wall_time_s": 3600.0,
+        "complete": False,
+        "seed": 0,
+        "stain_scale": 0.4,
+        "init_weights": "histo-he",
+        "history": [{"epoch": 7, "loss": 1.0}],
+    }
+    (tmp_path / "train_state.json").write_text(json.dumps(state))
+    (tmp_path / "weights_last.h5").write_bytes(b"")
+    (tmp_path / "config.json").write_text("{}")
+    config = TrainConfig(epochs=25, steps_per_epoch=5, val_fraction=0.5, learning_rate=5e-5, stain_scale=0.3)
+    got, resuming = start_run(tmp_path, images, config)
+    assert resuming and got["split"] == state["split"] and got["steps_per_epoch"] == 100
+    assert got["epochs_total"] == 25 and got["learning_rate"] == 5e-5 and got["best_val_loss"] is None
+    assert got["learning_rate_changes"] == [{"epoch": 7, "from": 1e-4, "to": 5e-5}]
+    assert got["stain_scale_changes"] == [{"epoch": 7, "from": 0.4, "to": 0.3}]
+    with pytest.raises(HistoError, match="training images differ"):
+        start_run(tmp_path, images[:3], config)
+
+
 @pytest.fixture(scope="module")
 def trained(disks, tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "tiny-he"
