@@ -295,7 +295,11 @@ def parser() -> argparse.ArgumentParser:
     )
     cluster = b.add_mutually_exclusive_group()
     cluster.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per core)")
-    cluster.add_argument("--scheduler", help="address of an existing dask.distributed scheduler (tcp://host:8786)")
+    cluster.add_argument(
+        "--scheduler",
+        help="address of an existing dask.distributed scheduler (tls://host:8786; its TLS credentials "
+        "in Dask's config: README, On several machines)",
+    )
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_batch)
 
