@@ -26,6 +26,7 @@ from histo.segment.nucleus_classes import (
     class_of,
     network,
     nucleus_patches,
+    standardise_stain,
     to_patch_scale,
 )
 from histo.train.augment import brightness_contrast, stain_jitter
@@ -52,8 +53,11 @@ def read_types(path: Path | str) -> pd.DataFrame:
     )
 
 
-def tile_examples(image: Path, mask: Path, mpp: float, types: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
-    """Patches (n, PATCH_PX + 2·MARGIN, …, 4) and class indices (n,) of the typed nuclei of one tile."""
+def tile_examples(
+    image: Path, mask: Path, mpp: float, types: dict[int, str], stain: str | None = "macenko"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Patches (n, PATCH_PX + 2·MARGIN, …, 4) and class indices (n,) of the typed nuclei of one tile,
+    read after the tile's stains are standardised (``stain="macenko"``, as the tile task does)."""
     img, labels = read_pair(image, mask)
     f = mpp / PATCH_MPP
     outlines, centres, y = [], [], []
@@ -66,7 +70,9 @@ def tile_examples(image: Path, mask: Path, mpp: float, types: dict[int, str]) ->
         outlines.append((ring + 0.5) * f - 0.5)
         centres.append((np.asarray(r.centroid) + 0.5) * f - 0.5)
         y.append(CLASSES.index(cls))
-    x = nucleus_patches(to_patch_scale(img, mpp), outlines, np.asarray(centres).reshape(-1, 2), PATCH_PX + 2 * MARGIN)
+    small = to_patch_scale(img, mpp)
+    small = standardise_stain(small) if stain == "macenko" else small
+    x = nucleus_patches(small, outlines, np.asarray(centres).reshape(-1, 2), PATCH_PX + 2 * MARGIN)
     return x, np.asarray(y, np.int64)
 
 
@@ -117,6 +123,7 @@ def train_classes(
     seed: int = 0,
     stain_scale: float = 0.4,
     patience: int = 6,
+    stain: str | None = "macenko",
     command: str | None = None,
     verbose: int = 1,
 ) -> dict:
@@ -140,6 +147,10 @@ def train_classes(
         H and E concentration jitter, a fraction (0.4: ×0.6–×1.4).
     patience : int
         Epochs without a lower validation loss before training stops (the best epoch is kept).
+    stain : str or None
+        ``"macenko"`` standardises each tile's stains before its patches are cut
+        (:func:`histo.segment.nucleus_classes.standardise_stain`; recorded in the card, and the tile
+        task does the same); None reads the pixels as they are.
     command : str, optional
         The command line, for the card.
     verbose : int
@@ -161,7 +172,7 @@ def train_classes(
     xs, ys = [], []
     for img, msk, mpp, types in tiles:
         own = types[types["tile"] == Path(img).stem]
-        x, y = tile_examples(img, msk, mpp, dict(zip(own["label"], own["class"])))
+        x, y = tile_examples(img, msk, mpp, dict(zip(own["label"], own["class"])), stain)
         xs.append(x), ys.append(y)
     x_tr, y_tr = np.concatenate([xs[i] for i in tr]), np.concatenate([ys[i] for i in tr])
     x_va, y_va = _centre(np.concatenate([xs[i] for i in va])), np.concatenate([ys[i] for i in va])
@@ -210,6 +221,7 @@ def train_classes(
         "patch_px": PATCH_PX,
         "patch_mpp": PATCH_MPP,
         "input": "RGB x/255 and the nucleus outline (1 inside), centred on the nucleus",
+        "stain": stain,
         "sources": [
             {"name": name, "licence": licence, "n_tiles": len(pairs), "mpp": mpp}
             for pairs, mpp, _, name, licence in datasets

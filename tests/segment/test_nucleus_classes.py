@@ -18,7 +18,9 @@ from histo.segment.nucleus_classes import (
     PATCH_PX,
     class_of,
     nucleus_patches,
+    standardise_stain,
     tile_patches,
+    to_patch_scale,
 )
 from histo.train.evaluate import class_counts, class_f1
 
@@ -47,6 +49,26 @@ def test_patches_beyond_the_image_edge_are_glass():
     small = np.zeros((100, 100, 3), np.float32)
     p = nucleus_patches(small, [disc(0, 0, 2).T], np.array([[0.0, 0.0]]))
     assert p[0, 0, 0, :3].tolist() == [1.0, 1.0, 1.0] and p[0, -1, -1, :3].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_stain_standardisation_leaves_glass_alone():
+    glass = np.full((100, 100, 3), 0.97, np.float32)
+    assert standardise_stain(glass) is glass
+
+
+def test_stain_standardisation_brings_a_restained_tile_back():
+    """A real CoNSeP tile and the same tile with pale haematoxylin and strong eosin (the accuracy table's
+    strong stain change) differ much less after both are standardised."""
+    from skimage.io import imread
+
+    from histo.train.augment import recolour
+
+    tile = shared_path("data", "consep", "train", "images", "train_1.png")
+    x = to_patch_scale(imread(tile)[..., :3], 0.275)
+    restained = recolour(x, np.array([0.6, 1.4, 1.0], np.float32))
+    before = np.abs(restained - x).mean()
+    after = np.abs(standardise_stain(restained) - standardise_stain(x)).mean()
+    assert after < 0.8 * before, (before, after)
 
 
 def test_class_names_map_to_histo_classes():
