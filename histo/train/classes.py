@@ -8,8 +8,6 @@ is kept. The classifier and its card section go into an existing nucleus model f
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pandas as pd
 from skimage.measure import find_contours, regionprops
 
 from histo.errors import HistoError
+from histo.io.files import read_json, write_json
 from histo.segment.nucleus_classes import (
     CLASSES,
     CLASSIFIER_FILE,
@@ -29,8 +28,9 @@ from histo.segment.nucleus_classes import (
     standardise_stain,
     to_patch_scale,
 )
+from histo.timing import stopwatch
 from histo.train.augment import brightness_contrast, stain_jitter
-from histo.train.outlines import read_pair, split_by_image
+from histo.train.data import read_pair, split_by_image
 
 MARGIN = 8  # px at PATCH_MPP read around each patch for shift augmentation
 
@@ -163,7 +163,7 @@ def train_classes(
     """
     import keras
 
-    t0 = time.time()
+    clock = stopwatch()
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise HistoError(model_dir, "not a nucleus model folder (no config.json): train the outlines first")
@@ -243,13 +243,11 @@ def train_classes(
             "outline_grow_shrink_px": 1,
         },
         "validation": class_scores(y_va, pred),
-        "wall_time_s": round(time.time() - t0, 1),
+        "wall_time_s": round(clock.s, 1),
         "command": command,
     }
     card_path = model_dir / "card.json"
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    card = read_json(card_path, missing={})
     card["nucleus_classes"] = section
-    tmp = card_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(card, indent=2))
-    tmp.replace(card_path)
+    write_json(card_path, card)
     return section
