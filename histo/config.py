@@ -32,9 +32,9 @@ class Section:
     """Base of the workflow's frozen dataclass sections.
 
     Read settings by attribute (``wf.neighbourhood.ripley.max_um``). ``section["key"]`` reads the
-    same, for code that still indexes the workflow as the nested dict it used to be (and for a
-    workflow read back from run.json). :meth:`as_dict` gives the plain, JSON-ready nested dict that
-    run.json records.
+    same, for code that still indexes the workflow as the nested dict it used to be (and accepts
+    either). :meth:`as_dict` gives the plain, JSON-ready nested dict that run.json records;
+    ``histo.workflow.validate`` turns it back into the same Workflow.
     """
 
     RANGES: ClassVar[dict[str, tuple[float, float]]] = {}  # allowed values (inclusive) of numeric fields
