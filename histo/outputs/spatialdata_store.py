@@ -4,7 +4,8 @@ Elements, all built and validated by spatialdata's own models and written by ``S
 ``nuclei_labels`` (the label pyramid of ``labels.ome.zarr``, its levels made again by spatialdata from
 level 0),
 ``nuclei`` (polygons of ``cells.parquet``, index = the nucleus's ``label``) and ``regions`` (of
-``regions.geojson``, index = ``region_id``) as shapes, and ``cells`` (``cells.h5ad``) as the table that
+``regions.geojson``, in its order, index 1…n, ``region_id`` a column: napari-spatialdata 0.7.2 takes a
+shape's index as an int) as shapes, and ``cells`` (``cells.h5ad``) as the table that
 annotates ``nuclei_labels`` (``region`` column, ``instance_key`` ``label``). Coordinate system
 ``global`` is in µm, origin at the slide's top-left: the labels map to it by their pixel size; shapes
 are in µm already. The slide image is referenced, not copied: ``attrs["histo"]["slide"]`` (path and µm/px).
@@ -60,9 +61,9 @@ def write_spatialdata(bundle: str | Path, out: str | Path | None = None) -> Path
     features = json.loads((bundle / "regions.geojson").read_text(encoding="utf-8"))["features"]
     props = [f["properties"] for f in features]
     regions = gpd.GeoDataFrame(
-        {"kind": [p["kind"] for p in props], "name": [p["name"] for p in props]},
+        {key: [p[key] for p in props] for key in ("region_id", "kind", "name")},
         geometry=[shapely.from_wkt(p["geometry_um"]) for p in props],
-        index=pd.Index([p["region_id"] for p in props], name="region_id"),
+        index=pd.RangeIndex(1, len(props) + 1, name="region_number"),  # napari-spatialdata needs int ids
     )
 
     table = ad.read_h5ad(bundle / "cells.h5ad")
