@@ -1026,6 +1026,13 @@ def _classes_md(c: dict) -> list[str]:
         f"{', '.join(c['classes'])} from a {c.get('patch_px')}² patch at {c.get('patch_mpp')} µm/px and the "
         "nucleus outline; histo's typing keeps the class and splits off large pale nuclei (`large`).",
     ]
+    if c.get("stain") == "macenko":
+        lines.append(
+            "- Stains: each tile's H&E is mapped to Macenko's reference before its patches are cut, in training "
+            "and in the tile task (histo.segment.nucleus_classes.standardise_stain)."
+        )
+    if c.get("inference_turns"):
+        lines.append(f"- Inference: class probabilities averaged over {c['inference_turns']} turns of the patch.")
     for src in c.get("sources", []):
         lines.append(
             f"- Data: {src['name']} ({src['n_tiles']} tiles at {src['mpp']} µm/px), licence: {src['licence']}."
