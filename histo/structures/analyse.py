@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from histo.errors import HistoError
 from histo.io.annotations import import_annotations
 from histo.structures.metrics import region_metrics
 from histo.structures.phenotypes import classify_he, gate_markers
@@ -35,9 +36,15 @@ def analyse_cells(cells: pd.DataFrame, slide, tissue, wf: Workflow, annotations:
     """Type the cells and find, grade and measure the regions.
 
     Returns (per-cell columns to add to ``cells.parquet``: ``cell_type`` and region ids,
-    regions GeoDataFrame, metrics table, report for run.json).
+    regions GeoDataFrame, metrics table, report for run.json). A marker gate the cells cannot take
+    (its column missing: the slide has no such channel) is a HistoError naming the slide and the workflow.
     """
-    types, type_report = cell_types(cells, wf)
+    try:
+        types, type_report = cell_types(cells, wf)
+    except ValueError as exc:  # a marker gate the slide's cells cannot take (e.g. no such channel)
+        if wf.stain == "he":
+            raise
+        raise HistoError(getattr(slide, "path", None), f"workflow {wf.name!r}: {exc}") from None
     cells = cells.assign(cell_type=types if types is not None else pd.Categorical(["other"] * len(cells)))
     regions = find_regions(cells, tissue.pieces, wf.tissue_type, wf.regions)
     candidates = regions.attrs.get("candidates", [])
