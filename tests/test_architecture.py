@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ast
 
-from conftest import ROOT
+from helpers import ROOT
 
 ERRORS = {"errors"}
 ALLOWED = {  # room -> the rooms it may import (besides itself), as docs/ARCHITECTURE.md's table says

@@ -10,23 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from helpers import assert_clean_error, histo
 
 from histo.io.bundle import is_complete
-
-
-def histo(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "histo.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
-    )
-
-
-def assert_clean_error(result, path, *words):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(path) in lines[0], result.stderr
-    for word in words:
-        assert word in lines[0].lower(), lines[0]
 
 
 def test_truncated_slide(generated, tmp_path):

@@ -6,9 +6,9 @@ import json
 
 import pandas as pd
 import shapely
+from helpers import shared_path
 
 from histo.run.pipeline import run_slide
-from tests.conftest import shared_path
 
 
 def test_real_svs_gives_nuclei_on_tissue_and_none_on_glass(client, tmp_path):

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import shapely
 import tifffile
+from helpers import histo
 from PIL import Image
 from shapely.geometry import box, shape
 
@@ -32,7 +33,7 @@ def _strict(text: str):
 
 
 @pytest.fixture(scope="module")
-def bundle(generated):
+def synovium_truth_outputs(generated):
     slide = generated("synovium", 4096, 2)
     cells = pd.read_parquet(str(slide).replace(".ome.tif", ".truth.parquet")).rename(columns={"id": "cell_id"})
     feats = json.loads(open(str(slide).replace(".ome.tif", ".truth.geojson"), encoding="utf-8").read())["features"]
@@ -44,8 +45,8 @@ def bundle(generated):
     return slide, cells, regions, region_metrics(cells, regions, "synovium"), thumb, 4096 * MPP / thumb.shape[1]
 
 
-def test_regions_geojson_is_a_qupath_feature_collection(bundle, tmp_path):
-    _, _, regions, metrics, *_ = bundle
+def test_regions_geojson_is_a_qupath_feature_collection(synovium_truth_outputs, tmp_path):
+    _, _, regions, metrics, *_ = synovium_truth_outputs
     path = write_regions_geojson(regions, tmp_path / "regions.geojson", MPP, metrics)
     data = _strict(path.read_text(encoding="utf-8"))
     assert data["type"] == "FeatureCollection" and len(data["features"]) == len(regions)
@@ -74,10 +75,10 @@ def test_regions_geojson_is_a_qupath_feature_collection(bundle, tmp_path):
     assert [f["id"] for f in regions_geojson(regions, MPP)["features"]] == [str(i) for i in ids]  # stable
 
 
-def test_cells_as_qupath_detections(bundle, tmp_path):
+def test_cells_as_qupath_detections(synovium_truth_outputs, tmp_path):
     from histo.outputs.report import type_colors
 
-    cells = bundle[1].head(500).copy()
+    cells = synovium_truth_outputs[1].head(500).copy()
     cells["polygon"] = [shapely.to_wkb(shapely.Point(x, y).buffer(3)) for x, y in zip(cells.x_um, cells.y_um)]
     cells["label"] = np.arange(1, len(cells) + 1)
     cells["area_um2"] = shapely.area(shapely.from_wkb(cells.polygon))
@@ -97,8 +98,8 @@ def test_cells_as_qupath_detections(bundle, tmp_path):
     assert len({f["id"] for f in data["features"]}) == len(cells)
 
 
-def test_annotations_round_trip(bundle, tmp_path):
-    _, _, regions, *_ = bundle
+def test_annotations_round_trip(synovium_truth_outputs, tmp_path):
+    _, _, regions, *_ = synovium_truth_outputs
     data = regions_geojson(regions[regions.kind == "aggregate"].head(2), MPP)
     data["features"][0]["properties"]["classification"] = {"name": "Synovium ROI", "color": [1, 2, 3]}
     path = tmp_path / "qupath.geojson"
@@ -109,7 +110,7 @@ def test_annotations_round_trip(bundle, tmp_path):
     original = regions[regions.kind == "aggregate"].geometry.iloc[0]
     assert ann.geometry.iloc[0].symmetric_difference(original).area < 1e-3 * original.area
     both = pd.concat([regions, ann], ignore_index=True)
-    ids = assign_cells(bundle[1], both)
+    ids = assign_cells(synovium_truth_outputs[1], both)
     assert (ids.annotation_id == "annotation-1").sum() == (ids.aggregate_id == "aggregate-1").sum() > 0
 
 
@@ -166,11 +167,11 @@ def test_detections_are_not_imported(tmp_path):
     assert len(ann) == 1 and ann.geometry.iloc[0].equals(box(0, 0, 50, 50)) and ann.area_um2.iloc[0] == 2500
 
 
-def test_h5ad_opens_in_anndata_and_squidpy(bundle, tmp_path):
+def test_h5ad_opens_in_anndata_and_squidpy(synovium_truth_outputs, tmp_path):
     import anndata as ad
     import squidpy as sq
 
-    cells = bundle[1].head(3000).copy()
+    cells = synovium_truth_outputs[1].head(3000).copy()
     cells["polygon"] = [shapely.to_wkb(shapely.Point(x, y).buffer(3)) for x, y in zip(cells.x_um, cells.y_um)]
     path = write_h5ad(cells, tmp_path / "cells.h5ad", uns={"slide": "synovium-2", "histo": {"workflow": "synovium-he"}})
     adata = ad.read_h5ad(path)
@@ -186,7 +187,7 @@ def test_h5ad_opens_in_anndata_and_squidpy(bundle, tmp_path):
     assert adata.obsp["spatial_connectivities"].nnz > 4 * len(cells)
 
 
-def test_h5ad_statistics_plot_with_squidpy(bundle, tmp_path):
+def test_h5ad_statistics_plot_with_squidpy(synovium_truth_outputs, tmp_path):
     """The slide's statistics under squidpy's keys: sq.pl plots them; colours as the report draws them."""
     import anndata as ad
     import matplotlib
@@ -197,7 +198,7 @@ def test_h5ad_statistics_plot_with_squidpy(bundle, tmp_path):
     from histo.workflow import load_workflow
 
     matplotlib.use("Agg")
-    cells = bundle[1].head(3000).copy()
+    cells = synovium_truth_outputs[1].head(3000).copy()
     nhood = neighbourhood_stats(cells, load_workflow("synovium-he")["neighbourhood"])
     adata = ad.read_h5ad(write_h5ad(cells, tmp_path / "cells.h5ad", uns={"neighbourhood": nhood}))
     types = list(adata.obs["cell_type"].cat.categories)
@@ -216,8 +217,8 @@ def test_h5ad_statistics_plot_with_squidpy(bundle, tmp_path):
     matplotlib.pyplot.close("all")
 
 
-def test_overview_and_report(bundle, tmp_path):
-    slide, cells, regions, metrics, thumb, thumb_mpp = bundle
+def test_overview_and_report(synovium_truth_outputs, tmp_path):
+    slide, cells, regions, metrics, thumb, thumb_mpp = synovium_truth_outputs
     png = tmp_path / "overview.png"
     png.write_bytes(overview_figure(thumb, thumb_mpp, regions, cells))
     with Image.open(png) as img:
@@ -231,11 +232,11 @@ def test_overview_and_report(bundle, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def small_bundle(bundle, tmp_path_factory):
+def small_bundle(synovium_truth_outputs, tmp_path_factory):
     """A bundle folder made from the generated truth (nuclei as 3 µm discs): what ``histo export`` reads."""
     from histo.segment.labels import create_pyramid, downsample_level, rasterise
 
-    slide, cells, regions, metrics, *_ = bundle
+    slide, cells, regions, metrics, *_ = synovium_truth_outputs
     folder = tmp_path_factory.mktemp("bundle") / "synovium-2"
     folder.mkdir()
     x0, y0 = cells.x_um.median() - 300, cells.y_um.median() - 300  # a 600 µm square of tissue, moved to 0, 0
@@ -287,16 +288,8 @@ def test_spatialdata_store(small_bundle):
 
 
 def test_export_command_writes_qupath_cells(small_bundle):
-    import subprocess
-    import sys
-
     folder, cells, _ = small_bundle
-    done = subprocess.run(
-        [sys.executable, "-m", "histo.cli", "export", str(folder), "--qupath-cells"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = histo("export", folder, "--qupath-cells")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"wrote {folder / 'cells.geojson'}" and done.stderr == ""
     data = _strict((folder / "cells.geojson").read_text(encoding="utf-8"))

@@ -24,6 +24,7 @@ from distributed import Client
 from distributed.comm import connect as comm_connect
 from distributed.comm.addressing import get_address_host_port
 from distributed.security import Security
+from helpers import histo
 
 from histo.errors import HistoError
 from histo.run.cluster import WORKER_ENV, connect, local_cluster
@@ -33,12 +34,6 @@ TLS_ENV = ("CA_FILE", "CLIENT__CERT", "CLIENT__KEY")  # DASK_DISTRIBUTED__COMM__
 
 # the junk that printed "Unable to allocate 6.09 EiB" from a worker before TLS: a frame count of 2**62
 JUNK = (2**62).to_bytes(8, "little") + b"\xff" * 56
-
-
-def histo(*args, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "histo.cli", *map(str, args)], capture_output=True, text=True, timeout=600, env=env
-    )
 
 
 def ports(client) -> list[str]:

@@ -19,6 +19,7 @@ import imagecodecs
 import numpy as np
 import pytest
 import tifffile
+from helpers import jpeg_claiming, lying_tiff, png_header
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +29,6 @@ from histo.io.bundle import slide_name
 from histo.io.slide import open_slide
 from histo.io.tiff_tiles import MAX_DECODE_PX, MAX_PX_PER_BYTE
 from histo.workflow import RANGES, SCHEMA, validate
-from tests.run.test_hardening import _jpeg_claiming, _png_header, lying_tiff
 
 EXAMPLES = int(os.environ.get("HISTO_FUZZ_EXAMPLES", "500"))
 FUZZ = settings(
@@ -248,9 +248,9 @@ def lying_header(draw):
     width, height = draw(side), draw(side)
     if kind == "jpeg":
         width, height = min(width, 65_535), min(height, 65_535)
-        return kind, width, height, _jpeg_claiming(width, height, draw(st.binary(max_size=3)))
+        return kind, width, height, jpeg_claiming(width, height, draw(st.binary(max_size=3)))
     if kind == "png":
-        return kind, width, height, _png_header(width, height)
+        return kind, width, height, png_header(width, height)
     tile = 16 * draw(st.integers(1, 64))
     if -(-width // tile) * -(-height // tile) > 100_000:  # the file would hold >1.6 MB of offsets
         kind = "strip"

@@ -12,7 +12,6 @@ import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import imagecodecs
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from helpers import ROOT, assert_clean_error, histo, jpeg_claiming, lying_tiff, png_header
 from scipy.spatial import cKDTree
 
 from histo.errors import HistoError, SlideError, WorkflowError
@@ -31,24 +31,7 @@ from histo.run.batch import read_input, run_batch, write_summary
 from histo.run.pipeline import finish_slide, plan_slide, run_slide, submit_tiles
 from histo.workflow import load_workflow
 
-ROOT = Path(__file__).resolve().parents[2]
 RNG = np.random.default_rng(7)
-
-
-def histo(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "histo.cli", *map(str, args)], capture_output=True, text=True, timeout=600
-    )
-
-
-def assert_clean_error(result, path, *words):
-    """Exit 2, one line on stderr naming ``path`` and holding ``words``, no traceback."""
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(path) in lines[0], result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def tiled(path: Path, image: np.ndarray, **kw) -> Path:
@@ -162,18 +145,6 @@ def test_unsupported_pixel_kinds(tmp_path, kind, image, kw, message):
         open_slide(path, mpp=0.5)
 
 
-def _png_header(width: int, height: int) -> bytes:
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 def test_absurd_sizes_in_metadata(tmp_path):
     small = np.zeros((64, 64, 3), np.uint8)
     for value in ("inf", "1e-9", "1e9"):
@@ -192,47 +163,9 @@ def test_absurd_sizes_in_metadata(tmp_path):
         with pytest.raises(SlideError, match="pixel size must be 0.01–20.0 µm/px"):
             open_slide(svs, mpp=mpp)
     bomb = tmp_path / "bomb.png"  # 200,000² px declared in 100 bytes: refused before decoding
-    bomb.write_bytes(_png_header(200_000, 200_000))
+    bomb.write_bytes(png_header(200_000, 200_000))
     with pytest.raises(SlideError, match=r"bomb.png: absurd dimensions 200000×200000 px for a png image"):
         open_slide(bomb, mpp=0.5)
-
-
-def lying_tiff(path: Path, width: int, height: int, seg: tuple[int, int] | None = None) -> Path:
-    """A BigTIFF (zlib, 8-bit RGB) declaring ``width``×``height`` px whose segments (``seg`` tiles, else one
-    strip of the whole image) all point at one small blob of zeros: a few bytes that claim a slide."""
-    sh, sw = seg or (height, width)
-    n = -(-height // sh) * -(-width // sw)
-    blob = zlib.compress(bytes(sh * sw * 3 if seg else 3))
-    layout = [
-        (256, 4, [width]),
-        (257, 4, [height]),
-        (258, 3, [8, 8, 8]),
-        (259, 3, [8]),
-        (262, 3, [2]),
-        (277, 3, [3]),
-        (284, 3, [1]),
-    ]
-    layout += [(322, 4, [sw]), (323, 4, [sh])] if seg else [(278, 4, [sh])]
-    base = 16 + 8 + 20 * (len(layout) + 2) + 8
-    blob_at = base + 8 + 16 * n + 8  # after bits-per-sample and both offset arrays
-    layout += [(324 if seg else 273, 16, [blob_at] * n), (325 if seg else 279, 16, [len(blob)] * n)]
-    entries, extra = [], bytearray()
-    for code, kind, values in sorted(layout):
-        raw = np.array(values, {3: "<u2", 4: "<u4", 16: "<u8"}[kind]).tobytes()
-        value = raw.ljust(8, b"\0") if len(raw) <= 8 else struct.pack("<Q", base + len(extra))
-        extra += b"" if len(raw) <= 8 else raw
-        entries.append(struct.pack("<HHQ", code, kind, len(values)) + value)
-    head = b"II" + struct.pack("<HHHQQ", 43, 8, 0, 16, len(entries)) + b"".join(entries) + bytes(8)
-    path.write_bytes((head + extra).ljust(blob_at, b"\0") + blob)
-    return path
-
-
-def _jpeg_claiming(width: int, height: int, junk: bytes = b"\x00") -> bytes:
-    """A 16² px JPEG whose frame header says ``width``×``height``, with ``junk`` before that header
-    (libjpeg skips it: 'extraneous bytes before marker')."""
-    data = imagecodecs.jpeg_encode(np.zeros((16, 16, 3), np.uint8))
-    sof = data.index(b"\xff\xc0")
-    return data[:sof] + junk + data[sof : sof + 5] + struct.pack(">HH", height, width) + data[sof + 9 :]
 
 
 def test_headers_that_lie_about_the_size_are_refused_before_decoding(tmp_path):
@@ -250,7 +183,7 @@ def test_headers_that_lie_about_the_size_are_refused_before_decoding(tmp_path):
         ),
     ]
     jpeg = tmp_path / "junk.jpg"
-    jpeg.write_bytes(_jpeg_claiming(30_000, 30_000))
+    jpeg.write_bytes(jpeg_claiming(30_000, 30_000))
     cases.append((jpeg, r"absurd dimensions 30000×30000 px for a jpeg image"))
     for path, message in cases:
         t = time.perf_counter()
@@ -258,7 +191,7 @@ def test_headers_that_lie_about_the_size_are_refused_before_decoding(tmp_path):
             open_slide(path, mpp=0.5)
         assert time.perf_counter() - t < 5, path
     small = tmp_path / "small-junk.jpg"  # junk before a true header: still read
-    small.write_bytes(_jpeg_claiming(16, 16, b"\x00\x17"))
+    small.write_bytes(jpeg_claiming(16, 16, b"\x00\x17"))
     assert open_slide(small, mpp=0.5).shape == (16, 16)
 
 
@@ -526,7 +459,7 @@ def cli_inputs(tmp_path_factory, generated):
     folder = tmp_path_factory.mktemp("cli")
     rgb16 = tiled(folder / "rgb16.tif", np.full((256, 256, 3), 40000, np.uint16), photometric="rgb")
     bomb = folder / "bomb.png"
-    bomb.write_bytes(_png_header(100_000, 100_000))
+    bomb.write_bytes(png_header(100_000, 100_000))
     bowtie = folder / "bowtie.geojson"
     bowtie.write_text(
         json.dumps(
@@ -609,12 +542,7 @@ def test_special_files_and_symlink_loops_fail_at_once(tmp_path):
     ]:
         with pytest.raises(SlideError, match=re.escape(f"{path}: {problem}")):
             open_slide(path, mpp=0.5)
-    result = subprocess.run(
-        [sys.executable, "-m", "histo.cli", "run", str(fifo), "--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = histo("run", fifo, "--out", tmp_path / "out", timeout=120)
     assert_clean_error(result, fifo, "a FIFO")
 
 
@@ -798,7 +726,7 @@ def test_evaluate_images_sees_jpeg_images(client, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference(generated, client, tmp_path_factory):
+def tile_fault_reference(generated, client, tmp_path_factory):
     """A 1024² px lymph node at 0.5 µm/px (4 tiles of 512 px, JPEG) and its bundle, undisturbed."""
     slide = generated("lymph-node", 1024, 2)
     return slide, run_slide(slide, tmp_path_factory.mktemp("ref"), "lymph-node-he", client=client, show_progress=False)
@@ -809,8 +737,8 @@ def _cells(bundle: Path) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-def test_one_unreadable_tile_is_reported_and_the_rest_analysed(reference, client, tmp_path):
-    slide, ref = reference
+def test_one_unreadable_tile_is_reported_and_the_rest_analysed(tile_fault_reference, client, tmp_path):
+    slide, ref = tile_fault_reference
     bad = tmp_path / "bad-tile.ome.tif"
     shutil.copy(slide, bad)
     with tifffile.TiffFile(bad) as tif:
@@ -843,8 +771,8 @@ def test_one_unreadable_tile_is_reported_and_the_rest_analysed(reference, client
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_slide_gives_the_same_cells(reference, client, tmp_path):
-    slide, ref = reference
+def test_worker_killed_mid_slide_gives_the_same_cells(tile_fault_reference, client, tmp_path):
+    slide, ref = tile_fault_reference
     plan = plan_slide(slide, tmp_path, "lymph-node-he")
     futures = submit_tiles(client, plan)
     keys = {f.key for f in futures}
@@ -862,8 +790,8 @@ def test_worker_killed_mid_slide_gives_the_same_cells(reference, client, tmp_pat
 
 
 @pytest.mark.slow
-def test_disk_full_while_finishing_keeps_the_earlier_bundle(reference, client, tmp_path):
-    slide, ref = reference
+def test_disk_full_while_finishing_keeps_the_earlier_bundle(tile_fault_reference, client, tmp_path):
+    slide, ref = tile_fault_reference
     out = tmp_path / "out"
     shutil.copytree(ref, out / ref.name)  # the earlier, complete bundle
     before = {p.relative_to(out): p.read_bytes() for p in (out / ref.name).rglob("*") if p.is_file()}

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, shared_path
+from helpers import ROOT, histo, shared_path
 
 from histo.segment.nucleus_classes import (
     CLASSES,
@@ -130,35 +130,25 @@ def test_pipeline_writes_learned_classes(classified_model, generated, client, tm
 def test_train_classes_on_two_real_tiles(tmp_path):
     """``histo train-classes`` on two CoNSeP training tiles (1 epoch): a classifier and its card section."""
     consep = shared_path("data", "consep", "train")
-    import subprocess
-    import sys
-
     for kind, ext in (("images", ".png"), ("masks", ".tif")):
         (tmp_path / kind).mkdir()
         for tile in ("train_1", "train_3"):
             (tmp_path / kind / f"{tile}{ext}").symlink_to(consep / kind / f"{tile}{ext}")
     model = tmp_path / "model"
     shutil.copytree(ROOT / "models" / "histo-he", model)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "histo.cli",
-            "train-classes",
-            str(tmp_path / "images"),
-            str(tmp_path / "masks"),
-            str(consep / "types.csv"),
-            "--model",
-            str(model),
-            "--image-mpp",
-            "0.275",
-            "--epochs",
-            "1",
-            "--val-fraction",
-            "0.5",
-        ],
-        capture_output=True,
-        text=True,
+    done = histo(
+        "train-classes",
+        tmp_path / "images",
+        tmp_path / "masks",
+        consep / "types.csv",
+        "--model",
+        model,
+        "--image-mpp",
+        "0.275",
+        "--epochs",
+        "1",
+        "--val-fraction",
+        "0.5",
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-2000:]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
+from helpers import shared_path
 from shapely.geometry import Point
 
 from histo.io.slide import open_slide
 from histo.segment.tissue import detect_tissue, tissue_fraction
-from tests.conftest import shared_path
 
 MPP = 4.0  # µm/px of the synthetic slides: 1000 × 800 px = 4 × 3.2 mm
 RNG = np.random.default_rng(1)

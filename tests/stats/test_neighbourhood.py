@@ -6,6 +6,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import ROOT, histo, load_truth, shared_path
 
 from histo.errors import HistoError, WorkflowError
 from histo.io.slide import open_slide
@@ -27,7 +28,6 @@ from histo.stats.neighbourhood import (
 from histo.structures.metrics import region_metrics
 from histo.structures.regions import assign_cells, find_regions
 from histo.workflow import load_workflow
-from tests.structures.test_regions import load_truth
 
 OFF = NeighbourhoodParams(
     nhood_enrichment=NhoodEnrichment(run=False),
@@ -41,7 +41,7 @@ ENRICHMENT = OFF.replace(nhood_enrichment=NhoodEnrichment(run=True, n_perms=100)
 
 
 @pytest.fixture(scope="module")
-def node(generated):
+def node_bt_cells(generated):
     """Truth cells with region ids; lymphocytes of the true follicles relabelled B, the others T."""
     cells, _, pieces = load_truth(generated("lymph-node", 4096, 3))
     regions = find_regions(cells, pieces, "lymph-node")
@@ -56,8 +56,8 @@ def _z(result, region_id, a, b):
     return result["regions"][region_id]["nhood_zscore"][types.index(a), types.index(b)]
 
 
-def test_b_cells_segregate_and_germinal_centres_cluster(node):
-    cells, regions, bt = node
+def test_b_cells_segregate_and_germinal_centres_cluster(node_bt_cells):
+    cells, regions, bt = node_bt_cells
     res = neighbourhood_stats(bt, ENRICHMENT.replace(kinds=["tissue"]))
     assert _z(res, "slide", "B", "B") > 20 and _z(res, "slide", "T", "T") > 20
     assert _z(res, "slide", "B", "T") < -20
@@ -68,8 +68,8 @@ def test_b_cells_segregate_and_germinal_centres_cluster(node):
     assert len(z_gc) == len(with_gc) and np.median(z_gc) > 5  # large GC cells clump inside their follicle
 
 
-def test_mixed_control_is_near_zero(node):
-    _, _, bt = node
+def test_mixed_control_is_near_zero(node_bt_cells):
+    _, _, bt = node_bt_cells
     mixed = bt.assign(cell_type=np.random.default_rng(5).permutation(bt.cell_type.to_numpy()))
     res = neighbourhood_stats(mixed, ENRICHMENT.replace(kinds=["tissue"]))
     z = res["regions"]["slide"]["nhood_zscore"]
@@ -77,8 +77,8 @@ def test_mixed_control_is_near_zero(node):
     assert _z(neighbourhood_stats(bt, ENRICHMENT.replace(kinds=[])), "slide", "B", "B") > 10 * np.abs(z).max()
 
 
-def test_same_seed_same_numbers_and_sample_bound(node):
-    cells, regions, _ = node
+def test_same_seed_same_numbers_and_sample_bound(node_bt_cells):
+    cells, regions, _ = node_bt_cells
     params = NeighbourhoodParams(
         kinds=["tissue", "follicle"],
         co_occurrence=CoOccurrence(max_cells=800, max_um=60.0),
@@ -122,8 +122,8 @@ def _assert_same(a: dict, b: dict):
             assert same, (rid, key)
 
 
-def test_bundle_files_carry_the_statistics(node, generated, tmp_path):
-    cells, regions, _ = node
+def test_bundle_files_carry_the_statistics(node_bt_cells, generated, tmp_path):
+    cells, regions, _ = node_bt_cells
     wf = load_workflow("lymph-node-he")
     nhood = wf.neighbourhood
     nhood = nhood.replace(
@@ -234,11 +234,8 @@ def test_a_real_patch_of_one_cell_type_completes(tmp_path):
     of then; the learned classes now give it two, so the workflow's rules type every nucleus lymphocyte):
     exit 0, and run.json says which statistics were skipped and why."""
     import json
-    import subprocess
-    import sys
 
     import yaml
-    from conftest import ROOT, shared_path
 
     patch = shared_path("data", "lymph_node_patches", "follicular_lymphoma", "FL_examples_106.jpg")
     wf = yaml.safe_load((ROOT / "workflows" / "lymph-node-he.yaml").read_text())
@@ -252,23 +249,7 @@ def test_a_real_patch_of_one_cell_type_completes(tmp_path):
         "lymphocyte_min_od_ratio": 0,
     }
     (tmp_path / "one-type.yaml").write_text(yaml.safe_dump(wf))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "histo.cli",
-            "run",
-            str(patch),
-            "--mpp",
-            "0.46",
-            "--out",
-            str(tmp_path),
-            "--workflow",
-            str(tmp_path / "one-type.yaml"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    proc = histo("run", patch, "--mpp", "0.46", "--out", tmp_path, "--workflow", tmp_path / "one-type.yaml")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads((tmp_path / "FL_examples_106" / "run.json").read_text())
     assert run["status"] == "complete" and run["n_cells"] > 50
@@ -276,14 +257,14 @@ def test_a_real_patch_of_one_cell_type_completes(tmp_path):
     assert "1 (lymphocyte)" in run["neighbourhood_skipped"]["slide"]["nhood_enrichment"]
 
 
-def test_sparse_statistics_equal_squidpy_and_networkx(node):
+def test_sparse_statistics_equal_squidpy_and_networkx(node_bt_cells):
     """Centralities (sparse, breadth-first), interaction matrix, co-occurrence and Ripley's L (KD-tree
     pair counts) give squidpy's own numbers (networkx for the centralities) on a small graph with gaps."""
     import squidpy as sq
 
     from histo.stats.neighbourhood import _interaction, _ripley, cells_adata, centrality_scores, co_occurrence
 
-    _, _, bt = node
+    _, _, bt = node_bt_cells
     window = bt[(bt.x_um < bt.x_um.min() + 500) & (bt.y_um < bt.y_um.min() + 700)]
     assert 1_000 < len(window) < 5_000
     adata = cells_adata(window, NeighbourhoodParams(kinds=[], max_edge_um=12.0))  # short edges: isolated cells

@@ -2,44 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import re
-
 import numpy as np
 import pandas as pd
 import pytest
-from shapely.geometry import box, shape
+from helpers import UNITLESS, UNITS, load_truth
+from shapely.geometry import box
 
 from histo.outputs.export import write_metrics
 from histo.structures.metrics import infiltrate_grade, krenn_band, pathotype_proxy, region_metrics, stroma_grade
 from histo.structures.regions import RegionParams, ScoreParams, assign_cells, find_regions, region_params
-
-
-def load_truth(slide):
-    """(cells, truth features, tissue pieces) of a generated slide."""
-    cells = pd.read_parquet(str(slide).replace(".ome.tif", ".truth.parquet")).rename(columns={"id": "cell_id"})
-    feats = json.loads(open(str(slide).replace(".ome.tif", ".truth.geojson"), encoding="utf-8").read())["features"]
-    return cells, feats, [shape(f["geometry"]) for f in feats if f["properties"]["kind"] == "tissue"]
-
-
-UNITLESS = {
-    "grade",
-    "radial_layers",
-    "layers_median",
-    "layers_p90",
-    "lining_layers_median",
-    "circularity",
-    "krenn_lining",
-    "krenn_stroma",
-    "krenn_infiltrate",
-    "krenn_sum",
-    "max_aggregate_grade",
-    "edge_truncated",
-    "has_gc",
-    "tls_size",
-    "sampling_flag",
-}
-UNITS = re.compile(r"^(n_.+|fraction_.+|.+_(um|um2|mm|mm2|per_mm2|per_100um))$")
 
 
 @pytest.fixture(scope="module", params=[("synovium", 2), ("lymph-node", 3)], ids=["synovium", "lymph-node"])

@@ -3,12 +3,11 @@ pipeline's segmented cells: tests/structures/test_structures_e2e.py)."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
 import shapely
+from helpers import check_aggregate_grades, check_lining_layers, follicle_scores, load_truth
 from shapely.geometry import Polygon, box, shape
 
 from histo.errors import HistoError
@@ -28,93 +27,23 @@ from histo.structures.regions import (
 from histo.workflow import load_workflow
 
 
-def load_truth(slide):
-    """(cells, truth features, tissue pieces) of a generated slide."""
-    cells = pd.read_parquet(str(slide).replace(".ome.tif", ".truth.parquet")).rename(columns={"id": "cell_id"})
-    feats = json.loads(open(str(slide).replace(".ome.tif", ".truth.geojson"), encoding="utf-8").read())["features"]
-    pieces = [shape(f["geometry"]) for f in feats if f["properties"]["kind"] == "tissue"]
-    return cells, feats, pieces
-
-
-def truth_of(feats, kind):
-    return [(shape(f["geometry"]), f["properties"]) for f in feats if f["properties"]["kind"] == kind]
-
-
-def iou(a, b) -> float:
-    return a.intersection(b).area / a.union(b).area
-
-
-def best_match(geom, found) -> tuple[int, float]:
-    scores = [iou(geom, g) for g in found]
-    return (int(np.argmax(scores)), max(scores)) if scores else (-1, 0.0)
-
-
 @pytest.fixture(scope="module")
-def node(generated):
+def node_truth_regions(generated):
+    """(truth cells, truth features, tissue pieces, regions found from the truth cells) of the generated
+    4096² px lymph node."""
     cells, feats, pieces = load_truth(generated("lymph-node", 4096, 3))
     return cells, feats, pieces, find_regions(cells, pieces, "lymph-node")
 
 
 @pytest.fixture(scope="module")
-def synovium(generated):
+def synovium_truth_regions(generated):
+    """The same for the generated 4096² px synovium."""
     cells, feats, pieces = load_truth(generated("synovium", 4096, 2))
     return cells, feats, pieces, find_regions(cells, pieces, "synovium")
 
 
-def follicle_scores(feats, regions) -> tuple[int, int, list[float], float]:
-    """(follicles found, true follicles, IoU of each true follicle with its best match, fraction of the
-    matched (IoU > 0.5) true follicles whose has_gc is right)."""
-    truth = truth_of(feats, "follicle")
-    found = regions[regions.kind == "follicle"]
-    matches = [best_match(g, list(found.geometry)) for g, _ in truth]
-    has_gc = [bool(found.iloc[k].has_gc) == p["has_gc"] for (k, s), (_, p) in zip(matches, truth) if s > 0.5]
-    return len(found), len(truth), [m[1] for m in matches], float(np.mean(has_gc)) if has_gc else 0.0
-
-
-def check_aggregate_grades(feats, regions) -> list[tuple]:
-    """Every true aggregate of grade ≥ 2 is found (IoU ≥ 0.3), ≥ 70 % of all are; the matched have the
-    true grade and radial layers within 1.5. Returns (true grade, grade, true layers, layers) per match."""
-    found = regions[regions.kind == "aggregate"]
-    truth = truth_of(feats, "aggregate")
-    matched = []
-    for geom, props in truth:
-        k, score = best_match(geom, list(found.geometry))
-        if score >= 0.3:
-            matched.append(
-                (props["grade"], int(found.iloc[k].grade), props["layers"], float(found.iloc[k].radial_layers))
-            )
-        else:
-            assert props["grade"] == 1, f"a grade-{props['grade']} aggregate was missed"
-    assert len(matched) >= 0.7 * len(truth), matched
-    assert all(t == g for t, g, *_ in matched), matched
-    assert all(abs(tl - fl) <= 1.5 for *_, tl, fl in matched), matched
-    return matched
-
-
-def check_lining_layers(feats, regions) -> list[tuple]:
-    """Each true lining has lining found on its piece (the tissue region overlapping the true piece
-    most), every run within ±1 layer of the truth, over > 50 % of the true band. Returns (piece,
-    true layers, layers found) per true lining."""
-    lining = regions[regions.kind == "lining"]
-    tissue = regions[regions.kind == "tissue"]
-    pieces = {props["piece"]: geom for geom, props in truth_of(feats, "tissue")}
-    out = []
-    for geom, props in truth_of(feats, "lining"):
-        k, _ = best_match(pieces[props["piece"]], list(tissue.geometry))
-        mine = lining[lining.tissue_id == tissue.iloc[k].region_id]
-        assert len(mine), f"no lining found on piece {props['piece']}"
-        assert all(abs(v - props["layers"]) <= 1 for v in mine.layers_median), (
-            props["layers"],
-            list(mine.layers_median),
-        )
-        covered = shapely.union_all(list(mine.geometry)).intersection(geom).area / geom.area
-        assert covered > 0.5, covered
-        out.append((props["piece"], props["layers"], [round(v, 2) for v in mine.layers_median]))
-    return out
-
-
-def test_follicles_match_truth(node):
-    cells, feats, pieces, regions = node
+def test_follicles_match_truth(node_truth_regions):
+    cells, feats, pieces, regions = node_truth_regions
     n_found, n_true, ious, has_gc = follicle_scores(feats, regions)
     assert abs(n_found - n_true) <= 0.2 * n_true, f"{n_found} follicles found, {n_true} true"
     assert np.mean(ious) >= 0.6, np.round(ious, 2)
@@ -122,8 +51,8 @@ def test_follicles_match_truth(node):
     assert set(regions.kind) == {"tissue", "follicle", "germinal_centre"}
 
 
-def test_germinal_centres_lie_in_their_follicle(node):
-    *_, regions = node
+def test_germinal_centres_lie_in_their_follicle(node_truth_regions):
+    *_, regions = node_truth_regions
     gcs = regions[regions.kind == "germinal_centre"]
     follicles = regions.set_index("region_id")
     assert len(gcs) > 0
@@ -136,23 +65,23 @@ def test_germinal_centres_lie_in_their_follicle(node):
     assert (with_gc.mantle_thickness_um > 0).all()
 
 
-def test_aggregate_grades_match_truth(synovium):
-    cells, feats, pieces, regions = synovium
+def test_aggregate_grades_match_truth(synovium_truth_regions):
+    cells, feats, pieces, regions = synovium_truth_regions
     check_aggregate_grades(feats, regions)
     found = regions[regions.kind == "aggregate"]
     assert set(found.tls_size) <= {True, False}
     assert found.n_clustered_lymphocytes.min() >= 10
 
 
-def test_lining_layers_match_truth(synovium):
-    cells, feats, pieces, regions = synovium
+def test_lining_layers_match_truth(synovium_truth_regions):
+    cells, feats, pieces, regions = synovium_truth_regions
     check_lining_layers(feats, regions)
     lining = regions[regions.kind == "lining"]
     assert (lining.length_um >= 200).all() and set(lining.krenn_lining) <= {0, 1, 2, 3}
 
 
-def test_no_lymphocytes_gives_no_structures(node, synovium):
-    for cells, _, pieces, _ in (node, synovium):
+def test_no_lymphocytes_gives_no_structures(node_truth_regions, synovium_truth_regions):
+    for cells, _, pieces, _ in (node_truth_regions, synovium_truth_regions):
         plain = cells.assign(cell_type=np.where(cells.cell_type == "lymphocyte", "stromal", cells.cell_type))
         for tissue_type in ("lymph-node", "synovium"):
             regions = find_regions(plain, pieces, tissue_type)
@@ -162,8 +91,8 @@ def test_no_lymphocytes_gives_no_structures(node, synovium):
     assert len(find_regions(cells.iloc[:0], [], "lymph-node")) == 0
 
 
-def test_regions_are_stable_and_cells_are_assigned(synovium):
-    cells, _, pieces, regions = synovium
+def test_regions_are_stable_and_cells_are_assigned(synovium_truth_regions):
+    cells, _, pieces, regions = synovium_truth_regions
     again = find_regions(cells.sample(frac=1.0, random_state=1), pieces, "synovium")
     assert list(again.region_id) == list(regions.region_id)
     assert regions.region_id.is_unique and set(regions.kind) >= {"tissue", "aggregate", "lining"}

@@ -13,12 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import shapely
+from helpers import UNITLESS, UNITS, check_aggregate_grades, check_lining_layers, follicle_scores, load_truth
 from shapely.geometry import shape
 
 from histo.run.pipeline import run_slide
 from histo.train.matching import match_points
-from tests.structures.test_metrics import UNITLESS, UNITS
-from tests.structures.test_regions import check_aggregate_grades, check_lining_layers, follicle_scores, load_truth
 
 pytestmark = pytest.mark.slow
 # histo.stats.neighbourhood's summary columns: z-scores, ratios, centralities, Moran's I (no unit), sample sizes
@@ -58,21 +57,21 @@ def lymphocyte_agreement(bundle, slide) -> tuple[float, int]:
 
 
 @pytest.fixture(scope="module")
-def node(generated, client, tmp_path_factory):
+def large_node_bundle(generated, client, tmp_path_factory):
     slide = generated("lymph-node", 4096, 3)  # 2 × 2 mm, 8 follicles (6 with a germinal centre)
     return slide, run_slide(slide, tmp_path_factory.mktemp("node"), "lymph-node-he", client=client, show_progress=False)
 
 
 @pytest.fixture(scope="module")
-def synovium(generated, client, tmp_path_factory):
+def large_synovium_bundle(generated, client, tmp_path_factory):
     slide = generated("synovium", 4096, 2)
     return slide, run_slide(
         slide, tmp_path_factory.mktemp("synovium"), "synovium-he", client=client, show_progress=False
     )
 
 
-def test_follicles_match_truth(node):
-    slide, bundle = node
+def test_follicles_match_truth(large_node_bundle):
+    slide, bundle = large_node_bundle
     _, feats, _ = load_truth(slide)
     n_found, n_true, ious, has_gc = follicle_scores(feats, bundle_regions(bundle))
     print(
@@ -83,7 +82,7 @@ def test_follicles_match_truth(node):
     assert np.mean(ious) >= 0.6, np.round(ious, 2)
 
 
-@pytest.mark.parametrize("which", ["node", "synovium"])
+@pytest.mark.parametrize("which", ["large_node_bundle", "large_synovium_bundle"])
 def test_lymphocytes_agree_with_truth(request, which):
     slide, bundle = request.getfixturevalue(which)
     agreement, n = lymphocyte_agreement(bundle, slide)
@@ -91,8 +90,8 @@ def test_lymphocytes_agree_with_truth(request, which):
     assert agreement >= 0.85
 
 
-def test_synovium_lining_and_aggregate_grades_match_truth(synovium):
-    slide, bundle = synovium
+def test_synovium_lining_and_aggregate_grades_match_truth(large_synovium_bundle):
+    slide, bundle = large_synovium_bundle
     _, feats, _ = load_truth(slide)
     regions = bundle_regions(bundle)
     grades = check_aggregate_grades(feats, regions)
@@ -104,12 +103,12 @@ def test_synovium_lining_and_aggregate_grades_match_truth(synovium):
     )
 
 
-def test_exports_open_in_qupath_anndata_and_squidpy(node):
+def test_exports_open_in_qupath_anndata_and_squidpy(large_node_bundle):
     """regions.geojson is GeoJSON in QuPath's feature layout, cells.h5ad opens in anndata and squidpy,
     metrics have one row per region with units in the column names (on the pipeline's bundle)."""
     import squidpy as sq
 
-    _, bundle = node
+    _, bundle = large_node_bundle
     data = json.loads((bundle / "regions.geojson").read_text(encoding="utf-8"))
     assert data["type"] == "FeatureCollection" and data["features"]
     for feat in data["features"]:

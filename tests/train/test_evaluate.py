@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from helpers import shared_path
 from skimage.draw import disk
 
 from histo.cli import main
 from histo.train.evaluate import score
-from tests.conftest import shared_path
 
 
 def disks(shape=(300, 300), n=40, seed=0, r=(5, 11)) -> np.ndarray:
