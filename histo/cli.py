@@ -27,7 +27,17 @@ EXIT_CODES = """exit codes:
 def _sample(args) -> None:
     from histo_sample import write_sample
 
-    info = write_sample(args.kind, args.out, size=args.size, seed=args.seed, mpp=args.mpp)
+    if args.treatment and args.kind != "lymph-node":
+        raise HistoError(None, f"--treatment {args.treatment} is built into lymph-node samples only, not {args.kind}")
+    info = write_sample(
+        args.kind,
+        args.out,
+        size=args.size,
+        seed=args.seed,
+        mpp=args.mpp,
+        section=args.section,
+        treatment=args.treatment,
+    )
     print(
         f"wrote {args.out} ({args.size}² px at {args.mpp} µm/px, {info.get('n_nuclei', '?')} nuclei) "
         "and its truth files"
@@ -244,6 +254,8 @@ def _common(p: argparse.ArgumentParser, default=None) -> None:
 def parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
+    from histo_sample.scene import TREATMENTS  # numpy and scipy only: `histo --help` stays quick
+
     p = argparse.ArgumentParser(
         prog="histo",
         description="Whole-slide analysis of synovial and lymph-node biopsies.",
@@ -260,6 +272,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=4096, help="level-0 edge in px (default 4096)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--mpp", type=float, default=0.5, help="µm per px (default 0.5)")
+    s.add_argument(
+        "--section",
+        type=int,
+        default=0,
+        help="another section of the same tissue (same --seed: same patient; default 0, the first)",
+    )
+    s.add_argument(
+        "--treatment",
+        choices=TREATMENTS,
+        help="build a treatment effect in (lymph node; belimumab: fewer, smaller follicles, thinner mantle, "
+        "DOMAIN §3), e.g. for a post-treatment slide of a generated cohort",
+    )
     s.set_defaults(func=_sample)
 
     r = sub.add_parser("run", help="analyse a slide and write its result bundle")
