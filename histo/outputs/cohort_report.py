@@ -13,6 +13,7 @@ import io
 import math
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,9 @@ from histo.stats.cohort import (
     tissue_endpoints,
     usable_slides,
 )
+
+if TYPE_CHECKING:
+    from histo.workflow import Workflow
 
 ARM_COLOURS = ("#d95f02", "#1b9e77", "#7570b3", "#e7298a")  # colour-blind safe (ColorBrewer Dark2)
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222;line-height:1.45}
@@ -247,7 +251,7 @@ def write_report(
 
 
 def write_cohort(
-    summary: pd.DataFrame, metrics: list[str], out: Path, console=None, workflows: dict[str, dict] | None = None
+    summary: pd.DataFrame, metrics: list[str], out: Path, console=None, workflows: dict[str, Workflow] | None = None
 ) -> pd.DataFrame | None:
     """The cohort report of a batch when ``summary`` has ``patient`` and ``timepoint`` columns.
 
@@ -263,7 +267,7 @@ def write_cohort(
         ``cohort.html`` (the report).
     console : rich Console, optional
         Where the one-line outcome is printed (else ``print``).
-    workflows : dict, optional
+    workflows : dict of str to Workflow, optional
         tissue (the sheet's spelling) → the validated workflow whose ``endpoints`` apply.
 
     Returns
