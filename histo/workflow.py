@@ -2,8 +2,9 @@
 
 A preset names the tissue, the stain, the nucleus model and the parameters of each step, all in
 µm (or µm²), and states only what differs from the defaults (``workflows/reference.yaml`` lists
-every key with its default). Each step owns the dataclass of its section: ``segmentation`` and
-``tissue`` here, ``cell_types`` and ``marker_gates`` in :mod:`histo.structures.phenotypes`,
+every key with its default). Each step owns the dataclass of its section: ``segmentation`` in
+:mod:`histo.segment.tiling`, ``tissue`` in :mod:`histo.segment.tissue`, ``cell_types`` and
+``marker_gates`` in :mod:`histo.structures.phenotypes`,
 ``regions`` in :mod:`histo.structures.regions`, ``neighbourhood`` in :mod:`histo.stats.neighbourhood`,
 ``endpoints`` in :mod:`histo.stats.endpoints`. :func:`histo.config.build` fills in the defaults and
 checks every key: unknown keys and wrong types are errors that name the file and the key.
@@ -13,12 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import yaml
 
 from histo.config import Section, build, ranges, schema
 from histo.errors import SlideError, WorkflowError
+from histo.segment.tiling import Segmentation
+from histo.segment.tissue import TissueParams
 from histo.stats.endpoints import Endpoints
 from histo.stats.neighbourhood import NeighbourhoodParams
 from histo.structures.phenotypes import HE_TYPES, HERules, MarkerGates
@@ -27,35 +30,6 @@ from histo.structures.regions import STRUCTURES, TISSUE_TYPES, RegionParams, reg
 WORKFLOW_DIR = Path(__file__).resolve().parents[1] / "workflows"
 STAINS = ("he", "ihc", "if")
 REFERENCE = "reference"  # workflows/reference.yaml: every key with its default and comment, not a preset
-
-
-@dataclass(frozen=True)
-class Segmentation(Section):
-    """``segmentation:``: the tiles and StarDist's thresholds (histo.run.pipeline.plan_tiles, histo.segment.task)."""
-
-    tile_um: float = 256.0  # µm, tile core edge (1024 px at 0.25 µm/px)
-    halo_um: float | None = None  # µm; None = from the model's largest nucleus
-    prob_thresh: float | None = None  # None = the model's own threshold
-    nms_thresh: float | None = None  # None = the model's own threshold
-    nucleus_channel: str | int | None = None  # fluorescence: the channel the nucleus model reads (name or 0-based
-    #   index); None = the first channel, the DNA stain as tissue detection assumes
-
-    RANGES: ClassVar = {
-        "tile_um": (32.0, 2048.0),  # 128–8192 px at 0.25 µm/px
-        "halo_um": (0.0, 256.0),
-        "prob_thresh": (0.0, 1.0),
-        "nms_thresh": (0.0, 1.0),
-    }
-
-
-@dataclass(frozen=True)
-class Tissue(Section):
-    """``tissue:``: tissue detection on a low-resolution level (histo.segment.tissue.detect_tissue)."""
-
-    mpp: float = 8.0  # µm/px of the level tissue is detected on
-    min_area_um2: float = 20_000.0  # µm², smaller tissue specks are dropped
-
-    RANGES: ClassVar = {"mpp": (0.5, 100.0)}
 
 
 @dataclass(frozen=True)
@@ -72,7 +46,7 @@ class Workflow(Section):
     stain: str = "he"  # he | ihc | if
     model: str | None = None  # None = the stain's default model
     segmentation: Segmentation = field(default_factory=Segmentation)
-    tissue: Tissue = field(default_factory=Tissue)
+    tissue: TissueParams = field(default_factory=TissueParams)
     cell_types: HERules = field(default_factory=HERules)  # H&E typing rules (histo.structures.phenotypes)
     regions: RegionParams = field(default_factory=RegionParams)  # follicles, aggregates, germinal centres, lining
     #   (histo.structures.regions)

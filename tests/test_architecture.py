@@ -12,7 +12,7 @@ ALLOWED = {  # room -> the rooms it may import (besides itself), as docs/ARCHITE
     "timing": ERRORS,
     "config": ERRORS,
     "io": ERRORS,
-    "segment": ERRORS | {"io", "timing"},
+    "segment": ERRORS | {"io", "timing", "config"},
     "structures": ERRORS | {"io", "config"},
     "stats": ERRORS | {"structures", "config"},
     "workflow": ERRORS | {"config", "segment", "structures", "stats"},

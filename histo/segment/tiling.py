@@ -8,10 +8,33 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
+from histo.config import Section
+
 ALIGN = 16  # px; read origins are multiples of this so the U-Net sees every tile on the same lattice
+
+
+@dataclass(frozen=True)
+class Segmentation(Section):
+    """The workflow's ``segmentation:`` section: the tiles and StarDist's thresholds
+    (histo.run.pipeline.plan_tiles, histo.segment.task)."""
+
+    tile_um: float = 256.0  # µm, tile core edge (1024 px at 0.25 µm/px)
+    halo_um: float | None = None  # µm; None = from the model's largest nucleus
+    prob_thresh: float | None = None  # None = the model's own threshold
+    nms_thresh: float | None = None  # None = the model's own threshold
+    nucleus_channel: str | int | None = None  # fluorescence: the channel the nucleus model reads (name or 0-based
+    #   index); None = the first channel, the DNA stain as tissue detection assumes
+
+    RANGES: ClassVar = {
+        "tile_um": (32.0, 2048.0),  # 128–8192 px at 0.25 µm/px
+        "halo_um": (0.0, 256.0),
+        "prob_thresh": (0.0, 1.0),
+        "nms_thresh": (0.0, 1.0),
+    }
 
 
 @dataclass(frozen=True)

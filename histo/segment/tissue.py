@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import reduce
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import shapely
@@ -13,7 +14,10 @@ from skimage.color import rgb2hsv
 from skimage.filters import gaussian, threshold_otsu
 from skimage.measure import find_contours
 
-from histo.io.slide import Slide
+from histo.config import Section
+
+if TYPE_CHECKING:
+    from histo.io.slide import Slide
 
 SAT_RANGE = (0.07, 0.20)  # Otsu's saturation threshold is clipped here: glass ≲ 0.05, pale eosin ≳ 0.1
 PEN_HUES = (70.0, 250.0)  # degrees: green-blue marker inks; haematoxylin is ≳ 255°, eosin ≳ 300°
@@ -23,6 +27,16 @@ CROP_MAX_UM = 3000.0  # a one-level image no wider than this is a crop: all tiss
 CROP_MPP = 2.0  # µm/px of a crop's tissue mask (a 250 µm crop is 125 px, not 31 at 8 µm/px)
 GLASS_SAT, GLASS_VAL = 0.07, 0.8  # glass: unsaturated and bright (HSV), whatever the tissue's stain
 MIN_GLASS_UM2 = 2_500.0  # a crop's glass counts from 50 × 50 µm: smaller pale spots are lumens, fat, tears
+
+
+@dataclass(frozen=True)
+class TissueParams(Section):
+    """The workflow's ``tissue:`` section: tissue detection on a low-resolution level (:func:`detect_tissue`)."""
+
+    mpp: float = 8.0  # µm/px of the level tissue is detected on
+    min_area_um2: float = 20_000.0  # µm², smaller tissue specks are dropped
+
+    RANGES: ClassVar = {"mpp": (0.5, 100.0)}
 
 
 @dataclass(eq=False)
