@@ -1,4 +1,5 @@
-"""Shared fixtures: a Dask LocalCluster for the session, generated slides, the shared data folder."""
+"""Shared fixtures: a Dask LocalCluster for the session, generated slides, and the pipeline bundles that
+several modules read (made once per session). Plain helpers are in helpers.py."""
 
 from __future__ import annotations
 
@@ -6,17 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-
-
-def shared_path(*parts: str) -> Path:
-    """A path under ``../shared``; skips the test with a reason when it is absent."""
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} not present (../shared is provided to developers and CI, not shipped)")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +35,28 @@ def generated(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+def _bundle(generated, client, tmp_path_factory, kind, size, seed, workflow):
+    from histo.run.pipeline import run_slide
+
+    slide = generated(kind, size, seed)
+    return slide, run_slide(slide, tmp_path_factory.mktemp(kind), workflow, client=client, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def lymph_node_bundle(generated, client, tmp_path_factory) -> tuple[Path, Path]:
+    """(slide, bundle): ``run_slide`` of the default generated lymph node (1536² px at 0.5 µm/px, seed 3)
+    with lymph-node-he and the shipped model, made once per session for every module that reads it.
+    Read only: copy it (``shutil.copytree``) before changing anything in it."""
+    return _bundle(generated, client, tmp_path_factory, "lymph-node", 1536, 3, "lymph-node-he")
+
+
+@pytest.fixture(scope="session")
+def synovium_bundle(generated, client, tmp_path_factory) -> tuple[Path, Path]:
+    """(slide, bundle): ``run_slide`` of a generated synovium (1024² px at 0.5 µm/px, seed 3: tissue-1 and
+    one aggregate) with synovium-he, made once per session. Read only: copy it before changing it."""
+    return _bundle(generated, client, tmp_path_factory, "synovium", 1024, 3, "synovium-he")
 
 
 @pytest.hookimpl(trylast=True)  # after -m / -k have deselected

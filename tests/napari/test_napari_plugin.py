@@ -3,7 +3,8 @@
 nuclei outlined or filled, the cell-type legend, bad input, a pathologist's review session, export.
 
 One real bundle of a generated synovium slide (1024² px at 0.5 µm/px: one aggregate) made by the real
-pipeline; a generated lymph node has follicles of the rule's ≥ 0.03 mm² only from 4096² px on.
+pipeline (conftest's session ``synovium_bundle``, copied before a test changes it); a generated lymph
+node has follicles of the rule's ≥ 0.03 mm² only from 4096² px on.
 Screenshots of the docked widgets are kept in ``$HISTO_SCREENSHOTS`` (default: a pytest temporary folder).
 """
 
@@ -18,7 +19,6 @@ import pytest
 import shapely
 from shapely.geometry import shape
 
-from histo.run.pipeline import run_slide
 from histo.train.matching import match_points
 
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
@@ -27,13 +27,6 @@ PLUGIN = "napari-histo"
 WIDGETS = ("Analyze", "Review regions", "Export", "Cell-type legend")
 FOLLICLE_RGB = (31, 119, 180)  # histo.outputs.export.KIND_COLORS
 AGGREGATE_RGB = (214, 39, 40)
-
-
-@pytest.fixture(scope="module")
-def made(generated, client, tmp_path_factory):
-    """(slide, bundle) of a generated synovium slide with one aggregate."""
-    slide = generated("synovium", size=1024, seed=3)
-    return slide, run_slide(slide, tmp_path_factory.mktemp("out"), "synovium-he", client=client, show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +54,13 @@ def dock(viewer, name):
     return viewer.window.add_plugin_dock_widget(PLUGIN, name)[1]
 
 
-def test_reader_takes_slides_and_bundles_only(made, tmp_path):
+def test_reader_takes_slides_and_bundles_only(synovium_bundle, tmp_path):
     import npe2
 
     from histo.io.bundle import SLIDE_SUFFIXES
     from napari_histo._reader import get_reader
 
-    slide, bundle = made
+    slide, bundle = synovium_bundle
     assert get_reader(str(slide)) is not None and get_reader(str(bundle)) is not None
     (tmp_path / "folder").mkdir()
     others = [tmp_path / "notes.txt", tmp_path / "folder", bundle / "labels.ome.zarr", tmp_path / "absent.tif"]
@@ -77,8 +70,8 @@ def test_reader_takes_slides_and_bundles_only(made, tmp_path):
     assert patterns == {f"*{s}" for s in SLIDE_SUFFIXES if s.count(".") == 1}  # files, by suffix
 
 
-def test_bundle_layers_are_placed_in_um(made, make_napari_viewer):
-    slide, bundle = made
+def test_bundle_layers_are_placed_in_um(synovium_bundle, make_napari_viewer):
+    slide, bundle = synovium_bundle
     viewer = make_napari_viewer()
     layers = viewer.open(str(bundle), plugin=PLUGIN)
     run = json.loads((bundle / "run.json").read_text())
@@ -101,8 +94,8 @@ def test_bundle_layers_are_placed_in_um(made, make_napari_viewer):
     assert np.allclose(regions.scale, 1) and np.allclose(regions.translate, 0)
 
 
-def test_nuclei_outlined_filled_on_a_toggle(made, make_napari_viewer, screenshots):
-    slide, bundle = made
+def test_nuclei_outlined_filled_on_a_toggle(synovium_bundle, make_napari_viewer, screenshots):
+    slide, bundle = synovium_bundle
     viewer = make_napari_viewer(show=True)
     image, nuclei, types, regions = viewer.open(str(bundle), plugin=PLUGIN)
     legend = dock(viewer, "Cell-type legend")
@@ -148,12 +141,12 @@ def test_nuclei_outlined_filled_on_a_toggle(made, make_napari_viewer, screenshot
     assert (outside.max() < 30) if len(outside) else True
 
 
-def test_cell_type_legend_opens_with_a_bundle(made, make_napari_viewer):
+def test_cell_type_legend_opens_with_a_bundle(synovium_bundle, make_napari_viewer):
     from matplotlib.colors import to_rgba
 
     from histo.outputs.report import _cell_types, cell_colors
 
-    slide, bundle = made
+    slide, bundle = synovium_bundle
     viewer = make_napari_viewer()
     assert not viewer.window.dock_widgets
     image, nuclei, types, regions = viewer.open(str(bundle), plugin=PLUGIN)
@@ -171,8 +164,8 @@ def test_cell_type_legend_opens_with_a_bundle(made, make_napari_viewer):
     assert widget.entries == {} and "open a result bundle" in widget.label.text()
 
 
-def test_bad_input_gives_a_message(made, make_napari_viewer, generated, tmp_path):
-    slide, bundle = made
+def test_bad_input_gives_a_message(synovium_bundle, make_napari_viewer, generated, tmp_path):
+    slide, bundle = synovium_bundle
     viewer = make_napari_viewer()
     partial = shutil.copytree(bundle, tmp_path / "partial", ignore=shutil.ignore_patterns("*.zarr", "*.parquet"))
     run = json.loads((partial / "run.json").read_text())
@@ -212,11 +205,11 @@ def saved_regions(bundle) -> dict:
     }
 
 
-def test_review_session(made, make_napari_viewer, qtbot, tmp_path, screenshots):
+def test_review_session(synovium_bundle, make_napari_viewer, qtbot, tmp_path, screenshots):
     """Slide, then bundle, through the reader; every widget from the Plugins menu; pick the aggregate in
     the table (the camera goes there) and make it a follicle, draw an annotation, Save; reject the
     follicle, Save."""
-    slide, made_bundle = made
+    slide, made_bundle = synovium_bundle
     bundle = shutil.copytree(made_bundle, tmp_path / made_bundle.name)
     files = ("regions.geojson", "metrics.csv", "overview.png")
     before = {f: (bundle / f).read_bytes() for f in files}
@@ -283,10 +276,10 @@ def test_review_session(made, make_napari_viewer, qtbot, tmp_path, screenshots):
     assert sorted(again.open(str(bundle), plugin=PLUGIN)[-1].features.region_id) == ["annotation-1", "tissue-1"]
 
 
-def test_export_from_the_menu(made, make_napari_viewer, tmp_path):
+def test_export_from_the_menu(synovium_bundle, make_napari_viewer, tmp_path):
     from histo.io.annotations import import_annotations
 
-    slide, made_bundle = made
+    slide, made_bundle = synovium_bundle
     bundle = shutil.copytree(made_bundle, tmp_path / made_bundle.name)
     viewer = make_napari_viewer()
     viewer.open(str(bundle), plugin=PLUGIN)

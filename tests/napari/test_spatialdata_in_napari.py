@@ -5,8 +5,9 @@ a column). The labels, the nuclei and the regions become layers placed in µm wi
 values, and the cells table's columns (``cell_type``) colour the labels in ``cell_type_colors``.
 
 One real bundle of a generated synovium slide (1024² px at 0.5 µm/px: tissue and one aggregate) made by
-the real pipeline, as in test_napari_plugin.py. The store holds no image (the slide is referenced in
-``attrs["histo"]``) and no points (nuclei are polygons): neither is offered as an element.
+the real pipeline (conftest's session ``synovium_bundle``, shared with test_napari_plugin.py; the store
+is written into a copy). The store holds no image (the slide is referenced in ``attrs["histo"]``) and no
+points (nuclei are polygons): neither is offered as an element.
 
 napari-spatialdata 0.7.2 does not import under PySide6, histo's Qt binding: ``_scatterwidgets`` takes
 the PyQt-only name ``pyqtSignal`` from pyqtgraph's Qt shim (scverse/napari-spatialdata#399, open, is the
@@ -15,6 +16,7 @@ as a user must (README), and only when the import fails for that reason.
 """
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -22,16 +24,16 @@ import pytest
 import shapely
 
 from histo.outputs.spatialdata_store import LABELS, NUCLEI, REGIONS, TABLE, write_spatialdata
-from histo.run.pipeline import run_slide
 
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def store(generated, client, tmp_path_factory):
-    """(bundle, its spatialdata.zarr) of a generated synovium slide, written by ``histo export``'s function."""
-    slide = generated("synovium", size=1024, seed=3)
-    bundle = run_slide(slide, tmp_path_factory.mktemp("out"), "synovium-he", client=client, show_progress=False)
+def store(synovium_bundle, tmp_path_factory):
+    """(bundle, its spatialdata.zarr): a copy of the session's synovium bundle, its store written by
+    ``histo export``'s function."""
+    _, made = synovium_bundle
+    bundle = shutil.copytree(made, tmp_path_factory.mktemp("store") / made.name)
     return bundle, write_spatialdata(bundle)
 
 
