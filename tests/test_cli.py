@@ -139,3 +139,21 @@ def test_workers_start_quiet(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
     assert done.stderr == "", done.stderr
+
+
+def test_sample_builds_a_post_treatment_section_and_refuses_it_for_synovium(tmp_path):
+    """`histo sample --section 1 --treatment belimumab`: the same patient's node with smaller, fewer follicles."""
+    import geopandas as gpd
+
+    def follicle_area_um2(*extra):
+        out = tmp_path / f"ln{len(extra)}.ome.tif"
+        result = histo("sample", "lymph-node", out, "--size", 3072, "--seed", 4, *extra)
+        assert result.returncode == 0, result.stderr
+        truth = gpd.read_file(out.with_name(out.name.replace(".ome.tif", ".truth.geojson")))
+        return truth.loc[truth["kind"] == "follicle"].area.sum()
+
+    before, after = follicle_area_um2(), follicle_area_um2("--section", 1, "--treatment", "belimumab")
+    assert 0 < after < 0.8 * before, (before, after)
+    refused = histo("sample", "synovium", tmp_path / "s.ome.tif", "--size", 512, "--treatment", "belimumab")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "lymph-node samples only" in refused.stderr and not (tmp_path / "s.ome.tif").exists()

@@ -379,6 +379,10 @@ def test_training_resumes_from_the_saved_epoch(disks, tmp_path):
     train(list(ims), list(mks), out, finalize=False, learning_rate=1e-4, stain_scale=0.4, **kw)
     state = json.loads((out / "train_state.json").read_text())
     assert state["epochs_done"] == 3 and state["complete"]
+    # Adam went on from where the first call stopped: 3 epochs x 2 steps, not a fresh optimizer's 2 x 2
+    assert state["optimizer_restored"] is True
+    with np.load(out / "optimizer_last.npz") as adam:
+        assert int(adam["arr_0"]) == 6
     assert state["learning_rate"] == pytest.approx(1e-4)
     assert state["learning_rate_changes"] == [{"epoch": 1, "from": pytest.approx(3e-4), "to": 1e-4}]
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
