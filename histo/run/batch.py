@@ -9,27 +9,29 @@ labels, ``run.json``) in a background thread while the tiles of the next slides 
 from __future__ import annotations
 
 import json
-import os
 import queue
 import shutil
-import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from distributed import Client
+from distributed import Future as TileFuture
 from pandas.api.types import is_bool_dtype, is_numeric_dtype
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from histo.errors import HistoError
 from histo.io.bundle import SLIDE_SUFFIXES, OutputLock, bundle_lock, file_fingerprint, is_complete, slide_name
+from histo.io.files import atomic_write
 from histo.outputs.export import spreadsheet_safe
-from histo.run.pipeline import add_timings, finish_slide, plan_slide, run_fingerprint, submit_tiles
+from histo.run.pipeline import SlidePlan, add_timings, finish_slide, plan_slide, run_fingerprint, submit_tiles
 from histo.segment.models import inference_precision, resolve_model
+from histo.timing import Stopwatch, stopwatch
 from histo.workflow import WORKFLOW_DIR, Workflow, load_workflow
 
 RUN_COLUMNS = ("name", "status", "error", "reused", "bundle", "n_tiles", "n_tile_errors")  # besides sheet and metrics
@@ -145,9 +147,8 @@ def write_summary(rows: list[dict], sheet_columns: list[str], out: Path) -> pd.D
     table = pd.DataFrame(rows)
     first = [c for c in [*sheet_columns, *RUN_COLUMNS] if c in table.columns]
     table = table[first + [c for c in table.columns if c not in first]]
-    tmp = out / ".summary.csv.tmp"
-    spreadsheet_safe(table).to_csv(tmp, index=False)
-    os.replace(tmp, out / "summary.csv")
+    with atomic_write(out / "summary.csv") as tmp:
+        spreadsheet_safe(table).to_csv(tmp, index=False)
     return table
 
 
@@ -226,123 +227,171 @@ def _run_batch(
     mpp: float | None,
     show_progress: bool,
 ) -> pd.DataFrame:
-    from histo.outputs.cohort_report import write_cohort
+    return BatchRun(sheet, out, client, workflow, model, mpp, show_progress).run()
 
-    entries = sheet.to_dict("records")
-    sheet_columns = [c for c in sheet.columns if c != "name"]
-    todo = deque(entries)
-    rows: dict[str, dict] = {}
-    events: queue.Queue = queue.Queue()  # (kind, slide name, future), put by Dask's and the finisher's threads
-    active: dict[str, dict] = {}  # slide name → entry, plan, tile futures, tiles left, task timings (s)
-    n_tiles = 0  # submitted so far
-    console = Console()
-    console.print(f"Dask dashboard: {client.dashboard_link}")
 
-    def record(entry: dict, **result) -> None:
-        rows[entry["name"]] = {**entry, **result}
-        write_summary([rows[e["name"]] for e in entries if e["name"] in rows], sheet_columns, out)
-        progress.advance(slides_bar)
+@dataclass
+class InFlight:
+    """A slide whose tiles were submitted and whose bundle is not finished yet."""
 
-    def fail(entry: dict, exc: BaseException) -> None:
+    entry: dict  # the sample sheet's row
+    plan: SlidePlan
+    futures: list[TileFuture]  # its tile tasks
+    lock: OutputLock  # held on its bundle until it is finished or dropped
+    left: int  # tile tasks not done yet
+    totals: dict[str, float] = field(default_factory=dict)  # the tile tasks' timings summed (s)
+    clock: Stopwatch = field(default_factory=stopwatch)  # since its tiles were submitted
+
+
+class BatchRun:
+    """One batch in progress (:func:`run_batch` holds the output folder's lock and the client).
+
+    The client thread plans slides and keeps ``TILES_PER_THREAD`` tile tasks per worker thread
+    queued (:meth:`fill`); Dask's callbacks and the finishing thread report through ``events``
+    (kind ``tile``, ``segmented`` or ``finished``, the slide's name, the future), which :meth:`run`
+    handles one at a time, so the in-flight slides are only ever touched by the client thread.
+    """
+
+    slides_bar: TaskID  # the progress bars, added when the run starts
+    tiles_bar: TaskID
+
+    def __init__(
+        self,
+        sheet: pd.DataFrame,
+        out: Path,
+        client: Client,
+        workflow: str | None,
+        model: str | None,
+        mpp: float | None,
+        show_progress: bool,
+    ) -> None:
+        self.out, self.client, self.workflow, self.model, self.mpp = out, client, workflow, model, mpp
+        self.entries: list[dict] = sheet.to_dict("records")
+        self.sheet_columns = [c for c in sheet.columns if c != "name"]
+        self.todo = deque(self.entries)
+        self.rows: dict[str, dict] = {}  # slide name → its summary row, once done
+        self.events: queue.Queue[tuple[str, str, TileFuture | Future | None]] = queue.Queue()
+        self.active: dict[str, InFlight] = {}  # slide name → its tiles on the cluster
+        self.n_tiles = 0  # submitted so far
+        self.console = Console()
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.progress = Progress(*columns, console=self.console, disable=not show_progress)
+        self.finisher = ThreadPoolExecutor(1, "finish-slide")
+
+    def run(self) -> pd.DataFrame:
+        """Every slide done (reused, finished or failed); then summary.csv and the cohort tables."""
+        from histo.outputs.cohort_report import write_cohort
+
+        self.console.print(f"Dask dashboard: {self.client.dashboard_link}")
+        with self.progress, self.finisher:
+            self.slides_bar = self.progress.add_task("slides", total=len(self.entries))
+            self.tiles_bar = self.progress.add_task("tiles", total=0)
+            self.fill()
+            while self.active:
+                kind, name, future = self.events.get()
+                slide = self.active.get(name)
+                if slide is None:  # a late tile of a slide that failed
+                    continue
+                if kind == "tile":
+                    self.tile_done(name, slide, future)
+                elif kind == "segmented":
+                    self.segmented(name, slide)
+                else:
+                    self.finished(name, slide, future)
+                self.fill()
+        summary = write_summary([self.rows[e["name"]] for e in self.entries], self.sheet_columns, self.out)
+        metrics = [
+            c
+            for c in summary.columns
+            if c not in (*self.sheet_columns, *RUN_COLUMNS)
+            and is_numeric_dtype(summary[c])
+            and not is_bool_dtype(summary[c])
+        ]
+        write_cohort(summary, metrics, self.out, self.console, tissue_workflows(self.entries, self.workflow))
+        return summary
+
+    def record(self, entry: dict, **result) -> None:
+        """A slide's summary row; summary.csv rewritten with every slide done so far."""
+        self.rows[entry["name"]] = {**entry, **result}
+        done = [self.rows[e["name"]] for e in self.entries if e["name"] in self.rows]
+        write_summary(done, self.sheet_columns, self.out)
+        self.progress.advance(self.slides_bar)
+
+    def fail(self, entry: dict, exc: BaseException) -> None:
+        """Record a slide's failure (a HistoError's one line, else the slide, the type and the message)."""
         message = str(exc) if isinstance(exc, HistoError) else f"{entry['slide']}: {type(exc).__name__}: {exc}"
-        record(entry, status="failed", error=message, reused=False)
-        console.print(f"[red]failed[/red] {message}")
+        self.record(entry, status="failed", error=message, reused=False)
+        self.console.print(f"[red]failed[/red] {message}")
 
-    def start(entry: dict) -> None:
+    def start(self, entry: dict) -> None:
         """Reuse the slide's bundle, or plan the slide and submit its tiles, or record its failure."""
         try:
-            slide_mpp = mpp or (entry["mpp"] if pd.notna(entry.get("mpp", None)) else None)
-            wf = load_workflow(workflow_for(entry, workflow))
-            bundle = out / entry["name"]
-            if Path(entry["slide"]).is_file() and is_current(bundle, Path(entry["slide"]), wf, model, slide_mpp):
-                record(entry, status="ok", error="", reused=True, bundle=str(bundle), **slide_metrics(bundle))
+            slide_mpp = self.mpp or (entry["mpp"] if pd.notna(entry.get("mpp", None)) else None)
+            wf = load_workflow(workflow_for(entry, self.workflow))
+            bundle = self.out / entry["name"]
+            if Path(entry["slide"]).is_file() and is_current(bundle, Path(entry["slide"]), wf, self.model, slide_mpp):
+                self.record(entry, status="ok", error="", reused=True, bundle=str(bundle), **slide_metrics(bundle))
                 return
-            lock = bundle_lock(out, entry["name"]).acquire()
+            lock = bundle_lock(self.out, entry["name"]).acquire()
         except Exception as exc:  # noqa: BLE001 - a failing slide is recorded and the batch goes on
-            fail(entry, exc)
+            self.fail(entry, exc)
             return
         try:
-            plan = plan_slide(entry["slide"], out, wf, model, slide_mpp)
+            plan = plan_slide(entry["slide"], self.out, wf, self.model, slide_mpp)
         except Exception as exc:  # noqa: BLE001
             lock.release()
-            fail(entry, exc)
+            self.fail(entry, exc)
             return
-        futures = submit_tiles(client, plan)
-        active[plan.name] = {
-            "entry": entry,
-            "plan": plan,
-            "futures": futures,
-            "left": len(futures),
-            "totals": {},
-            "submitted": time.perf_counter(),
-            "lock": lock,
-        }
-        nonlocal n_tiles
-        n_tiles += len(futures)
-        progress.update(tiles_bar, total=n_tiles)
+        futures = submit_tiles(self.client, plan)
+        self.active[plan.name] = InFlight(entry, plan, futures, lock, left=len(futures))
+        self.n_tiles += len(futures)
+        self.progress.update(self.tiles_bar, total=self.n_tiles)
         for future in futures:
-            future.add_done_callback(lambda f, n=plan.name: events.put(("tile", n, f)))
+            future.add_done_callback(lambda f, n=plan.name: self.events.put(("tile", n, f)))
         if not futures:  # no tissue: an empty bundle
-            events.put(("segmented", plan.name, None))
+            self.events.put(("segmented", plan.name, None))
 
-    def fill() -> None:
+    def fill(self) -> None:
         """Start slides until TILES_PER_THREAD tile tasks per worker thread are queued or running."""
-        target = TILES_PER_THREAD * _threads(client)
-        while todo and sum(a["left"] for a in active.values()) < target:
-            start(todo.popleft())
+        target = TILES_PER_THREAD * _threads(self.client)
+        while self.todo and sum(a.left for a in self.active.values()) < target:
+            self.start(self.todo.popleft())
 
-    def drop(name: str, exc: BaseException) -> None:
+    def tile_done(self, name: str, slide: InFlight, future: TileFuture) -> None:
+        """One tile task of ``slide`` ended: its timings added, or the slide dropped if it failed."""
+        self.progress.advance(self.tiles_bar)
+        try:
+            add_timings(slide.totals, future.result())
+            slide.left -= 1
+            if slide.left == 0:
+                self.events.put(("segmented", name, None))
+        except Exception as exc:  # noqa: BLE001
+            self.drop(name, exc)
+
+    def segmented(self, name: str, slide: InFlight) -> None:
+        """Every tile of ``slide`` is done: finish it in the background thread."""
+        slide.plan.timings["segment_s"] = slide.clock.s  # wall time from submission, shared with other slides' tiles
+        done = self.finisher.submit(finish_slide, self.client, slide.plan, slide.totals, False)
+        done.add_done_callback(lambda f, n=name: self.events.put(("finished", n, f)))
+
+    def finished(self, name: str, slide: InFlight, future: Future) -> None:
+        """``slide``'s finishing ended: its summary row, or its failure."""
+        try:
+            bundle = future.result()
+            metrics = slide_metrics(bundle)
+        except Exception as exc:  # noqa: BLE001
+            self.drop(name, exc)
+        else:
+            self.active.pop(name).lock.release()
+            self.record(slide.entry, status="ok", error="", reused=False, bundle=str(bundle), **metrics)
+
+    def drop(self, name: str, exc: BaseException) -> None:
         """Record a slide's failure after its tiles were submitted; its partial bundle goes."""
-        slide = active.pop(name)
-        client.cancel(slide["futures"])
-        shutil.rmtree(slide["plan"].partial, ignore_errors=True)
-        slide["lock"].release()
-        fail(slide["entry"], exc)
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with (
-        Progress(*columns, console=console, disable=not show_progress) as progress,
-        ThreadPoolExecutor(1, "finish-slide") as finisher,
-    ):
-        slides_bar = progress.add_task("slides", total=len(entries))
-        tiles_bar = progress.add_task("tiles", total=0)
-        fill()
-        while active:
-            kind, name, future = events.get()
-            slide = active.get(name)
-            if slide is None:  # a late tile of a slide that failed
-                continue
-            if kind == "tile":
-                progress.advance(tiles_bar)
-                try:
-                    add_timings(slide["totals"], future.result())
-                    slide["left"] -= 1
-                    if slide["left"] == 0:
-                        events.put(("segmented", name, None))
-                except Exception as exc:  # noqa: BLE001
-                    drop(name, exc)
-            elif kind == "segmented":  # wall time from submission, shared with other slides' tiles
-                slide["plan"].timings["segment_s"] = time.perf_counter() - slide["submitted"]
-                done = finisher.submit(finish_slide, client, slide["plan"], slide["totals"], False)
-                done.add_done_callback(lambda f, n=name: events.put(("finished", n, f)))
-            else:
-                try:
-                    bundle = future.result()
-                    metrics = slide_metrics(bundle)
-                except Exception as exc:  # noqa: BLE001
-                    drop(name, exc)
-                else:
-                    active.pop(name)["lock"].release()
-                    record(slide["entry"], status="ok", error="", reused=False, bundle=str(bundle), **metrics)
-            fill()
-    summary = write_summary([rows[e["name"]] for e in entries], sheet_columns, out)
-    metrics = [
-        c
-        for c in summary.columns
-        if c not in (*sheet_columns, *RUN_COLUMNS) and is_numeric_dtype(summary[c]) and not is_bool_dtype(summary[c])
-    ]
-    write_cohort(summary, metrics, out, console, tissue_workflows(entries, workflow))
-    return summary
+        slide = self.active.pop(name)
+        self.client.cancel(slide.futures)
+        shutil.rmtree(slide.plan.partial, ignore_errors=True)
+        slide.lock.release()
+        self.fail(slide.entry, exc)
 
 
 def tissue_workflows(entries: list[dict], workflow: str | None) -> dict[str, Workflow]:
