@@ -10,9 +10,7 @@ import functools
 import hashlib
 import json
 import math
-import os
 import shutil
-import time
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from histo.io.bundle import (
     slide_name,
     write_errors,
 )
+from histo.io.files import atomic_write
 from histo.io.slide import Slide, check_stain, open_slide, skip_unreadable_tiles
 from histo.outputs.write import write_outputs
 from histo.run.cluster import dask_client
@@ -43,10 +42,11 @@ from histo.segment.labels import create_pyramid, downsample_level, write_chunk
 from histo.segment.models import ModelSpec, compute_percentiles, inference_precision, resolve_model
 from histo.segment.nuclei import border_duplicates
 from histo.segment.task import SegmentJob, segment_tile
-from histo.segment.tiling import Tile, align_up, tile_grid
+from histo.segment.tiling import Segmentation, Tile, align_up, tile_grid
 from histo.segment.tissue import detect_tissue
 from histo.structures.analyse import analyse_cells
-from histo.workflow import Segmentation, Workflow, as_workflow, nucleus_channel
+from histo.timing import Timings, stopwatch
+from histo.workflow import Workflow, as_workflow, nucleus_channel
 
 MIN_HALO_PX = 64  # px at the model's µm/px: context the U-Net needs beyond the largest nucleus
 UNREADABLE = ".unreadable.json"  # a tile task's record of slide tiles it read as glass, beside its part
@@ -214,25 +214,22 @@ def plan_slide(
     """Open the slide, find tissue, lay out the tiles and make an empty partial bundle with a
     fresh ``parts-…/`` folder for the tile tasks (arguments as :func:`run_slide`)."""
     started = datetime.now(UTC)
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    wf = as_workflow(workflow)
-    slide = open_slide(slide_path, mpp=mpp)
-    check_stain(slide, wf)
-    spec = resolve_model(model or wf.model, stain="fluo" if wf.stain == "if" else "he")
-    # a one-channel (fluorescence) model reads the workflow's nucleus channel of a multiplex slide
-    one_channel = wf.stain == "if" and spec.n_channels == 1
-    channel = nucleus_channel(wf, slide.channel_names, slide_path) if one_channel else None
-    timings["open_s"] = time.perf_counter() - t
+    timings = Timings()
+    with timings.time("open_s"):
+        wf = as_workflow(workflow)
+        slide = open_slide(slide_path, mpp=mpp)
+        check_stain(slide, wf)
+        spec = resolve_model(model or wf.model, stain="fluo" if wf.stain == "if" else "he")
+        # a one-channel (fluorescence) model reads the workflow's nucleus channel of a multiplex slide
+        one_channel = wf.stain == "if" and spec.n_channels == 1
+        channel = nucleus_channel(wf, slide.channel_names, slide_path) if one_channel else None
 
-    t = time.perf_counter()
-    with skip_unreadable_tiles() as unreadable:
+    with timings.time("tissue_s"), skip_unreadable_tiles() as unreadable:
         tissue = detect_tissue(slide, mpp=wf.tissue.mpp, min_area_um2=wf.tissue.min_area_um2)
         # the model's µm/px, or the slide level's own where that is within 1 % (read unscaled)
         grid_mpp = slide.effective_mpp(spec.mpp)
         shape, tiles = plan_tiles(slide, tissue, grid_mpp, spec.max_nucleus_um, wf.segmentation)
         percentiles = slide_percentiles(slide, tissue, spec, channel)
-    timings["tissue_s"] = time.perf_counter() - t
 
     out_dir = Path(out_dir)
     name = slide_name(slide_path)
@@ -288,10 +285,7 @@ def segment_tile_reporting(job: SegmentJob, tile: Tile) -> dict:
     with skip_unreadable_tiles() as unreadable:
         summary = segment_tile(job, tile)
     if unreadable:
-        path = Path(job.parts_dir) / f"{tile.name}{UNREADABLE}"
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(unreadable))
-        os.replace(tmp, path)
+        atomic_write(Path(job.parts_dir) / f"{tile.name}{UNREADABLE}", json.dumps(unreadable), unique=True)
     return summary
 
 
@@ -335,7 +329,7 @@ def finish_slide(client: Client, plan: SlidePlan, task_totals: dict[str, float],
 
 def _finish(client: Client, plan: SlidePlan, task_totals: dict[str, float], show_progress: bool) -> Path:
     timings, tiles, partial, parts = plan.timings, plan.tiles, plan.partial, Path(plan.job.parts_dir)
-    t = time.perf_counter()
+    clock = stopwatch()
     columns = [c for c in plan.job.schema.names if c not in ("polygon", "tile")]
     cells, tile_index = read_parts(parts, tiles, columns)
     drop = border_duplicates(cells[["x_um", "y_um"]].to_numpy(), cells["prob"].to_numpy(), tile_index)
@@ -344,11 +338,11 @@ def _finish(client: Client, plan: SlidePlan, task_totals: dict[str, float], show
         extra, regions, metrics, structure_report = analyse_cells(
             cells, plan.slide, plan.tissue, plan.wf, plan.annotations
         )
-        timings["structures_s"] = time.perf_counter() - t
-        t = time.perf_counter()
+        timings["structures_s"] = clock.stop()
+        clock = stopwatch()
         n_cells, groups = concat_cells(parts, tiles, partial / "cells.parquet", plan.job.schema, extra, drop)
         cells = pd.concat([cells, extra], axis=1).assign(label=np.arange(1, n_cells + 1, dtype=np.int32))
-        timings["cells_table_s"] = time.perf_counter() - t
+        timings["cells_table_s"] = clock.stop()
         # the label pyramid is rasterised on the workers alongside the statistics, figures and exports
         zarr_path = partial / "labels.ome.zarr"
         arrays, label_tasks = _submit_labels(
@@ -363,9 +357,9 @@ def _finish(client: Client, plan: SlidePlan, task_totals: dict[str, float], show
         except BaseException:
             client.cancel(label_tasks)  # nothing writes into the partial bundle once it is removed
             raise
-    t = time.perf_counter()
-    _finish_labels(client, arrays, label_tasks, zarr_path, show_progress)
-    timings["labels_s"] = time.perf_counter() - t  # waiting for them after the outputs
+    with stopwatch() as clock:
+        _finish_labels(client, arrays, label_tasks, zarr_path, show_progress)
+    timings["labels_s"] = clock.s  # waiting for them after the outputs
     plan.unreadable += unreadable
     tile_errors = unreadable_tiles(plan, parts)
     shutil.rmtree(parts)
@@ -465,10 +459,9 @@ def run_slide(
         plan = plan_slide(slide_path, out_dir, workflow, model, mpp, annotations)
         try:
             with nullcontext(client) if client else dask_client() as cl:
-                t = time.perf_counter()
-                with write_errors(plan.partial):
+                with stopwatch() as clock, write_errors(plan.partial):
                     task_totals = _segment(cl, plan, show_progress)
-                plan.timings["segment_s"] = time.perf_counter() - t
+                plan.timings["segment_s"] = clock.s
                 return finish_slide(cl, plan, task_totals, show_progress)
         except BaseException:
             shutil.rmtree(plan.partial, ignore_errors=True)
