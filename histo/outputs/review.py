@@ -10,7 +10,6 @@ metrics and the cells' region ids; their ids are listed in ``run.json["review"]`
 from __future__ import annotations
 
 import json
-import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +25,7 @@ import shapely
 from anndata.io import read_elem
 
 from histo.errors import HistoError
+from histo.io.files import atomic_write
 from histo.outputs.export import ID_COLUMNS, regions_geojson, write_metrics
 from histo.outputs.report import overview_figure, thumbnail, thumbnail_mpp, write_report
 from histo.structures.aggregates import count_inside, grade
@@ -197,20 +197,12 @@ def remeasure(
     return ids, region_metrics(with_ids, regions[bare_cols[:-1] + props + ["geometry"]], tissue_type, params)
 
 
-def _replace(path: Path, write) -> None:
-    """Write ``path`` through ``write(tmp_path)`` and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_cell_ids(bundle: Path, ids: pd.DataFrame) -> None:
     """Replace the region id columns of ``cells.parquet`` (row group by row group, keeping them) and
     of ``cells.h5ad``'s ``obs``."""
     src = pq.ParquetFile(bundle / "cells.parquet")
     id_table = pa.Table.from_pandas(ids, preserve_index=False)
-
-    def parquet(tmp):
+    with atomic_write(bundle / "cells.parquet") as tmp:
         writer, start = None, 0
         for g in range(src.num_row_groups):
             part = src.read_row_group(g)
@@ -225,12 +217,12 @@ def _write_cell_ids(bundle: Path, ids: pd.DataFrame) -> None:
         else:
             writer.close()
 
-    _replace(bundle / "cells.parquet", parquet)
     if (bundle / "cells.h5ad").exists():
         adata = ad.read_h5ad(bundle / "cells.h5ad")
         for name in ids.columns:
             adata.obs[name] = pd.Categorical(ids[name].astype("string").to_numpy())
-        _replace(bundle / "cells.h5ad", lambda tmp: adata.write_h5ad(tmp))
+        with atomic_write(bundle / "cells.h5ad") as tmp:
+            adata.write_h5ad(tmp)
 
 
 def slide_thumbnail(run: dict) -> tuple[np.ndarray, float]:
@@ -270,10 +262,9 @@ def redraw_figures(
     nhood = saved_neighbourhood(bundle)
     lymphoid = lymphoid_cell_types(wf.tissue_type, wf.regions)
     overview = overview_figure(thumb, thumb_mpp, regions, cells)  # the PNG file and the report's map
-    _replace(bundle / "overview.png", lambda tmp: tmp.write_bytes(overview))
-    _replace(
-        bundle / "report.html",
-        lambda tmp: write_report(
+    atomic_write(bundle / "overview.png", overview)
+    with atomic_write(bundle / "report.html") as tmp:
+        write_report(
             tmp,
             bundle.name,
             thumb,
@@ -285,8 +276,7 @@ def redraw_figures(
             nhood,
             lymphoid,
             {"overview": overview},
-        ),
-    )
+        )
 
 
 def save_review(bundle: str | Path, regions: gpd.GeoDataFrame) -> pd.DataFrame:
@@ -317,7 +307,7 @@ def save_review(bundle: str | Path, regions: gpd.GeoDataFrame) -> pd.DataFrame:
     for feature, state in zip(collection["features"], kept.review):
         feature["properties"]["review"] = state
     text = json.dumps(collection, ensure_ascii=False, separators=(",", ":"))
-    _replace(bundle / "regions.geojson", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(bundle / "regions.geojson", text)
     write_metrics(metrics, bundle)
     redraw_figures(bundle, run, kept, cells, metrics)
     run["review"] = {
@@ -329,5 +319,5 @@ def save_review(bundle: str | Path, regions: gpd.GeoDataFrame) -> pd.DataFrame:
         ],
         "regions": {k: int(v) for k, v in kept.kind.value_counts().items()},
     }
-    _replace(bundle / "run.json", lambda tmp: tmp.write_text(json.dumps(run, indent=2, default=str)))
+    atomic_write(bundle / "run.json", json.dumps(run, indent=2, default=str))
     return metrics
