@@ -3,7 +3,6 @@ with the neighbourhood statistics and the figures computed as tasks on the clust
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +20,7 @@ from histo.stats.neighbourhood import (
     stats_result,
 )
 from histo.structures.regions import lymphoid_cell_types
+from histo.timing import Timings, stopwatch
 
 if TYPE_CHECKING:
     from histo.workflow import Workflow
@@ -63,7 +63,8 @@ def write_outputs(
     statistics and the report's figures are computed as tasks on its workers, side by side, while
     this process writes the tables (the workers are idle once the tiles are done). ``report`` (run.json's)
     gains ``neighbourhood_skipped``: the statistics skipped per region and why (one cell type, too few cells)."""
-    t0 = time.perf_counter()
+    timings = Timings()
+    clock = stopwatch()
     params = wf.neighbourhood
     if params.run:
         # first (the longest chain): the slide's statistics, then its figure; beside them the regions' in groups
@@ -86,24 +87,25 @@ def write_outputs(
         if report is not None:
             report["neighbourhood_skipped"] = nhood["skipped"]
         metrics = metrics.merge(neighbourhood_metrics(nhood), on="region_id", how="left")
-    t1 = time.perf_counter()
-    write_regions_geojson(regions, folder / "regions.geojson", slide.mpp, metrics)
-    write_metrics(metrics, folder)
-    write_h5ad(cells, folder / "cells.h5ad", uns=uns)
-    t2 = time.perf_counter()
-    figures = {k: f.result() for k, f in figures.items()}
-    (folder / "overview.png").write_bytes(figures["overview"])
-    write_report(
-        folder / "report.html",
-        name,
-        thumb,
-        thumb_mpp,
-        regions,
-        cells,
-        metrics,
-        wf.tissue_type,
-        nhood,
-        lymphoid,
-        figures,
-    )
-    return {"neighbourhood_s": t1 - t0, "exports_s": t2 - t1, "report_s": time.perf_counter() - t2}
+    timings["neighbourhood_s"] = clock.stop()
+    with timings.time("exports_s"):
+        write_regions_geojson(regions, folder / "regions.geojson", slide.mpp, metrics)
+        write_metrics(metrics, folder)
+        write_h5ad(cells, folder / "cells.h5ad", uns=uns)
+    with timings.time("report_s"):
+        figures = {k: f.result() for k, f in figures.items()}
+        (folder / "overview.png").write_bytes(figures["overview"])
+        write_report(
+            folder / "report.html",
+            name,
+            thumb,
+            thumb_mpp,
+            regions,
+            cells,
+            metrics,
+            wf.tissue_type,
+            nhood,
+            lymphoid,
+            figures,
+        )
+    return dict(timings)
