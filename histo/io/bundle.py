@@ -66,7 +66,7 @@ def partial_dir(out: Path, name: str) -> Path:
     return out / f".{name}.partial"
 
 
-def finish(partial: Path, final: Path, run: dict) -> Path:
+def publish(partial: Path, final: Path, run: dict) -> Path:
     """Write ``run.json`` last, then move the bundle to its final name (replacing an older one,
     which is put back if the move fails)."""
     write_json(partial / "run.json", run, default=str)

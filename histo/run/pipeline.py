@@ -26,8 +26,8 @@ from histo.io.bundle import (
     bundle_lock,
     concat_cells,
     file_fingerprint,
-    finish,
     partial_dir,
+    publish,
     read_parts,
     slide_name,
     write_errors,
@@ -324,10 +324,10 @@ def finish_slide(client: Client, plan: SlidePlan, task_totals: dict[str, float],
     ``cells.parquet``, the label pyramid, then ``run.json`` and the rename; returns the bundle path.
     An OSError (disk full) becomes a HistoError and the partial bundle is removed."""
     with write_errors(plan.partial):
-        return _finish(client, plan, task_totals, show_progress)
+        return _analyse_and_write(client, plan, task_totals, show_progress)
 
 
-def _finish(client: Client, plan: SlidePlan, task_totals: dict[str, float], show_progress: bool) -> Path:
+def _analyse_and_write(client: Client, plan: SlidePlan, task_totals: dict[str, float], show_progress: bool) -> Path:
     timings, tiles, partial, parts = plan.timings, plan.tiles, plan.partial, Path(plan.job.parts_dir)
     clock = stopwatch()
     columns = [c for c in plan.job.schema.names if c not in ("polygon", "tile")]
@@ -408,7 +408,7 @@ def _finish(client: Client, plan: SlidePlan, task_totals: dict[str, float], show
             else []
         ),
     }
-    return finish(partial, plan.out_dir / plan.name, run)
+    return publish(partial, plan.out_dir / plan.name, run)
 
 
 def run_slide(
