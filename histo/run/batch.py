@@ -213,21 +213,9 @@ def run_batch(
             OutputLock(out / ".histo-batch.lock", "this output folder"),
             cluster() if cluster else nullcontext(client) as client,
         ):
-            return _run_batch(sheet, out, client, workflow, model, mpp, show_progress)
+            return BatchRun(sheet, out, client, workflow, model, mpp, show_progress).run()
     except OSError as exc:
         raise HistoError(exc.filename or out, f"cannot write: {exc.strerror or exc}") from None
-
-
-def _run_batch(
-    sheet: pd.DataFrame,
-    out: Path,
-    client: Client,
-    workflow: str | None,
-    model: str | None,
-    mpp: float | None,
-    show_progress: bool,
-) -> pd.DataFrame:
-    return BatchRun(sheet, out, client, workflow, model, mpp, show_progress).run()
 
 
 @dataclass

@@ -53,14 +53,16 @@ def class_of(name: str) -> str:
     return key
 
 
-def to_patch_scale(img: np.ndarray, mpp: float) -> np.ndarray:
-    """RGB uint8 image at ``mpp`` µm/px → float32 in [0, 1] at :data:`PATCH_MPP` (linear, anti-aliased)."""
+def to_patch_scale(img: np.ndarray, mpp: float, stain: str | None = None) -> np.ndarray:
+    """RGB uint8 image at ``mpp`` µm/px → float32 in [0, 1] at :data:`PATCH_MPP` (linear, anti-aliased);
+    ``stain="macenko"`` then standardises its stains (:func:`standardise_stain`). Training and the tile
+    task both read their patches from this image."""
     x = np.asarray(img[..., :3], np.float32) / 255.0
     f = mpp / PATCH_MPP
-    if abs(f - 1) < 1e-3:
-        return x
-    shape = (max(1, round(x.shape[0] * f)), max(1, round(x.shape[1] * f)))
-    return resize(x, shape + (3,), order=1, anti_aliasing=f < 1, preserve_range=True).astype(np.float32)
+    if abs(f - 1) >= 1e-3:
+        shape = (max(1, round(x.shape[0] * f)), max(1, round(x.shape[1] * f)))
+        x = resize(x, shape + (3,), order=1, anti_aliasing=f < 1, preserve_range=True).astype(np.float32)
+    return standardise_stain(x) if stain == "macenko" else x
 
 
 # Macenko's reference: haematoxylin and eosin OD vectors (columns) and their 99th-percentile
@@ -132,9 +134,7 @@ def tile_patches(
     ``coord`` (n, 2, n_rays) and ``points`` (n, 2) as (row, col) px of ``img`` (pixel centres on integers);
     ``stain="macenko"`` standardises the tile's stains first (:func:`standardise_stain`)."""
     f = mpp / PATCH_MPP
-    small = to_patch_scale(img, mpp)
-    if stain == "macenko":
-        small = standardise_stain(small)
+    small = to_patch_scale(img, mpp, stain)
     outlines = [np.stack([(c[0] + 0.5) * f - 0.5, (c[1] + 0.5) * f - 0.5], axis=1) for c in coord]
     return nucleus_patches(small, outlines, (np.asarray(points, np.float64) + 0.5) * f - 0.5, size)
 

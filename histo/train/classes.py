@@ -25,7 +25,6 @@ from histo.segment.nucleus_classes import (
     class_of,
     network,
     nucleus_patches,
-    standardise_stain,
     to_patch_scale,
 )
 from histo.timing import stopwatch
@@ -70,8 +69,7 @@ def tile_examples(
         outlines.append((ring + 0.5) * f - 0.5)
         centres.append((np.asarray(r.centroid) + 0.5) * f - 0.5)
         y.append(CLASSES.index(cls))
-    small = to_patch_scale(img, mpp)
-    small = standardise_stain(small) if stain == "macenko" else small
+    small = to_patch_scale(img, mpp, stain)
     x = nucleus_patches(small, outlines, np.asarray(centres).reshape(-1, 2), PATCH_PX + 2 * MARGIN)
     return x, np.asarray(y, np.int64)
 
