@@ -112,6 +112,12 @@ def _train(args) -> None:
     from histo.train.outlines import main_train
 
     datasets = [(args.images, args.masks, args.image_mpp, args.licence)] + [tuple(d) for d in args.data or []]
+    if args.draws is not None:
+        if len(args.draws) != len(datasets):
+            raise HistoError(
+                None, f"--draws: give one number per dataset ({len(datasets)}: the positional one, then each --data)"
+            )
+        datasets = [(*d, w) for d, w in zip(datasets, args.draws)]
     out = main_train(
         datasets,
         Path(args.out),
@@ -341,6 +347,14 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         metavar=("IMAGES", "MASKS", "MPP", "LICENCE"),
         help="another folder pair with its pixel size (number or CSV) and licence; repeatable",
+    )
+    t.add_argument(
+        "--draws",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="how often each dataset's images are drawn for training patches relative to the others, one whole "
+        "number per dataset (the positional one, then each --data; default 1 each): weights a small dataset up",
     )
     t.add_argument("--mpp", type=float, default=0.25, help="µm per px the model works at (default 0.25)")
     t.add_argument("--epochs", type=int, default=100)

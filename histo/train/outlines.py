@@ -714,6 +714,7 @@ def write_card(
             "sources": list(sources or []),
             "n_images": len(images),
             "n_train": len(tr_idx),
+            "n_train_drawn": int(state.get("n_train_drawn", len(tr_idx))),
             "n_val": len(va_idx),
             "val_images": [Path(images[i]).name for i in va_idx],
             "image_mpp": sorted(
@@ -756,6 +757,7 @@ def train(
     config: TrainConfig | None = None,
     *,
     image_mpp: Sequence[float] | float,
+    draws: Sequence[int] | None = None,
     init_weights: Path | str | None = None,
     name: str | None = None,
     sources: list[dict] | None = None,
@@ -784,6 +786,10 @@ def train(
     image_mpp : float or sequence of float
         Pixel size of the images, µm/px (one value, or one per image); every image is resampled to
         ``config.mpp`` (images anti-aliased, masks nearest).
+    draws : sequence of int, optional
+        How often each image is drawn for training patches relative to the others (one per image;
+        default 1 each): a training image with 2 is listed twice, so it gives twice the patches per
+        epoch. Gives a small dataset the weight of a large one; validation is unaffected.
     init_weights : str or Path, optional
         A model folder (``config.json`` + ``weights_best.h5``) whose architecture and weights a new
         run starts from (fine-tuning); ignored when resuming, recorded in the card.
@@ -838,7 +844,12 @@ def train(
     state, resuming = start_run(out_dir, paths, config, resume=resume, overwrite=overwrite, init_weights=init_weights)
     X = [_as_float(x) for x in X_u8]
     tr_idx, va_idx = state["split"]["train"], state["split"]["val"]
-    X_tr, Y_tr = [X[i] for i in tr_idx], [Y[i] for i in tr_idx]
+    draws = [1] * len(X) if draws is None else [int(d) for d in draws]
+    if len(draws) != len(X) or min(draws) < 1:
+        raise HistoError(None, f"draws: need one whole number ≥ 1 per image ({len(X)}), got {len(draws)}")
+    X_tr = [X[i] for i in tr_idx for _ in range(draws[i])]
+    Y_tr = [Y[i] for i in tr_idx for _ in range(draws[i])]
+    state["n_train_drawn"] = len(X_tr)  # training images as listed for patch sampling, repeats counted
     X_va, Y_va = [X[i] for i in va_idx], [Y[i] for i in va_idx]
 
     model = build_model(out_dir, config, state, resuming, init_weights)
@@ -892,8 +903,9 @@ def main_train(datasets: Sequence[tuple], out, mpp: float, epochs: int, steps: i
 
     Parameters
     ----------
-    datasets : sequence of (images_dir, masks_dir, image_mpp, licence)
-        ``image_mpp`` a number or a CSV (:func:`histo.train.data.dataset_pairs`).
+    datasets : sequence of (images_dir, masks_dir, image_mpp, licence) or (…, licence, draws)
+        ``image_mpp`` a number or a CSV (:func:`histo.train.data.dataset_pairs`); ``draws`` (default 1)
+        how often each of the folder's images is drawn relative to the others (:func:`train`).
     out : str or Path
         The model folder.
     mpp : float
@@ -908,22 +920,26 @@ def main_train(datasets: Sequence[tuple], out, mpp: float, epochs: int, steps: i
     Path
         The model folder.
     """
-    ims, mks, mpps, sources = [], [], [], []
-    for images_dir, masks_dir, image_mpp, licence in datasets:
+    ims, mks, mpps, draws, sources = [], [], [], [], []
+    for images_dir, masks_dir, image_mpp, licence, *weight in datasets:
         rows = dataset_pairs(images_dir, masks_dir, image_mpp)
+        n_draws = int(weight[0]) if weight else 1
         sources.append(
             {
                 "name": str(images_dir),
                 "licence": licence or "unknown",
                 "n_images": len(rows),
                 "image_mpp": sorted({m for _, _, m in rows}),
+                "draws": n_draws,
             }
         )
         for i, m, p in rows:
-            ims.append(i), mks.append(m), mpps.append(p)
+            ims.append(i), mks.append(m), mpps.append(p), draws.append(n_draws)
     kwargs.setdefault("command", " ".join(sys.argv) if sys.argv else None)
     kwargs.setdefault("sources", sources)
-    return train(ims, mks, Path(out), mpp=mpp, image_mpp=mpps, epochs=epochs, steps_per_epoch=steps, **kwargs)
+    return train(
+        ims, mks, Path(out), mpp=mpp, image_mpp=mpps, draws=draws, epochs=epochs, steps_per_epoch=steps, **kwargs
+    )
 
 
 # ---------------------------------------------------------------- the card
@@ -977,6 +993,7 @@ def _model_md(card: dict) -> str:
     ]
     for s in t.get("sources", []):
         extra = f" — {s['note']}" if s.get("note") else ""
+        extra += f"; drawn {s['draws']}× as often as a draws-1 image" if s.get("draws", 1) != 1 else ""
         lines.append(
             f"  - {s.get('name')}: {s.get('n_images', '?')} images, licence: {s.get('licence', 'unknown')}{extra}"
         )

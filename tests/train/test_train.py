@@ -433,6 +433,9 @@ def test_histo_train_cli_on_real_tiles_with_per_image_pixel_sizes(tmp_path):
             str(tmp_path / "gen" / "masks"),
             "0.5",
             "BSD-3-Clause",
+            "--draws",
+            "1",
+            "3",
             "--out",
             str(out),
             "--mpp",
@@ -456,6 +459,10 @@ def test_histo_train_cli_on_real_tiles_with_per_image_pixel_sizes(tmp_path):
     assert card["mpp"] == 0.5 and card["training"]["image_mpp"] == [0.2527, 0.5, 0.5005]
     assert [s["licence"] for s in card["training"]["sources"]] == ["CC BY-NC-SA 4.0", "BSD-3-Clause"]
     assert card["training"]["n_train"] == 3 and card["training"]["n_val"] == 1
+    assert [s["draws"] for s in card["training"]["sources"]] == [1, 3]
+    val = set(card["training"]["val_images"])  # the generated tiles drawn 3 times, the real ones once
+    n_gen_train = sum(1 for p in (tmp_path / "gen" / "images").iterdir() if p.name not in val)
+    assert card["training"]["n_train_drawn"] == 3 * n_gen_train + (3 - n_gen_train)
     assert card["max_nucleus_um_observed"] > 3 and card["notes"] == ["smoke test"]
     assert "histo train" in card["training"]["command"] and not (out / "train_state.json").exists()
     md = (out / "MODEL.md").read_text()
