@@ -28,3 +28,20 @@ def test_environment_yml_matches_requirements_and_lock():
     assert conda_pins == required, "environment.yml pins differ from requirements.in"
     for name, version in required.items():
         assert locked.get(name) == version, f"{name}: requirements.in {version}, lock {locked.get(name)}"
+
+
+def test_no_installed_distribution_shadows_the_test_packages():
+    """No installed wheel ships a top-level ``tests`` (or ``helpers``/``conftest``) module: torchstain
+    1.4.1 did, and its ``tests`` package shadowed this project's (every ``from tests…`` import broke).
+    The names checked are the ones this suite imports at its top level."""
+    import importlib.metadata as md
+
+    ours = {"tests", "helpers", "conftest"}
+    shadowing = sorted(
+        f"{dist.metadata['Name']}: {f}"
+        for dist in md.distributions()
+        for f in dist.files or []
+        if (len(f.parts) == 2 and f.parts[0] in ours and f.parts[1] == "__init__.py")
+        or (len(f.parts) == 1 and f.suffix == ".py" and f.stem in ours)
+    )
+    assert not shadowing, f"installed distributions ship top-level modules named like ours: {shadowing}"
