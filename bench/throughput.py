@@ -1,6 +1,7 @@
 """``histo run`` against StarDist's own tiling (``predict_instances_big``) on one generated slide.
 
-    python bench/throughput.py [--quick] [--size PX] [--workers 2] [--rounds 3] [--scaling] [--workdir DIR]
+    python bench/throughput.py [--quick] [--size PX] [--workers 2] [--rounds 3] [--scaling] [--no-float32]
+                               [--baseline-precision P] [--workdir DIR]
 
 The slide is a generated lymph node at the model's pixel size (0.25 µm/px for ``histo-he``), so both
 paths see the same pixels, with the same model and thresholds:
@@ -11,22 +12,34 @@ paths see the same pixels, with the same model and thresholds:
 (b) the path a StarDist user would take instead: the whole image in memory (reading and
     normalising it is not timed) through ``StarDist2D.predict_instances_big`` with the StarDist
     docs' blocks (4096 px or the image's edge if smaller, overlap 128, context 128), in this process,
-    TensorFlow's default threads, in float32 as StarDist runs (``--baseline-precision bfloat16``: with
-    the mixed precision histo uses where the CPU has bfloat16 units, to see what else differs).
+    TensorFlow's default threads, in the same precision as (a) (``--baseline-precision`` to change);
+(c) the same as (b) in float32, as StarDist runs out of the box: the comparison this bench made
+    before, beside the like-for-like one. Skipped where (b) is already float32 or with ``--no-float32``.
+    It runs after (b) in the same process, so its peak memory includes what (b) left behind.
 
-(a) runs in ``histo.segment.models.inference_precision()`` (``$HISTO_PRECISION``, default ``auto``).
+(a) runs in ``histo.segment.models.inference_precision()`` (``$HISTO_PRECISION``, default ``auto``:
+bfloat16 where the CPU has bfloat16 units, float32 elsewhere).
 
-Nuclei of (a), rasterised from ``cells.parquet``, are matched one-to-one to (b)'s label image at
-IoU ≥ 0.5. Each path is timed ``--rounds`` times in a row (the 2 cores' speed swings from moment to
-moment, STACK.md) and the medians are compared. ``--scaling`` also times (a) with one worker. Peak
-memory is the summed RSS of this process and its children during each path. The last line is
-``speedup=<b/a> agreement_f1=<F1 of a against b> mpx_per_s=<tissue Mpx per s of a>`` and peak GB.
+Nuclei of (a), rasterised from ``cells.parquet``, are matched one-to-one to (b)'s (and (c)'s) label
+image at IoU ≥ 0.5. Each path is timed ``--rounds`` times in a row (the 2 cores' speed swings from
+moment to moment, STACK.md) and the medians are compared. ``--scaling`` also times (a) with one
+worker. Peak memory is the summed RSS of this process and its children during each path.
+
+Throughput of (a) is reported three ways: tissue Mpx per second end to end (the tissue's area at the
+model's µm/px over the run's wall time), tissue Mpx per second of segmentation (over the run's
+``segment_s``, the tile tasks' wall time) and pixels processed per second of segmentation: the sum of
+every tile's read box (core + halo, as ``plan_slide`` lays them out for this slide) over the same
+``segment_s``. The ratio read px / core px is the halo overhead; read px / tissue px adds the glass
+inside tiles. The last line is ``speedup=<b/a> speedup_float32=<c/a> agreement_f1=<F1 of a against b>
+mpx_per_s=<tissue Mpx/s of a, end to end> read_mpx_per_s=<read Mpx/s of a's segmentation>
+halo_overhead=<read px / core px>`` (``speedup_float32`` only where (c) ran).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -36,7 +49,7 @@ import tifffile
 from memwatch import timed
 
 from histo.run.cluster import dask_client
-from histo.run.pipeline import run_slide
+from histo.run.pipeline import plan_slide, run_slide
 from histo.segment.models import (
     PRECISIONS,
     inference_precision,
@@ -63,6 +76,17 @@ def generated(workdir: Path, size: int, mpp: float, seed: int = 7) -> Path:
     if not path.exists():
         write_sample("lymph-node", path, size=size, seed=seed, mpp=mpp)
     return path
+
+
+def tile_pixels(slide: Path, out: Path, workflow: str, model: str) -> tuple[int, int]:
+    """(read px, core px) summed over the tiles ``histo run`` lays out for ``slide``: each tile's read
+    box (core + halo, clipped to the slide) and its core, at the model's µm/px (``plan_slide``'s own
+    plan; its empty partial bundle is removed)."""
+    plan = plan_slide(slide, out, workflow, model)
+    shutil.rmtree(plan.partial, ignore_errors=True)
+    read = sum(t.read_box[2] * t.read_box[3] for t in plan.tiles)
+    core = sum((t.x1 - t.x0) * (t.y1 - t.y0) for t in plan.tiles)
+    return read, core
 
 
 def warm_statistics(bundle: Path, params: NeighbourhoodParams) -> None:
@@ -109,40 +133,57 @@ def stardist_big(slide: Path, model: str, precision: str, rounds: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a 2,048² slide (about a minute and a half)")
+    ap.add_argument("--quick", action="store_true", help="a 2,048² slide: a smoke test (a few minutes)")
     ap.add_argument("--rounds", type=int, default=3, help="timed runs of each path; medians are compared (default 3)")
     ap.add_argument("--size", type=int, default=6144, help="slide edge, px (default 6144)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--scaling", action="store_true", help="also time histo run with one worker")
     ap.add_argument("--workflow", default="lymph-node-he")
     ap.add_argument("--model", help="default: the workflow's")
-    ap.add_argument("--baseline-precision", choices=PRECISIONS[1:], default="float32")
+    ap.add_argument(
+        "--baseline-precision", choices=PRECISIONS[1:], help="(b)'s precision; default: histo's (inference_precision)"
+    )
+    ap.add_argument("--no-float32", action="store_true", help="skip the float32 baseline (c)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "histo-throughput")
     args = ap.parse_args()
     size = 2048 if args.quick else args.size
     model = args.model or load_workflow(args.workflow).model
     mpp = resolve_model(model).mpp
+    precision = inference_precision()
+    baseline_precision = args.baseline_precision or precision
     args.workdir.mkdir(parents=True, exist_ok=True)
     slide, warm = generated(args.workdir, size, mpp), generated(args.workdir, 1024, mpp, seed=1)  # 257 nuclei
 
     out = args.workdir / "out"
+    read_px, core_px = tile_pixels(slide, out / "plan", args.workflow, model)
     bundle, t_a, walls_a, mem_a, run = histo_run(slide, warm, out, args.workflow, model, args.workers, args.rounds)
     steps = {k.removesuffix("_s"): round(v, 1) for k, v in run["timings_s"].items()}
     tasks = {k.removesuffix("_s"): round(v, 1) for k, v in run["task_timings_s"].items()}
     print(
-        f"histo run ({run['parameters']['precision']}): median {t_a:.1f} s of {_rounded(walls_a)}, "
+        f"(a) histo run ({run['parameters']['precision']}): median {t_a:.1f} s of {_rounded(walls_a)}, "
         f"{run['n_tiles']} tiles, "
         f"{run['n_cells']} nuclei; last round's steps (s) {steps}; summed over tile tasks (s) {tasks}",
         flush=True,
     )
-    labels_b, t_b, walls_b, mem_b = stardist_big(slide, model, args.baseline_precision, args.rounds)
+    labels_a, _ = bundle_labels(bundle)
+    labels_b, t_b, walls_b, mem_b = stardist_big(slide, model, baseline_precision, args.rounds)
+    f1 = score(labels_b, labels_a)["f1"]
     print(
-        f"predict_instances_big ({args.baseline_precision}): median {t_b:.1f} s of {_rounded(walls_b)}, "
-        f"{int(labels_b.max())} nuclei",
+        f"(b) predict_instances_big ({baseline_precision}): median {t_b:.1f} s of {_rounded(walls_b)}, "
+        f"{int(labels_b.max())} nuclei, agreement F1 with (a) {f1:.4f}, peak {mem_b:.2f} GB",
         flush=True,
     )
-    labels_a, _ = bundle_labels(bundle)
-    f1 = score(labels_b, labels_a)["f1"]
+    del labels_b
+    t_c = None
+    if baseline_precision != "float32" and not args.no_float32:
+        labels_c, t_c, walls_c, mem_c = stardist_big(slide, model, "float32", args.rounds)
+        print(
+            f"(c) predict_instances_big (float32): median {t_c:.1f} s of {_rounded(walls_c)}, "
+            f"{int(labels_c.max())} nuclei, agreement F1 with (a) {score(labels_c, labels_a)['f1']:.4f}, "
+            f"peak {mem_c:.2f} GB (after (b) in this process); speedup of (a) over (c) {t_c / t_a:.2f}",
+            flush=True,
+        )
+        del labels_c
     tissue_mpx = run["tissue"]["area_mm2"] / mpp**2  # mm² / (µm/px)² = Mpx
     if args.scaling:
         _, t_1, walls_1, _, _ = histo_run(slide, warm, out, args.workflow, model, 1, args.rounds)
@@ -151,11 +192,20 @@ def main() -> None:
             f"throughput ratio {t_1 / t_a:.2f}",
             flush=True,
         )
+    segment_s = run["timings_s"]["segment_s"]  # the last round's
     print(
         f"slide {size}² at {mpp} µm/px, tissue {tissue_mpx:.1f} Mpx of {size * size / 1e6:.1f} Mpx; "
-        f"peak memory histo {mem_a:.2f} GB, predict_instances_big {mem_b:.2f} GB"
+        f"tiles read {read_px / 1e6:.1f} Mpx for {core_px / 1e6:.1f} Mpx of cores "
+        f"(halo overhead {read_px / core_px:.2f}×, {read_px / 1e6 / tissue_mpx:.2f}× the tissue); "
+        f"last round's segmentation {segment_s:.1f} s: {tissue_mpx / segment_s:.3f} tissue Mpx/s, "
+        f"{read_px / 1e6 / segment_s:.3f} read Mpx/s; peak memory histo {mem_a:.2f} GB, "
+        f"predict_instances_big ({baseline_precision}) {mem_b:.2f} GB"
     )
-    print(f"speedup={t_b / t_a:.2f} agreement_f1={f1:.4f} mpx_per_s={tissue_mpx / t_a:.3f}")
+    float32 = f" speedup_float32={t_c / t_a:.2f}" if t_c is not None else ""
+    print(
+        f"speedup={t_b / t_a:.2f}{float32} agreement_f1={f1:.4f} mpx_per_s={tissue_mpx / t_a:.3f} "
+        f"read_mpx_per_s={read_px / 1e6 / segment_s:.3f} halo_overhead={read_px / core_px:.3f}"
+    )
 
 
 if __name__ == "__main__":
