@@ -270,7 +270,8 @@ def find_follicles(cells: pd.DataFrame, piece: Polygon, params: RegionParams, lo
     paracortex dominates a node), or, with ``min_cell_fraction`` set, where they are ≥ that fraction
     of all nuclei (gated B cells). A pixel is follicular where it is dense or where the density of
     germinal-centre cells (``germinal_centre.cell_types``) is ≥ ``large_density_ratio`` × its median
-    (a germinal centre inside the mantle ring). Rings are closed and filled, touching follicles split
+    (a germinal centre inside the mantle ring). Rings are closed and their germinal-centre holes filled
+    (:func:`germinal_holes`; paracortex enclosed by a ring of follicles stays out), touching follicles split
     by a distance watershed, outlines opened by ``open_um``; kept: ≥ ``min_area_um2`` with
     ≥ ``min_dense_fraction`` dense, ≥ ``min_cells`` follicle cells and their mean density ≥
     ``min_cells_per_mm2``. ``log``, a list, receives one dict per candidate: its numbers and why it
@@ -294,7 +295,8 @@ def find_follicles(cells: pd.DataFrame, piece: Polygon, params: RegionParams, lo
         return []
     dense &= dl >= floor
     m = dense | (mask & (dL >= p.large_density_ratio * mL) if mL > 0 else dense)
-    m = ndi.binary_fill_holes(ndi.binary_closing(m, disk(max(1, round(p.close_um / grid.px)))) & mask)
+    m = ndi.binary_closing(m, disk(max(1, round(p.close_um / grid.px)))) & mask
+    m |= germinal_holes(m, cells, large, grid, params.germinal_centre) & mask
     dist = ndi.distance_transform_edt(m)
     split = p.split_um / grid.px
     peaks = peak_local_max(
@@ -345,6 +347,28 @@ def find_follicles(cells: pd.DataFrame, piece: Polygon, params: RegionParams, lo
             if reason == "kept":
                 out.append(best)
     return out
+
+
+def germinal_holes(
+    m: np.ndarray, cells: pd.DataFrame, large: pd.DataFrame, grid: Grid, gc: GerminalCentreParams
+) -> np.ndarray:
+    """The holes of the follicle mask ``m`` that belong to a follicle: those smaller than the smallest
+    germinal centre (``gc.min_area_um2``) and those where ≥ ``gc.edge_large_fraction`` of the nuclei
+    are large/pale (``large``: the germinal-centre cells; the fraction at which a GC's outline lies,
+    §7.4). A mantle ring encloses its germinal centre; a ring of crowded follicles encloses
+    paracortex (few large cells), which is no follicle: filling every hole made such a ring one
+    round blob that the watershed could not split (a generated 0.29 mm² node: its five follicles
+    became one "follicle" over 55 % of the tissue)."""
+    holes = ndi.binary_fill_holes(m) & ~m
+    lab, n = ndi.label(holes)
+    if not n:
+        return holes
+    idx = np.arange(1, n + 1)
+    area = ndi.sum(np.ones_like(holes, np.float32), lab, idx) * grid.px**2
+    n_all = ndi.sum(grid_counts(grid, cells.x_um, cells.y_um), lab, idx)
+    n_large = ndi.sum(grid_counts(grid, large.x_um, large.y_um), lab, idx)
+    keep = (area < gc.min_area_um2) | (n_large >= gc.edge_large_fraction * np.maximum(n_all, 1))
+    return np.concatenate([[False], keep])[lab]
 
 
 def find_germinal_centres(

@@ -189,3 +189,67 @@ def test_if_preset_gates_cells_and_finds_b_cell_follicles(if_node):
     blank = np.full((256, 256, 3), 255, np.uint8)  # the report names the gated types and maps the B cells
     html = report_html("if-node", blank, 2048 / 256, regions, cells, table, wf.tissue_type, lymphoid=("B cell",))
     assert "B cell density" in html and "fraction_plasma_cell" in html and "density_b_cell_per_mm2" in html
+
+
+def _scatter(rng, inside, density_per_mm2: float, box_um: float) -> np.ndarray:
+    """Points (µm) at ``density_per_mm2`` (Poisson) over [0, box_um]², kept where ``inside(x, y)``."""
+    xy = rng.uniform(0, box_um, (rng.poisson(density_per_mm2 * box_um**2 / 1e6), 2))
+    return xy[inside(xy[:, 0], xy[:, 1])]
+
+
+def test_paracortex_inside_a_ring_of_follicles_is_no_follicle():
+    """Eight follicles (⌀ 160 µm, 17,000 lymphocytes/mm², the mantle's density on generated nodes) crowded
+    on a ring around paracortex (7,000 /mm², few large cells): the ring's hole is not filled into one round
+    "follicle" that the watershed cannot split (a generated 0.29 mm² node had its five follicles so merged
+    over 55 % of its tissue); a germinal centre (large cells, few lymphocytes) inside a follicle's mantle
+    ring is filled into that follicle."""
+    rng = np.random.default_rng(0)
+    size, centre = 1200.0, 600.0
+    follicles = [(centre + 250 * np.cos(a), centre + 250 * np.sin(a)) for a in np.arange(8) * np.pi / 4]
+    in_follicle = lambda x, y: np.any([np.hypot(x - fx, y - fy) < 80 for fx, fy in follicles], axis=0)  # noqa: E731
+    bridge = lambda x, y: np.abs(np.hypot(x - centre, y - centre) - 250) < 20  # noqa: E731  dense mantle between
+    lym = np.concatenate(
+        [
+            _scatter(rng, lambda x, y: ~in_follicle(x, y) & ~bridge(x, y), 7000, size),
+            _scatter(rng, lambda x, y: in_follicle(x, y) | bridge(x, y), 17000, size),
+        ]
+    )
+    large = _scatter(rng, lambda x, y: np.ones(len(x), bool), 500, size)
+    cells = pd.DataFrame(
+        dict(
+            x_um=np.r_[lym[:, 0], large[:, 0]],
+            y_um=np.r_[lym[:, 1], large[:, 1]],
+            cell_type=["lymphocyte"] * len(lym) + ["large"] * len(large),
+        )
+    )
+    piece = box(0, 0, size, size)
+    found = find_regions(cells, [piece], "lymph-node")
+    follicles_found = found[found.kind == "follicle"]
+    assert not follicles_found.geometry.contains(shapely.Point(centre, centre)).any()  # the paracortex stays out
+    assert follicles_found.area_um2.sum() < np.pi * (330**2 - 170**2)  # within the annulus of the ring
+    assert len(follicles_found) >= 4
+
+    # one follicle ⌀ 400 µm: a mantle ring of 60 µm around a germinal centre of large pale cells
+    r = lambda x, y: np.hypot(x - centre, y - centre)  # noqa: E731
+    lym = np.concatenate(
+        [
+            _scatter(rng, lambda x, y: r(x, y) >= 200, 7000, size),
+            _scatter(rng, lambda x, y: (r(x, y) < 200) & (r(x, y) >= 140), 17000, size),
+            _scatter(rng, lambda x, y: r(x, y) < 140, 3000, size),
+        ]
+    )
+    large = np.concatenate(
+        [_scatter(rng, lambda x, y: r(x, y) < 140, 4000, size), _scatter(rng, lambda x, y: r(x, y) >= 140, 400, size)]
+    )
+    cells = pd.DataFrame(
+        dict(
+            x_um=np.r_[lym[:, 0], large[:, 0]],
+            y_um=np.r_[lym[:, 1], large[:, 1]],
+            cell_type=["lymphocyte"] * len(lym) + ["large"] * len(large),
+        )
+    )
+    found = find_regions(cells, [piece], "lymph-node")
+    follicle = found[found.kind == "follicle"]
+    assert len(follicle) == 1 and follicle.geometry.iloc[0].contains(shapely.Point(centre, centre))
+    assert 0.8 < follicle.area_um2.iloc[0] / (np.pi * 200**2) < 1.5
+    assert (found.kind == "germinal_centre").sum() == 1
