@@ -60,6 +60,8 @@ def paired_figure(pairs: pd.DataFrame, tests: pd.DataFrame, arms: list[str], nco
     """One panel per endpoint of ``pairs`` (one tissue): per arm a line pre → post per patient in the
     arm's colour and the arm's medians as a thick line; the between-arm shift and q in the title."""
     metrics = [m for m in dict.fromkeys(tests["metric"]) if m in set(pairs["metric"])]  # declared order
+    if not metrics:  # declared endpoints without values: the table below says so
+        return ""
     ncols = min(ncols, len(metrics))
     nrows = -(-len(metrics) // ncols)
     fig = Figure(figsize=(4.2 * ncols, 3.3 * nrows), layout="constrained")  # no pyplot state: thread-safe
@@ -97,9 +99,9 @@ def paired_figure(pairs: pd.DataFrame, tests: pd.DataFrame, arms: list[str], nco
 
 
 def endpoint_table(tests: pd.DataFrame, arms: list[str]) -> str:
-    """One row per endpoint: unit, per arm the median change (n pairs, within-arm p and q), the
-    between-arm shift with its CI, p, q and the test that ran (or why none did)."""
-    head = ["endpoint", "unit", *[f"{arm}: median change (n), p, q" for arm in arms]]
+    """One row per endpoint: unit, per arm the change (Hodges–Lehmann, its CI, n pairs, within-arm p
+    and q), the between-arm shift with its CI, p, q and the test that ran (or why none did)."""
+    head = ["endpoint", "unit", *[f"{arm}: change [{1 - ALPHA:.0%} CI] (n), p, q" for arm in arms]]
     if len(arms) == 2:
         head += [f"shift {arms[0]} − {arms[1]} [{1 - ALPHA:.0%} CI]", "p", "q", "between-arm test"]
     body = []
@@ -114,8 +116,9 @@ def endpoint_table(tests: pd.DataFrame, arms: list[str]) -> str:
         for arm in arms:
             r = rows.loc[f"within {arm}"]
             test = "" if pd.notna(r["p_value"]) else f'<br><span class="muted">{html.escape(r["test"])}</span>'
+            ci = f" [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if pd.notna(r["ci_low"]) else ""
             cells.append(
-                f"{_fmt(r['estimate'])} ({r['n']}), p {_fmt(r['p_value'], 2) or '–'}, "
+                f"{_fmt(r['estimate'])}{ci} ({r['n']}), p {_fmt(r['p_value'], 2) or '–'}, "
                 f"q {_fmt(r['q_value'], 2) or '–'}{test}"
             )
         if len(arms) == 2:
@@ -172,10 +175,14 @@ slides; never as an average of slide averages. The table of biopsies says how mu
 each value: a value from a small or fragmented biopsy deserves less trust.</li>
 <li><b>Change</b> = post − pre, per patient, in the endpoint's unit.</li>
 <li><b>Within an arm</b>: the Wilcoxon signed-rank test asks whether the changes are centred on zero
-(exact p-values; with tied values an exact sign-flip permutation test). It cannot say whether
-the treatment caused the change: untreated biopsies change too.</li>{between}
+(exact p-values; with tied values an exact sign-flip permutation test). The <b>change</b> shown is the
+Hodges–Lehmann estimate (the median of the averages of every pair of changes, each change with itself
+included), with its exact {1 - ALPHA:.0%} confidence interval (Tukey; none for fewer than 6 patients).
+It cannot say whether the treatment caused the change: untreated biopsies change too.</li>{between}
 <li><b>Not tested</b>: where even the most extreme data could not reach p ≤ {ALPHA} (e.g. fewer than 6 pairs
-within an arm, or 3 against 3 patients between arms), no test is run and the table says why.</li>
+within an arm, or 3 against 3 patients between arms), no test is run and the table says why. A declared
+endpoint that no patient has before and after (no slides of its tissue, no structure of its kind found)
+is listed with the reason, not left out.</li>
 <li><b>q-values</b> (Benjamini–Hochberg): with many endpoints some p-values fall below {ALPHA} by chance.
 A q-value is the smallest false-discovery rate at which an endpoint would count as changed: among
 endpoints with q &lt; {ALPHA}, about {ALPHA:.0%} or fewer are expected to be false findings. Primary and
@@ -236,7 +243,10 @@ def write_report(
                 "sorted by the between-arm p-value.</p>"
             )
             parts.append(endpoint_table(exploratory.set_index("metric").loc[order].reset_index(), arms))
-        parts.append(f"<h3>{name}: biopsies behind each value</h3>" + behind_table(tp))
+        if tp.empty:
+            parts.append(f"<p>No patient has usable {PRE} and {POST} slides of {name}.</p>")
+        else:
+            parts.append(f"<h3>{name}: biopsies behind each value</h3>" + behind_table(tp))
     parts.append(methods(arms, n_patients))
     parts.append(
         "<p class='muted'>Tables for the statistician: <code>cohort.csv</code> (one row per tissue, patient "

@@ -5,13 +5,16 @@ Values are pooled per patient, tissue and timepoint over that patient's slides (
 and slides behind each value are kept: :mod:`histo.stats.endpoints`). Tests (scipy):
 
 * within an arm: the Wilcoxon signed-rank test of the changes (exact null distribution without
-  ties; with ties or zeros an exact sign-flip permutation test where it can be enumerated);
+  ties; with ties or zeros an exact sign-flip permutation test where it can be enumerated), and the
+  one-sample Hodges–Lehmann estimate (median of the Walsh averages) with its exact (Tukey)
+  confidence interval;
 * between two arms: the Mann–Whitney U test of the changes (exact without ties, else an exact or
   Monte-Carlo permutation test), and the Hodges–Lehmann shift (median of all pairwise
   differences of changes, first arm − second) with its exact (Moses) confidence interval;
 * a test is not run where even the most extreme data could not give p ≤ 0.05 (e.g. 5 pairs:
   smallest Wilcoxon p 2/2⁵ = 0.0625), nor between arms whose changes are all one value (an
-  endpoint that never varies would only dilute the q-values); the table says so.
+  endpoint that never varies would only dilute the q-values); the table says so, and it lists a
+  declared endpoint without any paired value (a tissue without slides, a structure never found).
 
 q-values: ``scipy.stats.false_discovery_control`` over the endpoints of one tissue, one family
 (primary / exploratory) and one comparison.
@@ -179,6 +182,34 @@ def _mwu_null_cdf(m: int, n: int) -> np.ndarray:
     return np.cumsum(c) / c.sum()
 
 
+def _signed_rank_null_cdf(n: int) -> np.ndarray:
+    """P(T ≤ t), t = 0 … n(n + 1)/2, of the Wilcoxon signed-rank statistic of ``n`` values without ties
+    or zeros: the coefficients of ∏ᵢ (1 + qⁱ) over 2ⁿ."""
+    c = np.zeros(n * (n + 1) // 2 + 1)
+    c[0] = 1.0
+    for i in range(1, n + 1):
+        c[i:] = c[i:] + c[:-i].copy()
+    return np.cumsum(c) / c.sum()
+
+
+def hodges_lehmann_paired(d: np.ndarray, level: float = 1 - ALPHA) -> tuple[float, float, float]:
+    """One-sample Hodges–Lehmann estimate of the centre of the changes ``d`` (the median of the Walsh
+    averages (dᵢ + dⱼ)/2, i ≤ j) and its Tukey confidence interval at ``level``: the order
+    statistics of the Walsh averages that the exact signed-rank null distribution puts at
+    (1 − level)/2 from each end (exact without ties, conservative with them). NaN bounds when no
+    interval of that level exists for this n (fewer than 6 changes at 95 %)."""
+    d = np.asarray(d, float)
+    if not len(d):
+        return np.nan, np.nan, np.nan
+    i, j = np.triu_indices(len(d))
+    walsh = np.sort((d[i] + d[j]) / 2)
+    estimate = float(np.median(walsh))
+    k = int(np.searchsorted(_signed_rank_null_cdf(len(d)), (1 - level) / 2, side="right"))
+    if k == 0:
+        return estimate, np.nan, np.nan
+    return estimate, float(walsh[k - 1]), float(walsh[len(walsh) - k])
+
+
 def hodges_lehmann(a: np.ndarray, b: np.ndarray, level: float = 1 - ALPHA) -> tuple[float, float, float]:
     """Hodges–Lehmann shift of ``a`` against ``b`` (median of all differences aᵢ − bⱼ) and its
     Moses confidence interval at ``level``: the order statistics of those differences that the
@@ -233,21 +264,30 @@ def arm_order(slides: pd.DataFrame) -> list[str]:
 
 def endpoint_tests(pairs: pd.DataFrame, endpoints: dict[str, list[dict]], arms: list[str]) -> pd.DataFrame:
     """Per tissue and endpoint: a ``within <arm>`` row per arm (``n`` pairs, medians pre / post,
-    ``estimate`` = median change, Wilcoxon) and, with two arms, a ``<first> − <second>`` row
-    (``n`` = n₁ + n₂, Hodges–Lehmann ``estimate`` and ``ci_low`` / ``ci_high``, Mann–Whitney);
-    ``q_value`` per tissue, family and comparison. Primary endpoints come first."""
+    one-sample Hodges–Lehmann ``estimate`` of the change with ``ci_low`` / ``ci_high``, Wilcoxon)
+    and, with two arms, a ``<first> − <second>`` row (``n`` = n₁ + n₂, Hodges–Lehmann ``estimate``
+    and ``ci_low`` / ``ci_high``, Mann–Whitney); ``q_value`` per tissue, family and comparison.
+    Primary endpoints come first. A declared endpoint without any paired value keeps its rows
+    (``n`` 0, ``test`` says why); an undeclared one (``rest``) without values is left out."""
     rows = []
     for tissue, declared in endpoints.items():
         for e in declared:
             group = pairs[(pairs["tissue"] == tissue) & (pairs["metric"] == e["metric"])]
-            if group.empty:
+            if group.empty and not e.get("declared", True):
                 continue
             info = dict(
                 tissue=tissue, family=e["family"], metric=e["metric"], label=e["label"], unit=e["unit"], pool=e["pool"]
             )
+            missing = f"not tested: no patient has a value both {PRE} and {POST}" + (
+                f" (no {e['region'].replace('_', ' ')} found in the slides, or no slides of this tissue)"
+                if e.get("region")
+                else " (no slides of this tissue, or the metric is missing from them)"
+            )
             changes = {arm: group.loc[group["arm"] == arm, "change"].to_numpy(float) for arm in arms}
             for arm in arms:
                 g = group[group["arm"] == arm]
+                estimate, low, high = hodges_lehmann_paired(changes[arm])
+                test = within_arm_test(changes[arm])
                 rows.append(
                     dict(
                         info,
@@ -255,15 +295,17 @@ def endpoint_tests(pairs: pd.DataFrame, endpoints: dict[str, list[dict]], arms: 
                         n=len(g),
                         median_pre=g[PRE].median(),
                         median_post=g[POST].median(),
-                        estimate=g["change"].median(),
-                        ci_low=np.nan,
-                        ci_high=np.nan,
-                        **within_arm_test(changes[arm]),
+                        estimate=estimate,
+                        ci_low=low,
+                        ci_high=high,
+                        **(test if len(group) else {**test, "test": missing}),
                     )
                 )
             if len(arms) == 2:
                 first, second = arms
                 result = between_arms_test(changes[first], changes[second])
+                if group.empty:
+                    result["test"] = missing
                 rows.append(
                     dict(
                         info,
@@ -304,10 +346,11 @@ def endpoint_tests(pairs: pd.DataFrame, endpoints: dict[str, list[dict]], arms: 
 def tissue_endpoints(slides: pd.DataFrame, workflows: dict[str, Workflow], metrics: list[str]) -> dict[str, list[dict]]:
     """tissue → its endpoint list (:func:`histo.stats.endpoints.endpoint_table`), from the validated
     workflow of that tissue in ``workflows`` (tissue → workflow), else the defaults (no primary
-    endpoint; every numeric slide metric but sampling sizes and counts exploratory)."""
+    endpoint; every numeric slide metric but sampling sizes and counts exploratory). Every tissue of
+    ``workflows`` is listed, with usable slides or not, so its declared endpoints are reported."""
     default = Endpoints().validated()
     out = {}
-    for tissue in dict.fromkeys(slides["tissue"]):
+    for tissue in dict.fromkeys([*slides["tissue"], *workflows]):  # a sheet's tissue without usable slides too
         wf = workflows.get(tissue)
         out[tissue] = endpoint_table(wf.endpoints if wf else default, metrics)
     return out

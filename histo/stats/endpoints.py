@@ -127,9 +127,13 @@ class Endpoints(Section):
 
 def endpoint_table(endpoints: Endpoints, metrics: list[str]) -> list[dict]:
     """Every endpoint of one tissue with its ``family`` (primary first, then exploratory): the
-    declared ones, then with ``rest`` each other numeric slide metric in ``metrics`` (unit and pool
-    from its name) unless it matches ``never``."""
-    rows = [{**e, "family": family} for family in ("primary", "exploratory") for e in getattr(endpoints, family)]
+    declared ones (``declared`` True: reported even without values), then with ``rest`` each other
+    numeric slide metric in ``metrics`` (unit and pool from its name) unless it matches ``never``."""
+    rows = [
+        {**e, "family": family, "declared": True}
+        for family in ("primary", "exploratory")
+        for e in getattr(endpoints, family)
+    ]
     declared = {e["metric"] for e in rows}
     if endpoints.rest:
         rows += [
@@ -141,6 +145,7 @@ def endpoint_table(endpoints: Endpoints, metrics: list[str]) -> list[dict]:
                 region=None,
                 column=None,
                 family="exploratory",
+                declared=False,
             )
             for m in metrics
             if m not in declared and not is_never(m, endpoints.never)

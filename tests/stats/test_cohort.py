@@ -21,6 +21,7 @@ from histo.stats.cohort import (
     between_arms_test,
     endpoint_tests,
     hodges_lehmann,
+    hodges_lehmann_paired,
     paired_rows,
     pooled_values,
     tissue_endpoints,
@@ -93,6 +94,17 @@ def test_moses_interval_and_exact_null_distribution():
     assert 0.93 <= covered / 500 <= 0.995  # 95 %, exact (slightly conservative: U is discrete)
     estimate, low, high = hodges_lehmann(np.array([1.0, 2.0, 3.0]), np.array([0.0, 0.0, 0.0]))
     assert estimate == 2 and np.isnan(low)  # 3 against 3: no 95 % interval exists (smallest p 0.1)
+
+
+def test_within_arm_hodges_lehmann_and_tukey_interval():
+    d = np.array([1.0, 2, 3, 4, 5, 6])  # 21 Walsh averages; n = 6: P(T ≤ 0) = 1/64 ≤ 0.025 < P(T ≤ 1)
+    assert hodges_lehmann_paired(d) == (3.5, 1.0, 6.0)
+    rng = np.random.default_rng(1)
+    covered = sum(low <= 1 <= high for _, low, high in (hodges_lehmann_paired(rng.normal(1, 1, 8)) for _ in range(500)))
+    assert 0.93 <= covered / 500 <= 0.995  # 95 %, exact (slightly conservative: the signed rank is discrete)
+    estimate, low, high = hodges_lehmann_paired(np.array([1.0, 2, 3, 4, 5]))
+    assert estimate == 3 and np.isnan(low) and np.isnan(high)  # 5 changes: smallest two-sided p 1/16, no 95 % CI
+    assert np.isnan(hodges_lehmann_paired(np.zeros(0))[0])
 
 
 def test_tests_say_which_ran_and_why_not():
@@ -302,6 +314,43 @@ def test_report_and_tables(tmp_path):
     assert order == sorted(order)
     assert "estimates before verdicts" in page and "Hodges–Lehmann" in page and "FRACTION_AREA_FOLLICLE" in page
     assert "shift belimumab − other" in page
+
+
+def test_declared_endpoints_without_values_are_listed(tmp_path):
+    """A workflow's declared endpoints stay in the tables with the reason when no patient has them before
+    and after: the sheet's synovium slides all failed, a lymph node without follicles (no mantle)."""
+    summary = simulated_summary(np.random.default_rng(5), 6, shrink=0.5, n_exploratory=2)
+    summary = pd.concat(
+        [summary, summary.head(4).assign(tissue="synovium", status="failed", name=lambda f: f["name"] + "-syn")]
+    )
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    pd.DataFrame({"region_id": ["slide"], "kind": ["slide"], "mantle_thickness_um": [np.nan]}).to_csv(
+        folder / "metrics.csv", index=False
+    )
+    summary["bundle"] = str(folder)
+    mantle = {
+        "metric": "mantle_thickness_median_um",
+        "unit": "µm",
+        "pool": "median",
+        "region": "follicle",
+        "column": "mantle_thickness_um",
+    }
+    node = validate(
+        {"name": "n", "endpoints": {"primary": [*({"metric": m, "unit": unit_from_name(m)} for m in PRIMARY), mantle]}}
+    )
+    synovium = validate({"name": "s", "endpoints": {"primary": [{"metric": "max_aggregate_grade", "unit": "grade"}]}})
+    write_cohort(summary, [*PRIMARY, *EXPLORATORY[:2]], tmp_path, workflows={LN: node, "synovium": synovium})
+    tests = pd.read_csv(tmp_path / "cohort_tests.csv").set_index(["tissue", "metric", "comparison"])
+    row = tests.loc[(LN, "mantle_thickness_median_um", "belimumab − other")]
+    assert row["n"] == 0 and np.isnan(row["p_value"]) and "no follicle found" in row["test"]
+    syn = tests.loc["synovium"]
+    assert list(syn.index.get_level_values("metric").unique()) == ["max_aggregate_grade"]
+    assert syn["test"].str.startswith("not tested: no patient has a value both pre and post").all()
+    assert tests.loc[(LN, "fraction_area_follicle", "belimumab − other"), "q_value"] < 0.05  # the rest unchanged
+    assert tests.loc[(LN, "fraction_area_follicle", "within belimumab"), "ci_high"] < 0
+    page = (tmp_path / "cohort.html").read_text()
+    assert "synovium: primary endpoints" in page and "No patient has usable pre and post slides of synovium" in page
 
 
 def test_one_arm_and_too_few_pairs(tmp_path):
