@@ -4,6 +4,7 @@ with the neighbourhood statistics and the figures computed as tasks on the clust
 from __future__ import annotations
 
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,46 @@ def _slide_figure(types: list[str], slide_group: dict) -> bytes | None:
     return neighbourhood_figure({"cell_types": types, "regions": slide_group})
 
 
+@dataclass
+class PendingOutputs:
+    """The neighbourhood statistics and the report's figures of one slide, submitted (:func:`submit_outputs`)."""
+
+    nhood_in: pd.DataFrame | None  # the statistics' input columns; None: the workflow turns them off
+    parts: list  # futures of the statistics' groups, the slide's first
+    figures: dict  # name -> future of the figure's PNG bytes
+    thumb: object
+    thumb_mpp: float
+    lymphoid: tuple
+
+    def cancel(self, client) -> None:
+        """Cancel what is still running on ``client``'s cluster (nothing without a client)."""
+        if client is not None:
+            client.cancel([f for f in [*self.parts, *self.figures.values()] if hasattr(f, "key")])
+
+
+def submit_outputs(cells: pd.DataFrame, regions, slide, wf: Workflow, client=None, thumb=None) -> PendingOutputs:
+    """Submit the neighbourhood statistics and the report's figures of ``cells`` (with ``cell_type`` and
+    the region ids) on ``client``'s workers (without a client: computed here and now), so they run while
+    this process writes the tables; ``thumb``: the report's (thumbnail, µm/px) if already made."""
+    params = wf.neighbourhood
+    nhood_in, parts = None, []
+    if params.run:
+        # first (the longest chain): the slide's statistics, then its figure; beside them the regions' in groups
+        nhood_in = cells[input_columns(cells, params)]
+        groups = region_groups(nhood_in, params, len(client.nthreads()) - 1 if client is not None else 1)
+        parts = [_submit(client, group_stats, nhood_in, params, g, priority=2 - bool(k)) for k, g in enumerate(groups)]
+    thumb, thumb_mpp = thumb if thumb is not None else thumbnail(slide)
+    lymphoid = lymphoid_cell_types(wf.tissue_type, wf.regions)
+    plotted = cells[["x_um", "y_um", "cell_type"]]
+    figures = {
+        "overview": _submit(client, overview_figure, thumb, thumb_mpp, regions, plotted),
+        "density": _submit(client, density_figure, thumb, thumb_mpp, regions, plotted, lymphoid),
+    }
+    if parts:
+        figures["neighbourhood"] = _submit(client, _slide_figure, cell_type_order(nhood_in), parts[0], priority=2)
+    return PendingOutputs(nhood_in, parts, figures, thumb, thumb_mpp, lymphoid)
+
+
 def write_outputs(
     folder: Path,
     name: str,
@@ -51,6 +92,7 @@ def write_outputs(
     wf: Workflow,
     client=None,
     report: dict | None = None,
+    pending: PendingOutputs | None = None,
 ) -> dict[str, float]:
     """regions.geojson, metrics.csv/.parquet, cells.h5ad, overview.png and report.html; returns the
     seconds until the neighbourhood statistics were in (``neighbourhood_s``), then for the tables,
@@ -61,29 +103,17 @@ def write_outputs(
     neighbourhood statistics (histo.stats.neighbourhood) go to cells.h5ad ``uns["neighbourhood"]``,
     their summary columns to the metrics and their plots to the report. With ``client``, the
     statistics and the report's figures are computed as tasks on its workers, side by side, while
-    this process writes the tables (the workers are idle once the tiles are done). ``report`` (run.json's)
+    this process writes the tables (the workers are idle once the tiles are done); ``pending``: those
+    tasks already submitted by :func:`submit_outputs` for the same ``cells``. ``report`` (run.json's)
     gains ``neighbourhood_skipped``: the statistics skipped per region and why (one cell type, too few cells)."""
     timings = Timings()
     clock = stopwatch()
     params = wf.neighbourhood
-    if params.run:
-        # first (the longest chain): the slide's statistics, then its figure; beside them the regions' in groups
-        nhood_in = cells[input_columns(cells, params)]
-        groups = region_groups(nhood_in, params, len(client.nthreads()) - 1 if client is not None else 1)
-        parts = [_submit(client, group_stats, nhood_in, params, g, priority=2 - bool(k)) for k, g in enumerate(groups)]
-    thumb, thumb_mpp = thumbnail(slide)
-    lymphoid = lymphoid_cell_types(wf.tissue_type, wf.regions)
-    plotted = cells[["x_um", "y_um", "cell_type"]]
-    figures = {
-        "overview": _submit(client, overview_figure, thumb, thumb_mpp, regions, plotted),
-        "density": _submit(client, density_figure, thumb, thumb_mpp, regions, plotted, lymphoid),
-    }
+    pending = pending or submit_outputs(cells, regions, slide, wf, client)
     uns = {"histo": {"workflow": wf.name, "tissue_type": wf.tissue_type}}
     nhood = None
-    if params.run:
-        if parts:
-            figures["neighbourhood"] = _submit(client, _slide_figure, cell_type_order(nhood_in), parts[0], priority=2)
-        uns["neighbourhood"] = nhood = stats_result(nhood_in, params, [f.result() for f in parts])
+    if pending.nhood_in is not None:
+        uns["neighbourhood"] = nhood = stats_result(pending.nhood_in, params, [f.result() for f in pending.parts])
         if report is not None:
             report["neighbourhood_skipped"] = nhood["skipped"]
         metrics = metrics.merge(neighbourhood_metrics(nhood), on="region_id", how="left")
@@ -93,19 +123,19 @@ def write_outputs(
         write_metrics(metrics, folder)
         write_h5ad(cells, folder / "cells.h5ad", uns=uns)
     with timings.time("report_s"):
-        figures = {k: f.result() for k, f in figures.items()}
+        figures = {k: f.result() for k, f in pending.figures.items()}
         (folder / "overview.png").write_bytes(figures["overview"])
         write_report(
             folder / "report.html",
             name,
-            thumb,
-            thumb_mpp,
+            pending.thumb,
+            pending.thumb_mpp,
             regions,
             cells,
             metrics,
             wf.tissue_type,
             nhood,
-            lymphoid,
+            pending.lymphoid,
             figures,
         )
     return dict(timings)

@@ -2,6 +2,11 @@
 
 The CLI and the napari plugin call :func:`run_slide`. This process never imports TensorFlow: the
 model runs in the Dask workers (``histo.segment.task``).
+
+What of the finish needs no complete cells table starts while the tiles run (:class:`EarlyFinish`):
+each finished tile's nuclei are read as its task ends, the slide's SHA-256 and the report's thumbnail
+are made in a thread. Cell types and regions need every nucleus; once they are in, the neighbourhood
+statistics and the figures start on the workers before ``cells.parquet`` is written.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ import hashlib
 import json
 import math
 import shutil
+import threading
 import uuid
+from concurrent.futures import Future as LocalFuture
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from distributed import Client, Future, as_completed
 
 from histo import __version__
@@ -28,13 +37,13 @@ from histo.io.bundle import (
     file_fingerprint,
     partial_dir,
     publish,
-    read_parts,
     slide_name,
     write_errors,
 )
 from histo.io.files import atomic_write
 from histo.io.slide import Slide, check_stain, open_slide, skip_unreadable_tiles
-from histo.outputs.write import write_outputs
+from histo.outputs.report import thumbnail
+from histo.outputs.write import submit_outputs, write_outputs
 from histo.run.cluster import dask_client
 from histo.run.progress import progress_bar
 from histo.run.provenance import versions
@@ -80,13 +89,67 @@ def slide_percentiles(slide: Slide, tissue, model: ModelSpec, channel: int | Non
 
 
 def _segment(client: Client, plan: SlidePlan, show: bool) -> dict:
-    """Run the tile tasks; returns summed timings (s) over tiles."""
+    """Run the tile tasks; returns summed timings (s) over tiles. With ``plan.early``, each finished
+    tile's nuclei are read into it while the other tiles run."""
     totals: dict[str, float] = {}
     with progress_bar("segmenting tiles", len(plan.tiles), show) as advance:
         for future in as_completed(submit_tiles(client, plan)):
-            add_timings(totals, future.result())
+            summary = future.result()
+            add_timings(totals, summary)
+            if plan.early is not None:
+                plan.early.tile_done(summary["tile"])
             advance()
     return totals
+
+
+def part_columns(job: SegmentJob) -> list[str]:
+    """The columns of the tiles' parts that the finish analyses (all but the polygons and the tile)."""
+    return [c for c in job.schema.names if c not in ("polygon", "tile")]
+
+
+class EarlyFinish:
+    """The finish's work begun while the tiles still run (:func:`run_slide`): in a thread, the slide
+    file's SHA-256 (run.json's ``input``) and the report's thumbnail, which need no nucleus; in the
+    client, each finished tile's part (:func:`part_columns`) read as its task ends, so the cells
+    table of the finish only concatenates them."""
+
+    def __init__(self, plan: SlidePlan):
+        self.parts_dir, self.columns = Path(plan.job.parts_dir), part_columns(plan.job)
+        self.parts: dict[str, pa.Table] = {}
+        self._nucleus_free: LocalFuture = LocalFuture()
+        # a daemon thread: an interrupted run does not wait for the hash of a large slide
+        threading.Thread(target=self._run, args=(plan,), daemon=True, name="histo-early-finish").start()
+
+    def _run(self, plan: SlidePlan) -> None:
+        try:
+            input_info = file_fingerprint(plan.slide_path)
+            with skip_unreadable_tiles() as unreadable:  # this thread's own record (a context variable)
+                thumb = thumbnail(plan.slide)
+            self._nucleus_free.set_result((input_info, thumb, unreadable))
+        except BaseException as exc:  # noqa: BLE001 - raised where the finish asks for the result
+            self._nucleus_free.set_exception(exc)
+
+    def tile_done(self, tile_name: str) -> None:
+        """Read ``tile_name``'s part, written by its finished task."""
+        self.parts[tile_name] = pq.read_table(self.parts_dir / f"{tile_name}.parquet", columns=self.columns)
+
+    def nucleus_free(self) -> tuple[dict, tuple, list[dict]]:
+        """(the slide file's fingerprint, the report's (thumbnail, µm/px), slide tiles the thumbnail read
+        as glass), waiting for the thread if it still runs."""
+        return self._nucleus_free.result()
+
+
+def read_cells(plan: SlidePlan) -> tuple[pd.DataFrame, np.ndarray]:
+    """The finish's cells table (the parts' :func:`part_columns`, in tile order) and each row's tile
+    index, from the parts ``plan.early`` read as the tiles finished, the others from disk."""
+    parts, columns = Path(plan.job.parts_dir), part_columns(plan.job)
+    read = plan.early.parts if plan.early is not None else {}
+    tables = [
+        read.pop(t.name) if t.name in read else pq.read_table(parts / f"{t.name}.parquet", columns=columns)
+        for t in plan.tiles
+    ]
+    tile_index = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables])
+    return (pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame(columns=columns)), tile_index
 
 
 def _submit_labels(
@@ -165,6 +228,7 @@ class SlidePlan:
     started: datetime
     timings: dict[str, float] = field(default_factory=dict)  # s
     unreadable: list[dict] = field(default_factory=list)  # slide tiles read as glass by this process
+    early: EarlyFinish | None = None  # the finish's work begun while the tiles run (run_slide)
 
 
 def _digest(data: bytes | str) -> str:
@@ -330,8 +394,11 @@ def finish_slide(client: Client, plan: SlidePlan, task_totals: dict[str, float],
 def _analyse_and_write(client: Client, plan: SlidePlan, task_totals: dict[str, float], show_progress: bool) -> Path:
     timings, tiles, partial, parts = plan.timings, plan.tiles, plan.partial, Path(plan.job.parts_dir)
     clock = stopwatch()
-    columns = [c for c in plan.job.schema.names if c not in ("polygon", "tile")]
-    cells, tile_index = read_parts(parts, tiles, columns)
+    input_info, thumb = None, None
+    if plan.early is not None:  # before this thread reads the slide: the early thread reads it too
+        input_info, thumb, thumb_unreadable = plan.early.nucleus_free()
+        plan.unreadable += thumb_unreadable
+    cells, tile_index = read_cells(plan)
     drop = border_duplicates(cells[["x_um", "y_um"]].to_numpy(), cells["prob"].to_numpy(), tile_index)
     cells = cells[~drop].reset_index(drop=True)
     with skip_unreadable_tiles() as unreadable:
@@ -340,21 +407,40 @@ def _analyse_and_write(client: Client, plan: SlidePlan, task_totals: dict[str, f
         )
         timings["structures_s"] = clock.stop()
         clock = stopwatch()
-        n_cells, groups = concat_cells(parts, tiles, partial / "cells.parquet", plan.job.schema, extra, drop)
-        cells = pd.concat([cells, extra], axis=1).assign(label=np.arange(1, n_cells + 1, dtype=np.int32))
-        timings["cells_table_s"] = clock.stop()
-        # the label pyramid is rasterised on the workers alongside the statistics, figures and exports
-        zarr_path = partial / "labels.ome.zarr"
-        arrays, label_tasks = _submit_labels(
-            client, partial / "cells.parquet", groups, tiles, plan.shape, zarr_path, plan.grid_mpp
-        )
+        # the table in memory is complete: the statistics and figures start on the workers while
+        # cells.parquet is written (labels 1, 2, … in the parts' order, as concat_cells numbers them)
+        cells = pd.concat([cells, extra], axis=1).assign(label=np.arange(1, len(cells) + 1, dtype=np.int32))
+        pending = submit_outputs(cells, regions, plan.slide, plan.wf, client, thumb)
+        try:
+            n_cells, groups = concat_cells(parts, tiles, partial / "cells.parquet", plan.job.schema, extra, drop)
+            if n_cells != len(cells):
+                raise RuntimeError(f"cells.parquet has {n_cells} nuclei, the analysed table {len(cells)}")
+            timings["cells_table_s"] = clock.stop()
+            # the label pyramid is rasterised on the workers alongside the statistics, figures and exports
+            zarr_path = partial / "labels.ome.zarr"
+            arrays, label_tasks = _submit_labels(
+                client, partial / "cells.parquet", groups, tiles, plan.shape, zarr_path, plan.grid_mpp
+            )
+        except BaseException:
+            pending.cancel(client)
+            raise
         try:
             timings.update(
                 write_outputs(
-                    partial, plan.name, cells, regions, metrics, plan.slide, plan.wf, client, structure_report
+                    partial,
+                    plan.name,
+                    cells,
+                    regions,
+                    metrics,
+                    plan.slide,
+                    plan.wf,
+                    client,
+                    structure_report,
+                    pending,
                 )
             )
         except BaseException:
+            pending.cancel(client)
             client.cancel(label_tasks)  # nothing writes into the partial bundle once it is removed
             raise
     with stopwatch() as clock:
@@ -365,7 +451,7 @@ def _analyse_and_write(client: Client, plan: SlidePlan, task_totals: dict[str, f
     shutil.rmtree(parts)
 
     slide, tissue = plan.slide, plan.tissue
-    input_info = file_fingerprint(plan.slide_path)
+    input_info = input_info or file_fingerprint(plan.slide_path)
     run = {
         "status": "complete",
         "histo_version": __version__,
@@ -457,6 +543,7 @@ def run_slide(
     """
     with bundle_lock(Path(out_dir), slide_name(slide_path)):
         plan = plan_slide(slide_path, out_dir, workflow, model, mpp, annotations)
+        plan.early = EarlyFinish(plan)
         try:
             with nullcontext(client) if client else dask_client() as cl:
                 with stopwatch() as clock, write_errors(plan.partial):
