@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from distributed import Client, Future, as_completed
 
 from histo import __version__
+from histo.errors import HistoError
 from histo.io.bundle import (
     bundle_lock,
     concat_cells,
@@ -49,11 +50,12 @@ from histo.run.progress import progress_bar
 from histo.run.provenance import versions
 from histo.segment.labels import create_pyramid, downsample_level, write_chunk
 from histo.segment.models import ModelSpec, compute_percentiles, inference_precision, resolve_model
-from histo.segment.nuclei import border_duplicates
+from histo.segment.nuclei import border_duplicates, cell_schema
 from histo.segment.task import SegmentJob, segment_tile
 from histo.segment.tiling import Segmentation, Tile, align_up, tile_grid
 from histo.segment.tissue import detect_tissue
 from histo.structures.analyse import analyse_cells
+from histo.structures.phenotypes import check_gate_columns
 from histo.timing import Timings, stopwatch
 from histo.workflow import Workflow, as_workflow, nucleus_channel
 
@@ -267,6 +269,20 @@ def run_fingerprint(
     return _digest(json.dumps(parts, sort_keys=True, default=str))
 
 
+def check_gates_fit(slide_path: str | Path, slide: Slide, wf: Workflow) -> None:
+    """A marker gate on a column the slide's cells will not have (a channel it lacks) is a HistoError
+    naming the slide, the workflow and the slide's channels, before any tile is segmented."""
+    if wf.stain == "he" or not wf.marker_gates.gates:
+        return
+    names = tuple(slide.channel_names) if wf.stain == "if" else None
+    try:
+        check_gate_columns(wf.marker_gates.gates, cell_schema(wf.stain, names).names)
+    except ValueError as exc:
+        raise HistoError(
+            slide_path, f"workflow {wf.name!r}: {exc} (the slide's channels: {', '.join(slide.channel_names)})"
+        ) from None
+
+
 def plan_slide(
     slide_path: str | Path,
     out_dir: str | Path,
@@ -283,6 +299,7 @@ def plan_slide(
         wf = as_workflow(workflow)
         slide = open_slide(slide_path, mpp=mpp)
         check_stain(slide, wf)
+        check_gates_fit(slide_path, slide, wf)
         spec = resolve_model(model or wf.model, stain="fluo" if wf.stain == "if" else "he")
         # a one-channel (fluorescence) model reads the workflow's nucleus channel of a multiplex slide
         one_channel = wf.stain == "if" and spec.n_channels == 1

@@ -291,6 +291,19 @@ def check_gates(gates: list, auto: str | None = "otsu") -> None:
             raise ValueError(f"gate for {gate['marker']}: threshold must be a number or 'auto', got {threshold!r}")
 
 
+def gate_column(gate: dict) -> str:
+    """The cells-table column a gate reads: its ``column``, else ``mean_<marker>``."""
+    return gate.get("column") or f"mean_{gate['marker']}"
+
+
+def check_gate_columns(gates: list[dict], columns) -> None:
+    """Raise ValueError naming the first gate whose column is not among ``columns`` (a cells table's;
+    e.g. a gate on a channel the slide lacks). Run at plan time, before any tile is segmented."""
+    for gate in gates:
+        if gate_column(gate) not in columns:
+            raise ValueError(f"gate for {gate['marker']}: no column {gate_column(gate)!r} in the cells table")
+
+
 def gate_markers(
     cells: pd.DataFrame, gates: list[dict], auto: str | None = "otsu"
 ) -> tuple[pd.Categorical, list[dict]]:
@@ -303,14 +316,13 @@ def gate_markers(
     threshold, method, positive fraction and the fraction of cells it typed.
     """
     check_gates(gates, auto)
+    check_gate_columns(gates, cells.columns)
     n = len(cells)
     code = np.full(n, -1)
     names: list[str] = []
     report = []
     for gate in gates:
-        column = gate.get("column") or f"mean_{gate['marker']}"
-        if column not in cells:
-            raise ValueError(f"gate for {gate['marker']}: no column {column!r} in the cells table")
+        column = gate_column(gate)
         values = cells[column].to_numpy(np.float64)
         threshold, method = gate.get("threshold", "auto"), "manual"
         if threshold == "auto":

@@ -237,6 +237,21 @@ def test_non_finite_pixels_of_a_float_slide_read_as_background(tmp_path):
     assert detect_tissue(slide, mpp=4.0).pieces == []  # glass: an empty bundle with "no tissue found"
 
 
+def test_a_gate_on_a_channel_the_slide_lacks_is_refused_when_the_run_is_planned(tmp_path):
+    """Issue 21's leftover: lymph-node-if gates CD3; a panel without it was refused only after every tile
+    was segmented. Now ``histo run`` refuses it at once, naming the slide, the workflow and its channels,
+    and writes no bundle."""
+    a = RNG.integers(0, 4000, (3, 256, 256)).astype(np.uint16)
+    path = tmp_path / "panel-b.ome.tif"
+    tifffile.imwrite(
+        path, a, metadata={"axes": "CYX", "PhysicalSizeX": 0.5, "Channel": {"Name": ["DAPI", "CD20", "CD68"]}}
+    )
+    assert open_slide(path).channel_names == ["DAPI", "CD20", "CD68"]
+    result = histo("run", path, "--workflow", "lymph-node-if", "--out", tmp_path / "out", timeout=120)
+    assert_clean_error(result, path, "lymph-node-if", "'mean_CD3'", "DAPI, CD20, CD68")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".panel-b.lock"]  # no bundle, no partial bundle
+
+
 def test_unreadable_tile_reads_as_glass_inside_the_skip_block(tmp_path):
     a = RNG.integers(0, 200, (256, 384, 3), np.uint8)
     path = tiled(tmp_path / "bad.tif", a)
