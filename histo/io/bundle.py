@@ -201,10 +201,19 @@ def concat_cells(
     return n, groups
 
 
-def read_parts(parts_dir: Path, tiles: list[Tile], columns: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+def read_part(parts_dir: Path, tile_name: str, columns: list[str]) -> pa.Table:
+    """``columns`` of the part one tile task wrote (``<tile>.parquet`` in ``parts_dir``)."""
+    return pq.read_table(Path(parts_dir) / f"{tile_name}.parquet", columns=columns)
+
+
+def read_parts(
+    parts_dir: Path, tiles: list[Tile], columns: list[str], read: dict[str, pa.Table] | None = None
+) -> tuple[pd.DataFrame, np.ndarray]:
     """``columns`` of all tiles' parts, concatenated in tile order (the order of ``concat_cells``),
-    and each row's tile (its index in ``tiles``)."""
-    tables = [pq.read_table(parts_dir / f"{t.name}.parquet", columns=columns) for t in tiles]
+    and each row's tile (its index in ``tiles``). ``read``: parts already read by tile name (taken
+    out of it, not kept twice); the others are read from ``parts_dir``."""
+    read = {} if read is None else read
+    tables = [read.pop(t.name) if t.name in read else read_part(parts_dir, t.name, columns) for t in tiles]
     tile_index = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables])
     return (pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame(columns=columns)), tile_index
 

@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from distributed import Client, Future, as_completed
 
 from histo import __version__
@@ -38,6 +37,8 @@ from histo.io.bundle import (
     file_fingerprint,
     partial_dir,
     publish,
+    read_part,
+    read_parts,
     slide_name,
     write_errors,
 )
@@ -133,7 +134,7 @@ class EarlyFinish:
 
     def tile_done(self, tile_name: str) -> None:
         """Read ``tile_name``'s part, written by its finished task."""
-        self.parts[tile_name] = pq.read_table(self.parts_dir / f"{tile_name}.parquet", columns=self.columns)
+        self.parts[tile_name] = read_part(self.parts_dir, tile_name, self.columns)
 
     def nucleus_free(self) -> tuple[dict, tuple, list[dict]]:
         """(the slide file's fingerprint, the report's (thumbnail, µm/px), slide tiles the thumbnail read
@@ -144,14 +145,8 @@ class EarlyFinish:
 def read_cells(plan: SlidePlan) -> tuple[pd.DataFrame, np.ndarray]:
     """The finish's cells table (the parts' :func:`part_columns`, in tile order) and each row's tile
     index, from the parts ``plan.early`` read as the tiles finished, the others from disk."""
-    parts, columns = Path(plan.job.parts_dir), part_columns(plan.job)
-    read = plan.early.parts if plan.early is not None else {}
-    tables = [
-        read.pop(t.name) if t.name in read else pq.read_table(parts / f"{t.name}.parquet", columns=columns)
-        for t in plan.tiles
-    ]
-    tile_index = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables])
-    return (pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame(columns=columns)), tile_index
+    read = plan.early.parts if plan.early is not None else None
+    return read_parts(Path(plan.job.parts_dir), plan.tiles, part_columns(plan.job), read)
 
 
 def _submit_labels(
