@@ -84,9 +84,13 @@ def tile_pixels(slide: Path, out: Path, workflow: str, model: str) -> tuple[int,
     plan; its empty partial bundle is removed)."""
     plan = plan_slide(slide, out, workflow, model)
     shutil.rmtree(plan.partial, ignore_errors=True)
-    read = sum(t.read_box[2] * t.read_box[3] for t in plan.tiles)
-    core = sum((t.x1 - t.x0) * (t.y1 - t.y0) for t in plan.tiles)
-    return read, core
+    return read_and_core_px(plan.tiles)
+
+
+def read_and_core_px(tiles) -> tuple[int, int]:
+    """(read px, core px) summed over ``tiles``: each tile's read box (core + halo, clipped to the
+    slide) and its core."""
+    return sum(t.read_box[2] * t.read_box[3] for t in tiles), sum((t.x1 - t.x0) * (t.y1 - t.y0) for t in tiles)
 
 
 def warm_statistics(bundle: Path, params: NeighbourhoodParams) -> None:

@@ -43,22 +43,15 @@ import numpy as np
 import psutil
 from distributed import as_completed
 from memwatch import PeakRSS, tree_rss
+from throughput import generated, read_and_core_px
 
 from histo.run.cluster import dask_client
 from histo.run.pipeline import add_timings, plan_slide, submit_tiles
 from histo.segment.models import inference_precision, normalize_image, resolve_model
 from histo.segment.task import warm_worker
 from histo.workflow import load_workflow
-from histo_sample import write_sample
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
-
-
-def generated(workdir: Path, size: int, mpp: float, seed: int = 7) -> Path:
-    path = workdir / f"ln-{size}-{mpp}.ome.tif"
-    if not path.exists():
-        write_sample("lymph-node", path, size=size, seed=seed, mpp=mpp)
-    return path
 
 
 def with_tile_um(workflow: str, tile_um: float):
@@ -172,8 +165,7 @@ def main() -> None:
     for tile_um, results in runs.items():
         plan = results[-1]["plan"]
         tiles = plan.tiles
-        read = sum(t.read_box[2] * t.read_box[3] for t in tiles)
-        core = sum((t.x1 - t.x0) * (t.y1 - t.y0) for t in tiles)
+        read, core = read_and_core_px(tiles)
         tissue_mpx = sum(p.area for p in plan.tissue.pieces) / plan.grid_mpp**2 / 1e6  # µm² / (µm/px)²
         wall = statistics.median(r["wall"] for r in results)
         peak = statistics.median(r["peak"] for r in results)
