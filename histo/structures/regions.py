@@ -282,12 +282,13 @@ def find_follicles(cells: pd.DataFrame, piece: Polygon, params: RegionParams, lo
     lym = cells[cells.cell_type.isin(p.cell_types)]
     large = cells[cells.cell_type.isin(params.germinal_centre.cell_types)]
     sigma = p.smooth_fwhm_um / 2.3548
+    n_all, n_large = grid_counts(grid, cells.x_um, cells.y_um), grid_counts(grid, large.x_um, large.y_um)
     dl = smooth_density(grid_counts(grid, lym.x_um, lym.y_um), mask, grid, sigma)
-    dL = smooth_density(grid_counts(grid, large.x_um, large.y_um), mask, grid, sigma)
+    dL = smooth_density(n_large, mask, grid, sigma)
     ml, mL = np.median(dl[mask]) if mask.any() else 0.0, np.median(dL[mask]) if mask.any() else 0.0
     floor = p.min_cells_per_mm2 / 1e6  # per µm²
     if p.min_cell_fraction is not None:
-        d_all = smooth_density(grid_counts(grid, cells.x_um, cells.y_um), mask, grid, sigma)
+        d_all = smooth_density(n_all, mask, grid, sigma)
         dense = mask & (dl > 0) & (dl >= p.min_cell_fraction * d_all)
     elif ml > 0:
         dense = mask & (dl >= p.min_density_ratio * ml)
@@ -296,7 +297,7 @@ def find_follicles(cells: pd.DataFrame, piece: Polygon, params: RegionParams, lo
     dense &= dl >= floor
     m = dense | (mask & (dL >= p.large_density_ratio * mL) if mL > 0 else dense)
     m = ndi.binary_closing(m, disk(max(1, round(p.close_um / grid.px)))) & mask
-    m |= germinal_holes(m, cells, large, grid, params.germinal_centre) & mask
+    m |= germinal_holes(m, n_all, n_large, grid, params.germinal_centre) & mask
     dist = ndi.distance_transform_edt(m)
     split = p.split_um / grid.px
     peaks = peak_local_max(
@@ -350,24 +351,24 @@ def find_follicles(cells: pd.DataFrame, piece: Polygon, params: RegionParams, lo
 
 
 def germinal_holes(
-    m: np.ndarray, cells: pd.DataFrame, large: pd.DataFrame, grid: Grid, gc: GerminalCentreParams
+    m: np.ndarray, n_all: np.ndarray, n_large: np.ndarray, grid: Grid, gc: GerminalCentreParams
 ) -> np.ndarray:
     """The holes of the follicle mask ``m`` that belong to a follicle: those smaller than the smallest
     germinal centre (``gc.min_area_um2``) and those where ≥ ``gc.edge_large_fraction`` of the nuclei
-    are large/pale (``large``: the germinal-centre cells; the fraction at which a GC's outline lies,
-    §7.4). A mantle ring encloses its germinal centre; a ring of crowded follicles encloses
-    paracortex (few large cells), which is no follicle: filling every hole made such a ring one
-    round blob that the watershed could not split (a generated 0.29 mm² node: its five follicles
-    became one "follicle" over 55 % of the tissue)."""
+    are large/pale (the fraction at which a GC's outline lies, §7.4); ``n_all`` and ``n_large`` count
+    the nuclei and the germinal-centre cells per grid pixel (:func:`grid_counts`). A mantle ring
+    encloses its germinal centre; a ring of crowded follicles encloses paracortex (few large cells),
+    which is no follicle: filling every hole made such a ring one round blob that the watershed could
+    not split (a generated 0.29 mm² node: its five follicles became one "follicle" over 55 % of the
+    tissue)."""
     holes = ndi.binary_fill_holes(m) & ~m
     lab, n = ndi.label(holes)
     if not n:
         return holes
     idx = np.arange(1, n + 1)
     area = ndi.sum(np.ones_like(holes, np.float32), lab, idx) * grid.px**2
-    n_all = ndi.sum(grid_counts(grid, cells.x_um, cells.y_um), lab, idx)
-    n_large = ndi.sum(grid_counts(grid, large.x_um, large.y_um), lab, idx)
-    keep = (area < gc.min_area_um2) | (n_large >= gc.edge_large_fraction * np.maximum(n_all, 1))
+    in_all, in_large = ndi.sum(n_all, lab, idx), ndi.sum(n_large, lab, idx)
+    keep = (area < gc.min_area_um2) | (in_large >= gc.edge_large_fraction * np.maximum(in_all, 1))
     return np.concatenate([[False], keep])[lab]
 
 
