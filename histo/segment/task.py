@@ -27,7 +27,7 @@ from histo.segment.models import (
     use_precision,
 )
 from histo.segment.nuclei import cell_schema, owned, tile_cells
-from histo.segment.nucleus_classes import load_classifier, predict_classes, tile_patches
+from histo.segment.nucleus_classes import load_classifier, tile_class_probs
 from histo.segment.tiling import Tile
 from histo.timing import Timings, stopwatch
 
@@ -134,7 +134,7 @@ def nucleus_classes(img: np.ndarray, coord: np.ndarray, points: np.ndarray, job:
     """``nucleus_class`` (the classifier's most probable class) and ``nucleus_class_prob`` per nucleus;
     the classifier runs in the precision the worker's StarDist model set (:func:`_model`)."""
     graph = load_classifier(str(job.model.path))
-    probs = predict_classes(graph, tile_patches(img, coord, points, job.grid_mpp, graph.patch_px, graph.stain))
+    probs = tile_class_probs(graph, img, coord, points, job.grid_mpp)
     best = np.argmax(probs, axis=1)
     return {
         "nucleus_class": np.asarray(job.model.classes, dtype=object)[best],

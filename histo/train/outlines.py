@@ -1082,7 +1082,15 @@ def _classes_md(c: dict) -> list[str]:
             "and in the tile task (histo.segment.nucleus_classes.standardise_stain)."
         )
     if c.get("inference_turns"):
-        lines.append(f"- Inference: class probabilities averaged over {c['inference_turns']} turns of the patch.")
+        lines.append(
+            f"- Inference: class probabilities averaged over {c['inference_turns']} turns of the patch"
+            + (
+                f", except for nuclei whose upright view already gives a class ≥ {c['inference_sure']} "
+                "(same classes as all turns on the validation tiles, 2.5 views per nucleus instead of 4)."
+                if c.get("inference_sure")
+                else "."
+            )
+        )
     for src in c.get("sources", []):
         lines.append(
             f"- Data: {src['name']} ({src['n_tiles']} tiles at {src['mpp']} µm/px), licence: {src['licence']}."

@@ -35,7 +35,7 @@ def test_tile_patches_centre_the_nucleus_and_draw_its_outline():
     yy, xx = np.mgrid[:200, :300]
     img[(yy - 80) ** 2 + (xx - 150) ** 2 <= 12**2] = (60, 30, 120)  # a dark nucleus of radius 12 px at 0.25 µm/px
     coord = disc(80, 150, 12)[None]
-    p = tile_patches(img, coord, np.array([[80, 150]]), 0.25)
+    (p,) = tile_patches(img, coord, np.array([[80, 150]]), 0.25)
     assert p.shape == (1, PATCH_PX, PATCH_PX, 4) and p.dtype == np.float32
     mask = p[0, ..., 3] > 0
     r_um = 12 * 0.25
