@@ -152,6 +152,7 @@ def _train_classes(args) -> None:
         epochs=args.epochs,
         val_fraction=args.val_fraction,
         seed=args.seed,
+        **({"filters": args.filters} if args.filters else {}),
         command="histo " + " ".join(args.argv),
     )
     v = section["validation"]
@@ -403,6 +404,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", type=int, default=30)
     c.add_argument("--val-fraction", type=float, default=0.15, help="share of tiles held out (by tile)")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument(
+        "--filters",
+        type=int,
+        nargs="+",
+        help="filters of the classifier's four conv blocks (default 16 32 64 128); fewer cost less per nucleus",
+    )
     c.set_defaults(func=_train_classes)
 
     e = sub.add_parser("evaluate", help="score nuclei against annotated images (F1, PQ, AJI)")

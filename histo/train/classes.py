@@ -20,6 +20,7 @@ from histo.io.files import read_json, write_json
 from histo.segment.nucleus_classes import (
     CLASSES,
     CLASSIFIER_FILE,
+    FILTERS,
     PATCH_MPP,
     PATCH_PX,
     class_of,
@@ -122,6 +123,7 @@ def train_classes(
     stain_scale: float = 0.4,
     patience: int = 6,
     stain: str | None = "macenko",
+    filters: Sequence[int] = FILTERS,
     command: str | None = None,
     verbose: int = 1,
 ) -> dict:
@@ -149,6 +151,8 @@ def train_classes(
         ``"macenko"`` standardises each tile's stains before its patches are cut
         (:func:`histo.segment.nucleus_classes.standardise_stain`; recorded in the card, and the tile
         task does the same); None reads the pixels as they are.
+    filters : sequence of int
+        Filters of the network's conv blocks (:func:`histo.segment.nucleus_classes.network`).
     command : str, optional
         The command line, for the card.
     verbose : int
@@ -198,7 +202,7 @@ def train_classes(
 
     order = rng.permutation(len(y_tr))
     keras.utils.set_random_seed(seed)
-    net = network(len(CLASSES))
+    net = network(len(CLASSES), tuple(filters))
     net.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     stop = keras.callbacks.EarlyStopping(patience=patience, restore_best_weights=True)
     best = keras.callbacks.ModelCheckpoint(model_dir / CLASSIFIER_FILE, save_best_only=True)  # safe to interrupt
@@ -219,6 +223,7 @@ def train_classes(
         "patch_px": PATCH_PX,
         "patch_mpp": PATCH_MPP,
         "input": "RGB x/255 and the nucleus outline (1 inside), centred on the nucleus",
+        "filters": [int(n) for n in filters],
         "stain": stain,
         "sources": [
             {"name": name, "licence": licence, "n_tiles": len(pairs), "mpp": mpp}
