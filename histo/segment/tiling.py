@@ -7,7 +7,7 @@ origin is the slide's top-left corner. A core is half-open: ``[x0, x1) × [y0, y
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -50,22 +50,31 @@ class Tile:
     halo: int
     grid_w: int | None = None  # grid extent (px) that the read box stays within; None: not clipped
     grid_h: int | None = None
+    own: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1) px: the part of the core the tile
+    #   segments and keeps nuclei in (its tissue, grown by the halo: :func:`tile_grid`); None: all of it
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) px, half-open: the part of the core whose nuclei this tile keeps."""
+        return self.own or (self.x0, self.y0, self.x1, self.y1)
 
     @property
     def read_box(self) -> tuple[int, int, int, int]:
-        """(x, y, w, h) in grid px of core + halo, within the grid: the pixels the tile reads. Not
-        reading the halo past the slide's edge saved a sixth of a corner tile's work (the U-Net sees
+        """(x, y, w, h) in grid px of :attr:`box` + halo, within the grid: the pixels the tile reads.
+        Not reading the halo past the slide's edge saved a sixth of a corner tile's work (the U-Net sees
         the slide's edge, as StarDist's whole-image prediction does)."""
         h = self.halo
-        x, y = max(self.x0 - h, 0), max(self.y0 - h, 0)
-        x1, y1 = self.x1 + h, self.y1 + h
+        x0, y0, x1, y1 = self.box
+        x, y = max(x0 - h, 0), max(y0 - h, 0)
+        x1, y1 = x1 + h, y1 + h
         if self.grid_w is not None:
             x1, y1 = min(x1, self.grid_w), min(y1, self.grid_h)
         return x, y, x1 - x, y1 - y
 
     def owns(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Which of the points (grid px) lie in this tile's core (half-open)."""
-        return (x >= self.x0) & (x < self.x1) & (y >= self.y0) & (y < self.y1)
+        """Which of the points (grid px) lie in the part of the core this tile keeps (:attr:`box`, half-open)."""
+        x0, y0, x1, y1 = self.box
+        return (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
 
     @property
     def name(self) -> str:
@@ -88,7 +97,9 @@ def tile_grid(
 
     ``tile_px`` and ``halo_px`` are rounded up to multiples of ``ALIGN``. With a ``tissue_mask``
     (bool, one mask pixel = ``mask_scale`` grid px), only tiles whose core plus halo touches tissue
-    are kept, so no nucleus on tissue is missed at a tile edge.
+    are kept, and each segments only the part of its core within ``halo_px`` of that tissue
+    (:attr:`Tile.own`): a nucleus centred there may reach tissue, one farther away cannot. On the
+    throughput bench's slide this reads 31 Mpx instead of 46 (``bench/throughput.py``).
     """
     tile_px, halo_px = align_up(tile_px), align_up(halo_px)
     height, width = shape
@@ -97,13 +108,30 @@ def tile_grid(
         for col in range(math.ceil(width / tile_px)):
             x0, y0 = col * tile_px, row * tile_px
             tile = Tile(row, col, x0, y0, min(x0 + tile_px, width), min(y0 + tile_px, height), halo_px, width, height)
-            if tissue_mask is None or _touches(tissue_mask, mask_scale, tile):
+            if tissue_mask is not None:
+                tile = _fit_to_tissue(tissue_mask, mask_scale, tile)
+            if tile is not None:
                 tiles.append(tile)
     return tiles
 
 
-def _touches(mask: np.ndarray, scale: float, tile: Tile) -> bool:
+def _fit_to_tissue(mask: np.ndarray, scale: float, tile: Tile) -> Tile | None:
+    """``tile`` with :attr:`Tile.own` set to the tissue's bounding box within its read box, grown by
+    the halo, aligned outwards to ``ALIGN`` and clipped to the core; None where it reads no tissue."""
     x, y, w, h = tile.read_box
     r0, c0 = max(int(y // scale), 0), max(int(x // scale), 0)
     r1, c1 = int(math.ceil((y + h) / scale)), int(math.ceil((x + w) / scale))
-    return bool(mask[r0:r1, c0:c1].any())
+    window = mask[r0:r1, c0:c1]
+    rows, cols = np.flatnonzero(window.any(axis=1)), np.flatnonzero(window.any(axis=0))
+    if not len(rows):
+        return None
+    grow = tile.halo
+    box = (
+        max(tile.x0, (math.floor((c0 + cols[0]) * scale) - grow) // ALIGN * ALIGN),
+        max(tile.y0, (math.floor((r0 + rows[0]) * scale) - grow) // ALIGN * ALIGN),
+        min(tile.x1, align_up(math.ceil((c0 + cols[-1] + 1) * scale) + grow)),
+        min(tile.y1, align_up(math.ceil((r0 + rows[-1] + 1) * scale) + grow)),
+    )
+    if box[0] >= box[2] or box[1] >= box[3]:
+        return None
+    return replace(tile, own=None if box == (tile.x0, tile.y0, tile.x1, tile.y1) else box)

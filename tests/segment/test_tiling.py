@@ -25,6 +25,20 @@ def test_only_tissue_tiles_are_kept():
     assert tile_grid((1000, 1000), 256, 32, np.zeros((10, 10), bool), 100) == []
 
 
+def test_tiles_segment_only_near_their_tissue():
+    """A speck of tissue in one corner of a tile: that tile reads and keeps only the speck grown by the
+    halo (aligned), not its whole core; the cores still partition the image for the label image."""
+    mask = np.zeros((10, 10), bool)
+    mask[1, 1] = True  # grid px 100..200 (one mask px = 100 grid px)
+    (tile,) = tile_grid((1000, 1000), 512, 32, mask, mask_scale=100)
+    assert (tile.x0, tile.y0, tile.x1, tile.y1) == (0, 0, 512, 512)
+    assert tile.box == (64, 64, 240, 240)  # 100 - 32 → 64 (aligned down), 200 + 32 → 240 (aligned up)
+    assert tile.read_box == (32, 32, 240, 240)
+    assert tile.owns(np.array([70, 60, 239, 240]), np.full(4, 100)).tolist() == [True, False, True, False]
+    full = tile_grid((1000, 1000), 512, 32, np.ones((10, 10), bool), mask_scale=100)
+    assert all(t.own is None for t in full) and len(full) == 4
+
+
 def test_ownership_is_half_open():
     t = Tile(1, 1, 256, 256, 512, 512, 32)
     x = np.array([256, 511, 512, 255])
