@@ -28,9 +28,9 @@ worker. Peak memory is the summed RSS of this process and its children during ea
 Throughput of (a) is reported three ways: tissue Mpx per second end to end (the tissue's area at the
 model's µm/px over the run's wall time), tissue Mpx per second of segmentation (over the run's
 ``segment_s``, the tile tasks' wall time) and pixels processed per second of segmentation: the sum of
-every tile's read box (core + halo, as ``plan_slide`` lays them out for this slide) over the same
-``segment_s``. The ratio read px / core px is the halo overhead; read px / tissue px adds the glass
-inside tiles. The last line is ``speedup=<b/a> speedup_float32=<c/a> agreement_f1=<F1 of a against b>
+every tile's read box (the part of its core near tissue, ``Tile.box``, plus the halo, as ``plan_slide``
+lays them out for this slide) over the same ``segment_s``. The ratio read px / kept core px is the halo
+overhead; read px / tissue px adds the glass inside tiles. The last line is ``speedup=<b/a> speedup_float32=<c/a> agreement_f1=<F1 of a against b>
 mpx_per_s=<tissue Mpx/s of a, end to end> read_mpx_per_s=<read Mpx/s of a's segmentation>
 halo_overhead=<read px / core px>`` (``speedup_float32`` only where (c) ran).
 """
@@ -88,9 +88,10 @@ def tile_pixels(slide: Path, out: Path, workflow: str, model: str) -> tuple[int,
 
 
 def read_and_core_px(tiles) -> tuple[int, int]:
-    """(read px, core px) summed over ``tiles``: each tile's read box (core + halo, clipped to the
-    slide) and its core."""
-    return sum(t.read_box[2] * t.read_box[3] for t in tiles), sum((t.x1 - t.x0) * (t.y1 - t.y0) for t in tiles)
+    """(read px, core px) summed over ``tiles``: each tile's read box (the part of its core it keeps,
+    plus the halo, clipped to the slide) and that part (``Tile.box``)."""
+    kept = (t.box for t in tiles)
+    return sum(t.read_box[2] * t.read_box[3] for t in tiles), sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in kept)
 
 
 def warm_statistics(bundle: Path, params: NeighbourhoodParams) -> None:
@@ -199,7 +200,7 @@ def main() -> None:
     segment_s = run["timings_s"]["segment_s"]  # the last round's
     print(
         f"slide {size}² at {mpp} µm/px, tissue {tissue_mpx:.1f} Mpx of {size * size / 1e6:.1f} Mpx; "
-        f"tiles read {read_px / 1e6:.1f} Mpx for {core_px / 1e6:.1f} Mpx of cores "
+        f"tiles read {read_px / 1e6:.1f} Mpx for {core_px / 1e6:.1f} Mpx of cores near tissue "
         f"(halo overhead {read_px / core_px:.2f}×, {read_px / 1e6 / tissue_mpx:.2f}× the tissue); "
         f"last round's segmentation {segment_s:.1f} s: {tissue_mpx / segment_s:.3f} tissue Mpx/s, "
         f"{read_px / 1e6 / segment_s:.3f} read Mpx/s; peak memory histo {mem_a:.2f} GB, "

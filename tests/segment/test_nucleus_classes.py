@@ -128,7 +128,8 @@ def test_pipeline_writes_learned_classes(classified_model, generated, client, tm
 
 
 def test_train_classes_on_two_real_tiles(tmp_path):
-    """``histo train-classes`` on two CoNSeP training tiles (1 epoch): a classifier and its card section."""
+    """``histo train-classes`` on two CoNSeP training tiles (1 epoch, a half-width net): a classifier and
+    its card section."""
     consep = shared_path("data", "consep", "train")
     for kind, ext in (("images", ".png"), ("masks", ".tif")):
         (tmp_path / kind).mkdir()
@@ -149,11 +150,21 @@ def test_train_classes_on_two_real_tiles(tmp_path):
         "1",
         "--val-fraction",
         "0.5",
+        "--filters",
+        "8",
+        "16",
+        "32",
+        "64",
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     card = json.loads((model / "card.json").read_text())["nucleus_classes"]
     assert (model / CLASSIFIER_FILE).is_file() and card["classes"] == list(CLASSES)
+    import keras
+
+    net = keras.models.load_model(model / CLASSIFIER_FILE, compile=False)
+    widths = [layer.filters for layer in net.layers if hasattr(layer, "filters")]
+    assert card["filters"] == [8, 16, 32, 64] == widths[::2]
     assert card["n_train_nuclei"] > 300 and card["n_val_nuclei"] > 300 and card["epochs_run"] == 1
     assert 0 <= card["validation"]["accuracy"] <= 1 and "lymphocyte" in card["validation"]
     truth = pd.read_csv(consep / "types.csv")
