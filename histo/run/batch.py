@@ -29,7 +29,15 @@ from histo.errors import HistoError
 from histo.io.bundle import SLIDE_SUFFIXES, OutputLock, bundle_lock, file_fingerprint, is_complete, slide_name
 from histo.io.files import atomic_write
 from histo.outputs.export import spreadsheet_safe
-from histo.run.pipeline import SlidePlan, add_timings, finish_slide, plan_slide, run_fingerprint, submit_tiles
+from histo.run.pipeline import (
+    EarlyFinish,
+    SlidePlan,
+    add_timings,
+    finish_slide,
+    plan_slide,
+    run_fingerprint,
+    submit_tiles,
+)
 from histo.segment.models import inference_precision, resolve_model
 from histo.timing import Stopwatch, stopwatch
 from histo.workflow import WORKFLOW_DIR, Workflow, load_workflow
@@ -330,6 +338,7 @@ class BatchRun:
             lock.release()
             self.fail(entry, exc)
             return
+        plan.early = EarlyFinish(plan)
         futures = submit_tiles(self.client, plan)
         self.active[plan.name] = InFlight(entry, plan, futures, lock, left=len(futures))
         self.n_tiles += len(futures)
@@ -346,10 +355,13 @@ class BatchRun:
             self.start(self.todo.popleft())
 
     def tile_done(self, name: str, slide: InFlight, future: TileFuture) -> None:
-        """One tile task of ``slide`` ended: its timings added, or the slide dropped if it failed."""
+        """One tile task of ``slide`` ended: its timings added and its part read (the finish only joins
+        the parts: :class:`EarlyFinish`), or the slide dropped if it failed."""
         self.progress.advance(self.tiles_bar)
         try:
-            add_timings(slide.totals, future.result())
+            summary = future.result()
+            add_timings(slide.totals, summary)
+            slide.plan.early.tile_done(summary["tile"])
             slide.left -= 1
             if slide.left == 0:
                 self.events.put(("segmented", name, None))
