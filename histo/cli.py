@@ -54,7 +54,7 @@ def _run(args) -> None:
 
     wf = load_workflow(args.workflow)  # fail fast, before any worker starts
     slide = open_slide(args.slide, mpp=args.mpp)
-    check_stain(slide, wf)
+    check_stain(slide, wf.stain, wf.name)
     if args.annotations:
         regions = import_annotations(args.annotations, slide.mpp)
         h, w = (n * slide.mpp for n in slide.shape)

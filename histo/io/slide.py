@@ -172,14 +172,15 @@ def _check_regular_file(path: str | Path) -> None:
         raise SlideError(path, f"not a slide: {kind}, not a regular file")
 
 
-def check_stain(slide: Slide, wf: dict) -> None:
-    """A brightfield workflow (stain ``he`` or ``ihc``) needs an 8-bit RGB slide (8-bit gray and
-    RGBA are made RGB): a 16-bit, float or multichannel one is a SlideError."""
-    if wf["stain"] != "if" and slide.kind != "brightfield":
+def check_stain(slide: Slide, stain: str, workflow: str) -> None:
+    """A brightfield workflow (``stain`` ``he`` or ``ihc``; ``workflow`` its name, for the message)
+    needs an 8-bit RGB slide (8-bit gray and RGBA are made RGB): a 16-bit, float or multichannel one is
+    a SlideError."""
+    if stain != "if" and slide.kind != "brightfield":
         raise SlideError(
             slide.path,
             f"{slide.levels[0].dtype} image with {slide.levels[0].shape[2]} channel(s) is not "
-            f"8-bit RGB, which the workflow '{wf['name']}' (stain {wf['stain']}) needs",
+            f"8-bit RGB, which the workflow '{workflow}' (stain {stain}) needs",
         )
 
 

@@ -294,7 +294,7 @@ def plan_slide(
     with timings.time("open_s"):
         wf = as_workflow(workflow)
         slide = open_slide(slide_path, mpp=mpp)
-        check_stain(slide, wf)
+        check_stain(slide, wf.stain, wf.name)
         check_gates_fit(slide_path, slide, wf)
         spec = resolve_model(model or wf.model, stain="fluo" if wf.stain == "if" else "he")
         # a one-channel (fluorescence) model reads the workflow's nucleus channel of a multiplex slide

@@ -100,7 +100,7 @@ def test_truncated_files_of_every_format(tmp_path, fmt):
 
 
 def test_sixteen_bit_and_float_slides_need_a_fluorescence_workflow(tmp_path):
-    he, fluo = load_workflow("lymph-node-he"), {"stain": "if", "name": "if"}
+    he, fluo = load_workflow("lymph-node-he"), load_workflow("lymph-node-if")
     for dtype in (np.uint16, np.float32):
         path = tmp_path / f"{np.dtype(dtype).name}.tif"
         tiled(path, RNG.integers(0, 255, (256, 256, 3)).astype(dtype), photometric="rgb")
@@ -111,13 +111,13 @@ def test_sixteen_bit_and_float_slides_need_a_fluorescence_workflow(tmp_path):
             match=rf"{path.name}: {np.dtype(dtype).name} image with 3 channel\(s\) is not "
             r"8-bit RGB, which the workflow 'lymph-node-he' \(stain he\) needs",
         ):
-            check_stain(slide, he)
-        check_stain(slide, fluo)
+            check_stain(slide, he.stain, he.name)
+        check_stain(slide, fluo.stain, fluo.name)
     gray, rgba = tmp_path / "gray.tif", tmp_path / "rgba.tif"
     tiled(gray, RNG.integers(0, 256, (256, 256), np.uint8))
     tiled(rgba, RNG.integers(0, 256, (256, 256, 4), np.uint8), photometric="rgb", extrasamples=["unassalpha"])
     for path in (gray, rgba):  # 8-bit gray and RGBA are brightfield (RGB) slides
-        check_stain(open_slide(path, mpp=0.5), he)
+        check_stain(open_slide(path, mpp=0.5), he.stain, he.name)
 
 
 @pytest.mark.parametrize(
