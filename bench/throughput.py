@@ -30,9 +30,10 @@ model's µm/px over the run's wall time), tissue Mpx per second of segmentation 
 ``segment_s``, the tile tasks' wall time) and pixels processed per second of segmentation: the sum of
 every tile's read box (the part of its core near tissue, ``Tile.box``, plus the halo, as ``plan_slide``
 lays them out for this slide) over the same ``segment_s``. The ratio read px / kept core px is the halo
-overhead; read px / tissue px adds the glass inside tiles. The last line is ``speedup=<b/a> speedup_float32=<c/a> agreement_f1=<F1 of a against b>
-mpx_per_s=<tissue Mpx/s of a, end to end> read_mpx_per_s=<read Mpx/s of a's segmentation>
-halo_overhead=<read px / core px>`` (``speedup_float32`` only where (c) ran).
+overhead; read px / tissue px adds the glass inside tiles. The last line is ``speedup=<b/a>
+speedup_float32=<c/a> agreement_f1=<F1 of a against b> mpx_per_s=<tissue Mpx/s of a, end to end>
+read_mpx_per_s=<read Mpx/s of a's segmentation> halo_overhead=<read px / kept core px>``
+(``speedup_float32`` only where (c) ran).
 """
 
 from __future__ import annotations
