@@ -129,6 +129,7 @@ def _train(args) -> None:
         val_fraction=args.val_fraction,
         learning_rate=args.learning_rate,
         stain_scale=args.stain_scale,
+        scale_range=args.scale_jitter,
         seed=args.seed,
         finalize=not args.keep_checkpoint,
         notes=args.note or None,
@@ -372,6 +373,12 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         help="H and E stain jitter strength (default 0.2 = ×0.8–×1.2); when resuming, "
         "applies from now on and restarts best-weights tracking",
+    )
+    t.add_argument(
+        "--scale-jitter",
+        type=float,
+        help="zoom jitter of half the patches (default 0.1 = ×0.9–×1.1); when resuming, applies from now on "
+        "and restarts best-weights tracking",
     )
     t.add_argument("--val-fraction", type=float, default=0.15, help="share of images held out (by image)")
     t.add_argument("--seed", type=int, default=0)

@@ -97,6 +97,15 @@ _RUN_FILES = (
 )
 
 
+AUGMENTATION_SETTINGS = ("stain_scale", "scale_range")  # HEAugmenter fields a run sets and a resume may change
+
+
+def augmentation_setting(state: dict, key: str) -> float:
+    """A run's current ``key`` (one of :data:`AUGMENTATION_SETTINGS`) from its state; HEAugmenter's
+    default for runs saved before it was recorded."""
+    return float(state.get(key, getattr(HEAugmenter, key)))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The settings of a training run, saved in the model's ``card.json`` under ``training.config``.
@@ -107,7 +116,7 @@ class TrainConfig:
     (resume, overwrite, finalize, callbacks) are arguments of :func:`train`, not settings.
 
     When a run resumes, the saved run's split, epochs, steps per epoch and architecture win; a given
-    ``learning_rate`` or ``stain_scale`` applies from the next epoch on (:func:`start_run`). The card
+    ``learning_rate``, ``stain_scale`` or ``scale_range`` applies from the next epoch on (:func:`start_run`). The card
     records the settings the run started with (``TrainConfig.from_dict(card["training"]["config"])``);
     later changes of rate and stain scale are listed beside them.
     """
@@ -127,6 +136,7 @@ class TrainConfig:
     learning_rate: float | None = None  # Adam's rate; None: DEFAULT_LEARNING_RATE (new run), the saved one (resume)
     reduce_lr: Mapping[str, float] | None = None  # ReduceLROnPlateau; None: factor 0.5, patience max(5, epochs // 8)
     stain_scale: float | None = None  # H and E concentration jitter, fraction (0.4: ×0.6–×1.4); None: HEAugmenter's
+    scale_range: float | None = None  # zoom jitter, fraction (0.3: ×0.7–×1.3, half the patches); None: HEAugmenter's
     optimize: bool = True  # optimise the prob / nms thresholds on the validation images (else 0.5 / 0.4)
     nms_threshs: tuple[float, ...] = (0.3, 0.4, 0.5)  # NMS thresholds the optimisation tries (each costs a sweep)
 
@@ -233,10 +243,10 @@ def start_run(
 
     A run resumes when ``out_dir`` holds ``train_state.json``, ``weights_last.h5`` and ``config.json``
     (and ``resume``): its split, epochs and steps per epoch are kept; ``config.epochs`` larger than the
-    saved total extends the run; a given ``config.learning_rate`` or ``config.stain_scale`` applies from
-    the next epoch on and is recorded as a change (a new stain scale also restarts the best-weights
-    tracking, since the validation loss is no longer comparable). A new run deletes the files of an
-    earlier one (:data:`_RUN_FILES`, ``logs/``) first.
+    saved total extends the run; a given ``config.learning_rate``, ``config.stain_scale`` or
+    ``config.scale_range`` applies from the next epoch on and is recorded as a change (a new stain or
+    zoom jitter also restarts the best-weights tracking, since the validation loss is no longer
+    comparable). A new run deletes the files of an earlier one (:data:`_RUN_FILES`, ``logs/``) first.
 
     Parameters
     ----------
@@ -276,13 +286,14 @@ def start_run(
                 {"epoch": int(state["epochs_done"]), "from": state["learning_rate"], "to": float(config.learning_rate)}
             )
             state["learning_rate"] = float(config.learning_rate)
-        saved_scale = state.get("stain_scale", HEAugmenter.stain_scale)
-        if config.stain_scale is not None and float(config.stain_scale) != float(saved_scale):
-            state.setdefault("stain_scale_changes", []).append(
-                {"epoch": int(state["epochs_done"]), "from": saved_scale, "to": float(config.stain_scale)}
-            )
-            state["stain_scale"] = float(config.stain_scale)
-            state["best_val_loss"] = None
+        for key in AUGMENTATION_SETTINGS:  # a changed augmentation applies from now on
+            saved, given = augmentation_setting(state, key), getattr(config, key)
+            if given is not None and float(given) != saved:
+                state.setdefault(f"{key}_changes", []).append(
+                    {"epoch": int(state["epochs_done"]), "from": saved, "to": float(given)}
+                )
+                state[key] = float(given)
+                state["best_val_loss"] = None
         return state, True
 
     if (out_dir / "weights_best.h5").exists() and not overwrite:
@@ -307,7 +318,10 @@ def start_run(
         "wall_time_s": 0.0,
         "complete": False,
         "seed": int(config.seed),
-        "stain_scale": float(HEAugmenter.stain_scale if config.stain_scale is None else config.stain_scale),
+        **{
+            k: float(getattr(HEAugmenter, k) if getattr(config, k) is None else getattr(config, k))
+            for k in AUGMENTATION_SETTINGS
+        },
         "init_weights": _init_name(init_weights),
     }
     return state, False
@@ -377,7 +391,7 @@ def _augmenter(augment, seed: int, state: dict):
     the epochs done; False/None = none; else the callable itself."""
     if augment is True:
         return HEAugmenter(
-            seed=seed + int(state["epochs_done"]), stain_scale=float(state.get("stain_scale", HEAugmenter.stain_scale))
+            seed=seed + int(state["epochs_done"]), **{k: augmentation_setting(state, k) for k in AUGMENTATION_SETTINGS}
         )
     return augment or None
 
@@ -611,7 +625,6 @@ def _started_config(config: TrainConfig, model, state: dict) -> TrainConfig:
     """The settings the run started with, as the model folder and state saved them (a resumed run's
     architecture, epochs and split are the saved ones; later rate and stain changes are listed beside)."""
     c = model.config
-    stain_changes = state.get("stain_scale_changes", [])
     reduce_lr = getattr(c, "train_reduce_lr", None)
     return config.with_settings(
         epochs=int(state["epochs_total"]),
@@ -624,9 +637,10 @@ def _started_config(config: TrainConfig, model, state: dict) -> TrainConfig:
         unet_n_filter_base=int(c.unet_n_filter_base),
         learning_rate=float(c.train_learning_rate),  # the saved config.json keeps the run's first rate
         reduce_lr=dict(reduce_lr) if isinstance(reduce_lr, Mapping) else config.reduce_lr,
-        stain_scale=float(
-            stain_changes[0]["from"] if stain_changes else state.get("stain_scale", HEAugmenter.stain_scale)
-        ),
+        **{
+            k: float(state[f"{k}_changes"][0]["from"]) if state.get(f"{k}_changes") else augmentation_setting(state, k)
+            for k in AUGMENTATION_SETTINGS
+        },
     )
 
 
@@ -727,7 +741,7 @@ def write_card(
             "patch_size": int(c.train_patch_size[0]),
             "learning_rate": float(c.train_learning_rate),
             "learning_rate_changes": state.get("learning_rate_changes", []),
-            "stain_scale_changes": state.get("stain_scale_changes", []),
+            **{f"{k}_changes": state.get(f"{k}_changes", []) for k in AUGMENTATION_SETTINGS},
             "augmentation": aug_dict,
             "wall_time_s": round(float(state["wall_time_s"]), 1),
             "thresholds_and_eval_s": round(seconds.get("thresholds_and_eval_s", 0.0), 1),
@@ -803,8 +817,8 @@ def train(
         If ``out_dir`` holds ``weights_last.h5`` + ``train_state.json`` of an unfinished run, continue
         it with the remaining epochs (same split, steps per epoch and architecture); ``epochs`` larger
         than the saved total extends the run; if the run is complete, only the finishing steps
-        (thresholds, card) are redone. A given ``learning_rate`` or ``stain_scale`` applies from the
-        next epoch on (:func:`start_run`).
+        (thresholds, card) are redone. A given ``learning_rate``, ``stain_scale`` or ``scale_range``
+        applies from the next epoch on (:func:`start_run`).
     overwrite : bool
         A folder that already holds a trained model (``weights_best.h5``) and no unfinished run to
         resume is an error unless True.
@@ -1005,8 +1019,9 @@ def _model_md(card: dict) -> str:
         f"- Augmentation: flips and 90° rotations, H and E stain jitter in optical-density space "
         f"(Ruifrok vectors, concentrations ×(1 ± {t['augmentation'].get('stain_scale', '?')})"
         + "".join(f"; ±{c['from']} until epoch {c['epoch']}" for c in t.get("stain_scale_changes", []))
-        + f"), brightness/contrast, ±{int(round(t['augmentation'].get('scale_range', 0) * 100))} % "
-        "scale jitter, Gaussian noise.",
+        + f"), brightness/contrast, ±{int(round(t['augmentation'].get('scale_range', 0) * 100))} % scale jitter"
+        + "".join(f" (±{c['from']} until epoch {c['epoch']})" for c in t.get("scale_range_changes", []))
+        + ", Gaussian noise.",
         f"- Wall time: {t['wall_time_s']:.0f} s on {t.get('machine', '?')}.",
     ]
     if t.get("command"):

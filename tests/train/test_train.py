@@ -239,12 +239,16 @@ def test_start_run_resumes_a_state_written_before_train_config(tmp_path):
     (tmp_path / "train_state.json").write_text(json.dumps(state))
     (tmp_path / "weights_last.h5").write_bytes(b"")
     (tmp_path / "config.json").write_text("{}")
-    config = TrainConfig(epochs=25, steps_per_epoch=5, val_fraction=0.5, learning_rate=5e-5, stain_scale=0.3)
+    config = TrainConfig(
+        epochs=25, steps_per_epoch=5, val_fraction=0.5, learning_rate=5e-5, stain_scale=0.3, scale_range=0.3
+    )
     got, resuming = start_run(tmp_path, images, config)
     assert resuming and got["split"] == state["split"] and got["steps_per_epoch"] == 100
     assert got["epochs_total"] == 25 and got["learning_rate"] == 5e-5 and got["best_val_loss"] is None
     assert got["learning_rate_changes"] == [{"epoch": 7, "from": 1e-4, "to": 5e-5}]
     assert got["stain_scale_changes"] == [{"epoch": 7, "from": 0.4, "to": 0.3}]
+    # a state saved before the zoom jitter was recorded had HEAugmenter's default
+    assert got["scale_range_changes"] == [{"epoch": 7, "from": 0.1, "to": 0.3}] and got["scale_range"] == 0.3
     with pytest.raises(HistoError, match="training images differ"):
         start_run(tmp_path, images[:3], config)
 
@@ -310,6 +314,7 @@ def test_train_writes_a_complete_small_model_folder(trained):
         learning_rate=3e-4,
         reduce_lr=config.reduce_lr,  # as StarDist saved it (it adds "verbose")
         stain_scale=0.2,
+        scale_range=0.1,  # HEAugmenter's, as the run recorded it
         **TINY,
     )
     assert {"factor": 0.5, "patience": 5, "min_delta": 0}.items() <= config.reduce_lr.items()
@@ -376,7 +381,7 @@ def test_training_resumes_from_the_saved_epoch(disks, tmp_path):
     assert (out / "weights_best.h5").exists()
 
     # a lower rate and stronger stain jitter from epoch 2
-    train(list(ims), list(mks), out, finalize=False, learning_rate=1e-4, stain_scale=0.4, **kw)
+    train(list(ims), list(mks), out, finalize=False, learning_rate=1e-4, stain_scale=0.4, scale_range=0.25, **kw)
     state = json.loads((out / "train_state.json").read_text())
     assert state["epochs_done"] == 3 and state["complete"]
     # Adam went on from where the first call stopped: 3 epochs x 2 steps, not a fresh optimizer's 2 x 2
@@ -390,6 +395,8 @@ def test_training_resumes_from_the_saved_epoch(disks, tmp_path):
     assert card["training"]["epochs"] == 3 and card["training"]["learning_rate_changes"][0]["to"] == 1e-4
     assert state["stain_scale_changes"] == [{"epoch": 1, "from": 0.2, "to": 0.4}]
     assert card["training"]["augmentation"]["stain_scale"] == 0.4
+    assert state["scale_range_changes"] == [{"epoch": 1, "from": 0.1, "to": 0.25}]
+    assert card["training"]["augmentation"]["scale_range"] == 0.25 and card["training"]["config"]["scale_range"] == 0.1
     # the card's config is the run's start; the changes are listed beside it
     assert card["training"]["config"]["learning_rate"] == pytest.approx(3e-4)
     assert card["training"]["config"]["stain_scale"] == 0.2 and card["training"]["config"]["epochs"] == 3
