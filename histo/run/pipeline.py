@@ -111,11 +111,11 @@ def part_columns(job: SegmentJob) -> list[str]:
 
 
 class EarlyFinish:
-    """The finish's work begun while the tiles still run (:func:`run_slide`, and each slide of
-    :func:`histo.run.batch.run_batch`): in a thread, the slide file's SHA-256 (run.json's ``input``)
-    and the report's thumbnail, which need no nucleus; in the client, each finished tile's part
-    (:func:`part_columns`) read as its task ends, so the cells table of the finish only concatenates
-    them."""
+    """The finish's work begun while the tiles still run (:func:`run_slide`, each slide of
+    :func:`histo.run.batch.run_batch`, napari's Analyze widget): in a thread, the slide file's SHA-256
+    (run.json's ``input``) and the report's thumbnail, which need no nucleus; in the client, each
+    finished tile's part (:func:`part_columns`) read as its task ends, so the cells table of the finish
+    only concatenates them."""
 
     def __init__(self, plan: SlidePlan):
         self.parts_dir, self.columns = Path(plan.job.parts_dir), part_columns(plan.job)
@@ -226,7 +226,7 @@ class SlidePlan:
     started: datetime
     timings: dict[str, float] = field(default_factory=dict)  # s
     unreadable: list[dict] = field(default_factory=list)  # slide tiles read as glass by this process
-    early: EarlyFinish | None = None  # the finish's work begun while the tiles run (run_slide, run_batch)
+    early: EarlyFinish | None = None  # the finish's work begun while the tiles run (run_slide, run_batch, napari)
 
 
 def _digest(data: bytes | str) -> str:
