@@ -32,11 +32,11 @@ from histo.outputs.export import spreadsheet_safe
 from histo.run.pipeline import (
     EarlyFinish,
     SlidePlan,
-    add_timings,
     finish_slide,
     plan_slide,
     run_fingerprint,
     submit_tiles,
+    tile_finished,
 )
 from histo.segment.models import inference_precision, resolve_model
 from histo.timing import Stopwatch, stopwatch
@@ -359,9 +359,7 @@ class BatchRun:
         the parts: :class:`EarlyFinish`), or the slide dropped if it failed."""
         self.progress.advance(self.tiles_bar)
         try:
-            summary = future.result()
-            add_timings(slide.totals, summary)
-            slide.plan.early.tile_done(summary["tile"])
+            tile_finished(slide.plan, slide.totals, future.result())
             slide.left -= 1
             if slide.left == 0:
                 self.events.put(("segmented", name, None))

@@ -97,10 +97,7 @@ def _segment(client: Client, plan: SlidePlan, show: bool) -> dict:
     totals: dict[str, float] = {}
     with progress_bar("segmenting tiles", len(plan.tiles), show) as advance:
         for future in as_completed(submit_tiles(client, plan)):
-            summary = future.result()
-            add_timings(totals, summary)
-            if plan.early is not None:
-                plan.early.tile_done(summary["tile"])
+            tile_finished(plan, totals, future.result())
             advance()
     return totals
 
@@ -394,6 +391,15 @@ def add_timings(totals: dict[str, float], summary: dict) -> None:
     for key, value in summary.items():
         if key.endswith("_s"):
             totals[key] = totals.get(key, 0.0) + value
+
+
+def tile_finished(plan: SlidePlan, totals: dict[str, float], summary: dict) -> None:
+    """A tile task of ``plan`` ended with ``summary``: its timings added to ``totals`` and, with
+    ``plan.early``, its part read (:class:`EarlyFinish`). Every path that runs a slide's tiles
+    (histo run, histo batch, napari) calls this."""
+    add_timings(totals, summary)
+    if plan.early is not None:
+        plan.early.tile_done(summary["tile"])
 
 
 def finish_slide(client: Client, plan: SlidePlan, task_totals: dict[str, float], show_progress: bool = True) -> Path:

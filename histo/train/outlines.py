@@ -118,7 +118,7 @@ class TrainConfig:
     When a run resumes, the saved run's split, epochs, steps per epoch and architecture win; a given
     ``learning_rate``, ``stain_scale`` or ``scale_range`` applies from the next epoch on (:func:`start_run`). The card
     records the settings the run started with (``TrainConfig.from_dict(card["training"]["config"])``);
-    later changes of rate and stain scale are listed beside them.
+    later changes of rate, stain scale and zoom jitter are listed beside them.
     """
 
     mpp: float = 0.25  # µm/px the model works at; every image is resampled to it
@@ -623,7 +623,7 @@ def score_validation(model, X: Sequence[np.ndarray], Y: Sequence[np.ndarray], th
 
 def _started_config(config: TrainConfig, model, state: dict) -> TrainConfig:
     """The settings the run started with, as the model folder and state saved them (a resumed run's
-    architecture, epochs and split are the saved ones; later rate and stain changes are listed beside)."""
+    architecture, epochs and split are the saved ones; later rate and augmentation changes are listed beside)."""
     c = model.config
     reduce_lr = getattr(c, "train_reduce_lr", None)
     return config.with_settings(

@@ -76,7 +76,7 @@ def analyse(slide: dict, box_um, out: Path, workflow: str, model: str | None, cl
     tasks finish and returns the bundle's path. Setting ``cancelled`` cancels the tile tasks within
     ``POLL_S`` (or, once they are all done, discards the bundle when it is written); a failed or
     cancelled run leaves no bundle, partial or complete. ``client`` is used by this thread only."""
-    from histo.run.pipeline import EarlyFinish, add_timings, finish_slide, plan_slide, submit_tiles
+    from histo.run.pipeline import EarlyFinish, finish_slide, plan_slide, submit_tiles, tile_finished
 
     path = Path(slide["path"]) if box_um is None else write_crop(slide, box_um, out / "crops")
     with bundle_lock(out, slide_name(path)):  # another writer of this bundle is refused
@@ -95,9 +95,7 @@ def analyse(slide: dict, box_um, out: Path, workflow: str, model: str | None, cl
                 except TimeoutError:
                     continue
                 for future in finished:
-                    summary = future.result()
-                    add_timings(totals, summary)
-                    plan.early.tile_done(summary["tile"])
+                    tile_finished(plan, totals, future.result())
                 done += len(finished)
                 yield done, len(plan.tiles)
             bundle = finish_slide(client, plan, totals, show_progress=False)
