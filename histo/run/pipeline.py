@@ -53,14 +53,13 @@ from histo.segment.labels import create_pyramid, downsample_level, write_chunk
 from histo.segment.models import ModelSpec, compute_percentiles, inference_precision, resolve_model
 from histo.segment.nuclei import border_duplicates, cell_schema
 from histo.segment.task import SegmentJob, segment_tile
-from histo.segment.tiling import Segmentation, Tile, align_up, tile_grid
+from histo.segment.tiling import Segmentation, Tile, align_up, halo_px, tile_grid
 from histo.segment.tissue import detect_tissue
 from histo.structures.analyse import analyse_cells
 from histo.structures.phenotypes import check_gate_columns
 from histo.timing import Timings, stopwatch
 from histo.workflow import Workflow, as_workflow, nucleus_channel
 
-MIN_HALO_PX = 64  # px at the model's µm/px: context the U-Net needs beyond the largest nucleus
 UNREADABLE = ".unreadable.json"  # a tile task's record of slide tiles it read as glass, beside its part
 
 
@@ -71,11 +70,9 @@ def plan_tiles(
     the workflow's section; ``tile_um``, ``halo_um`` in µm)."""
     scale = slide.mpp / grid_mpp
     shape = (math.ceil(slide.shape[0] * scale), math.ceil(slide.shape[1] * scale))
-    halo_um = segmentation.halo_um
-    # a kept nucleus reaches at most its diameter past the core; the U-Net needs MIN_HALO_PX of context
-    halo_px = max(MIN_HALO_PX, max_nucleus_um / grid_mpp) if halo_um is None else halo_um / grid_mpp
+    halo = halo_px(max_nucleus_um, grid_mpp, segmentation.halo_um)
     tile_px = align_up(segmentation.tile_um / grid_mpp)
-    return shape, tile_grid(shape, tile_px, align_up(halo_px), tissue.mask, tissue.mpp / grid_mpp)
+    return shape, tile_grid(shape, tile_px, halo, tissue.mask, tissue.mpp / grid_mpp)
 
 
 def slide_percentiles(slide: Slide, tissue, model: ModelSpec, channel: int | None = None) -> tuple | None:

@@ -988,7 +988,7 @@ def _model_md(card: dict) -> str:
         f"- Pixel size: {card['mpp']} µm/px.",
         f"- Normalisation: fixed, `x / 255` on uint8 RGB (`{json.dumps(card['normalize'])}`). It does not "
         "depend on the tile, so a slide cut into tiles gives the same result as the whole image.",
-        f"- Largest expected nucleus: {card['max_nucleus_um']} µm (the tile halo is at least this wide; "
+        f"- Largest expected nucleus: {card['max_nucleus_um']} µm (the tile halo is at least its radius; "
         "99.9 % of the training nuclei are shorter; the longest outline is "
         f"{card.get('max_nucleus_um_observed', '?')} µm).",
         f"- Thresholds: prob {card['thresholds'].get('prob')}, nms {card['thresholds'].get('nms')} "

@@ -1,7 +1,7 @@
 import numpy as np
 
 from histo.segment.nuclei import border_duplicates, cell_ids, polygon_area, tile_cells
-from histo.segment.tiling import ALIGN, Tile, tile_grid
+from histo.segment.tiling import ALIGN, CONTEXT_PX, Tile, halo_px, tile_grid
 
 
 def test_cores_partition_the_image():
@@ -88,3 +88,12 @@ def test_border_duplicates_drop_the_weaker_copy_from_another_tile():
     tile = np.array([0, 1, 2, 2, 3])  # the pair at 50 µm lies in one tile: two nuclei, both kept
     assert border_duplicates(xy, prob, tile).tolist() == [True, False, False, False, False]
     assert not border_duplicates(xy[:1], prob[:1], tile[:1]).any()
+
+
+def test_halo_is_the_context_or_the_largest_nucleus_radius():
+    # 25 µm nuclei at 0.25 µm/px reach 50 px past a tile's box: the 64 px of context is wider
+    assert halo_px(25.0, 0.25) == CONTEXT_PX == 64
+    # 60 µm nuclei reach 30 µm = 120 px, aligned up to 128; at 0.5 µm/px 60 px → 64
+    assert halo_px(60.0, 0.25) == 128 and halo_px(60.0, 0.5) == 64
+    # the workflow's halo_um wins, aligned up
+    assert halo_px(25.0, 0.25, halo_um=28.0) == 112 and halo_px(60.0, 0.25, halo_um=0.0) == 0
