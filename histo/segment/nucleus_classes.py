@@ -104,7 +104,7 @@ def standardise_stain(small: np.ndarray) -> np.ndarray:
             v_lo = plane @ np.array([np.cos(lo), np.sin(lo)])
             v_hi = plane @ np.array([np.cos(hi), np.sin(hi)])
             he = np.stack([v_lo, v_hi] if v_lo[0] > v_hi[0] else [v_hi, v_lo], axis=1)  # haematoxylin first
-            conc = np.linalg.lstsq(he, od.T, rcond=None)[0]
+            conc = np.linalg.pinv(he) @ od.T  # least squares, as lstsq, which is ~100× slower for 10⁶ pixels
         except (np.linalg.LinAlgError, ValueError):
             return small
         conc /= (np.percentile(conc, 99, axis=1) / MACENKO_MAX_C_REF)[:, None]
