@@ -118,7 +118,7 @@ class ModelSpec:
         ``compute_percentiles``) mapped to 0/1.
     n_channels : input channels (3 = RGB).
     thresholds : ``{"prob": p, "nms": t}``.
-    max_nucleus_um : largest expected nucleus diameter in µm: the tile halo must be wider.
+    max_nucleus_um : largest expected nucleus diameter in µm: the tile halo is at least its radius.
     source : "folder" | "shipped" | "env" | "registry".
     n_rays, grid : from config.json (grid: the network's output subsampling).
     classes : nucleus classes of the folder's classifier (``histo.segment.nucleus_classes``), or None.
