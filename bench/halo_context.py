@@ -27,7 +27,6 @@ largest>``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import tempfile
@@ -37,7 +36,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import shapely
-from throughput import BIG, generated, tile_pixels
+from throughput import BIG, generated, tile_pixels, with_segmentation
 
 from histo.run.cluster import dask_client
 from histo.run.pipeline import plan_slide, run_slide
@@ -49,11 +48,6 @@ from histo.train.evaluate import score
 from histo.workflow import load_workflow
 
 CMU1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cmu1_small_region" / "CMU-1-Small-Region.svs"
-
-
-def with_halo(workflow: str, halo_um: float):
-    wf = load_workflow(workflow)
-    return dataclasses.replace(wf, segmentation=dataclasses.replace(wf.segmentation, halo_um=halo_um))
 
 
 def grid_labels(polygons_um: np.ndarray, plan) -> np.ndarray:
@@ -109,7 +103,7 @@ def main() -> None:
             client.run(warm_worker, plan.spec, plan.job.precision)
             run_slide(slide, out / "warm", args.workflow, client=client, show_progress=False)  # untimed
             for halo in halos:
-                wf = with_halo(args.workflow, halo)
+                wf = with_segmentation(args.workflow, halo_um=halo)
                 read, _ = tile_pixels(slide, out / "plan", wf, model)
                 bundle = run_slide(slide, out / f"halo{halo:g}", wf, client=client, show_progress=False)
                 segment_s = json.loads((bundle / "run.json").read_text())["timings_s"]["segment_s"]

@@ -79,6 +79,12 @@ def generated(workdir: Path, size: int, mpp: float, seed: int = 7) -> Path:
     return path
 
 
+def with_segmentation(workflow: str, **changes):
+    """The workflow ``workflow`` with ``changes`` to its ``segmentation:`` section (``tile_um=…``, ``halo_um=…``)."""
+    wf = load_workflow(workflow)
+    return wf.replace(segmentation=wf.segmentation.replace(**changes))
+
+
 def tile_pixels(slide: Path, out: Path, workflow: str, model: str) -> tuple[int, int]:
     """(read px, core px) summed over the tiles ``histo run`` lays out for ``slide``: each tile's read
     box (core + halo, clipped to the slide) and its core, at the model's µm/px (``plan_slide``'s own

@@ -31,7 +31,6 @@ the first size's>``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import statistics
@@ -43,7 +42,7 @@ import numpy as np
 import psutil
 from distributed import as_completed
 from memwatch import PeakRSS, tree_rss
-from throughput import generated, read_and_core_px
+from throughput import generated, read_and_core_px, with_segmentation
 
 from histo.run.cluster import dask_client
 from histo.run.pipeline import add_timings, plan_slide, submit_tiles
@@ -52,11 +51,6 @@ from histo.segment.task import warm_worker
 from histo.workflow import load_workflow
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
-
-
-def with_tile_um(workflow: str, tile_um: float):
-    wf = load_workflow(workflow)
-    return dataclasses.replace(wf, segmentation=dataclasses.replace(wf.segmentation, tile_um=tile_um))
 
 
 def interior(tiles):
@@ -156,7 +150,7 @@ def main() -> None:
     for r in range(args.rounds):
         for tile_um in args.tiles_um:
             res = time_segmentation(
-                slide, args.workdir / "out", with_tile_um(args.workflow, tile_um), model, args.workers
+                slide, args.workdir / "out", with_segmentation(args.workflow, tile_um=tile_um), model, args.workers
             )
             runs[tile_um].append(res)
             print(f"  round {r} tile {tile_um:g} µm: {res['wall']:.1f} s, peak {res['peak']:.2f} GB", flush=True)
