@@ -31,18 +31,12 @@ Number = (int, float)
 class Section:
     """Base of the workflow's frozen dataclass sections.
 
-    Read settings by attribute (``wf.neighbourhood.ripley.max_um``). ``section["key"]`` reads the
-    same, for code that still indexes the workflow as the nested dict it used to be (and accepts
-    either). :meth:`as_dict` gives the plain, JSON-ready nested dict that run.json records;
-    ``histo.workflow.validate`` turns it back into the same Workflow.
+    Read settings by attribute (``wf.neighbourhood.ripley.max_um``). :meth:`as_dict` gives the plain,
+    JSON-ready nested dict that run.json records; ``histo.workflow.validate`` turns it back into the
+    same Workflow.
     """
 
     RANGES: ClassVar[dict[str, tuple[float, float]]] = {}  # allowed values (inclusive) of numeric fields
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in _field_names(type(self)):
-            raise KeyError(key)
-        return getattr(self, key)
 
     def as_dict(self) -> dict:
         """The section as nested plain dicts and lists (a deep copy)."""

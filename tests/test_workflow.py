@@ -98,9 +98,6 @@ def test_workflow_is_frozen_and_typed():
         wf.stain = "if"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         wf.neighbourhood.ripley.max_um = 5.0  # type: ignore[misc]
-    assert wf["neighbourhood"]["ripley"] is wf.neighbourhood.ripley  # read by key too, for older callers
-    with pytest.raises(KeyError):
-        wf["no_such_key"]
     assert wf.regions.aggregate.eps_um == 12.0 and wf.cell_types.learned is False
     assert validate(wf.as_dict(), "again") == wf  # run.json's workflow loads back into the same Workflow
 
