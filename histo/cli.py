@@ -141,12 +141,18 @@ def _train(args) -> None:
 
 
 def _train_classes(args) -> None:
-    from histo.train.classes import read_types, train_classes
+    from histo.train.classes import parse_class_values, read_types, train_classes, types_from_class_masks
     from histo.train.outlines import pairs_from_folders, pixel_sizes
 
     pairs = pairs_from_folders(args.images, args.masks)
     mpp = pixel_sizes(args.image_mpp, args.images)(pairs[0][0].stem)
-    datasets = [(pairs, mpp, read_types(args.types), str(args.images), args.licence or "unknown")]
+    if Path(args.types).is_dir():
+        if not args.class_values:
+            raise HistoError(Path(args.types), "a folder of class masks needs --class-values (e.g. 1=epithelial)")
+        types = types_from_class_masks(pairs, args.types, parse_class_values(args.class_values))
+    else:
+        types = read_types(args.types)
+    datasets = [(pairs, mpp, types, str(args.images), args.licence or "unknown")]
     section = train_classes(
         datasets,
         args.model,
@@ -404,7 +410,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("masks", help="folder of instance masks with the same file stems")
     c.add_argument(
         "types",
-        help="CSV tile,label,type: a type per nucleus (lymphocyte/inflammatory, epithelial, stromal/spindle, other)",
+        help="CSV tile,label,type: a type per nucleus (lymphocyte/inflammatory, epithelial, stromal/spindle, other); "
+        "or a folder of class masks (a class value per pixel, same file stems; with --class-values)",
+    )
+    c.add_argument(
+        "--class-values",
+        nargs="+",
+        metavar="VALUE=TYPE",
+        help="with class masks: the type of each pixel value, e.g. 1=epithelial 2=lymphocyte 3=other 4=lymphocyte "
+        "(a nucleus takes the value covering most of it; other values are left out)",
     )
     c.add_argument("--model", required=True, help="nucleus model folder to add the classifier to")
     c.add_argument("--image-mpp", required=True, help="µm per px of the images (one number)")

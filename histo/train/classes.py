@@ -1,10 +1,12 @@
 """Training the nucleus classifier (:mod:`histo.segment.nucleus_classes`) from expert-typed nuclei.
 
 Data are image / instance-mask pairs plus a type per nucleus: a CSV ``tile,label,type`` (CoNSeP's
-``types.csv``). Validation tiles are held out by tile; the best epoch by validation loss is kept. The
-classifier and its card section go into an existing nucleus model folder. With ``own_outlines`` the
-classifier also learns from that folder's nucleus model's own outlines of the tiles (each typed by
-the expert nucleus under it): at run time it is given those outlines, not an expert's.
+``types.csv``) or class masks (a class value per pixel, as MoNuSAC's; a nucleus takes the majority
+class under it, :func:`types_from_class_masks`). Validation tiles are held out by tile; the best
+epoch by validation loss is kept. The classifier and its card section go into an existing nucleus
+model folder. With ``own_outlines`` the classifier also learns from that folder's nucleus model's
+own outlines of the tiles (each typed by the expert nucleus under it): at run time it is given
+those outlines, not an expert's.
 """
 
 from __future__ import annotations
@@ -52,6 +54,52 @@ def read_types(path: Path | str) -> pd.DataFrame:
     return pd.DataFrame(
         {"tile": t["tile"].astype(str).map(lambda s: Path(s).stem), "label": t["label"].astype(int), "class": cls}
     )
+
+
+def parse_class_values(items: Sequence[str]) -> dict[int, str]:
+    """``["1=epithelial", "2=lymphocyte", …]`` → {1: "epithelial", 2: "lymphocyte", …} (type names:
+    :func:`class_of`); HistoError naming the item that is not ``value=type``."""
+    out = {}
+    for item in items:
+        value, sep, name = str(item).partition("=")
+        try:
+            if not sep:
+                raise ValueError("expected value=type")
+            out[int(value)] = class_of(name)
+        except ValueError as e:
+            raise HistoError(None, f"--class-values {item!r}: {e}") from e
+    return out
+
+
+def types_from_class_masks(
+    pairs: Sequence[tuple[Path, Path]], class_dir: Path | str, values: dict[int, str]
+) -> pd.DataFrame:
+    """``tile,label,class`` of every nucleus of the instance masks in ``pairs`` ((image, mask) paths),
+    from the class mask of the same stem in ``class_dir``: the class value covering most of the
+    nucleus's pixels (0, background, not counted), named through ``values``; nuclei with no class pixel
+    or an unnamed value are left out. HistoError naming a missing or misshapen class mask."""
+    from histo.train.data import list_images, read_array
+
+    found = list_images(Path(class_dir))
+    rows = []
+    for _, mask in pairs:
+        stem = Path(mask).stem
+        if stem not in found:
+            raise HistoError(Path(class_dir), f"no class mask named {stem}.* for {mask}")
+        labels, classes = read_array(mask), read_array(found[stem])
+        classes = classes[..., 0] if classes.ndim == 3 else classes
+        if classes.shape != labels.shape[:2]:
+            raise HistoError(found[stem], f"class mask is {classes.shape}, its instance mask {labels.shape[:2]}")
+        on = (labels > 0) & (classes > 0)
+        pairs_, n = np.unique(labels[on].astype(np.int64) * 256 + classes[on], return_counts=True)
+        label, value = pairs_ // 256, pairs_ % 256
+        best = pd.DataFrame({"label": label, "value": value, "n": n}).sort_values("n", ascending=False)
+        best = best.drop_duplicates("label")
+        best = best[best["value"].isin(list(values))]
+        rows.append(
+            pd.DataFrame({"tile": stem, "label": best["label"].astype(int), "class": best["value"].map(values)})
+        )
+    return pd.concat(rows, ignore_index=True).sort_values(["tile", "label"], ignore_index=True)
 
 
 def tile_examples(

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import ROOT, histo, shared_path
 
+from histo.errors import HistoError
 from histo.segment.nucleus_classes import (
     CLASSES,
     CLASSIFIER_FILE,
@@ -193,3 +194,56 @@ def test_train_classes_on_two_real_tiles(tmp_path):
     # every expert nucleus once, plus the model's own outline of most of them
     assert n_expert * 1.5 < card["n_train_nuclei"] + card["n_val_nuclei"] < n_expert * 2
     assert card["outlines"] == "expert and the nucleus model's own"
+
+
+def test_types_from_class_masks_take_the_majority_class_under_each_nucleus(tmp_path):
+    """Class masks painted from CoNSeP's own type table, with each nucleus's rim painted a wrong class
+    (less than half of it), give that type table back; values not named are left out."""
+    import tifffile
+    from scipy import ndimage as ndi
+
+    from histo.train.classes import parse_class_values, read_types, types_from_class_masks
+
+    consep = shared_path("data", "consep", "train")
+    mask_path = consep / "masks" / "train_1.tif"
+    labels = tifffile.imread(mask_path).astype(np.int64)
+    truth = read_types(consep / "types.csv").query("tile == 'train_1'")
+    code = {"epithelial": 1, "lymphocyte": 2, "stromal": 3, "other": 4}
+    lut = np.zeros(labels.max() + 1, np.uint8)
+    lut[truth["label"].to_numpy()] = truth["class"].map(code).to_numpy()
+    painted = lut[labels]
+    rim = (labels > 0) & ~ndi.grey_erosion(labels, size=3).astype(bool)
+    area, rim_px = np.bincount(labels.ravel()), np.bincount(labels[rim], minlength=labels.max() + 1)
+    wrong = rim & (rim_px * 2 < area)[labels]
+    painted[wrong] = painted[wrong] % 4 + 1
+    (tmp_path / "classes").mkdir()
+    tifffile.imwrite(tmp_path / "classes" / "train_1.tif", painted)
+    assert wrong.sum() > 1000  # the rims do disagree with the nuclei under them
+
+    values = parse_class_values(["1=epithelial", "2=inflammatory", "3=spindle", "4=other"])
+    got = types_from_class_masks([(consep / "images" / "train_1.png", mask_path)], tmp_path / "classes", values)
+    assert got.equals(truth.sort_values("label", ignore_index=True))
+    without_other = types_from_class_masks(
+        [(None, mask_path)], tmp_path / "classes", parse_class_values(["1=epithelial", "2=lymphocyte", "3=stromal"])
+    )
+    assert set(without_other["class"]) == {"epithelial", "lymphocyte", "stromal"}
+    assert len(without_other) == (truth["class"] != "other").sum()
+    with pytest.raises(HistoError, match="--class-values '2:lymphocyte'"):
+        parse_class_values(["2:lymphocyte"])
+    with pytest.raises(HistoError, match="no class mask named train_1"):
+        types_from_class_masks([(None, mask_path)], tmp_path, values)
+
+
+def test_train_classes_cli_names_a_class_mask_folder_without_values(tmp_path):
+    consep = shared_path("data", "consep", "train")
+    done = histo(
+        "train-classes",
+        consep / "images",
+        consep / "masks",
+        tmp_path,
+        "--model",
+        ROOT / "models" / "histo-he",
+        "--image-mpp",
+        "0.275",
+    )
+    assert done.returncode == 2 and str(tmp_path) in done.stderr and "--class-values" in done.stderr
