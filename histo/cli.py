@@ -160,7 +160,6 @@ def _train_classes(args) -> None:
         val_fraction=args.val_fraction,
         seed=args.seed,
         **({"filters": args.filters} if args.filters else {}),
-        own_outlines=args.own_outlines,
         command="histo " + " ".join(args.argv),
     )
     v = section["validation"]
@@ -431,12 +430,6 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         nargs="+",
         help="filters of the classifier's four conv blocks (default 16 32 64 128); fewer cost less per nucleus",
-    )
-    c.add_argument(
-        "--own-outlines",
-        action="store_true",
-        help="also learn from the model's own outlines of the tiles (typed by the expert nucleus under each): "
-        "the outlines the classifier is given in histo run",
     )
     c.set_defaults(func=_train_classes)
 

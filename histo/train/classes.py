@@ -4,9 +4,7 @@ Data are image / instance-mask pairs plus a type per nucleus: a CSV ``tile,label
 ``types.csv``) or class masks (a class value per pixel, as MoNuSAC's; a nucleus takes the majority
 class under it, :func:`types_from_class_masks`). Validation tiles are held out by tile; the best
 epoch by validation loss is kept. The classifier and its card section go into an existing nucleus
-model folder. With ``own_outlines`` the classifier also learns from that folder's nucleus model's
-own outlines of the tiles (each typed by the expert nucleus under it): at run time it is given
-those outlines, not an expert's.
+model folder.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ from histo.segment.nucleus_classes import (
 )
 from histo.timing import stopwatch
 from histo.train.augment import brightness_contrast, stain_jitter
-from histo.train.data import read_pair, resample_pair, split_by_image
+from histo.train.data import read_pair, split_by_image
 
 MARGIN = 8  # px at PATCH_MPP read around each patch for shift augmentation
 
@@ -91,8 +89,9 @@ def types_from_class_masks(
         if classes.shape != labels.shape[:2]:
             raise HistoError(found[stem], f"class mask is {classes.shape}, its instance mask {labels.shape[:2]}")
         on = (labels > 0) & (classes > 0)
-        pairs_, n = np.unique(labels[on].astype(np.int64) * 256 + classes[on], return_counts=True)
-        label, value = pairs_ // 256, pairs_ % 256
+        base = int(classes.max()) + 1
+        pairs_, n = np.unique(labels[on].astype(np.int64) * base + classes[on], return_counts=True)
+        label, value = pairs_ // base, pairs_ % base
         best = pd.DataFrame({"label": label, "value": value, "n": n}).sort_values("n", ascending=False)
         best = best.drop_duplicates("label")
         best = best[best["value"].isin(list(values))]
@@ -122,32 +121,6 @@ def tile_examples(
     small = to_patch_scale(img, mpp, stain)
     x = nucleus_patches(small, outlines, np.asarray(centres).reshape(-1, 2), PATCH_PX + 2 * MARGIN)
     return x, np.asarray(y, np.int64)
-
-
-def model_outlines(img: np.ndarray, labels: np.ndarray, mpp: float, model, spec) -> np.ndarray:
-    """The nucleus model's own nuclei of an RGB tile at ``mpp`` µm/px (``model``: StarDist, loaded from
-    ``spec``; run at ``spec.mpp`` with its thresholds, as histo run does), as a label image of the
-    tile's shape whose values are the expert labels (``labels``): a predicted nucleus takes the expert
-    nucleus that covers at least half of it, and an expert nucleus keeps only the prediction it
-    overlaps most. Predictions on no expert nucleus are left out (0)."""
-    from skimage.transform import resize
-
-    from histo.segment.models import normalize_image
-    from histo.train.evaluate import overlaps
-
-    x, _ = resample_pair(img, labels, mpp, spec.mpp)
-    pred, _ = model.predict_instances(normalize_image(x, spec), axes="YXC", verbose=False, show_tile_progress=False)
-    if pred.shape != labels.shape:
-        pred = resize(pred, labels.shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.int64)
-    _, p_area, ti, pi, inter = overlaps(labels, pred)
-    keep = inter * 2 >= p_area[pi]  # the expert nucleus covers at least half of the prediction
-    ti, pi, inter = ti[keep], pi[keep], inter[keep]
-    order = np.argsort(-inter, kind="stable")
-    _, first_t = np.unique(ti[order], return_index=True)  # each expert nucleus: its largest overlap
-    ti, pi = ti[order][first_t], pi[order][first_t]
-    lut = np.zeros(int(pred.max()) + 1, np.int64)
-    lut[pi] = ti
-    return lut[pred]
 
 
 def augment(x: np.ndarray, rng: np.random.Generator, stain_scale: float = 0.4) -> np.ndarray:
@@ -199,7 +172,6 @@ def train_classes(
     patience: int = 6,
     stain: str | None = "macenko",
     filters: Sequence[int] = FILTERS,
-    own_outlines: bool = False,
     command: str | None = None,
     verbose: int = 1,
 ) -> dict:
@@ -229,10 +201,6 @@ def train_classes(
         task does the same); None reads the pixels as they are.
     filters : sequence of int
         Filters of the network's conv blocks (:func:`histo.segment.nucleus_classes.network`).
-    own_outlines : bool
-        Also learn (and validate) from the outlines ``model_dir``'s nucleus model draws on the same
-        tiles (:func:`model_outlines`), beside the experts' outlines: the outlines the classifier is given
-        in ``histo run``. The split stays by tile.
     command : str, optional
         The command line, for the card.
     verbose : int
@@ -251,22 +219,11 @@ def train_classes(
         raise HistoError(model_dir, "not a nucleus model folder (no config.json): train the outlines first")
     tiles = [(img, msk, mpp, types) for pairs, mpp, types, *_ in datasets for img, msk in pairs]
     tr, va = split_by_image(len(tiles), val_fraction, seed)
-    if own_outlines:
-        from histo.segment.models import load_model, resolve_model
-
-        spec = resolve_model(model_dir)
-        outline_model = load_model(spec)
     xs, ys = [], []
     for image, mask, mpp, types in tiles:
         own = types[types["tile"] == Path(image).stem]
-        typed = dict(zip(own["label"], own["class"]))
-        img, labels = read_pair(image, mask)
-        examples = [tile_examples(img, labels, mpp, typed, stain)]
-        if own_outlines:
-            examples.append(
-                tile_examples(img, model_outlines(img, labels, mpp, outline_model, spec), mpp, typed, stain)
-            )
-        xs.append(np.concatenate([x for x, _ in examples])), ys.append(np.concatenate([y for _, y in examples]))
+        x, y = tile_examples(*read_pair(image, mask), mpp, dict(zip(own["label"], own["class"])), stain)
+        xs.append(x), ys.append(y)
     x_tr, y_tr = np.concatenate([xs[i] for i in tr]), np.concatenate([ys[i] for i in tr])
     x_va, y_va = _centre(np.concatenate([xs[i] for i in va])), np.concatenate([ys[i] for i in va])
     counts = np.bincount(y_tr, minlength=len(CLASSES))
@@ -315,7 +272,6 @@ def train_classes(
         "patch_mpp": PATCH_MPP,
         "input": "RGB x/255 and the nucleus outline (1 inside), centred on the nucleus",
         "filters": [int(n) for n in filters],
-        "outlines": "expert and the nucleus model's own" if own_outlines else "expert",
         "stain": stain,
         "sources": [
             {"name": name, "licence": licence, "n_tiles": len(pairs), "mpp": mpp}

@@ -128,29 +128,9 @@ def test_pipeline_writes_learned_classes(classified_model, generated, client, tm
     assert (called[moved] == "large").all()
 
 
-def test_own_outlines_type_the_models_nuclei_by_the_expert_nucleus_under_them():
-    """On a real CoNSeP tile, the model's own outlines carry expert labels: each expert nucleus at most
-    once, each kept outline at least half inside its expert nucleus, and most expert nuclei found."""
-    from histo.segment.models import load_model, resolve_model
-    from histo.train.classes import model_outlines
-    from histo.train.data import read_pair
-
-    consep = shared_path("data", "consep", "train")
-    img, labels = read_pair(consep / "images" / "train_1.png", consep / "masks" / "train_1.tif")
-    spec = resolve_model("histo-he")
-    own = model_outlines(img, labels, 0.275, load_model(spec), spec)
-    assert own.shape == labels.shape
-    ids, area = np.unique(own[own > 0], return_counts=True)
-    assert set(ids) <= set(np.unique(labels)) - {0}
-    inside = np.bincount(own[(own > 0) & (own == labels)], minlength=ids.max() + 1)[ids]
-    assert (inside * 2 >= area).all()
-    assert 0.5 * (np.unique(labels).size - 1) < ids.size < np.unique(labels).size
-    assert not np.array_equal(own > 0, labels > 0)  # the model's outlines, not the experts'
-
-
 def test_train_classes_on_two_real_tiles(tmp_path):
-    """``histo train-classes --own-outlines`` on two CoNSeP training tiles (1 epoch, a half-width net):
-    a classifier and its card section, trained on the experts' outlines and the model's own."""
+    """``histo train-classes`` on two CoNSeP training tiles (1 epoch, a half-width net): a classifier and
+    its card section."""
     consep = shared_path("data", "consep", "train")
     for kind, ext in (("images", ".png"), ("masks", ".tif")):
         (tmp_path / kind).mkdir()
@@ -176,7 +156,6 @@ def test_train_classes_on_two_real_tiles(tmp_path):
         "16",
         "32",
         "64",
-        "--own-outlines",
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -190,10 +169,7 @@ def test_train_classes_on_two_real_tiles(tmp_path):
     assert card["n_train_nuclei"] > 300 and card["n_val_nuclei"] > 300 and card["epochs_run"] == 1
     assert 0 <= card["validation"]["accuracy"] <= 1 and "lymphocyte" in card["validation"]
     truth = pd.read_csv(consep / "types.csv")
-    n_expert = truth["tile"].isin(["train_1", "train_3"]).sum()
-    # every expert nucleus once, plus the model's own outline of most of them
-    assert n_expert * 1.5 < card["n_train_nuclei"] + card["n_val_nuclei"] < n_expert * 2
-    assert card["outlines"] == "expert and the nucleus model's own"
+    assert card["n_train_nuclei"] + card["n_val_nuclei"] == truth["tile"].isin(["train_1", "train_3"]).sum()
 
 
 def test_types_from_class_masks_take_the_majority_class_under_each_nucleus(tmp_path):
