@@ -199,7 +199,7 @@ def test_h5ad_statistics_plot_with_squidpy(synovium_truth_outputs, tmp_path):
 
     matplotlib.use("Agg")
     cells = synovium_truth_outputs[1].head(3000).copy()
-    nhood = neighbourhood_stats(cells, load_workflow("synovium-he")["neighbourhood"])
+    nhood = neighbourhood_stats(cells, load_workflow("synovium-he").neighbourhood)
     adata = ad.read_h5ad(write_h5ad(cells, tmp_path / "cells.h5ad", uns={"neighbourhood": nhood}))
     types = list(adata.obs["cell_type"].cat.categories)
     assert types == list(nhood["cell_types"]) and len(types) >= 2

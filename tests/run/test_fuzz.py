@@ -234,7 +234,7 @@ def test_workflow_numbers_fuzz(key, value):
         return
     got = wf
     for part in key.split("."):
-        got = got[part]
+        got = getattr(got, part)
     lo, hi = RANGES.get(key, (0, math.inf))
     assert all(math.isfinite(x) and lo <= x <= hi for x in (got if isinstance(got, list) else [got]))
 

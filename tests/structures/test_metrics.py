@@ -82,7 +82,7 @@ def test_scores():
         "high-grade",
         "high-grade",
     ]
-    bands = scores["stroma_bands_per_mm2"]
+    bands = scores.stroma_bands_per_mm2
     assert [stroma_grade(v, bands) for v in (1000, 1500, 3399, 3400, 6000, 9000)] == [0, 1, 1, 2, 3, 3]
     assert infiltrate_grade([], False, 150.0, 0.0, scores) == 0
     assert infiltrate_grade([], False, 250.0, 0.0, scores) == 1
