@@ -77,6 +77,7 @@ def types_from_class_masks(
     nucleus's pixels (0, background, not counted), named through ``values``; nuclei with no class pixel
     or an unnamed value are left out. HistoError naming a missing or misshapen class mask."""
     from histo.train.data import list_images, read_array
+    from histo.train.evaluate import overlaps
 
     found = list_images(Path(class_dir))
     rows = []
@@ -88,10 +89,7 @@ def types_from_class_masks(
         classes = classes[..., 0] if classes.ndim == 3 else classes
         if classes.shape != labels.shape[:2]:
             raise HistoError(found[stem], f"class mask is {classes.shape}, its instance mask {labels.shape[:2]}")
-        on = (labels > 0) & (classes > 0)
-        base = int(classes.max()) + 1
-        pairs_, n = np.unique(labels[on].astype(np.int64) * base + classes[on], return_counts=True)
-        label, value = pairs_ // base, pairs_ % base
+        _, _, label, value, n = overlaps(labels, classes)  # px of each (nucleus, class value) pair
         best = pd.DataFrame({"label": label, "value": value, "n": n}).sort_values("n", ascending=False)
         best = best.drop_duplicates("label")
         best = best[best["value"].isin(list(values))]

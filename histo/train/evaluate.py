@@ -33,7 +33,7 @@ GEOJSON_EXT = (".geojson", ".json")
 COUNTS = ("n_true", "n_pred", "tp", "fp", "fn", "sum_iou", "aji_intersection", "aji_union")
 
 
-def _overlaps(truth: np.ndarray, pred: np.ndarray):
+def overlaps(truth: np.ndarray, pred: np.ndarray):
     """Areas of every true and predicted label (px, indexed by label) and the overlapping pairs:
     (true ids, predicted ids, intersection px)."""
     t = truth.ravel().astype(np.int64)
@@ -51,7 +51,7 @@ def score(truth: np.ndarray, pred: np.ndarray, thresh: float = 0.5, pairs: list 
     arrays."""
     if truth.shape != pred.shape:
         raise ValueError(f"truth {truth.shape} and prediction {pred.shape} differ in shape")
-    t_area, p_area, ti, pi, inter = _overlaps(truth, pred)
+    t_area, p_area, ti, pi, inter = overlaps(truth, pred)
     true_ids, pred_ids = np.flatnonzero(t_area[1:]) + 1, np.flatnonzero(p_area[1:]) + 1
     iou = inter / (t_area[ti] + p_area[pi] - inter)
 
