@@ -130,6 +130,9 @@ def _train(args) -> None:
         learning_rate=args.learning_rate,
         stain_scale=args.stain_scale,
         scale_range=args.scale_jitter,
+        hue_shift=args.hue_jitter,
+        saturation_range=args.saturation_jitter,
+        haze=args.haze,
         seed=args.seed,
         finalize=not args.keep_checkpoint,
         notes=args.note or None,
@@ -385,6 +388,24 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         help="zoom jitter of half the patches (default 0.1 = ×0.9–×1.1); when resuming, applies from now on "
         "and restarts best-weights tracking",
+    )
+    t.add_argument(
+        "--hue-jitter",
+        type=float,
+        help="HSV hue turn of 70 %% of the patches, fraction of the colour circle (default 0: none; 0.04 = ±14°); "
+        "when resuming, applies from now on",
+    )
+    t.add_argument(
+        "--saturation-jitter",
+        type=float,
+        help="HSV saturation jitter of 70 %% of the patches (default 0: none; 0.6 = ×0.4–×1.6); "
+        "when resuming, applies from now on",
+    )
+    t.add_argument(
+        "--haze",
+        type=float,
+        help="hematoxylin OD added to every stained pixel of the stain-jittered patches, at most "
+        "(default 0: none; 0.25 = +0–0.25); when resuming, applies from now on",
     )
     t.add_argument("--val-fraction", type=float, default=0.15, help="share of images held out (by image)")
     t.add_argument("--seed", type=int, default=0)

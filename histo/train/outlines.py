@@ -97,7 +97,13 @@ _RUN_FILES = (
 )
 
 
-AUGMENTATION_SETTINGS = ("stain_scale", "scale_range")  # HEAugmenter fields a run sets and a resume may change
+AUGMENTATION_SETTINGS = (
+    "stain_scale",
+    "scale_range",
+    "hue_shift",
+    "saturation_range",
+    "haze",
+)  # HEAugmenter fields a run sets and a resume may change
 
 
 def augmentation_setting(state: dict, key: str) -> float:
@@ -116,9 +122,9 @@ class TrainConfig:
     (resume, overwrite, finalize, callbacks) are arguments of :func:`train`, not settings.
 
     When a run resumes, the saved run's split, epochs, steps per epoch and architecture win; a given
-    ``learning_rate``, ``stain_scale`` or ``scale_range`` applies from the next epoch on (:func:`start_run`). The card
-    records the settings the run started with (``TrainConfig.from_dict(card["training"]["config"])``);
-    later changes of rate, stain scale and zoom jitter are listed beside them.
+    ``learning_rate`` or augmentation setting (:data:`AUGMENTATION_SETTINGS`) applies from the next epoch on
+    (:func:`start_run`). The card records the settings the run started with
+    (``TrainConfig.from_dict(card["training"]["config"])``); later changes are listed beside them.
     """
 
     mpp: float = 0.25  # µm/px the model works at; every image is resampled to it
@@ -137,6 +143,9 @@ class TrainConfig:
     reduce_lr: Mapping[str, float] | None = None  # ReduceLROnPlateau; None: factor 0.5, patience max(5, epochs // 8)
     stain_scale: float | None = None  # H and E concentration jitter, fraction (0.4: ×0.6–×1.4); None: HEAugmenter's
     scale_range: float | None = None  # zoom jitter, fraction (0.3: ×0.7–×1.3, half the patches); None: HEAugmenter's
+    hue_shift: float | None = None  # HSV hue turn, fraction of the circle (0.05: ±18°); None: HEAugmenter's
+    saturation_range: float | None = None  # HSV saturation jitter, fraction (0.6: ×0.4–×1.6); None: HEAugmenter's
+    haze: float | None = None  # hematoxylin OD added to stained pixels, at most (0.25: +0–0.25); None: HEAugmenter's
     optimize: bool = True  # optimise the prob / nms thresholds on the validation images (else 0.5 / 0.4)
     nms_threshs: tuple[float, ...] = (0.3, 0.4, 0.5)  # NMS thresholds the optimisation tries (each costs a sweep)
 
@@ -243,9 +252,9 @@ def start_run(
 
     A run resumes when ``out_dir`` holds ``train_state.json``, ``weights_last.h5`` and ``config.json``
     (and ``resume``): its split, epochs and steps per epoch are kept; ``config.epochs`` larger than the
-    saved total extends the run; a given ``config.learning_rate``, ``config.stain_scale`` or
-    ``config.scale_range`` applies from the next epoch on and is recorded as a change (a new stain or
-    zoom jitter also restarts the best-weights tracking, since the validation loss is no longer
+    saved total extends the run; a given ``config.learning_rate`` or augmentation setting
+    (:data:`AUGMENTATION_SETTINGS`) applies from the next epoch on and is recorded as a change (a new
+    augmentation also restarts the best-weights tracking, since the validation loss is no longer
     comparable). A new run deletes the files of an earlier one (:data:`_RUN_FILES`, ``logs/``) first.
 
     Parameters
@@ -817,8 +826,8 @@ def train(
         If ``out_dir`` holds ``weights_last.h5`` + ``train_state.json`` of an unfinished run, continue
         it with the remaining epochs (same split, steps per epoch and architecture); ``epochs`` larger
         than the saved total extends the run; if the run is complete, only the finishing steps
-        (thresholds, card) are redone. A given ``learning_rate``, ``stain_scale`` or ``scale_range``
-        applies from the next epoch on (:func:`start_run`).
+        (thresholds, card) are redone. A given ``learning_rate`` or augmentation setting
+        (:data:`AUGMENTATION_SETTINGS`) applies from the next epoch on (:func:`start_run`).
     overwrite : bool
         A folder that already holds a trained model (``weights_best.h5``) and no unfinished run to
         resume is an error unless True.
@@ -972,6 +981,23 @@ def _max_nucleus_um(masks: Sequence[np.ndarray], mpp: float, floor_um: float = 2
     return float(max(floor_um, math.ceil(np.percentile(lengths, 99.9)))), round(max(lengths), 2)
 
 
+_OPTIONAL_AUGMENTATION = {  # settings off by default: their words in the card, when a run used them
+    "haze": "up to +{} hematoxylin OD on stained pixels",
+    "hue_shift": "HSV hue ±{}",
+    "saturation_range": "HSV saturation ×(1 ± {})",
+}
+
+
+def _optional_augmentation_text(t: dict) -> str:
+    """The card's words for the augmentations a run switched on (none for runs without them)."""
+    parts = []
+    for key, words in _OPTIONAL_AUGMENTATION.items():
+        value, changes = float(t["augmentation"].get(key, 0)), t.get(f"{key}_changes", [])
+        if value or changes:
+            parts.append(words.format(value) + "".join(f" ({c['from']} until epoch {c['epoch']})" for c in changes))
+    return "".join(f", {p}" for p in parts)
+
+
 def _model_md(card: dict) -> str:
     t, v = card["training"], card.get("validation", {})
     arch = card["architecture"]
@@ -1021,6 +1047,7 @@ def _model_md(card: dict) -> str:
         + "".join(f"; ±{c['from']} until epoch {c['epoch']}" for c in t.get("stain_scale_changes", []))
         + f"), brightness/contrast, ±{int(round(t['augmentation'].get('scale_range', 0) * 100))} % scale jitter"
         + "".join(f" (±{c['from']} until epoch {c['epoch']})" for c in t.get("scale_range_changes", []))
+        + _optional_augmentation_text(t)
         + ", Gaussian noise.",
         f"- Wall time: {t['wall_time_s']:.0f} s on {t.get('machine', '?')}.",
     ]

@@ -19,6 +19,7 @@ from histo.train.augment import (
     HEAugmenter,
     brightness_contrast,
     flip_rot,
+    hsv_jitter,
     rgb_to_od,
     scale_jitter,
     stain_jitter,
@@ -165,6 +166,38 @@ def test_stain_jitter_changes_colours_in_od_space_within_bounds_and_not_the_mask
         h1 = (rgb_to_od(xs) @ hed_from_rgb)[..., 0][y > 0]
         ratio = np.median(h1) / np.median(h0)
         assert 0.7 < ratio < 1.3
+    # haze: only more hematoxylin, on every stained pixel, so nuclei stand out less from the rest
+    for _ in range(10):
+        xs, (alpha, beta) = stain_jitter(x, rng, scale=0.0, shift=0.0, haze=0.25)
+        assert 0 <= beta[0] <= 0.25 and beta[1] == 0 and np.all(alpha == 1)
+        h1 = (rgb_to_od(xs) @ hed_from_rgb)[..., 0]
+        h0 = (rgb_to_od(x) @ hed_from_rgb)[..., 0]
+        stained = h0 > 0.02
+        np.testing.assert_allclose((h1 - h0)[stained], beta[0], atol=0.02)
+
+
+def test_hsv_jitter_turns_hue_and_scales_saturation_within_bounds_and_keeps_value():
+    from skimage.color import rgb2hsv
+
+    img, y = disk_scene(64, seed=2)
+    x = img.astype(np.float32) / 255
+    h0 = rgb2hsv(x)
+    coloured = h0[..., 1] > 0.2
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        xs = hsv_jitter(x, rng, hue=0.04, saturation=0.6)
+        assert xs.shape == x.shape and xs.dtype == np.float32 and 0 <= xs.min() and xs.max() <= 1
+        h1 = rgb2hsv(xs)
+        np.testing.assert_allclose(h1[..., 2], h0[..., 2], atol=1e-5)  # brightness (V) untouched
+        turn = (h1[..., 0] - h0[..., 0] + 0.5) % 1.0 - 0.5
+        assert np.abs(turn[coloured]).max() <= 0.04 + 1e-4 and np.ptp(turn[coloured]) < 1e-3  # one turn
+        ratio = h1[..., 1][coloured] / h0[..., 1][coloured]
+        assert 0.4 - 1e-4 <= np.median(ratio) <= 1.6 + 1e-4
+    np.testing.assert_allclose(hsv_jitter(x, rng, hue=0.0, saturation=0.0), x, atol=1e-5)
+    # off by default: an augmenter without HSV settings never calls it
+    aug = HEAugmenter(seed=0, p_stain=0, p_intensity=0, p_scale=0, p_noise=0, p_hsv=1.0)
+    xa, ya = aug(x, y)
+    assert any(np.array_equal(np.rot90(x, k)[:, ::f], xa) for k in range(4) for f in (1, -1))
 
 
 def test_scale_jitter_keeps_alignment_and_marks_unknown_border_as_ignore():
@@ -315,6 +348,8 @@ def test_train_writes_a_complete_small_model_folder(trained):
         reduce_lr=config.reduce_lr,  # as StarDist saved it (it adds "verbose")
         stain_scale=0.2,
         scale_range=0.1,  # HEAugmenter's, as the run recorded it
+        hue_shift=0.0,
+        saturation_range=0.0,
         **TINY,
     )
     assert {"factor": 0.5, "patience": 5, "min_delta": 0}.items() <= config.reduce_lr.items()
@@ -381,7 +416,17 @@ def test_training_resumes_from_the_saved_epoch(disks, tmp_path):
     assert (out / "weights_best.h5").exists()
 
     # a lower rate and stronger stain jitter from epoch 2
-    train(list(ims), list(mks), out, finalize=False, learning_rate=1e-4, stain_scale=0.4, scale_range=0.25, **kw)
+    train(
+        list(ims),
+        list(mks),
+        out,
+        finalize=False,
+        learning_rate=1e-4,
+        stain_scale=0.4,
+        scale_range=0.25,
+        saturation_range=0.5,
+        **kw,
+    )
     state = json.loads((out / "train_state.json").read_text())
     assert state["epochs_done"] == 3 and state["complete"]
     # Adam went on from where the first call stopped: 3 epochs x 2 steps, not a fresh optimizer's 2 x 2
@@ -402,6 +447,8 @@ def test_training_resumes_from_the_saved_epoch(disks, tmp_path):
     assert card["training"]["config"]["stain_scale"] == 0.2 and card["training"]["config"]["epochs"] == 3
     assert "set to 0.0001 after epoch 1" in (out / "MODEL.md").read_text()
     assert "±0.2 until epoch 1" in (out / "MODEL.md").read_text()
+    assert state["saturation_range_changes"] == [{"epoch": 1, "from": 0.0, "to": 0.5}]
+    assert "HSV saturation ×(1 ± 0.5) (0.0 until epoch 1)" in (out / "MODEL.md").read_text()
     # the split did not change between the two calls
     assert card["training"]["n_val"] == len(state["split"]["val"])
 
