@@ -9,7 +9,7 @@ kept nucleus reaches past its tile's box by at most its radius. A wider halo rea
 narrower one can change the nuclei found near tile borders. For each halo in ``--halos-um`` (the
 workflow's ``segmentation.halo_um``) and each slide:
 
-- the pixels the tiles read (``Tile.read_box`` summed, as ``plan_slide`` lays them out);
+- the pixels the tiles read (``read_px`` in the bundle's ``run.json``);
 - ``histo run``'s segmentation wall time (``segment_s``) on a warm LocalCluster of ``--workers``;
 - the agreement of its nuclei with StarDist's ``predict_instances_big`` on the whole slide read at the
   model's µm/px (the StarDist docs' blocks of ``bench/throughput.py``: 4096 px, overlap 128, context
@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import shapely
-from throughput import BIG, generated, tile_pixels, with_segmentation
+from throughput import BIG, generated, with_segmentation
 
 from histo.run.cluster import dask_client
 from histo.run.pipeline import plan_slide, run_slide
@@ -104,9 +104,9 @@ def main() -> None:
             run_slide(slide, out / "warm", args.workflow, client=client, show_progress=False)  # untimed
             for halo in halos:
                 wf = with_segmentation(args.workflow, halo_um=halo)
-                read, _ = tile_pixels(slide, out / "plan", wf, model)
                 bundle = run_slide(slide, out / f"halo{halo:g}", wf, client=client, show_progress=False)
-                segment_s = json.loads((bundle / "run.json").read_text())["timings_s"]["segment_s"]
+                run = json.loads((bundle / "run.json").read_text())
+                read, segment_s = run["parameters"]["read_px"], run["timings_s"]["segment_s"]
                 polygons = pq.read_table(bundle / "cells.parquet", columns=["polygon"]).column("polygon")
                 labels = grid_labels(shapely.from_wkb(polygons.to_numpy(zero_copy_only=False)), plan)
                 f1 = score(reference, labels)["f1"]

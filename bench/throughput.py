@@ -28,8 +28,8 @@ worker. Peak memory is the summed RSS of this process and its children during ea
 Throughput of (a) is reported three ways: tissue Mpx per second end to end (the tissue's area at the
 model's µm/px over the run's wall time), tissue Mpx per second of segmentation (over the run's
 ``segment_s``, the tile tasks' wall time) and pixels processed per second of segmentation: the sum of
-every tile's read box (the part of its core near tissue, ``Tile.box``, plus the halo, as ``plan_slide``
-lays them out for this slide) over the same ``segment_s``. The ratio read px / kept core px is the halo
+every tile's read box (the part of its core near tissue, ``Tile.box``, plus the halo: ``read_px`` in
+the bundle's ``run.json``) over the same ``segment_s``. The ratio read px / kept core px is the halo
 overhead; read px / tissue px adds the glass inside tiles. The last line is ``speedup=<b/a>
 speedup_float32=<c/a> agreement_f1=<F1 of a against b> mpx_per_s=<tissue Mpx/s of a, end to end>
 read_mpx_per_s=<read Mpx/s of a's segmentation> halo_overhead=<read px / kept core px>``
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -50,7 +49,7 @@ import tifffile
 from memwatch import timed
 
 from histo.run.cluster import dask_client
-from histo.run.pipeline import plan_slide, run_slide
+from histo.run.pipeline import run_slide
 from histo.segment.models import (
     PRECISIONS,
     inference_precision,
@@ -83,22 +82,6 @@ def with_segmentation(workflow: str, **changes):
     """The workflow ``workflow`` with ``changes`` to its ``segmentation:`` section (``tile_um=…``, ``halo_um=…``)."""
     wf = load_workflow(workflow)
     return wf.replace(segmentation=wf.segmentation.replace(**changes))
-
-
-def tile_pixels(slide: Path, out: Path, workflow: str, model: str) -> tuple[int, int]:
-    """(read px, core px) summed over the tiles ``histo run`` lays out for ``slide``: each tile's read
-    box (core + halo, clipped to the slide) and its core, at the model's µm/px (``plan_slide``'s own
-    plan; its empty partial bundle is removed)."""
-    plan = plan_slide(slide, out, workflow, model)
-    shutil.rmtree(plan.partial, ignore_errors=True)
-    return read_and_core_px(plan.tiles)
-
-
-def read_and_core_px(tiles) -> tuple[int, int]:
-    """(read px, core px) summed over ``tiles``: each tile's read box (the part of its core it keeps,
-    plus the halo, clipped to the slide) and that part (``Tile.box``)."""
-    kept = (t.box for t in tiles)
-    return sum(t.read_box[2] * t.read_box[3] for t in tiles), sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in kept)
 
 
 def warm_statistics(bundle: Path, params: NeighbourhoodParams) -> None:
@@ -167,8 +150,8 @@ def main() -> None:
     slide, warm = generated(args.workdir, size, mpp), generated(args.workdir, 1024, mpp, seed=1)  # 257 nuclei
 
     out = args.workdir / "out"
-    read_px, core_px = tile_pixels(slide, out / "plan", args.workflow, model)
     bundle, t_a, walls_a, mem_a, run = histo_run(slide, warm, out, args.workflow, model, args.workers, args.rounds)
+    read_px, core_px = run["parameters"]["read_px"], run["parameters"]["kept_px"]
     steps = {k.removesuffix("_s"): round(v, 1) for k, v in run["timings_s"].items()}
     tasks = {k.removesuffix("_s"): round(v, 1) for k, v in run["task_timings_s"].items()}
     print(

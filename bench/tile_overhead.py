@@ -42,12 +42,13 @@ import numpy as np
 import psutil
 from distributed import as_completed
 from memwatch import PeakRSS, tree_rss
-from throughput import generated, read_and_core_px, with_segmentation
+from throughput import generated, with_segmentation
 
 from histo.run.cluster import dask_client
 from histo.run.pipeline import add_timings, plan_slide, submit_tiles
 from histo.segment.models import inference_precision, normalize_image, resolve_model
 from histo.segment.task import warm_worker
+from histo.segment.tiling import pixels_read
 from histo.workflow import load_workflow
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
@@ -159,7 +160,7 @@ def main() -> None:
     for tile_um, results in runs.items():
         plan = results[-1]["plan"]
         tiles = plan.tiles
-        read, core = read_and_core_px(tiles)
+        read, core = pixels_read(tiles)
         tissue_mpx = sum(p.area for p in plan.tissue.pieces) / plan.grid_mpp**2 / 1e6  # µm² / (µm/px)²
         wall = statistics.median(r["wall"] for r in results)
         peak = statistics.median(r["peak"] for r in results)

@@ -53,7 +53,7 @@ from histo.segment.labels import create_pyramid, downsample_level, write_chunk
 from histo.segment.models import ModelSpec, compute_percentiles, inference_precision, resolve_model
 from histo.segment.nuclei import border_duplicates, cell_schema
 from histo.segment.task import SegmentJob, segment_tile
-from histo.segment.tiling import Segmentation, Tile, align_up, halo_px, tile_grid
+from histo.segment.tiling import Segmentation, Tile, align_up, halo_px, pixels_read, tile_grid
 from histo.segment.tissue import detect_tissue
 from histo.structures.analyse import analyse_cells
 from histo.structures.phenotypes import check_gate_columns
@@ -491,6 +491,7 @@ def _analyse_and_write(client: Client, plan: SlidePlan, task_totals: dict[str, f
             "grid_shape_px": list(plan.shape),
             "tile_px": tiles[0].x1 - tiles[0].x0 if tiles else None,
             "halo_px": tiles[0].halo if tiles else None,
+            **dict(zip(("read_px", "kept_px"), pixels_read(tiles))),  # grid px the tiles read / keep nuclei in
             "percentiles": plan.percentiles,
             "precision": plan.job.precision,
         },

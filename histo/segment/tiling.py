@@ -127,6 +127,14 @@ def tile_grid(
     return tiles
 
 
+def pixels_read(tiles) -> tuple[int, int]:
+    """(read px, kept px) summed over ``tiles``, in grid px: each tile's :attr:`Tile.read_box` (what it
+    reads, halo included) and its :attr:`Tile.box` (the part whose nuclei it keeps). Their ratio is
+    the halo's overhead."""
+    read = sum(t.read_box[2] * t.read_box[3] for t in tiles)
+    return read, sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in (t.box for t in tiles))
+
+
 def _fit_to_tissue(mask: np.ndarray, scale: float, tile: Tile) -> Tile | None:
     """``tile`` with :attr:`Tile.own` set to the tissue's bounding box within its read box, grown by
     the halo, aligned outwards to ``ALIGN`` and clipped to the core; None where it reads no tissue."""

@@ -45,6 +45,8 @@ def test_bundle_is_complete_and_consistent(lymph_node_bundle):
     wf = load_workflow("lymph-node-he")  # run.json records the whole Workflow, and it loads back into it
     assert run["workflow"] == wf.as_dict() and validate(run["workflow"]) == wf
     assert run["parameters"]["precision"] in ("float32", "bfloat16")
+    grid_px = run["parameters"]["grid_shape_px"][0] * run["parameters"]["grid_shape_px"][1]
+    assert run["parameters"]["kept_px"] <= grid_px < run["parameters"]["read_px"]  # halos overlap
     # ownership by centre keeps each nucleus once; the few border copies left (tiles predicting a nucleus
     # slightly apart) are removed, so no two kept nuclei of different tiles are within DUPLICATE_UM
     removed = run["n_border_duplicates_removed"]

@@ -1,7 +1,7 @@
 import numpy as np
 
 from histo.segment.nuclei import border_duplicates, cell_ids, polygon_area, tile_cells
-from histo.segment.tiling import ALIGN, CONTEXT_PX, Tile, halo_px, tile_grid
+from histo.segment.tiling import ALIGN, CONTEXT_PX, Tile, halo_px, pixels_read, tile_grid
 
 
 def test_cores_partition_the_image():
@@ -37,6 +37,10 @@ def test_tiles_segment_only_near_their_tissue():
     assert tile.owns(np.array([70, 60, 239, 240]), np.full(4, 100)).tolist() == [True, False, True, False]
     full = tile_grid((1000, 1000), 512, 32, np.ones((10, 10), bool), mask_scale=100)
     assert all(t.own is None for t in full) and len(full) == 4
+    # what run.json reports: the speck's read box (halo included) and the part it keeps
+    assert pixels_read([tile]) == (240 * 240, 176 * 176)
+    read, kept = pixels_read(full)
+    assert kept == 1000 * 1000 and read == sum(w * h for _, _, w, h in (t.read_box for t in full)) > kept
 
 
 def test_ownership_is_half_open():
