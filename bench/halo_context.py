@@ -103,7 +103,9 @@ def main() -> None:
             client.run(warm_worker, plan.spec, plan.job.precision)
             run_slide(slide, out / "warm", args.workflow, client=client, show_progress=False)  # untimed
             for halo in halos:
-                wf = with_segmentation(args.workflow, halo_um=halo)
+                wf = with_segmentation(
+                    args.workflow, halo_um=halo, second_view_saturation=None
+                )  # as StarDist: one view
                 bundle = run_slide(slide, out / f"halo{halo:g}", wf, client=client, show_progress=False)
                 run = json.loads((bundle / "run.json").read_text())
                 read, segment_s = run["parameters"]["read_px"], run["timings_s"]["segment_s"]

@@ -151,7 +151,11 @@ def main() -> None:
     for r in range(args.rounds):
         for tile_um in args.tiles_um:
             res = time_segmentation(
-                slide, args.workdir / "out", with_segmentation(args.workflow, tile_um=tile_um), model, args.workers
+                slide,
+                args.workdir / "out",
+                with_segmentation(args.workflow, tile_um=tile_um, second_view_saturation=None),
+                model,
+                args.workers,
             )
             runs[tile_um].append(res)
             print(f"  round {r} tile {tile_um:g} µm: {res['wall']:.1f} s, peak {res['peak']:.2f} GB", flush=True)

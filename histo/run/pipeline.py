@@ -327,6 +327,7 @@ def plan_slide(
         tuple(slide.channel_names) if wf.stain == "if" else None,
         channel,
         inference_precision(),
+        seg.second_view_saturation if wf.stain == "he" and spec.n_channels == 3 else None,
     )
     return SlidePlan(
         Path(slide_path),

@@ -49,6 +49,7 @@ class SegmentJob:
     channel_names: tuple | None = None  # channel names of fluorescence slides
     nucleus_channel: int | None = None  # fluorescence: the one channel the nucleus model reads
     precision: str = "float32"  # the network's arithmetic (histo.segment.models.inference_precision)
+    second_view_saturation: float | None = None  # RGB: the tile's saturation × this is a second view (predict_tile)
 
     @property
     def classify(self) -> bool:
@@ -88,7 +89,15 @@ def warm_worker(spec: ModelSpec, precision: str) -> None:
 
 def predict_tile(job: SegmentJob, tile: Tile) -> tuple:
     """StarDist on the tile's read box; returns its pixels, (coord, points, prob) in read-box px and
-    timings (s)."""
+    timings (s).
+
+    With ``job.second_view_saturation`` the network also sees the tile with its saturation scaled
+    (:func:`scale_saturation`), and each pixel keeps the probability and distances of the view where
+    its nucleus probability is higher, before one non-maximum suppression. The model misses most
+    nuclei of dark purple, hematoxylin-heavy fields (MoNuSAC's lymphocyte sheets: 0.44 of them found)
+    yet finds them in a greyer view of the same pixels (0.83), while keeping what it finds in the
+    full-colour view (CoNSeP, where the greyer view alone loses a quarter of the nuclei).
+    """
     timings = Timings()
     with timings.time("model_load_s"):
         model = _model(job.model, job.precision)
@@ -98,17 +107,51 @@ def predict_tile(job: SegmentJob, tile: Tile) -> tuple:
         x = normalize_image(
             img if job.nucleus_channel is None else img[..., job.nucleus_channel], job.model, job.percentiles
         )
+        grey = None
+        if job.second_view_saturation is not None:
+            grey = normalize_image(scale_saturation(img, job.second_view_saturation), job.model, job.percentiles)
     with timings.time("stardist_s"):
+        det = detect(model, x, job.prob_thresh, job.nms_thresh, grey)
+    return img, det["coord"], det["points"], det["prob"], dict(timings)
+
+
+def detect(model, x: np.ndarray, prob_thresh=None, nms_thresh=None, second: np.ndarray | None = None) -> dict:
+    """StarDist's nuclei (``coord``, ``points``, ``prob`` in px) of the normalised image ``x``; the
+    model's thresholds where ``prob_thresh`` / ``nms_thresh`` are None.
+
+    With ``second`` (another view of the same pixels, normalised), each pixel keeps the probability and
+    distances of the view where its nucleus probability is higher, and one non-maximum suppression
+    runs on the merged maps (StarDist's own step after the network in ``predict_instances``).
+    """
+    axes = "YXC" if x.ndim == 3 else "YX"
+    if second is None:
         _, det = model.predict_instances(
             x,
-            axes="YXC" if x.ndim == 3 else "YX",
-            prob_thresh=job.prob_thresh,
-            nms_thresh=job.nms_thresh,
+            axes=axes,
+            prob_thresh=prob_thresh,
+            nms_thresh=nms_thresh,
             return_labels=False,
             show_tile_progress=False,
             verbose=False,
         )
-    return img, det["coord"], det["points"], det["prob"], dict(timings)
+        return det
+    prob, dist = model.predict(x, axes=axes, show_tile_progress=False)
+    prob2, dist2 = model.predict(second, axes=axes, show_tile_progress=False)
+    take = prob2 > prob
+    prob, dist = np.where(take, prob2, prob), np.where(take[..., None], dist2, dist)
+    _, det = model._instances_from_prediction(
+        x.shape[:2], prob, dist, prob_thresh=prob_thresh, nms_thresh=nms_thresh, return_labels=False
+    )
+    return det
+
+
+def scale_saturation(rgb: np.ndarray, factor: float) -> np.ndarray:
+    """``rgb`` (H, W, 3) with its HSV saturation × ``factor`` and its hue and value kept, as float32 in
+    the input's range: each channel moves toward the pixel's brightest one, ``max - factor · (max - c)``
+    (exactly what scaling S in HSV does)."""
+    x = np.asarray(rgb, np.float32)
+    top = x.max(axis=-1, keepdims=True)
+    return top - np.float32(factor) * (top - x)
 
 
 def segment_tile(job: SegmentJob, tile: Tile) -> dict:
@@ -142,15 +185,17 @@ def nucleus_classes(img: np.ndarray, coord: np.ndarray, points: np.ndarray, job:
     }
 
 
-def whole_image_centres(slide_path: str, model: str) -> np.ndarray:
+def whole_image_centres(slide_path: str, model: str, second_view_saturation: float | None = None) -> np.ndarray:
     """Reference: StarDist centres (n, 2) as (x, y) µm from one prediction on the whole slide image
-    at once, normalised as the tiles are. For small slides only; call it in a worker process."""
+    at once, normalised as the tiles are, with the tiles' second view (:func:`predict_tile`) where
+    ``second_view_saturation`` is given. For small slides only; call it in a worker process."""
     spec = resolve_model(model)
     slide = open_slide(slide_path)
     mpp = slide.effective_mpp(spec.mpp)
     h, w = (int(np.ceil(s * slide.mpp / mpp)) for s in slide.shape)
-    img = normalize_image(slide.read(0, 0, w, h, mpp=mpp), spec)
-    _, det = _model(spec, inference_precision()).predict_instances(
-        img, axes="YXC", return_labels=False, show_tile_progress=False
-    )
+    rgb = slide.read(0, 0, w, h, mpp=mpp)
+    second = None
+    if second_view_saturation is not None:
+        second = normalize_image(scale_saturation(rgb, second_view_saturation), spec)
+    det = detect(_model(spec, inference_precision()), normalize_image(rgb, spec), second=second)
     return (det["points"][:, ::-1] + 0.5) * mpp

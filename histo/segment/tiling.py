@@ -29,12 +29,16 @@ class Segmentation(Section):
     nms_thresh: float | None = None  # None = the model's own threshold
     nucleus_channel: str | int | None = None  # fluorescence: the channel the nucleus model reads (name or 0-based
     #   index); None = the first channel, the DNA stain as tissue detection assumes
+    second_view_saturation: float | None = 0.3  # H&E: the network also sees each tile with its saturation × this
+    #   and every pixel keeps the view with the higher nucleus probability (histo.segment.task.predict_tile);
+    #   None = one view
 
     RANGES: ClassVar = {
         "tile_um": (32.0, 2048.0),  # 128–8192 px at 0.25 µm/px
         "halo_um": (0.0, 256.0),
         "prob_thresh": (0.0, 1.0),
         "nms_thresh": (0.0, 1.0),
+        "second_view_saturation": (0.0, 1.0),
     }
 
 
