@@ -350,6 +350,7 @@ def test_train_writes_a_complete_small_model_folder(trained):
         scale_range=0.1,  # HEAugmenter's, as the run recorded it
         hue_shift=0.0,
         saturation_range=0.0,
+        haze=0.0,
         **TINY,
     )
     assert {"factor": 0.5, "patience": 5, "min_delta": 0}.items() <= config.reduce_lr.items()
