@@ -107,9 +107,7 @@ def predict_tile(job: SegmentJob, tile: Tile) -> tuple:
         x = normalize_image(
             img if job.nucleus_channel is None else img[..., job.nucleus_channel], job.model, job.percentiles
         )
-        grey = None
-        if job.second_view_saturation is not None:
-            grey = normalize_image(scale_saturation(img, job.second_view_saturation), job.model, job.percentiles)
+        grey = greyer_view(img, job.second_view_saturation, job.model, job.percentiles)
     with timings.time("stardist_s"):
         det = detect(model, x, job.prob_thresh, job.nms_thresh, grey)
     return img, det["coord"], det["points"], det["prob"], dict(timings)
@@ -143,6 +141,12 @@ def detect(model, x: np.ndarray, prob_thresh=None, nms_thresh=None, second: np.n
         x.shape[:2], prob, dist, prob_thresh=prob_thresh, nms_thresh=nms_thresh, return_labels=False
     )
     return det
+
+
+def greyer_view(rgb: np.ndarray, factor: float | None, spec: ModelSpec, percentiles=None) -> np.ndarray | None:
+    """The second view of ``rgb`` for :func:`detect`: its saturation × ``factor``, normalised for
+    ``spec`` as the first view is; None where ``factor`` is None (one view)."""
+    return None if factor is None else normalize_image(scale_saturation(rgb, factor), spec, percentiles)
 
 
 def scale_saturation(rgb: np.ndarray, factor: float) -> np.ndarray:
@@ -194,8 +198,6 @@ def whole_image_centres(slide_path: str, model: str, second_view_saturation: flo
     mpp = slide.effective_mpp(spec.mpp)
     h, w = (int(np.ceil(s * slide.mpp / mpp)) for s in slide.shape)
     rgb = slide.read(0, 0, w, h, mpp=mpp)
-    second = None
-    if second_view_saturation is not None:
-        second = normalize_image(scale_saturation(rgb, second_view_saturation), spec)
+    second = greyer_view(rgb, second_view_saturation, spec)
     det = detect(_model(spec, inference_precision()), normalize_image(rgb, spec), second=second)
     return (det["points"][:, ::-1] + 0.5) * mpp
