@@ -17,7 +17,6 @@ from histo.run.pipeline import run_slide
 from histo.segment.nuclei import id_centres_um
 from histo.segment.task import whole_image_centres
 from histo.train.matching import match_points
-from histo.workflow import load_workflow
 from histo_sample import write_sample
 
 
@@ -45,7 +44,7 @@ def main() -> None:
                 run = json.loads((bundle / "run.json").read_text())
                 params = run["parameters"]
                 tiled = id_centres_um(cells.cell_id, params["grid_shape_px"][1], params["grid_mpp"])
-                second_view = load_workflow(workflow).segmentation.second_view_saturation  # as the tiles
+                second_view = run["workflow"]["segmentation"]["second_view_saturation"]  # as the tiles did
                 whole = client.submit(whole_image_centres, str(slide), args.model, second_view, pure=False).result()
                 mw = match_points(tiled, whole, 1.0)
                 print(

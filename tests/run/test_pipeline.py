@@ -100,10 +100,11 @@ def test_small_tiles_give_the_same_nuclei_without_duplicates(lymph_node_bundle, 
 
 def test_tiled_agrees_with_whole_image_prediction(lymph_node_bundle, client):
     slide, bundle = lymph_node_bundle
-    second_view = load_workflow("lymph-node-he").segmentation.second_view_saturation  # what the tiles did
+    run = json.loads((bundle / "run.json").read_text())
+    second_view = run["workflow"]["segmentation"]["second_view_saturation"]  # what the tiles did
     centres = client.submit(whole_image_centres, str(slide), "histo-he", second_view, pure=False).result()
     cells = pd.read_parquet(bundle / "cells.parquet")
-    params = json.loads((bundle / "run.json").read_text())["parameters"]
+    params = run["parameters"]
     tiled = id_centres_um(cells.cell_id, params["grid_shape_px"][1], params["grid_mpp"])
     m = match_points(tiled, centres, 1.0)
     assert m.f1 >= 0.99, f"F1 tiled vs whole image {m.f1:.4f} ({m.n_pred} vs {m.n_true})"
