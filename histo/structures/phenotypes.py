@@ -19,6 +19,7 @@ from skimage.filters import threshold_otsu
 
 from histo.config import Section
 from histo.errors import WorkflowError
+from histo.segment.nucleus_classes import CLASSES
 
 Number = (int, float)
 HE_TYPES = ("lymphocyte", "large", "stromal", "epithelial", "other")
@@ -44,6 +45,9 @@ class HERules(Section):
     large_classes: list[str] = field(default_factory=lambda: ["lymphocyte", "stromal", "other"])  # learned classes a
     #   large pale one comes from (lymph node: add epithelial — a node has no epithelium; a colon-trained
     #   classifier calls centroblasts so) [P]
+    lymphocyte_classes: list[str] = field(default_factory=list)  # learned classes whose nuclei the rules call
+    #   lymphocytes (lymphocyte-sized, round and dark, thresholds above) are typed lymphocyte (lymph node:
+    #   [epithelial, stromal] — a colon-trained classifier calls small lymphocytes of other organs so) [P]
     large_min_area_um2: float = 45.0  # µm², centroblast / macrophage > 45 (DOMAIN §6) [P]
     large_max_od_ratio: float = 1.0  # pale: H OD < ratio × reference OD, "below lymphocyte median" (§7.4) [P]
     stromal_min_eccentricity: float = 0.9  # fibroblast / synoviocyte, DOMAIN §6 [P]
@@ -58,6 +62,14 @@ class HERules(Section):
         "stromal_min_eccentricity": (0.0, 1.0),
         "dense_fraction": (1e-4, 1.0),
     }
+
+    def validated(self, path: str) -> HERules:
+        """Itself; WorkflowError naming the key for a class name the classifier does not give."""
+        for key in ("large_classes", "lymphocyte_classes"):
+            unknown = sorted(set(getattr(self, key)) - set(CLASSES))
+            if unknown:
+                raise WorkflowError(path, f"'cell_types.{key}': unknown class(es) {unknown}; classes: {list(CLASSES)}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -169,7 +181,9 @@ def classify_he(cells: pd.DataFrame, rules: HERules | None = None) -> tuple[pd.C
     -----
     Learned (``learned`` and ``nucleus_class`` present): each nucleus keeps its class, except that a
     nucleus of ``large_classes`` ≥ ``large_min_area_um2`` and paler than ``large_max_od_ratio`` × the
-    slide's lymphocytes is ``large`` (the germinal-centre cue: centroblasts, macrophages); the
+    slide's lymphocytes is ``large`` (the germinal-centre cue: centroblasts, macrophages), and one of
+    ``lymphocyte_classes`` that the rules call a lymphocyte is ``lymphocyte`` (``retyped_lymphocyte``
+    in the report; only where ≥ ``min_reference_cells`` learned lymphocytes give the references); the
     lymphocyte references are the learned lymphocytes' area mode and median OD. Rules: lymphocyte =
     lymphocyte-sized, round and dark; stromal = elongated; large = large and pale; else other. The
     references come from the slide (:func:`_references`); area bounds scale with the area mode.
@@ -181,11 +195,11 @@ def classify_he(cells: pd.DataFrame, rules: HERules | None = None) -> tuple[pd.C
     col = {c: cells[c].to_numpy(np.float64) for c in HE_COLUMNS}
     area, od = col["area_um2"], col["hematoxylin_od"]
     learned = r.learned and "nucleus_class" in cells
+    round_ = (col["eccentricity"] < r.lymphocyte_max_eccentricity) & (col["solidity"] >= r.lymphocyte_min_solidity)
     if learned:
         cls = cells["nucleus_class"].astype(str).to_numpy()
         refs = _learned_references(cls, area, od, r)
     else:
-        round_ = (col["eccentricity"] < r.lymphocyte_max_eccentricity) & (col["solidity"] >= r.lymphocyte_min_solidity)
         refs = _references(cells, r, round_)
     scale = refs["lymphocyte_area_um2"] / r.lymphocyte_area_um2
     ref_od = refs["lymphocyte_hematoxylin_od"]
@@ -197,19 +211,24 @@ def classify_he(cells: pd.DataFrame, rules: HERules | None = None) -> tuple[pd.C
         "large_max_hematoxylin_od": r.large_max_od_ratio * ref_od,
     }
     large = (area >= t["large_min_area_um2"]) & (od < t["large_max_hematoxylin_od"])
+    lymphocyte = (
+        (area >= t["lymphocyte_min_area_um2"])
+        & (area <= t["lymphocyte_max_area_um2"])
+        & round_
+        & (od >= t["lymphocyte_min_hematoxylin_od"])
+    )
     if learned:
         large &= np.isin(cls, r.large_classes)
-        code = np.select([large, cls == "epithelial", cls == "lymphocyte", cls == "stromal"], [1, 3, 0, 2], 4)
-        t = {k: v for k, v in t.items() if k.startswith("large")}
+        own = refs["source"] == "learned"  # else too few learned lymphocytes to measure the slide's: none retyped
+        retype = lymphocyte & np.isin(cls, r.lymphocyte_classes) & ~large & own
+        if not r.lymphocyte_classes:
+            t = {k: v for k, v in t.items() if k.startswith("large")}
+        code = np.select(
+            [large, (cls == "lymphocyte") | retype, cls == "epithelial", cls == "stromal"], [1, 0, 3, 2], 4
+        )
     else:
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = col["major_axis_um"] / col["minor_axis_um"]
-        lymphocyte = (
-            (area >= t["lymphocyte_min_area_um2"])
-            & (area <= t["lymphocyte_max_area_um2"])
-            & round_
-            & (od >= t["lymphocyte_min_hematoxylin_od"])
-        )
         stromal = (col["eccentricity"] > r.stromal_min_eccentricity) | (ratio >= r.stromal_min_axis_ratio)
         code = np.select([lymphocyte, stromal, large], [0, 2, 1], 4)  # codes of HE_TYPES
     types = pd.Categorical.from_codes(code, categories=list(HE_TYPES))
@@ -222,6 +241,7 @@ def classify_he(cells: pd.DataFrame, rules: HERules | None = None) -> tuple[pd.C
         "lymphocyte_hematoxylin_od": ref_od,
         **t,
         "counts": {k: int(v) for k, v in types.value_counts().items()},
+        **({"retyped_lymphocyte": int(retype.sum())} if learned and r.lymphocyte_classes else {}),
     }
     return types, report
 

@@ -118,6 +118,8 @@ def test_he_rules_schema_and_errors(node_cells):
         assert isinstance(default, types), key
     with pytest.raises(TypeError, match="lymphocyte_area"):
         HERules(lymphocyte_area=3)
+    with pytest.raises(WorkflowError, match=r"cell_types.lymphocyte_classes.*'epithelium'"):
+        HERules(lymphocyte_classes=["epithelium"]).validated("w.yaml")
     with pytest.raises(ValueError, match="hematoxylin_od"):
         classify_he(node_cells.drop(columns="hematoxylin_od"))
     few, report = classify_he(node_cells.iloc[:30])  # too few for any reference set: all nuclei's OD, said so
@@ -146,6 +148,31 @@ def test_learned_classes_are_kept_and_large_pale_nuclei_split_off(node_cells):
     )
     rules_only, report = classify_he(cells, HERules(learned=False))
     assert report["method"] == "rules" and "epithelial" not in set(np.asarray(rules_only))
+
+
+def test_lymphocyte_classes_retype_small_round_dark_nuclei_measured_on_the_slide(node_cells):
+    """Lymphocytes the classifier calls epithelial become lymphocytes under ``lymphocyte_classes``,
+    large pale nuclei it calls so do not; with too few learned lymphocytes nothing is retyped."""
+    truth = node_cells.truth.to_numpy()
+    lymph = np.flatnonzero(truth == "lymphocyte")
+    learned = np.where(truth == "lymphocyte", "lymphocyte", "other").astype(object)
+    learned[lymph[::3]] = "epithelial"  # a third of the lymphocytes called epithelial
+    learned[truth == "large"] = "epithelial"
+    cells = node_cells.assign(nucleus_class=learned)
+    kept, report = classify_he(cells)
+    assert "retyped_lymphocyte" not in report
+    assert (np.asarray(kept)[lymph[::3]] == "epithelial").all()
+    types, report = classify_he(cells, HERules(lymphocyte_classes=["epithelial"]))
+    called = np.asarray(types)
+    assert report["reference_source"] == "learned" and report["retyped_lymphocyte"] > 0
+    assert (called[lymph[::3]] == "lymphocyte").mean() >= 0.8
+    assert (called[truth == "large"] == "lymphocyte").mean() <= 0.05
+    assert report["retyped_lymphocyte"] == (called == "lymphocyte").sum() - (learned == "lymphocyte").sum()
+    few = learned.copy()
+    few[np.flatnonzero(learned == "lymphocyte")[40:]] = "epithelial"  # 40 learned lymphocytes: below 50
+    types, report = classify_he(node_cells.assign(nucleus_class=few), HERules(lymphocyte_classes=["epithelial"]))
+    assert report["reference_source"] == "all" and report["retyped_lymphocyte"] == 0
+    assert (np.asarray(types) == "lymphocyte").sum() == 40
 
 
 def test_gate_markers_order_auto_and_report():
