@@ -113,7 +113,7 @@ def _summary(
     """Structure and score columns of a tissue piece or of the whole slide (``tissue_ids``);
     germinal-centre columns are NaN where ``params`` did not look for them."""
     scores = params.scores
-    tissue_mm2 = np.float64(tissue_mm2)  # 0 mm² gives NaN rates, not ZeroDivisionError
+    tissue_mm2 = np.float64(tissue_mm2)  # 0 mm² gives NaN rates (silently), not ZeroDivisionError
     inside = regions[regions.tissue_id.isin(tissue_ids)]
     by = {k: inside[inside.kind == k] for k in KINDS}
     out = {}
@@ -230,24 +230,28 @@ def region_metrics(
         table.loc[tissue_rows, col] = values
     slide_n = n.loc[table.region_id[tissue_rows]].sum() if len(tissue_rows) else pd.Series(0, index=types)
     slide_um2 = float(table.loc[tissue_rows, "area_um2"].sum())
-    slide = dict(
-        region_id="slide",
-        kind="slide",
-        name="slide",
-        area_um2=slide_um2,
-        area_mm2=slide_um2 / 1e6,
-        **_cell_columns(slide_n.to_frame().T, [slide_um2]).iloc[0].to_dict(),
-        **_summary(
-            regions,
-            list(table.region_id[tissue_rows]),
-            totals,
-            lymphoid[table.region_id[tissue_rows]].sum(),
-            slide_n.sum(),
-            slide_um2 / 1e6,
-            tissue_type,
-            params,
-        ),
-        n_tissue_pieces=len(tissue_rows),
-        sampling_flag=bool(slide_um2 < scores.min_tissue_um2),
-    )
-    return pd.concat([table, pd.DataFrame([slide])], ignore_index=True)
+    with np.errstate(divide="ignore", invalid="ignore"):  # no tissue: NaN rates
+        slide = dict(
+            region_id="slide",
+            kind="slide",
+            name="slide",
+            area_um2=slide_um2,
+            area_mm2=slide_um2 / 1e6,
+            **_cell_columns(slide_n.to_frame().T, [slide_um2]).iloc[0].to_dict(),
+            **_summary(
+                regions,
+                list(table.region_id[tissue_rows]),
+                totals,
+                lymphoid[table.region_id[tissue_rows]].sum(),
+                slide_n.sum(),
+                slide_um2 / 1e6,
+                tissue_type,
+                params,
+            ),
+            n_tissue_pieces=len(tissue_rows),
+            sampling_flag=bool(slide_um2 < scores.min_tissue_um2),
+        )
+    row = pd.DataFrame([slide])
+    if table.empty:  # no tissue: the slide row alone, with the table's columns (concat warns on empty frames)
+        return row.reindex(columns=[*table.columns, *row.columns.difference(table.columns, sort=False)])
+    return pd.concat([table, row], ignore_index=True)

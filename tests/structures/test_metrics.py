@@ -117,6 +117,18 @@ def test_small_biopsy_without_lymphocytes(tmp_path):
     assert list(pd.read_parquet(parquet).columns) == list(table.columns)
 
 
+@pytest.mark.filterwarnings("error::FutureWarning", "error::RuntimeWarning")
+def test_no_tissue_gives_the_slide_row_alone_without_warnings():
+    """A tile that is all adipose (CoNSeP train_25) had no tissue and printed pandas' and numpy's
+    warnings even under --quiet; now the slide row alone, its rates NaN, and nothing printed."""
+    cells = pd.DataFrame({"x_um": [5.0], "y_um": [5.0], "cell_type": ["stromal"], "area_um2": [30.0]}).iloc[:0]
+    regions = find_regions(cells, [], "lymph-node")
+    table = region_metrics(cells, regions, "lymph-node")
+    slide = table.set_index("region_id").loc["slide"]
+    assert len(table) == 1 and slide.n_cells == 0 and slide.area_um2 == 0
+    assert np.isnan(slide.density_cells_per_mm2) and np.isnan(slide.fraction_area_germinal_centre)
+
+
 def test_cells_outside_tissue_count_in_no_region():
     """Nuclei over glass beside the tissue (a tile's edge) count neither in the slide row nor in an
     annotation drawn past the tissue."""
