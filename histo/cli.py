@@ -162,14 +162,14 @@ def _train_classes(args) -> None:
         epochs=args.epochs,
         val_fraction=args.val_fraction,
         seed=args.seed,
+        stain=None if args.stain == "none" else args.stain,
+        add=args.add,
         **({"filters": args.filters} if args.filters else {}),
         command="histo " + " ".join(args.argv),
     )
     v = section["validation"]
-    print(
-        f"wrote {Path(args.model) / section['file']}: validation accuracy {v['accuracy']}, "
-        f"lymphocyte F1 {v['lymphocyte']['f1']}"
-    )
+    what = f"a classifier of {len(section['members'])} members" if args.add else Path(args.model) / section["file"]
+    print(f"wrote {what}: validation accuracy {v['accuracy']}, lymphocyte F1 {v['lymphocyte']['f1']}")
 
 
 def _evaluate(args) -> None:
@@ -451,6 +451,19 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         nargs="+",
         help="filters of the classifier's four conv blocks (default 16 32 64 128); fewer cost less per nucleus",
+    )
+    c.add_argument(
+        "--stain",
+        choices=["macenko", "macenko-unscaled", "none"],
+        default="macenko",
+        help="how each tile's patches are read: Macenko's stain standardisation (default), its colours only "
+        "(stain amounts kept), or as they are",
+    )
+    c.add_argument(
+        "--add",
+        action="store_true",
+        help="add this network to the model's classifier as another member (probabilities averaged) "
+        "instead of replacing it",
     )
     c.set_defaults(func=_train_classes)
 

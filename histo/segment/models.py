@@ -304,11 +304,11 @@ def _read_spec(folder: Path, source: str, name: str | None) -> ModelSpec:
 
 
 def _classes(folder: Path, card: dict | None) -> tuple[str, ...] | None:
-    """The classes of the folder's nucleus classifier, when it has one (file and card section)."""
-    from histo.segment.nucleus_classes import CLASSIFIER_FILE
+    """The classes of the folder's nucleus classifier, when it has one (card section and every member's file)."""
+    from histo.segment.nucleus_classes import classifier_members
 
     section = (card or {}).get("nucleus_classes")
-    if not section or not (folder / CLASSIFIER_FILE).is_file():
+    if not section or not all((folder / m["file"]).is_file() for m in classifier_members(section)):
         return None
     return tuple(str(c) for c in section["classes"])
 

@@ -11,7 +11,10 @@ Input: a ``PATCH_PX``² window at ``PATCH_MPP`` µm/px (24 µm) centred on the n
 plus a fourth channel that is 1 inside the nucleus's own outline. A classifier trained with stain
 standardisation (``card.json["nucleus_classes"]["stain"] == "macenko"``) reads its patches from the tile
 after Macenko's method has mapped the tile's haematoxylin and eosin to one reference
-(:func:`standardise_stain`), so a lab's staining does not decide the class. Classes follow CoNSeP's types
+(:func:`standardise_stain`), so a lab's staining does not decide the class. A classifier can have
+several members (``card.json["nucleus_classes"]["members"]``, each a network and how it reads its
+patches, e.g. one after Macenko's full standardisation and one after its colours only), whose class
+probabilities are averaged (:func:`tile_class_probs`). Classes follow CoNSeP's types
 (``CLASS_ALIASES``): lymphocyte (CoNSeP "inflammatory": lymphocytes, plasma cells, neutrophils),
 epithelial, stromal (CoNSeP "spindle": fibroblasts, muscle, endothelium), other.
 """
@@ -38,6 +41,7 @@ CLASS_ALIASES = {
 PATCH_MPP = 0.5  # µm/px of the patches
 PATCH_PX = 48  # patch edge, px (24 µm)
 CLASSIFIER_FILE = "nucleus_classes.keras"
+STAINS = (None, "macenko", "macenko-unscaled")  # how a member's patches are read (:func:`to_patch_scale`)
 TURNS = 4  # views averaged per nucleus (0°, 90°, 180°, 270°). On the classifier's validation tiles
 #   (CoNSeP train_4/6/22) lymphocyte F1 0.796 → 0.828 with 4 views, 0.831 with 8 (flips too): 4× the cost of one
 SURE = 0.8  # a nucleus whose upright view gives a class this probability keeps it without the other views:
@@ -59,14 +63,15 @@ def class_of(name: str) -> str:
 
 def to_patch_scale(img: np.ndarray, mpp: float, stain: str | None = None) -> np.ndarray:
     """RGB uint8 image at ``mpp`` µm/px → float32 in [0, 1] at :data:`PATCH_MPP` (linear, anti-aliased);
-    ``stain="macenko"`` then standardises its stains (:func:`standardise_stain`). Training and the tile
-    task both read their patches from this image."""
+    ``stain="macenko"`` then standardises its stains (:func:`standardise_stain`), ``"macenko-unscaled"``
+    only their colours (the concentrations kept). Training and the tile task both read their patches
+    from this image."""
     x = np.asarray(img[..., :3], np.float32) / 255.0
     f = mpp / PATCH_MPP
     if abs(f - 1) >= 1e-3:
         shape = (max(1, round(x.shape[0] * f)), max(1, round(x.shape[1] * f)))
         x = resize(x, shape + (3,), order=1, anti_aliasing=f < 1, preserve_range=True).astype(np.float32)
-    return standardise_stain(x) if stain == "macenko" else x
+    return x if stain is None else standardise_stain(x, scale=stain == "macenko")
 
 
 # Macenko's reference: haematoxylin and eosin OD vectors (columns) and their 99th-percentile
@@ -78,12 +83,17 @@ MACENKO_BETA = 0.15  # OD below which a channel counts as glass
 MACENKO_ALPHA = 1.0  # percentile of the stain angles taken as the two stain directions
 
 
-def standardise_stain(small: np.ndarray) -> np.ndarray:
+def standardise_stain(small: np.ndarray, scale: bool = True) -> np.ndarray:
     """RGB float32 in [0, 1] with its H&E stains mapped to Macenko's reference stain vectors and
     concentrations (Macenko et al., ISBI 2009: the two stain directions are the extreme angles of the
-    stained pixels' optical densities in the plane of their two main axes; each stain's concentration
-    is scaled so its 99th percentile matches the reference). Returned unchanged where fewer than
-    :data:`MACENKO_MIN_PX` pixels are stained (glass, a speck of tissue) or the stains cannot be separated.
+    stained pixels' optical densities in the plane of their two main axes; with ``scale``, each stain's
+    concentration is scaled so its 99th percentile matches the reference). Returned unchanged where
+    fewer than :data:`MACENKO_MIN_PX` pixels are stained (glass, a speck of tissue) or the stains cannot
+    be separated.
+
+    The scaling depends on what the field holds: in a field of dark lymphocytes their chromatin is the
+    99th percentile, so it is scaled to an ordinary nucleus's darkness (MoNuSAC fields where the
+    classifier then calls lymphocytes epithelial); ``scale=False`` keeps each pixel's stain amounts.
 
     Written here rather than taken from torchstain: torchstain 1.4.1's wheel installs a top-level
     ``tests`` package that shadows this project's tests. The constants and steps are the same as its
@@ -107,7 +117,8 @@ def standardise_stain(small: np.ndarray) -> np.ndarray:
             conc = np.linalg.pinv(he) @ od.T  # least squares, as lstsq, which is ~100× slower for 10⁶ pixels
         except (np.linalg.LinAlgError, ValueError):
             return small
-        conc /= (np.percentile(conc, 99, axis=1) / MACENKO_MAX_C_REF)[:, None]
+        if scale:
+            conc /= (np.percentile(conc, 99, axis=1) / MACENKO_MAX_C_REF)[:, None]
         out = np.minimum(MACENKO_LIGHT * np.exp(-MACENKO_HE_REF @ conc), 255)
     if not np.isfinite(out).all():
         return small
@@ -143,7 +154,7 @@ def tile_patches(
     """Patches (``size``² px) of StarDist's nuclei in a tile, ``batch`` nuclei at a time (a dense tile's
     4,000 nuclei would be 150 MB of patches at once): ``img`` RGB uint8 at ``mpp`` µm/px, ``coord``
     (n, 2, n_rays) and ``points`` (n, 2) as (row, col) px of ``img`` (pixel centres on integers);
-    ``stain="macenko"`` standardises the tile's stains first (:func:`standardise_stain`)."""
+    ``stain`` as :func:`to_patch_scale`'s."""
     f = mpp / PATCH_MPP
     small = to_patch_scale(img, mpp, stain)
     centres = (np.asarray(points, np.float64) + 0.5) * f - 0.5
@@ -173,23 +184,34 @@ def network(n_classes: int = len(CLASSES), filters: tuple[int, ...] = FILTERS):
     return keras.Model(inp, layers.Dense(n_classes, activation="softmax")(x), name="nucleus_classes")
 
 
+def classifier_members(section: dict) -> list[dict]:
+    """The networks of a card's ``nucleus_classes`` section, ``[{"file", "stain"}, …]``: its
+    ``members``, else its one ``file`` and ``stain`` (a classifier of one network)."""
+    return section.get("members") or [{"file": section.get("file", CLASSIFIER_FILE), "stain": section.get("stain")}]
+
+
 @functools.lru_cache(maxsize=2)
-def load_classifier(folder: str):
-    """The classifier of a model folder as one traced TensorFlow graph (loaded once per process; it
-    runs in the precision set for this process's graphs, ``histo.segment.models.use_precision``), with
-    ``n_classes``, ``patch_px`` and ``stain`` (the card's stain standardisation, None for none)."""
+def load_classifier(folder: str) -> tuple:
+    """The classifier of a model folder: one traced TensorFlow graph per member
+    (:func:`classifier_members`; loaded once per process; they run in the precision set for this
+    process's graphs, ``histo.segment.models.use_precision``), each with ``n_classes``, ``patch_px``
+    and ``stain`` (how its patches are read, :func:`to_patch_scale`)."""
     import keras
     import tensorflow as tf
 
-    net = keras.models.load_model(Path(folder) / CLASSIFIER_FILE, compile=False)
-    size = int(net.input_shape[1])  # the patch edge it was trained on
-    graph = tf.function(
-        lambda x: net(x, training=False), input_signature=[tf.TensorSpec((None, size, size, 4), tf.float32)]
-    )
     card = Path(folder) / "card.json"
     section = json.loads(card.read_text()).get("nucleus_classes", {}) if card.is_file() else {}
-    graph.n_classes, graph.patch_px, graph.stain = int(net.output_shape[-1]), size, section.get("stain")
-    return graph
+    graphs = []
+    for member in classifier_members(section):
+        net = keras.models.load_model(Path(folder) / member["file"], compile=False)
+        size = int(net.input_shape[1])  # the patch edge it was trained on
+        graph = tf.function(
+            lambda x, net=net: net(x, training=False),
+            input_signature=[tf.TensorSpec((None, size, size, 4), tf.float32)],
+        )
+        graph.n_classes, graph.patch_px, graph.stain = int(net.output_shape[-1]), size, member.get("stain")
+        graphs.append(graph)
+    return tuple(graphs)
 
 
 def predict_classes(
@@ -212,8 +234,13 @@ def predict_classes(
     return np.concatenate(out)
 
 
-def tile_class_probs(graph, img: np.ndarray, coord: np.ndarray, points: np.ndarray, mpp: float) -> np.ndarray:
-    """Class probabilities (n, n_classes) of a tile's nuclei (:func:`tile_patches`' arguments) from the
-    classifier ``graph`` (:func:`load_classifier`), ``BATCH`` nuclei at a time."""
-    batches = tile_patches(img, coord, points, mpp, graph.patch_px, graph.stain)
-    return np.concatenate([np.zeros((0, graph.n_classes), np.float32)] + [predict_classes(graph, p) for p in batches])
+def tile_class_probs(graphs, img: np.ndarray, coord: np.ndarray, points: np.ndarray, mpp: float) -> np.ndarray:
+    """Class probabilities (n, n_classes) of a tile's nuclei (:func:`tile_patches`' arguments): the mean
+    over the classifier's members ``graphs`` (:func:`load_classifier`), each reading its own patches,
+    ``BATCH`` nuclei at a time."""
+    per_member = []
+    for graph in graphs:
+        batches = tile_patches(img, coord, points, mpp, graph.patch_px, graph.stain)
+        empty = [np.zeros((0, graph.n_classes), np.float32)]
+        per_member.append(np.concatenate(empty + [predict_classes(graph, p) for p in batches]))
+    return np.mean(per_member, axis=0)

@@ -178,10 +178,11 @@ def segment_tile(job: SegmentJob, tile: Tile) -> dict:
 
 
 def nucleus_classes(img: np.ndarray, coord: np.ndarray, points: np.ndarray, job: SegmentJob) -> dict:
-    """``nucleus_class`` (the classifier's most probable class) and ``nucleus_class_prob`` per nucleus;
-    the classifier runs in the precision the worker's StarDist model set (:func:`_model`)."""
-    graph = load_classifier(str(job.model.path))
-    probs = tile_class_probs(graph, img, coord, points, job.grid_mpp)
+    """``nucleus_class`` (the classifier's most probable class, its members' probabilities averaged) and
+    ``nucleus_class_prob`` per nucleus; the classifier runs in the precision the worker's StarDist model
+    set (:func:`_model`)."""
+    graphs = load_classifier(str(job.model.path))
+    probs = tile_class_probs(graphs, img, coord, points, job.grid_mpp)
     best = np.argmax(probs, axis=1)
     return {
         "nucleus_class": np.asarray(job.model.classes, dtype=object)[best],

@@ -24,7 +24,9 @@ from histo.segment.nucleus_classes import (
     FILTERS,
     PATCH_MPP,
     PATCH_PX,
+    STAINS,
     class_of,
+    classifier_members,
     network,
     nucleus_patches,
     to_patch_scale,
@@ -170,6 +172,7 @@ def train_classes(
     patience: int = 6,
     stain: str | None = "macenko",
     filters: Sequence[int] = FILTERS,
+    add: bool = False,
     command: str | None = None,
     verbose: int = 1,
 ) -> dict:
@@ -196,9 +199,13 @@ def train_classes(
     stain : str or None
         ``"macenko"`` standardises each tile's stains before its patches are cut
         (:func:`histo.segment.nucleus_classes.standardise_stain`; recorded in the card, and the tile
-        task does the same); None reads the pixels as they are.
+        task does the same), ``"macenko-unscaled"`` only their colours; None reads the pixels as they are.
     filters : sequence of int
         Filters of the network's conv blocks (:func:`histo.segment.nucleus_classes.network`).
+    add : bool
+        Add this network to the folder's classifier as another member (``nucleus_classes_<stain>.keras``;
+        the members' probabilities are averaged) instead of replacing it; the card's ``validation``
+        is then the members' together on this run's validation tiles.
     command : str, optional
         The command line, for the card.
     verbose : int
@@ -215,6 +222,16 @@ def train_classes(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise HistoError(model_dir, "not a nucleus model folder (no config.json): train the outlines first")
+    if stain not in STAINS:
+        raise HistoError(None, f"stain {stain!r}: expected one of {', '.join(map(str, STAINS))}")
+    card_path = model_dir / "card.json"
+    card = read_json(card_path, missing={})
+    before = card.get("nucleus_classes")
+    if add and not before:
+        raise HistoError(model_dir, "no classifier to add a member to: train one without --add first")
+    file = f"nucleus_classes_{str(stain).removeprefix('macenko-')}.keras" if add else CLASSIFIER_FILE
+    if add and any(m["file"] == file for m in classifier_members(before)):
+        raise HistoError(model_dir / file, f"the classifier already has a member read this way (stain {stain!r})")
     tiles = [(img, msk, mpp, types) for pairs, mpp, types, *_ in datasets for img, msk in pairs]
     tr, va = split_by_image(len(tiles), val_fraction, seed)
     xs, ys = [], []
@@ -251,7 +268,7 @@ def train_classes(
     net = network(len(CLASSES), tuple(filters))
     net.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     stop = keras.callbacks.EarlyStopping(patience=patience, restore_best_weights=True)
-    best = keras.callbacks.ModelCheckpoint(model_dir / CLASSIFIER_FILE, save_best_only=True)  # safe to interrupt
+    best = keras.callbacks.ModelCheckpoint(model_dir / file, save_best_only=True)  # safe to interrupt
     plateau = keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=max(2, patience // 2))
     hist = net.fit(
         Batches(),
@@ -261,11 +278,11 @@ def train_classes(
         callbacks=[stop, plateau, best],
         verbose=2 if verbose else 0,
     )
-    pred = np.argmax(net.predict(x_va, batch_size=256, verbose=0), axis=1)
-    net.save(model_dir / CLASSIFIER_FILE)
+    probs = net.predict(x_va, batch_size=256, verbose=0)
+    net.save(model_dir / file)
     section = {
         "classes": list(CLASSES),
-        "file": CLASSIFIER_FILE,
+        "file": file,
         "patch_px": PATCH_PX,
         "patch_mpp": PATCH_MPP,
         "input": "RGB x/255 and the nucleus outline (1 inside), centred on the nucleus",
@@ -291,12 +308,30 @@ def train_classes(
             "contrast": 0.12,
             "outline_grow_shrink_px": 1,
         },
-        "validation": class_scores(y_va, pred),
+        "validation": class_scores(y_va, np.argmax(probs, axis=1)),
         "wall_time_s": round(clock.s, 1),
         "command": command,
     }
-    card_path = model_dir / "card.json"
-    card = read_json(card_path, missing={})
+    if add:
+        members = [{k: v for k, v in before.items() if k != "members"}] if "members" not in before else []
+        members = before.get("members", members) + [section]
+        others = sum(_member_probs(model_dir, m, [tiles[i] for i in va]) for m in members[:-1])
+        mean = (probs + others) / len(members)
+        section = {**before, "members": members, "validation": class_scores(y_va, np.argmax(mean, axis=1))}
     card["nucleus_classes"] = section
     write_json(card_path, card)
     return section
+
+
+def _member_probs(model_dir: Path, member: dict, tiles: list) -> np.ndarray:
+    """Class probabilities of a classifier member (its file and stain) for the typed nuclei of
+    ``tiles`` ((image, mask, mpp, types) each), upright, in :func:`tile_examples`' order."""
+    import keras
+
+    net = keras.models.load_model(model_dir / member["file"], compile=False)
+    xs = []
+    for image, mask, mpp, types in tiles:
+        own = types[types["tile"] == Path(image).stem]
+        x, _ = tile_examples(*read_pair(image, mask), mpp, dict(zip(own["label"], own["class"])), member.get("stain"))
+        xs.append(_centre(x))
+    return net.predict(np.concatenate(xs), batch_size=256, verbose=0)

@@ -1107,22 +1107,27 @@ def _model_md(card: dict) -> str:
     return "\n".join(lines)
 
 
+STAIN_WORDS = {
+    "macenko": "each tile's H&E mapped to Macenko's reference stain vectors and concentrations",
+    "macenko-unscaled": "each tile's H&E mapped to Macenko's reference stain vectors, its stain amounts kept",
+    None: "the pixels as they are",
+}
+
+
 def _classes_md(c: dict) -> list[str]:
     """The model card's section on the nucleus classifier (histo.train.classes)."""
-    v = c.get("validation", {})
+    members = c.get("members") or [c]
+    files = ", ".join(f"`{m['file']}`" for m in members)
     lines = [
         "",
         "## Nucleus classes",
         "",
-        f"A separate classifier (`{c['file']}`, histo.segment.nucleus_classes) gives every nucleus one of "
-        f"{', '.join(c['classes'])} from a {c.get('patch_px')}² patch at {c.get('patch_mpp')} µm/px and the "
-        "nucleus outline; histo's typing keeps the class and splits off large pale nuclei (`large`).",
+        f"A separate classifier ({files}, histo.segment.nucleus_classes"
+        + (f"; {len(members)} networks whose class probabilities are averaged" if len(members) > 1 else "")
+        + f") gives every nucleus one of {', '.join(c['classes'])} from a {c.get('patch_px')}² patch at "
+        f"{c.get('patch_mpp')} µm/px and the nucleus outline; histo's typing keeps the class and splits off "
+        "large pale nuclei (`large`).",
     ]
-    if c.get("stain") == "macenko":
-        lines.append(
-            "- Stains: each tile's H&E is mapped to Macenko's reference before its patches are cut, in training "
-            "and in the tile task (histo.segment.nucleus_classes.standardise_stain)."
-        )
     if c.get("inference_turns"):
         lines.append(
             f"- Inference: class probabilities averaged over {c['inference_turns']} turns of the patch"
@@ -1133,25 +1138,36 @@ def _classes_md(c: dict) -> list[str]:
                 else "."
             )
         )
-    for src in c.get("sources", []):
+    for m in members:
+        head = f"`{m['file']}`: " if len(members) > 1 else ""
         lines.append(
-            f"- Data: {src['name']} ({src['n_tiles']} tiles at {src['mpp']} µm/px), licence: {src['licence']}."
+            f"- {head}Stains: {STAIN_WORDS.get(m.get('stain'), m.get('stain'))} before its patches are cut, in "
+            "training and in the tile task (histo.segment.nucleus_classes.standardise_stain)."
         )
-    if c.get("n_train_nuclei"):
-        lines.append(
-            f"- {c['n_train_nuclei']} training nuclei ({c.get('train_counts')}), {c['n_val_nuclei']} validation "
-            f"nuclei in the validation tiles {', '.join(c.get('val_tiles', []))}; best epoch {c.get('best_epoch')} of "
-            f"{c.get('epochs_run')}; {c.get('wall_time_s', 0):.0f} s."
-        )
-    if v:
-        lines.append(
-            f"- Validation on the expert outlines (class only): accuracy {v['accuracy']}; F1 "
-            + ", ".join(f"{k} {v[k]['f1']}" for k in c["classes"] if k in v)
-            + "."
-        )
-    if c.get("command"):
-        lines.append(f"- Command: `{c['command']}`")
+        for src in m.get("sources", []):
+            lines.append(
+                f"- {head}Data: {src['name']} ({src['n_tiles']} tiles at {src['mpp']} µm/px), "
+                f"licence: {src['licence']}."
+            )
+        if m.get("n_train_nuclei"):
+            lines.append(
+                f"- {head}{m['n_train_nuclei']} training nuclei ({m.get('train_counts')}), {m['n_val_nuclei']} "
+                f"validation nuclei in the validation tiles {', '.join(m.get('val_tiles', []))}; best epoch "
+                f"{m.get('best_epoch')} of {m.get('epochs_run')}; {m.get('wall_time_s', 0):.0f} s."
+            )
+        lines += _validation_md(m.get("validation", {}), c["classes"], f"{head}Validation on the expert outlines")
+        if m.get("command"):
+            lines.append(f"- {head}Command: `{m['command']}`")
+    if len(members) > 1:
+        lines += _validation_md(c.get("validation", {}), c["classes"], "Together, on the same validation tiles")
     return lines
+
+
+def _validation_md(v: dict, classes: list[str], what: str) -> list[str]:
+    if not v:
+        return []
+    scores = ", ".join(f"{k} {v[k]['f1']}" for k in classes if k in v)
+    return [f"- {what} (class only, upright patches): accuracy {v['accuracy']}; F1 {scores}."]
 
 
 def write_model_md(folder: Path | str) -> Path:

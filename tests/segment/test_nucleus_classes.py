@@ -72,6 +72,29 @@ def test_stain_standardisation_brings_a_restained_tile_back():
     assert after < 0.8 * before, (before, after)
 
 
+def test_unscaled_standardisation_maps_colours_and_keeps_stain_amounts():
+    """``scale=False`` maps a tile's stain colours to the reference as the full standardisation does,
+    but a tile with 40 % less haematoxylin stays paler: the darkness a lymphocyte is known by is kept."""
+    from skimage.io import imread
+
+    from histo.train.augment import recolour, rgb_to_od
+
+    tile = shared_path("data", "consep", "train", "images", "train_1.png")
+    x = to_patch_scale(imread(tile)[..., :3], 0.275)
+    pale = recolour(x, np.array([0.6, 1.0, 1.0], np.float32))
+    h_ref = np.array([0.5626, 0.7201, 0.4062]) / np.linalg.norm([0.5626, 0.7201, 0.4062])  # Macenko's H vector
+
+    def h_amount(img):
+        return float(np.percentile(rgb_to_od(img) @ h_ref, 99))
+
+    scaled = h_amount(standardise_stain(pale)) / h_amount(standardise_stain(x))
+    unscaled = h_amount(standardise_stain(pale, scale=False)) / h_amount(standardise_stain(x, scale=False))
+    assert scaled == pytest.approx(1.0, abs=0.1) and unscaled == pytest.approx(0.6, abs=0.12), (scaled, unscaled)
+    assert to_patch_scale(imread(tile)[..., :3], 0.275, "macenko-unscaled") == pytest.approx(
+        standardise_stain(x, scale=False)
+    )
+
+
 def test_class_names_map_to_histo_classes():
     assert class_of("Inflammatory") == "lymphocyte" and class_of("spindle") == "stromal"
     with pytest.raises(ValueError, match="unknown nucleus type 'necrosis'"):
@@ -168,8 +191,48 @@ def test_train_classes_on_two_real_tiles(tmp_path):
     assert card["filters"] == [8, 16, 32, 64] == widths[::2]
     assert card["n_train_nuclei"] > 300 and card["n_val_nuclei"] > 300 and card["epochs_run"] == 1
     assert 0 <= card["validation"]["accuracy"] <= 1 and "lymphocyte" in card["validation"]
+    from skimage.io import imread
+
     truth = pd.read_csv(consep / "types.csv")
     assert card["n_train_nuclei"] + card["n_val_nuclei"] == truth["tile"].isin(["train_1", "train_3"]).sum()
+
+    def add(stain):
+        args = ("--epochs", "1", "--val-fraction", "0.5", "--filters", "8", "16", "32", "64")
+        return histo(
+            "train-classes",
+            tmp_path / "images",
+            tmp_path / "masks",
+            consep / "types.csv",
+            "--model",
+            model,
+            "--image-mpp",
+            "0.275",
+            "--stain",
+            stain,
+            "--add",
+            *args,
+            timeout=900,
+        )
+
+    done = add("macenko-unscaled")
+    assert done.returncode == 0, done.stderr[-2000:]
+    both = json.loads((model / "card.json").read_text())["nucleus_classes"]
+    files = [m["file"] for m in both["members"]]
+    assert files == [CLASSIFIER_FILE, "nucleus_classes_unscaled.keras"] and (model / files[1]).is_file()
+    assert [m["stain"] for m in both["members"]] == ["macenko", "macenko-unscaled"]
+    assert both["validation"]["n"] == card["n_val_nuclei"] and both["members"][0]["validation"] == card["validation"]
+    again = add("macenko-unscaled")
+    assert again.returncode == 2 and "already has a member" in again.stderr
+
+    from histo.segment.nucleus_classes import load_classifier, predict_classes, tile_class_probs
+
+    graphs = load_classifier(str(model))
+    assert [g.stain for g in graphs] == ["macenko", "macenko-unscaled"]
+    img = imread(consep / "images" / "train_1.png")[..., :3]
+    coord, points = disc(300, 400, 14)[None], np.array([[300.0, 400.0]])
+    mean = tile_class_probs(graphs, img, coord, points, 0.275)
+    one = [predict_classes(g, next(tile_patches(img, coord, points, 0.275, g.patch_px, g.stain))) for g in graphs]
+    assert mean == pytest.approx((one[0] + one[1]) / 2, abs=1e-5) and not np.allclose(one[0], one[1])
 
 
 def test_types_from_class_masks_take_the_majority_class_under_each_nucleus(tmp_path):
