@@ -164,6 +164,7 @@ def _train_classes(args) -> None:
         seed=args.seed,
         stain=None if args.stain == "none" else args.stain,
         add=args.add,
+        inference_turns=args.inference_turns,
         **({"filters": args.filters} if args.filters else {}),
         command="histo " + " ".join(args.argv),
     )
@@ -464,6 +465,14 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add this network to the model's classifier as another member (probabilities averaged) "
         "instead of replacing it",
+    )
+    c.add_argument(
+        "--inference-turns",
+        type=int,
+        choices=[1, 2, 4],
+        default=4,
+        help="turns of each patch the tile task averages for this network (4: only for nuclei the upright "
+        "view leaves unsure; 1: the upright view alone, a quarter of the cost at most)",
     )
     c.set_defaults(func=_train_classes)
 

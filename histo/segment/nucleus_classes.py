@@ -185,17 +185,18 @@ def network(n_classes: int = len(CLASSES), filters: tuple[int, ...] = FILTERS):
 
 
 def classifier_members(section: dict) -> list[dict]:
-    """The networks of a card's ``nucleus_classes`` section, ``[{"file", "stain"}, …]``: its
-    ``members``, else its one ``file`` and ``stain`` (a classifier of one network)."""
-    return section.get("members") or [{"file": section.get("file", CLASSIFIER_FILE), "stain": section.get("stain")}]
+    """The networks of a card's ``nucleus_classes`` section, ``[{"file", "stain", …}, …]``: its
+    ``members``, else the section itself (a classifier of one network). A member's
+    ``inference_turns`` (default :data:`TURNS`) is how many turns of a patch it averages."""
+    return section.get("members") or [{"file": CLASSIFIER_FILE, **section}]
 
 
 @functools.lru_cache(maxsize=2)
 def load_classifier(folder: str) -> tuple:
     """The classifier of a model folder: one traced TensorFlow graph per member
     (:func:`classifier_members`; loaded once per process; they run in the precision set for this
-    process's graphs, ``histo.segment.models.use_precision``), each with ``n_classes``, ``patch_px``
-    and ``stain`` (how its patches are read, :func:`to_patch_scale`)."""
+    process's graphs, ``histo.segment.models.use_precision``), each with ``n_classes``, ``patch_px``,
+    ``stain`` (how its patches are read, :func:`to_patch_scale`) and ``turns`` (:func:`predict_classes`)."""
     import keras
     import tensorflow as tf
 
@@ -210,6 +211,7 @@ def load_classifier(folder: str) -> tuple:
             input_signature=[tf.TensorSpec((None, size, size, 4), tf.float32)],
         )
         graph.n_classes, graph.patch_px, graph.stain = int(net.output_shape[-1]), size, member.get("stain")
+        graph.turns = int(member.get("inference_turns", TURNS))
         graphs.append(graph)
     return tuple(graphs)
 
@@ -242,5 +244,5 @@ def tile_class_probs(graphs, img: np.ndarray, coord: np.ndarray, points: np.ndar
     for graph in graphs:
         batches = tile_patches(img, coord, points, mpp, graph.patch_px, graph.stain)
         empty = [np.zeros((0, graph.n_classes), np.float32)]
-        per_member.append(np.concatenate(empty + [predict_classes(graph, p) for p in batches]))
+        per_member.append(np.concatenate(empty + [predict_classes(graph, p, turns=graph.turns) for p in batches]))
     return np.mean(per_member, axis=0)

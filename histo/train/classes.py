@@ -25,6 +25,8 @@ from histo.segment.nucleus_classes import (
     PATCH_MPP,
     PATCH_PX,
     STAINS,
+    SURE,
+    TURNS,
     class_of,
     classifier_members,
     network,
@@ -34,6 +36,7 @@ from histo.segment.nucleus_classes import (
 from histo.timing import stopwatch
 from histo.train.augment import brightness_contrast, stain_jitter
 from histo.train.data import read_pair, split_by_image
+from histo.train.outlines import write_model_md
 
 MARGIN = 8  # px at PATCH_MPP read around each patch for shift augmentation
 
@@ -173,6 +176,7 @@ def train_classes(
     stain: str | None = "macenko",
     filters: Sequence[int] = FILTERS,
     add: bool = False,
+    inference_turns: int = TURNS,
     command: str | None = None,
     verbose: int = 1,
 ) -> dict:
@@ -206,6 +210,9 @@ def train_classes(
         Add this network to the folder's classifier as another member (``nucleus_classes_<stain>.keras``;
         the members' probabilities are averaged) instead of replacing it; the card's ``validation``
         is then the members' together on this run's validation tiles.
+    inference_turns : int
+        Turns of a patch the tile task averages for this network (4: 0°, 90°, 180°, 270°, only for
+        nuclei its upright view leaves unsure; 1: the upright view alone).
     command : str, optional
         The command line, for the card.
     verbose : int
@@ -309,6 +316,8 @@ def train_classes(
             "outline_grow_shrink_px": 1,
         },
         "validation": class_scores(y_va, np.argmax(probs, axis=1)),
+        "inference_turns": int(inference_turns),
+        "inference_sure": SURE,
         "wall_time_s": round(clock.s, 1),
         "command": command,
     }
@@ -320,6 +329,8 @@ def train_classes(
         section = {**before, "members": members, "validation": class_scores(y_va, np.argmax(mean, axis=1))}
     card["nucleus_classes"] = section
     write_json(card_path, card)
+    if (model_dir / "MODEL.md").is_file():
+        write_model_md(model_dir)
     return section
 
 

@@ -1128,21 +1128,18 @@ def _classes_md(c: dict) -> list[str]:
         f"{c.get('patch_mpp')} µm/px and the nucleus outline; histo's typing keeps the class and splits off "
         "large pale nuclei (`large`).",
     ]
-    if c.get("inference_turns"):
-        lines.append(
-            f"- Inference: class probabilities averaged over {c['inference_turns']} turns of the patch"
-            + (
-                f", except for nuclei whose upright view already gives a class ≥ {c['inference_sure']} "
-                "(same classes as all turns on the validation tiles, 2.5 views per nucleus instead of 4)."
-                if c.get("inference_sure")
-                else "."
-            )
-        )
     for m in members:
         head = f"`{m['file']}`: " if len(members) > 1 else ""
         lines.append(
             f"- {head}Stains: {STAIN_WORDS.get(m.get('stain'), m.get('stain'))} before its patches are cut, in "
             "training and in the tile task (histo.segment.nucleus_classes.standardise_stain)."
+        )
+        turns = int(m.get("inference_turns", 4))
+        lines.append(
+            f"- {head}Inference: the upright patch alone."
+            if turns == 1
+            else f"- {head}Inference: class probabilities averaged over {turns} turns of the patch, except for "
+            f"nuclei whose upright view already gives a class ≥ {m.get('inference_sure', 0.8)}."
         )
         for src in m.get("sources", []):
             lines.append(

@@ -197,7 +197,7 @@ def test_train_classes_on_two_real_tiles(tmp_path):
     assert card["n_train_nuclei"] + card["n_val_nuclei"] == truth["tile"].isin(["train_1", "train_3"]).sum()
 
     def add(stain):
-        args = ("--epochs", "1", "--val-fraction", "0.5", "--filters", "8", "16", "32", "64")
+        args = ("--epochs", "1", "--val-fraction", "0.5", "--filters", "8", "16", "32", "64", "--inference-turns", "1")
         return histo(
             "train-classes",
             tmp_path / "images",
@@ -221,17 +221,23 @@ def test_train_classes_on_two_real_tiles(tmp_path):
     assert files == [CLASSIFIER_FILE, "nucleus_classes_unscaled.keras"] and (model / files[1]).is_file()
     assert [m["stain"] for m in both["members"]] == ["macenko", "macenko-unscaled"]
     assert both["validation"]["n"] == card["n_val_nuclei"] and both["members"][0]["validation"] == card["validation"]
+    card_md = (model / "MODEL.md").read_text()
+    assert "`nucleus_classes_unscaled.keras`: Inference: the upright patch alone." in card_md
+    assert "Together, on the same validation tiles" in card_md
     again = add("macenko-unscaled")
     assert again.returncode == 2 and "already has a member" in again.stderr
 
     from histo.segment.nucleus_classes import load_classifier, predict_classes, tile_class_probs
 
     graphs = load_classifier(str(model))
-    assert [g.stain for g in graphs] == ["macenko", "macenko-unscaled"]
+    assert [(g.stain, g.turns) for g in graphs] == [("macenko", 4), ("macenko-unscaled", 1)]
     img = imread(consep / "images" / "train_1.png")[..., :3]
     coord, points = disc(300, 400, 14)[None], np.array([[300.0, 400.0]])
     mean = tile_class_probs(graphs, img, coord, points, 0.275)
-    one = [predict_classes(g, next(tile_patches(img, coord, points, 0.275, g.patch_px, g.stain))) for g in graphs]
+    one = [
+        predict_classes(g, next(tile_patches(img, coord, points, 0.275, g.patch_px, g.stain)), turns=t)
+        for g, t in zip(graphs, (4, 1))
+    ]
     assert mean == pytest.approx((one[0] + one[1]) / 2, abs=1e-5) and not np.allclose(one[0], one[1])
 
 
