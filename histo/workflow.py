@@ -20,6 +20,7 @@ import yaml
 
 from histo.config import Section, build, ranges, schema
 from histo.errors import SlideError, WorkflowError
+from histo.segment.nucleus_classes import CLASSES as NUCLEUS_CLASSES
 from histo.segment.tiling import Segmentation
 from histo.segment.tissue import TissueParams
 from histo.stats.endpoints import Endpoints
@@ -66,6 +67,7 @@ class Workflow(Section):
                 path, f"'tissue_type' must be one of {', '.join(TISSUE_TYPES)}, got {self.tissue_type!r}"
             )
         _check_structures(self, path)
+        _check_learned_classes(self, path)
         return self
 
 
@@ -83,6 +85,16 @@ def validate(data: dict, path: str = "<workflow>") -> Workflow:
     range, unknown stain, tissue type, structures or cell types, malformed gates or endpoints.
     """
     return build(Workflow, data or {}, "", path)
+
+
+def _check_learned_classes(wf: Workflow, path: str) -> None:
+    """WorkflowError naming the key where ``cell_types`` names a class the nucleus classifier does not give."""
+    for key in ("large_classes", "lymphocyte_classes"):
+        unknown = sorted(set(getattr(wf.cell_types, key)) - set(NUCLEUS_CLASSES))
+        if unknown:
+            raise WorkflowError(
+                path, f"'cell_types.{key}': unknown class(es) {unknown}; classes: {list(NUCLEUS_CLASSES)}"
+            )
 
 
 def cell_type_names(wf: Workflow) -> list[str]:

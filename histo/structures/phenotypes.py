@@ -19,7 +19,6 @@ from skimage.filters import threshold_otsu
 
 from histo.config import Section
 from histo.errors import WorkflowError
-from histo.segment.nucleus_classes import CLASSES
 
 Number = (int, float)
 HE_TYPES = ("lymphocyte", "large", "stromal", "epithelial", "other")
@@ -62,14 +61,6 @@ class HERules(Section):
         "stromal_min_eccentricity": (0.0, 1.0),
         "dense_fraction": (1e-4, 1.0),
     }
-
-    def validated(self, path: str) -> HERules:
-        """Itself; WorkflowError naming the key for a class name the classifier does not give."""
-        for key in ("large_classes", "lymphocyte_classes"):
-            unknown = sorted(set(getattr(self, key)) - set(CLASSES))
-            if unknown:
-                raise WorkflowError(path, f"'cell_types.{key}': unknown class(es) {unknown}; classes: {list(CLASSES)}")
-        return self
 
 
 @dataclass(frozen=True)

@@ -322,8 +322,7 @@ def train_classes(
         "command": command,
     }
     if add:
-        members = [{k: v for k, v in before.items() if k != "members"}] if "members" not in before else []
-        members = before.get("members", members) + [section]
+        members = [*classifier_members(before), section]
         others = sum(_member_probs(model_dir, m, [tiles[i] for i in va]) for m in members[:-1])
         mean = (probs + others) / len(members)
         section = {**before, "members": members, "validation": class_scores(y_va, np.argmax(mean, axis=1))}

@@ -20,7 +20,7 @@ from histo.structures.phenotypes import (
     classify_he,
     gate_markers,
 )
-from histo.workflow import cell_type_names, load_workflow, nucleus_channel
+from histo.workflow import cell_type_names, load_workflow, nucleus_channel, validate
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 CYCIF = SHARED / "data" / "mcmicro_exemplar001_cycif"
@@ -118,8 +118,8 @@ def test_he_rules_schema_and_errors(node_cells):
         assert isinstance(default, types), key
     with pytest.raises(TypeError, match="lymphocyte_area"):
         HERules(lymphocyte_area=3)
-    with pytest.raises(WorkflowError, match=r"cell_types.lymphocyte_classes.*'epithelium'"):
-        HERules(lymphocyte_classes=["epithelium"]).validated("w.yaml")
+    with pytest.raises(WorkflowError, match=r"w.yaml: 'cell_types.lymphocyte_classes'.*'epithelium'"):
+        validate({"cell_types": {"lymphocyte_classes": ["epithelium"]}}, "w.yaml")
     with pytest.raises(ValueError, match="hematoxylin_od"):
         classify_he(node_cells.drop(columns="hematoxylin_od"))
     few, report = classify_he(node_cells.iloc[:30])  # too few for any reference set: all nuclei's OD, said so
