@@ -39,6 +39,7 @@ import numpy as np
 from histo.errors import HistoError
 from histo.io.files import atomic_write, read_json, write_json
 from histo.run.provenance import versions
+from histo.segment.nucleus_classes import SURE, TURNS, classifier_members
 from histo.timing import Stopwatch, stopwatch
 from histo.train.augment import HEAugmenter
 from histo.train.data import (
@@ -1116,7 +1117,7 @@ STAIN_WORDS = {
 
 def _classes_md(c: dict) -> list[str]:
     """The model card's section on the nucleus classifier (histo.train.classes)."""
-    members = c.get("members") or [c]
+    members = classifier_members(c)
     files = ", ".join(f"`{m['file']}`" for m in members)
     lines = [
         "",
@@ -1134,12 +1135,12 @@ def _classes_md(c: dict) -> list[str]:
             f"- {head}Stains: {STAIN_WORDS.get(m.get('stain'), m.get('stain'))} before its patches are cut, in "
             "training and in the tile task (histo.segment.nucleus_classes.standardise_stain)."
         )
-        turns = int(m.get("inference_turns", 4))
+        turns = int(m.get("inference_turns", TURNS))
         lines.append(
             f"- {head}Inference: the upright patch alone."
             if turns == 1
             else f"- {head}Inference: class probabilities averaged over {turns} turns of the patch, except for "
-            f"nuclei whose upright view already gives a class ≥ {m.get('inference_sure', 0.8)}."
+            f"nuclei whose upright view already gives a class ≥ {m.get('inference_sure', SURE)}."
         )
         for src in m.get("sources", []):
             lines.append(

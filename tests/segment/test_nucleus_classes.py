@@ -161,26 +161,15 @@ def test_train_classes_on_two_real_tiles(tmp_path):
             (tmp_path / kind / f"{tile}{ext}").symlink_to(consep / kind / f"{tile}{ext}")
     model = tmp_path / "model"
     shutil.copytree(ROOT / "models" / "histo-he", model)
-    done = histo(
-        "train-classes",
-        tmp_path / "images",
-        tmp_path / "masks",
-        consep / "types.csv",
-        "--model",
-        model,
-        "--image-mpp",
-        "0.275",
-        "--epochs",
-        "1",
-        "--val-fraction",
-        "0.5",
-        "--filters",
-        "8",
-        "16",
-        "32",
-        "64",
-        timeout=900,
-    )
+
+    def train(*extra):
+        small = ("--epochs", "1", "--val-fraction", "0.5", "--filters", "8", "16", "32", "64", *extra)
+        images, masks, types = tmp_path / "images", tmp_path / "masks", consep / "types.csv"
+        return histo(
+            "train-classes", images, masks, types, "--model", model, "--image-mpp", "0.275", *small, timeout=900
+        )
+
+    done = train()
     assert done.returncode == 0, done.stderr[-2000:]
     card = json.loads((model / "card.json").read_text())["nucleus_classes"]
     assert (model / CLASSIFIER_FILE).is_file() and card["classes"] == list(CLASSES)
@@ -197,22 +186,7 @@ def test_train_classes_on_two_real_tiles(tmp_path):
     assert card["n_train_nuclei"] + card["n_val_nuclei"] == truth["tile"].isin(["train_1", "train_3"]).sum()
 
     def add(stain):
-        args = ("--epochs", "1", "--val-fraction", "0.5", "--filters", "8", "16", "32", "64", "--inference-turns", "1")
-        return histo(
-            "train-classes",
-            tmp_path / "images",
-            tmp_path / "masks",
-            consep / "types.csv",
-            "--model",
-            model,
-            "--image-mpp",
-            "0.275",
-            "--stain",
-            stain,
-            "--add",
-            *args,
-            timeout=900,
-        )
+        return train("--inference-turns", "1", "--stain", stain, "--add")
 
     done = add("macenko-unscaled")
     assert done.returncode == 0, done.stderr[-2000:]
