@@ -39,7 +39,7 @@ import numpy as np
 from histo.errors import HistoError
 from histo.io.files import atomic_write, read_json, write_json
 from histo.run.provenance import versions
-from histo.segment.nucleus_classes import SURE, TURNS, classifier_members
+from histo.segment.nucleus_classes import ALONE, SURE, TURNS, classifier_members
 from histo.timing import Stopwatch, stopwatch
 from histo.train.augment import HEAugmenter
 from histo.train.data import (
@@ -1124,7 +1124,12 @@ def _classes_md(c: dict) -> list[str]:
         "## Nucleus classes",
         "",
         f"A separate classifier ({files}, histo.segment.nucleus_classes"
-        + (f"; {len(members)} networks whose class probabilities are averaged" if len(members) > 1 else "")
+        + (
+            f"; {len(members)} networks whose class probabilities are averaged, the networks after the first "
+            f"run only for nuclei to which the first gives no class ≥ {ALONE}"
+            if len(members) > 1
+            else ""
+        )
         + f") gives every nucleus one of {', '.join(c['classes'])} from a {c.get('patch_px')}² patch at "
         f"{c.get('patch_mpp')} µm/px and the nucleus outline; histo's typing keeps the class and splits off "
         "large pale nuclei (`large`).",

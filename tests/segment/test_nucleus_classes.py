@@ -36,7 +36,7 @@ def test_tile_patches_centre_the_nucleus_and_draw_its_outline():
     yy, xx = np.mgrid[:200, :300]
     img[(yy - 80) ** 2 + (xx - 150) ** 2 <= 12**2] = (60, 30, 120)  # a dark nucleus of radius 12 px at 0.25 µm/px
     coord = disc(80, 150, 12)[None]
-    (p,) = tile_patches(img, coord, np.array([[80, 150]]), 0.25)
+    [(p,)] = tile_patches(img, coord, np.array([[80, 150]]), 0.25)
     assert p.shape == (1, PATCH_PX, PATCH_PX, 4) and p.dtype == np.float32
     mask = p[0, ..., 3] > 0
     r_um = 12 * 0.25
@@ -207,12 +207,41 @@ def test_train_classes_on_two_real_tiles(tmp_path):
     assert [(g.stain, g.turns) for g in graphs] == [("macenko", 4), ("macenko-unscaled", 1)]
     img = imread(consep / "images" / "train_1.png")[..., :3]
     coord, points = disc(300, 400, 14)[None], np.array([[300.0, 400.0]])
-    mean = tile_class_probs(graphs, img, coord, points, 0.275)
+    mean = tile_class_probs(graphs, img, coord, points, 0.275, alone=1.01)  # every member for every nucleus
     one = [
-        predict_classes(g, next(tile_patches(img, coord, points, 0.275, g.patch_px, g.stain)), turns=t)
+        predict_classes(g, next(tile_patches(img, coord, points, 0.275, ((g.patch_px, g.stain),)))[0], turns=t)
         for g, t in zip(graphs, (4, 1))
     ]
     assert mean == pytest.approx((one[0] + one[1]) / 2, abs=1e-5) and not np.allclose(one[0], one[1])
+
+
+def test_members_after_the_first_are_skipped_only_where_they_cannot_change_the_class():
+    """The shipped classifier on a real CoNSeP tile's expert nuclei: the nuclei that the first member is
+    sure of (≥ ALONE) skip the second member, and every class is the one the mean of both gives."""
+    from skimage.io import imread
+    from skimage.measure import regionprops
+
+    from histo.segment.models import resolve_model
+    from histo.segment.nucleus_classes import ALONE, load_classifier, predict_classes, tile_class_probs
+
+    consep = shared_path("data", "consep", "train")
+    graphs = load_classifier(str(resolve_model("histo-he").path))
+    assert len(graphs) > 1, "the shipped classifier has several members"
+    img = imread(consep / "images" / "train_6.png")[..., :3]  # a validation tile of the classifier
+    nuclei = regionprops(imread(consep / "masks" / "train_6.tif"))
+    points = np.array([r.centroid for r in nuclei])
+    coord = np.stack([disc(*c, max(2.0, np.sqrt(r.area / np.pi))) for c, r in zip(points, nuclei)])
+    gated = tile_class_probs(graphs, img, coord, points, 0.275)
+    full = tile_class_probs(graphs, img, coord, points, 0.275, alone=1.01)
+    view = ((graphs[0].patch_px, graphs[0].stain),)
+    first = np.concatenate(
+        [predict_classes(graphs[0], p, turns=graphs[0].turns) for (p,) in tile_patches(img, coord, points, 0.275, view)]
+    )
+    alone = first.max(axis=1) >= ALONE
+    assert 0.1 < alone.mean() < 0.9
+    assert gated[alone] == pytest.approx(first[alone], abs=1e-6)
+    assert gated[~alone] == pytest.approx(full[~alone], abs=1e-6)
+    assert (gated.argmax(axis=1) == full.argmax(axis=1)).all()
 
 
 def test_types_from_class_masks_take_the_majority_class_under_each_nucleus(tmp_path):
