@@ -1,6 +1,6 @@
 """Cell typing on real tissue that histo never trained on: MoNuSAC class masks and lymph-node patches.
 
-    python bench/typing_real.py --out DIR [--model M] [--shared ../shared/data]
+    python bench/typing_real.py --out DIR [--model M] [--workflow W] [--shared ../shared/data]
 
 - ``monusac_test_classes`` (class masks: 1 epithelial, 2 lymphocyte, 3 macrophage, 4 neutrophil; ≈0.25
   µm/px): every image of at least ``--min-px`` on both sides through ``histo run``; prints the fraction
@@ -43,7 +43,7 @@ def called_nuclei(bundle: Path) -> tuple[pd.DataFrame, np.ndarray]:
     return t, shapely.from_wkb(t["polygon"].to_numpy())
 
 
-def monusac(root: Path, out: Path, client, model, min_px: int) -> pd.DataFrame:
+def monusac(root: Path, out: Path, client, model, workflow: str, min_px: int) -> pd.DataFrame:
     index = pd.read_csv(root / "images_index.csv")
     rows = []
     for r in index.itertuples():
@@ -54,7 +54,7 @@ def monusac(root: Path, out: Path, client, model, min_px: int) -> pd.DataFrame:
             bundle = run_slide(
                 root / "images" / f"{r.image}.jpg",
                 out / "bundles-monusac",
-                "lymph-node-he",
+                workflow,
                 model=model,
                 mpp=0.25,
                 client=client,
@@ -87,7 +87,7 @@ def monusac(root: Path, out: Path, client, model, min_px: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def patches(root: Path, out: Path, client, model) -> pd.DataFrame:
+def patches(root: Path, out: Path, client, model, workflow: str) -> pd.DataFrame:
     rows = []
     for group in sorted(p for p in root.iterdir() if p.is_dir()):
         for image in sorted(group.glob("*.jpg")):
@@ -96,7 +96,7 @@ def patches(root: Path, out: Path, client, model) -> pd.DataFrame:
                 bundle = run_slide(
                     image,
                     out / f"bundles-{group.name}",
-                    "lymph-node-he",
+                    workflow,
                     model=model,
                     mpp=0.46,
                     client=client,
@@ -119,13 +119,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model")
+    ap.add_argument("--workflow", default="lymph-node-he", help="preset name or YAML file (default lymph-node-he)")
     ap.add_argument("--shared", type=Path, default=Path("../shared/data"))
     ap.add_argument("--min-px", type=int, default=256, help="MoNuSAC images smaller than this on a side are skipped")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with dask_client(n_workers=2) as client:
-        m = monusac(args.shared / "monusac_test_classes", args.out, client, args.model, args.min_px)
-        p = patches(args.shared / "lymph_node_patches", args.out, client, args.model)
+        m = monusac(args.shared / "monusac_test_classes", args.out, client, args.model, args.workflow, args.min_px)
+        p = patches(args.shared / "lymph_node_patches", args.out, client, args.model, args.workflow)
     m.to_csv(args.out / "monusac.csv", index=False)
     p.to_csv(args.out / "lymph_node_patches.csv", index=False)
     ok = m.dropna(subset=["n_nuclei"]) if "n_nuclei" in m else m.iloc[:0]

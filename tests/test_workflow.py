@@ -35,6 +35,8 @@ def test_unknown_key_is_named(tmp_path):
         ({"tissue": {"mpp": [8]}}, "tissue.mpp"),
         ({"stain": 3}, "stain"),
         ({"segmentation": 5}, "segmentation"),
+        ({"segmentation": {"flips": 3}}, "segmentation.flips"),
+        ({"segmentation": {"flips": 1.5}}, "segmentation.flips"),
     ],
 )
 def test_wrong_type_is_named(data, key):

@@ -328,6 +328,7 @@ def plan_slide(
         channel,
         inference_precision(),
         seg.second_view_saturation if wf.stain == "he" and spec.n_channels == 3 else None,
+        seg.flips,
     )
     return SlidePlan(
         Path(slide_path),

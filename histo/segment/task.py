@@ -50,6 +50,7 @@ class SegmentJob:
     nucleus_channel: int | None = None  # fluorescence: the one channel the nucleus model reads
     precision: str = "float32"  # the network's arithmetic (histo.segment.models.inference_precision)
     second_view_saturation: float | None = None  # RGB: the tile's saturation × this is a second view (predict_tile)
+    flips: int = 1  # mirror images each view's network maps are averaged over (network_maps)
 
     @property
     def classify(self) -> bool:
@@ -109,20 +110,23 @@ def predict_tile(job: SegmentJob, tile: Tile) -> tuple:
         )
         grey = greyer_view(img, job.second_view_saturation, job.model, job.percentiles)
     with timings.time("stardist_s"):
-        det = detect(model, x, job.prob_thresh, job.nms_thresh, grey)
+        det = detect(model, x, job.prob_thresh, job.nms_thresh, grey, job.flips)
     return img, det["coord"], det["points"], det["prob"], dict(timings)
 
 
-def detect(model, x: np.ndarray, prob_thresh=None, nms_thresh=None, second: np.ndarray | None = None) -> dict:
+def detect(
+    model, x: np.ndarray, prob_thresh=None, nms_thresh=None, second: np.ndarray | None = None, flips: int = 1
+) -> dict:
     """StarDist's nuclei (``coord``, ``points``, ``prob`` in px) of the normalised image ``x``; the
     model's thresholds where ``prob_thresh`` / ``nms_thresh`` are None.
 
     With ``second`` (another view of the same pixels, normalised), each pixel keeps the probability and
-    distances of the view where its nucleus probability is higher, and one non-maximum suppression
-    runs on the merged maps (StarDist's own step after the network in ``predict_instances``).
+    distances of the view where its nucleus probability is higher; with ``flips`` 2 or 4 each view's
+    maps are averaged over its mirror images (:func:`network_maps`). One non-maximum suppression runs on
+    the result (StarDist's own step after the network in ``predict_instances``).
     """
     axes = "YXC" if x.ndim == 3 else "YX"
-    if second is None:
+    if second is None and flips == 1:
         _, det = model.predict_instances(
             x,
             axes=axes,
@@ -133,14 +137,55 @@ def detect(model, x: np.ndarray, prob_thresh=None, nms_thresh=None, second: np.n
             verbose=False,
         )
         return det
-    prob, dist = model.predict(x, axes=axes, show_tile_progress=False)
-    prob2, dist2 = model.predict(second, axes=axes, show_tile_progress=False)
-    take = prob2 > prob
-    prob, dist = np.where(take, prob2, prob), np.where(take[..., None], dist2, dist)
+    prob, dist = network_maps(model, x, flips)
+    if second is not None:
+        prob2, dist2 = network_maps(model, second, flips)
+        take = prob2 > prob
+        prob, dist = np.where(take, prob2, prob), np.where(take[..., None], dist2, dist)
     _, det = model._instances_from_prediction(
         x.shape[:2], prob, dist, prob_thresh=prob_thresh, nms_thresh=nms_thresh, return_labels=False
     )
     return det
+
+
+MIRRORS = {  # flips -> the (up-down, left-right) mirrors averaged
+    1: ((False, False),),
+    2: ((False, False), (False, True)),
+    4: ((False, False), (False, True), (True, False), (True, True)),
+}
+
+
+def network_maps(model, x: np.ndarray, flips: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """StarDist's nucleus probability (h, w) and ray distances (h, w, n_rays) on its output grid for the
+    normalised image ``x``, averaged over ``flips`` mirror images of it (:data:`MIRRORS`, as (up-down,
+    left-right): 1 the image itself, 2 also left-right, 4 also up-down and both), each mapped back.
+
+    A mirrored image is first padded (reflected) to an edge of ``k · grid + 1`` px so that its output
+    grid points fall on the image's own, and its rays are renumbered: StarDist's ray k points at angle
+    2πk/n (y + d·sin, x + d·cos), so a left-right mirror sends it to n/2 - k and an up-down one to -k.
+    Averaging over mirrors (test-time augmentation) costs one network pass per mirror.
+    """
+    n = int(model.config.n_rays)
+    if flips not in MIRRORS or (flips > 1 and n % 2):
+        raise ValueError(f"flips must be one of {sorted(MIRRORS)} (more than 1 needs an even ray count), not {flips!r}")
+    axes = "YXC" if x.ndim == 3 else "YX"
+    grid = tuple(int(g) for g in model.config.grid)
+    out = tuple(-(-s // g) for s, g in zip(x.shape[:2], grid))
+    probs, dists = [], []
+    for up_down, left_right in MIRRORS[flips]:
+        axes_flipped = tuple(a for a, f in ((0, up_down), (1, left_right)) if f)
+        pad = [((0, (1 - x.shape[a]) % grid[a]) if a in axes_flipped else (0, 0)) for a in (0, 1)]
+        xm = np.pad(x, pad + [(0, 0)] * (x.ndim - 2), mode="reflect") if any(p[1] for p in pad) else x
+        prob, dist = model.predict(np.ascontiguousarray(np.flip(xm, axes_flipped)), axes=axes, show_tile_progress=False)
+        prob, dist = np.flip(prob, axes_flipped)[: out[0], : out[1]], np.flip(dist, axes_flipped)[: out[0], : out[1]]
+        rays = np.arange(n)
+        if up_down:
+            rays = -rays % n
+        if left_right:
+            rays = (n // 2 - rays) % n
+        probs.append(prob)
+        dists.append(dist[..., rays])
+    return np.mean(probs, axis=0), np.mean(dists, axis=0)
 
 
 def greyer_view(rgb: np.ndarray, factor: float | None, spec: ModelSpec, percentiles=None) -> np.ndarray | None:
@@ -190,15 +235,18 @@ def nucleus_classes(img: np.ndarray, coord: np.ndarray, points: np.ndarray, job:
     }
 
 
-def whole_image_centres(slide_path: str, model: str, second_view_saturation: float | None = None) -> np.ndarray:
+def whole_image_centres(
+    slide_path: str, model: str, second_view_saturation: float | None = None, flips: int = 1
+) -> np.ndarray:
     """Reference: StarDist centres (n, 2) as (x, y) µm from one prediction on the whole slide image
     at once, normalised as the tiles are, with the tiles' second view (:func:`predict_tile`) where
-    ``second_view_saturation`` is given. For small slides only; call it in a worker process."""
+    ``second_view_saturation`` is given and their ``flips``. For small slides only; call it in a
+    worker process."""
     spec = resolve_model(model)
     slide = open_slide(slide_path)
     mpp = slide.effective_mpp(spec.mpp)
     h, w = (int(np.ceil(s * slide.mpp / mpp)) for s in slide.shape)
     rgb = slide.read(0, 0, w, h, mpp=mpp)
     second = greyer_view(rgb, second_view_saturation, spec)
-    det = detect(_model(spec, inference_precision()), normalize_image(rgb, spec), second=second)
+    det = detect(_model(spec, inference_precision()), normalize_image(rgb, spec), second=second, flips=flips)
     return (det["points"][:, ::-1] + 0.5) * mpp
