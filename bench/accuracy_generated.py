@@ -44,8 +44,10 @@ def main() -> None:
                 run = json.loads((bundle / "run.json").read_text())
                 params = run["parameters"]
                 tiled = id_centres_um(cells.cell_id, params["grid_shape_px"][1], params["grid_mpp"])
-                second_view = run["workflow"]["segmentation"]["second_view_saturation"]  # as the tiles did
-                whole = client.submit(whole_image_centres, str(slide), args.model, second_view, pure=False).result()
+                seg = run["workflow"]["segmentation"]  # as the tiles did
+                whole = client.submit(
+                    whole_image_centres, str(slide), args.model, seg["second_view_saturation"], seg["flips"], pure=False
+                ).result()
                 mw = match_points(tiled, whole, 1.0)
                 print(
                     f"{kind} mpp={mpp}: n_truth={m.n_true} n_found={m.n_pred} F1@3um={m.f1:.4f} "

@@ -101,8 +101,10 @@ def test_small_tiles_give_the_same_nuclei_without_duplicates(lymph_node_bundle, 
 def test_tiled_agrees_with_whole_image_prediction(lymph_node_bundle, client):
     slide, bundle = lymph_node_bundle
     run = json.loads((bundle / "run.json").read_text())
-    second_view = run["workflow"]["segmentation"]["second_view_saturation"]  # what the tiles did
-    centres = client.submit(whole_image_centres, str(slide), "histo-he", second_view, pure=False).result()
+    seg = run["workflow"]["segmentation"]  # what the tiles did
+    centres = client.submit(
+        whole_image_centres, str(slide), "histo-he", seg["second_view_saturation"], seg["flips"], pure=False
+    ).result()
     cells = pd.read_parquet(bundle / "cells.parquet")
     params = run["parameters"]
     tiled = id_centres_um(cells.cell_id, params["grid_shape_px"][1], params["grid_mpp"])
