@@ -169,6 +169,8 @@ def network_maps(model, x: np.ndarray, flips: int = 1) -> tuple[np.ndarray, np.n
     if flips not in MIRRORS or (flips > 1 and n % 2):
         raise ValueError(f"flips must be one of {sorted(MIRRORS)} (more than 1 needs an even ray count), not {flips!r}")
     axes = "YXC" if x.ndim == 3 else "YX"
+    if flips == 1:  # the shipped path: no copies of the maps
+        return model.predict(x, axes=axes, show_tile_progress=False)
     grid = tuple(int(g) for g in model.config.grid)
     out = tuple(-(-s // g) for s, g in zip(x.shape[:2], grid))
     probs, dists = [], []
