@@ -28,7 +28,7 @@ from histo.segment.models import (
 )
 from histo.segment.nuclei import cell_schema, owned, tile_cells
 from histo.segment.nucleus_classes import load_classifier, tile_class_probs
-from histo.segment.tiling import Tile
+from histo.segment.tiling import MIRRORS, Tile
 from histo.timing import Timings, stopwatch
 
 
@@ -146,13 +146,6 @@ def detect(
         x.shape[:2], prob, dist, prob_thresh=prob_thresh, nms_thresh=nms_thresh, return_labels=False
     )
     return det
-
-
-MIRRORS = {  # flips -> the (up-down, left-right) mirrors averaged
-    1: ((False, False),),
-    2: ((False, False), (False, True)),
-    4: ((False, False), (False, True), (True, False), (True, True)),
-}
 
 
 def network_maps(model, x: np.ndarray, flips: int = 1) -> tuple[np.ndarray, np.ndarray]:

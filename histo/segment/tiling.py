@@ -17,6 +17,11 @@ from histo.errors import WorkflowError
 
 ALIGN = 16  # px; read origins are multiples of this so the U-Net sees every tile on the same lattice
 CONTEXT_PX = 64  # px at the model's µm/px: the least halo (bench/halo_context.py measures what it changes)
+MIRRORS = {  # segmentation.flips -> the (up-down, left-right) mirrors averaged (histo.segment.task.network_maps)
+    1: ((False, False),),
+    2: ((False, False), (False, True)),
+    4: ((False, False), (False, True), (True, False), (True, True)),
+}
 
 
 @dataclass(frozen=True)
@@ -47,9 +52,10 @@ class Segmentation(Section):
     }
 
     def validated(self, path: str) -> Segmentation:
-        """Itself; WorkflowError for ``flips`` other than 1, 2 or 4."""
-        if self.flips not in (1, 2, 4):
-            raise WorkflowError(path, f"'segmentation.flips' must be 1, 2 or 4, not {self.flips!r}")
+        """Itself; WorkflowError for ``flips`` not a key of :data:`MIRRORS` (1, 2 or 4)."""
+        if self.flips not in MIRRORS:
+            allowed = ", ".join(map(str, MIRRORS))
+            raise WorkflowError(path, f"'segmentation.flips' must be one of {allowed}, not {self.flips!r}")
         return self
 
 
