@@ -461,7 +461,7 @@ def test_training_resumes_from_the_saved_epoch(disks, tmp_path):
 def test_histo_train_cli_on_real_tiles_with_per_image_pixel_sizes(tmp_path):
     """`histo train` on two real MoNuSeg tiles (a 40x one at its XML pixel size and a 20x outlier,
     from a CSV) plus a folder of generated tiles: both resampled to the model's 0.5 µm/px, both
-    sources and licences in the card."""
+    sources and licences in the card; ``--filter-base`` sets the network's width."""
     from histo.cli import main
     from histo_sample import write_training_set
 
@@ -507,9 +507,12 @@ def test_histo_train_cli_on_real_tiles_with_per_image_pixel_sizes(tmp_path):
             "0.25",
             "--note",
             "smoke test",
+            "--filter-base",
+            "8",
         ]
     )
     assert rc == 0
+    assert json.loads((out / "config.json").read_text())["unet_n_filter_base"] == 8  # StarDist's default is 32
     card = json.loads((out / "card.json").read_text())
     assert card["mpp"] == 0.5 and card["training"]["image_mpp"] == [0.2527, 0.5, 0.5005]
     assert [s["licence"] for s in card["training"]["sources"]] == ["CC BY-NC-SA 4.0", "BSD-3-Clause"]
