@@ -139,6 +139,7 @@ def _train(args) -> None:
         init_weights=args.init,
         nms_threshs=args.nms_threshs,
         **({"unet_n_filter_base": args.filter_base} if args.filter_base else {}),
+        **({"net_conv_after_unet": args.conv_after} if args.conv_after else {}),
         command="histo " + " ".join(args.argv),
     )
     print(f"wrote model {out}")
@@ -421,8 +422,14 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--filter-base",
         type=int,
-        help="filters of the U-Net's first level (default 32; each level doubles them); 16 makes the network "
-        "about 3x cheaper per pixel on a CPU. A new run only: --init and resuming keep the saved architecture",
+        help="filters of the U-Net's first level (default 32; each level doubles them). A new run only: --init "
+        "and resuming keep the saved architecture",
+    )
+    t.add_argument(
+        "--conv-after",
+        type=int,
+        help="filters of the convolution after the U-Net (default 128). With --filter-base 16 and --conv-after 64 "
+        "the network costs about a third per pixel on a CPU. A new run only",
     )
     t.add_argument(
         "--nms-threshs",

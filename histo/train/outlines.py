@@ -140,6 +140,7 @@ class TrainConfig:
     grid: tuple[int, int] = (2, 2)  # px of the input per output pixel (rows, columns)
     unet_n_depth: int = 3  # U-Net levels
     unet_n_filter_base: int = 32  # filters of the first U-Net level
+    net_conv_after_unet: int = 128  # filters of the convolution between the U-Net and the prob / ray outputs
     learning_rate: float | None = None  # Adam's rate; None: DEFAULT_LEARNING_RATE (new run), the saved one (resume)
     reduce_lr: Mapping[str, float] | None = None  # ReduceLROnPlateau; None: factor 0.5, patience max(5, epochs // 8)
     stain_scale: float | None = None  # H and E concentration jitter, fraction (0.4: ×0.6–×1.4); None: HEAugmenter's
@@ -365,9 +366,15 @@ def build_model(
         model = StarDist2D(None, name=out_dir.name, basedir=str(out_dir.parent))
         model.load_weights("weights_last.h5")
         return model
-    n_rays, grid, depth, filters = config.n_rays, config.grid, config.unet_n_depth, config.unet_n_filter_base
+    n_rays, grid, depth, filters, after = (
+        config.n_rays,
+        config.grid,
+        config.unet_n_depth,
+        config.unet_n_filter_base,
+        config.net_conv_after_unet,
+    )
     if init_weights is not None:
-        n_rays, grid, depth, filters = _init_architecture(Path(init_weights))
+        n_rays, grid, depth, filters, after = _init_architecture(Path(init_weights))
     reduce_lr = config.reduce_lr
     if reduce_lr is None:
         reduce_lr = {"factor": 0.5, "patience": max(5, config.epochs // 8), "min_delta": 0}
@@ -377,6 +384,7 @@ def build_model(
         n_channel_in=3,
         unet_n_depth=depth,
         unet_n_filter_base=filters,
+        net_conv_after_unet=after,
         train_patch_size=(config.patch_size, config.patch_size),
         train_batch_size=config.batch_size,
         train_learning_rate=state["learning_rate"],
@@ -645,6 +653,7 @@ def _started_config(config: TrainConfig, model, state: dict) -> TrainConfig:
         grid=tuple(c.grid),
         unet_n_depth=int(c.unet_n_depth),
         unet_n_filter_base=int(c.unet_n_filter_base),
+        net_conv_after_unet=int(c.net_conv_after_unet),
         learning_rate=float(c.train_learning_rate),  # the saved config.json keeps the run's first rate
         reduce_lr=dict(reduce_lr) if isinstance(reduce_lr, Mapping) else config.reduce_lr,
         **{
@@ -729,6 +738,7 @@ def write_card(
             "kind": "StarDist2D U-Net",
             "unet_n_depth": int(c.unet_n_depth),
             "unet_n_filter_base": int(c.unet_n_filter_base),
+            "net_conv_after_unet": int(c.net_conv_after_unet),
             "n_rays": int(c.n_rays),
             "grid": list(c.grid),
             "n_channel_in": int(c.n_channel_in),
@@ -1024,6 +1034,7 @@ def _model_md(card: dict) -> str:
         "## Architecture",
         "",
         f"U-Net depth {arch['unet_n_depth']}, {arch['unet_n_filter_base']} base filters, "
+        f"{arch.get('net_conv_after_unet', 128)} filters after it, "
         f"{arch['n_rays']} rays, grid {tuple(arch['grid'])}, {arch['n_channel_in']} input channels "
         f"({arch.get('n_params', '?')} parameters).",
         "",
@@ -1186,11 +1197,17 @@ def _init_name(init_weights: Path | str | None) -> str | None:
     return None if init_weights is None else Path(init_weights).resolve().name
 
 
-def _init_architecture(folder: Path) -> tuple[int, tuple[int, int], int, int]:
-    """(n_rays, grid, unet depth, base filters) of the model folder a run starts from."""
+def _init_architecture(folder: Path) -> tuple[int, tuple[int, int], int, int, int]:
+    """(n_rays, grid, unet depth, base filters, filters after the U-Net) of the model folder a run starts from."""
     conf = read_json(folder / "config.json", missing=None)
     if conf is None or not (folder / "weights_best.h5").is_file():
         raise HistoError(folder, "cannot start from this model: it needs config.json and weights_best.h5")
     if conf.get("n_channel_in") != 3 or conf.get("n_classes") not in (None, 0):
         raise HistoError(folder, "cannot start from this model: it is not a 3-channel StarDist model without classes")
-    return int(conf["n_rays"]), tuple(conf["grid"]), int(conf["unet_n_depth"]), int(conf["unet_n_filter_base"])
+    return (
+        int(conf["n_rays"]),
+        tuple(conf["grid"]),
+        int(conf["unet_n_depth"]),
+        int(conf["unet_n_filter_base"]),
+        int(conf.get("net_conv_after_unet", 128)),
+    )

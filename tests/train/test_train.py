@@ -461,7 +461,7 @@ def test_training_resumes_from_the_saved_epoch(disks, tmp_path):
 def test_histo_train_cli_on_real_tiles_with_per_image_pixel_sizes(tmp_path):
     """`histo train` on two real MoNuSeg tiles (a 40x one at its XML pixel size and a 20x outlier,
     from a CSV) plus a folder of generated tiles: both resampled to the model's 0.5 µm/px, both
-    sources and licences in the card; ``--filter-base`` sets the network's width."""
+    sources and licences in the card; ``--filter-base`` and ``--conv-after`` set the network's widths."""
     from histo.cli import main
     from histo_sample import write_training_set
 
@@ -509,10 +509,13 @@ def test_histo_train_cli_on_real_tiles_with_per_image_pixel_sizes(tmp_path):
             "smoke test",
             "--filter-base",
             "8",
+            "--conv-after",
+            "16",
         ]
     )
     assert rc == 0
-    assert json.loads((out / "config.json").read_text())["unet_n_filter_base"] == 8  # StarDist's default is 32
+    saved = json.loads((out / "config.json").read_text())  # StarDist's defaults: 32 and 128
+    assert (saved["unet_n_filter_base"], saved["net_conv_after_unet"]) == (8, 16)
     card = json.loads((out / "card.json").read_text())
     assert card["mpp"] == 0.5 and card["training"]["image_mpp"] == [0.2527, 0.5, 0.5005]
     assert [s["licence"] for s in card["training"]["sources"]] == ["CC BY-NC-SA 4.0", "BSD-3-Clause"]
