@@ -366,25 +366,18 @@ def build_model(
         model = StarDist2D(None, name=out_dir.name, basedir=str(out_dir.parent))
         model.load_weights("weights_last.h5")
         return model
-    n_rays, grid, depth, filters, after = (
-        config.n_rays,
-        config.grid,
-        config.unet_n_depth,
-        config.unet_n_filter_base,
-        config.net_conv_after_unet,
-    )
     if init_weights is not None:
-        n_rays, grid, depth, filters, after = _init_architecture(Path(init_weights))
+        config = config.with_settings(**_init_architecture(Path(init_weights)))
     reduce_lr = config.reduce_lr
     if reduce_lr is None:
         reduce_lr = {"factor": 0.5, "patience": max(5, config.epochs // 8), "min_delta": 0}
     conf = Config2D(
-        n_rays=n_rays,
-        grid=tuple(grid),
+        n_rays=config.n_rays,
+        grid=config.grid,
         n_channel_in=3,
-        unet_n_depth=depth,
-        unet_n_filter_base=filters,
-        net_conv_after_unet=after,
+        unet_n_depth=config.unet_n_depth,
+        unet_n_filter_base=config.unet_n_filter_base,
+        net_conv_after_unet=config.net_conv_after_unet,
         train_patch_size=(config.patch_size, config.patch_size),
         train_batch_size=config.batch_size,
         train_learning_rate=state["learning_rate"],
@@ -1034,7 +1027,7 @@ def _model_md(card: dict) -> str:
         "## Architecture",
         "",
         f"U-Net depth {arch['unet_n_depth']}, {arch['unet_n_filter_base']} base filters, "
-        f"{arch.get('net_conv_after_unet', 128)} filters after it, "
+        f"{arch.get('net_conv_after_unet', TrainConfig.net_conv_after_unet)} filters after it, "
         f"{arch['n_rays']} rays, grid {tuple(arch['grid'])}, {arch['n_channel_in']} input channels "
         f"({arch.get('n_params', '?')} parameters).",
         "",
@@ -1197,17 +1190,17 @@ def _init_name(init_weights: Path | str | None) -> str | None:
     return None if init_weights is None else Path(init_weights).resolve().name
 
 
-def _init_architecture(folder: Path) -> tuple[int, tuple[int, int], int, int, int]:
-    """(n_rays, grid, unet depth, base filters, filters after the U-Net) of the model folder a run starts from."""
+def _init_architecture(folder: Path) -> dict[str, Any]:
+    """The architecture settings (:class:`TrainConfig` names) of the model folder a run starts from."""
     conf = read_json(folder / "config.json", missing=None)
     if conf is None or not (folder / "weights_best.h5").is_file():
         raise HistoError(folder, "cannot start from this model: it needs config.json and weights_best.h5")
     if conf.get("n_channel_in") != 3 or conf.get("n_classes") not in (None, 0):
         raise HistoError(folder, "cannot start from this model: it is not a 3-channel StarDist model without classes")
-    return (
-        int(conf["n_rays"]),
-        tuple(conf["grid"]),
-        int(conf["unet_n_depth"]),
-        int(conf["unet_n_filter_base"]),
-        int(conf.get("net_conv_after_unet", 128)),
-    )
+    return {
+        "n_rays": int(conf["n_rays"]),
+        "grid": tuple(conf["grid"]),
+        "unet_n_depth": int(conf["unet_n_depth"]),
+        "unet_n_filter_base": int(conf["unet_n_filter_base"]),
+        "net_conv_after_unet": int(conf.get("net_conv_after_unet", TrainConfig.net_conv_after_unet)),
+    }
