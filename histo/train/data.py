@@ -23,6 +23,7 @@ __all__ = [
     "resample_pair",
     "load_pairs",
     "split_by_image",
+    "patch_grid",
     "read_mpp_table",
     "pixel_sizes",
     "dataset_pairs",
@@ -158,6 +159,26 @@ def split_by_image(n: int, val_fraction: float, seed: int) -> tuple[list[int], l
     perm = rng.permutation(n).tolist()
     n_val = min(n - 1, max(1, int(round(val_fraction * n))))
     return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def patch_grid(
+    images: Sequence[np.ndarray], masks: Sequence[np.ndarray], patch: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every image and its mask cut into ``patch`` × ``patch`` crops that together cover it: a grid
+    from the top-left corner, the last row and column aligned to the far edge (they overlap their
+    neighbours when the side is not a multiple of ``patch``). No randomness: the same images give the
+    same crops in every call. HistoError if an image is smaller than ``patch`` along a side."""
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    for img, mask in zip(images, masks):
+        if min(mask.shape[:2]) < patch:
+            raise HistoError(None, f"a validation image of {mask.shape[:2]} px is smaller than the patch of {patch} px")
+        starts = [sorted({*range(0, side - patch + 1, patch), side - patch}) for side in mask.shape[:2]]
+        for y0 in starts[0]:
+            for x0 in starts[1]:
+                xs.append(img[y0 : y0 + patch, x0 : x0 + patch])
+                ys.append(mask[y0 : y0 + patch, x0 : x0 + patch])
+    return xs, ys
 
 
 def load_pairs(

@@ -24,7 +24,7 @@ from histo.train.augment import (
     scale_jitter,
     stain_jitter,
 )
-from histo.train.data import pairs_from_folders, read_pair, resample_pair, split_by_image
+from histo.train.data import pairs_from_folders, patch_grid, read_pair, resample_pair, split_by_image
 from histo.train.outlines import TrainConfig, train
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -118,6 +118,23 @@ def test_split_by_image_is_seeded_and_disjoint():
     assert split_by_image(2, 0.15, 0)[1] and split_by_image(2, 0.15, 0)[0]
     with pytest.raises(HistoError):
         split_by_image(1, 0.15, 0)
+
+
+def test_patch_grid_covers_each_image_with_the_same_crops_every_time():
+    rng = np.random.default_rng(0)
+    images = [rng.random((100, 70, 3)), rng.random((64, 64, 3))]
+    masks = [np.arange(100 * 70).reshape(100, 70), np.ones((64, 64), int)]
+    xs, ys = patch_grid(images, masks, 64)
+    assert len(xs) == len(ys) == 2 * 2 + 1  # rows at 0 and 36, columns at 0 and 6; one crop of the 64²
+    assert all(x.shape == (64, 64, 3) and y.shape == (64, 64) for x, y in zip(xs, ys))
+    seen = np.zeros(100 * 70, bool)
+    seen[np.concatenate([y.ravel() for y in ys[:4]])] = True
+    assert seen.all()  # every pixel of the first image is in some crop
+    np.testing.assert_array_equal(xs[3], images[0][36:, 6:])  # the last crop is aligned to the far corner
+    again = patch_grid(images, masks, 64)
+    assert all(np.array_equal(a, b) for a, b in zip(xs + ys, again[0] + again[1]))
+    with pytest.raises(HistoError, match="smaller than the patch"):
+        patch_grid(images, masks, 80)
 
 
 # ---------------------------------------------------------------- augmentation
@@ -282,6 +299,8 @@ def test_start_run_resumes_a_state_written_before_train_config(tmp_path):
     assert got["stain_scale_changes"] == [{"epoch": 7, "from": 0.4, "to": 0.3}]
     # a state saved before the zoom jitter was recorded had HEAugmenter's default
     assert got["scale_range_changes"] == [{"epoch": 7, "from": 0.1, "to": 0.3}] and got["scale_range"] == 0.3
+    # its validation loss was on random patches: the new grid's is not comparable with its best
+    assert got["validation_patches_changes"][0]["epoch"] == 7 and got["validation_patches"].startswith("grid")
     with pytest.raises(HistoError, match="training images differ"):
         start_run(tmp_path, images[:3], config)
 
@@ -452,6 +471,21 @@ def test_training_resumes_from_the_saved_epoch(disks, tmp_path):
     assert "HSV saturation ×(1 ± 0.5) (0.0 until epoch 1)" in (out / "MODEL.md").read_text()
     # the split did not change between the two calls
     assert card["training"]["n_val"] == len(state["split"]["val"])
+
+
+def test_a_resumed_run_is_validated_on_the_same_patches(disks, tmp_path):
+    """With the weights held (learning rate 0 after the resume), the first resumed epoch's validation
+    loss equals the last one before it: the validation data did not change with the resume, so the
+    saved best loss still means the same thing."""
+    ims, mks = zip(*disks)
+    out = tmp_path / "same-validation"
+    kw = dict(mpp=0.5, image_mpp=0.5, steps_per_epoch=2, val_fraction=0.34, seed=2, verbose=0, optimize=False, **TINY)
+    train(list(ims), list(mks), out, epochs=1, finalize=False, **kw)
+    train(list(ims), list(mks), out, epochs=2, finalize=False, learning_rate=0.0, **kw)
+    state = json.loads((out / "train_state.json").read_text())
+    before, after = (h["val_loss"] for h in state["history"])
+    assert after == pytest.approx(before, rel=1e-4)
+    assert "validation_patches_changes" not in state
 
 
 @pytest.mark.skipif(
