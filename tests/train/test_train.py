@@ -405,6 +405,31 @@ def test_existing_model_is_not_overwritten(trained):
         train(list(ims), list(mks), folder, mpp=0.5, image_mpp=0.5, epochs=1, steps_per_epoch=1, verbose=0, **TINY)
 
 
+def test_a_run_started_from_a_model_takes_its_architecture_and_weights(trained, tmp_path):
+    """``init_weights`` (``histo train --init``): the new run builds the saved model's network (rays,
+    depth, widths, grid), whatever the call's own settings say, and starts from its weights (held here
+    by a learning rate of 0); a folder that is not a model is refused by name."""
+    from stardist.models import StarDist2D
+
+    folder, model, disks = trained
+    ims, mks = zip(*disks)
+    kw = dict(mpp=0.5, image_mpp=0.5, epochs=1, steps_per_epoch=1, val_fraction=0.34, verbose=0, optimize=False)
+    out = tmp_path / "from-tiny"
+    train(list(ims), list(mks), out, init_weights=folder, learning_rate=0.0, patch_size=64, batch_size=2, **kw)
+    conf = json.loads((out / "config.json").read_text())
+    saved = json.loads((folder / "config.json").read_text())
+    for key in ("n_rays", "grid", "unet_n_depth", "unet_n_filter_base", "net_conv_after_unet"):
+        assert conf[key] == saved[key], key
+    assert conf["unet_n_filter_base"] == TINY["unet_n_filter_base"] != TrainConfig.unet_n_filter_base
+    card = json.loads((out / "card.json").read_text())
+    assert card["training"]["init_weights"] == folder.name
+    started = StarDist2D(None, name=out.name, basedir=str(out.parent))
+    for a, b in zip(started.keras_model.get_weights(), model.keras_model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(HistoError, match="cannot start from this model"):
+        train(list(ims), list(mks), tmp_path / "from-nothing", init_weights=tmp_path, patch_size=64, **kw)
+
+
 def test_training_resumes_from_the_saved_epoch(disks, tmp_path):
     import keras
 
