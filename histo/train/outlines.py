@@ -432,8 +432,10 @@ def _restore_optimizer(keras_model, path: Path) -> bool:
     optimizer left fresh, when there is no file or it does not fit this network.
 
     Without it a resumed run restarts Adam from zero: its first steps move every weight by about the
-    learning rate whatever its gradient, and a resumed fine-tuning run's validation loss jumped from
-    0.556 to 0.622 at the first resumed epoch and never came back (2026-12-06, histo-he, epochs 8–20)."""
+    learning rate whatever its gradient. (A resumed fine-tuning run's validation loss jumped from 0.556
+    to 0.622 at the first resumed epoch, 2026-12-06, histo-he, epochs 8–20; that run was also scored on
+    newly drawn validation patches after the resume, which :func:`fit` no longer does, so how much of
+    the jump was the optimizer is not known.)"""
     if not path.is_file():
         return False
     optimizer = keras_model.optimizer
