@@ -36,7 +36,7 @@ from histo.segment.nucleus_classes import (
 from histo.timing import stopwatch
 from histo.train.augment import brightness_contrast, stain_jitter
 from histo.train.data import read_pair, split_by_image
-from histo.train.outlines import write_model_md
+from histo.train.model_card import write_model_md
 
 MARGIN = 8  # px at PATCH_MPP read around each patch for shift augmentation
 

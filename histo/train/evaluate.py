@@ -353,7 +353,7 @@ def run_images(
 def record_in_card(folder: str | Path, dataset: str, table: pd.DataFrame, command: str | None = None) -> Path:
     """Add (or replace, by ``dataset`` name) a pooled evaluation in a model folder's ``card.json``
     and rewrite its ``MODEL.md``."""
-    from histo.train.outlines import write_model_md
+    from histo.train.model_card import write_model_md
 
     folder = Path(folder)
     card_path = folder / "card.json"

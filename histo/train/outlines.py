@@ -8,9 +8,10 @@ training it also keeps ``weights_last.h5`` and ``train_state.json`` (epochs done
 loss, learning rate, split) so an interrupted run resumes with the remaining epochs;
 ``finalize=True`` (default) removes both at the end and the folder stays a few MB.
 
-Resuming restores the weights, the learning rate and the best validation loss (so
-``weights_best.h5`` is only overwritten by a better epoch); Adam's moment estimates restart from
-zero, which costs a few steps of warm-up, nothing more.
+Resuming restores the weights, Adam's state, the learning rate and the best validation loss, and
+takes the validation loss on the same crops as before (so ``weights_best.h5`` is only overwritten by
+a better epoch). The settings are :class:`~histo.train.config.TrainConfig`; ``MODEL.md`` is written
+by :mod:`histo.train.model_card`.
 
 A run is six phases, each a function: :func:`load_training_data` (read, resample, check the
 pairs), :func:`start_run` (a new ``train_state.json`` or the saved one of a run to resume),
@@ -21,8 +22,6 @@ validation images) and :func:`write_card`.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
 import platform
@@ -30,7 +29,6 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +37,10 @@ import numpy as np
 from histo.errors import HistoError
 from histo.io.files import atomic_write, read_json, write_json
 from histo.run.provenance import versions
-from histo.segment.nucleus_classes import ALONE, SURE, TURNS, classifier_members
+from histo.segment.models import NORMALIZE_FIXED
 from histo.timing import Stopwatch, stopwatch
 from histo.train.augment import HEAugmenter
+from histo.train.config import AUGMENTATION_SETTINGS, DEFAULT_LEARNING_RATE, TrainConfig, augmentation_setting
 from histo.train.data import (
     dataset_pairs,
     load_pairs,
@@ -53,6 +52,7 @@ from histo.train.data import (
     resample_pair,
     split_by_image,
 )
+from histo.train.model_card import model_md
 
 __all__ = [
     "TrainConfig",
@@ -65,10 +65,7 @@ __all__ = [
     "optimise_thresholds",
     "score_validation",
     "write_card",
-    "write_model_md",
-    "NORMALIZE_FIXED",
     "STATE_FILE",
-    "DEFAULT_LEARNING_RATE",
     # reading data, from histo.train.data (imported from here by histo.cli and histo.train.classes)
     "pairs_from_folders",
     "dataset_pairs",
@@ -79,12 +76,8 @@ __all__ = [
     "split_by_image",
 ]
 
-#: the normalisation of every model trained here (must match histo.segment.models.normalize_image)
-NORMALIZE_FIXED = {"kind": "fixed", "low": 0, "high": 255}
-
 STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer_last.npz"  # Adam's step count and moments after the last epoch, for a resume
-DEFAULT_LEARNING_RATE = 3e-4  # Adam, StarDist's default
 #: what the validation loss is computed on (``state["validation_patches"]``): :func:`fit`'s fixed crops.
 #: Runs saved before it was recorded were scored on one random patch per validation image, redrawn at
 #: every call; a resume of such a run restarts the best-weights tracking.
@@ -101,97 +94,6 @@ _RUN_FILES = (
     OPTIMIZER_FILE,
     "config.json",
 )
-
-
-AUGMENTATION_SETTINGS = (
-    "stain_scale",
-    "scale_range",
-    "hue_shift",
-    "saturation_range",
-    "haze",
-)  # HEAugmenter fields a run sets and a resume may change
-
-
-def augmentation_setting(state: dict, key: str) -> float:
-    """A run's current ``key`` (one of :data:`AUGMENTATION_SETTINGS`) from its state; HEAugmenter's
-    default for runs saved before it was recorded."""
-    return float(state.get(key, getattr(HEAugmenter, key)))
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The settings of a training run, saved in the model's ``card.json`` under ``training.config``.
-
-    Like StarDist's ``Config2D``, one object with a typed default for every setting; unlike it, it
-    also holds the data scale, the augmentation strength and the threshold search. What the run is
-    trained *on* (images, pixel sizes, a model to start from, provenance) and how the call behaves
-    (resume, overwrite, finalize, callbacks) are arguments of :func:`train`, not settings.
-
-    When a run resumes, the saved run's split, epochs, steps per epoch and architecture win; a given
-    ``learning_rate`` or augmentation setting (:data:`AUGMENTATION_SETTINGS`) applies from the next epoch on
-    (:func:`start_run`). The card records the settings the run started with
-    (``TrainConfig.from_dict(card["training"]["config"])``); later changes are listed beside them.
-    """
-
-    mpp: float = 0.25  # µm/px the model works at; every image is resampled to it
-    stain: str = "he"  # the stain the model is for (card only)
-    epochs: int = 50  # epochs in all (a resumed run with more extends the run)
-    steps_per_epoch: int = 100  # batches per epoch
-    patch_size: int = 256  # px at ``mpp``, square training patches
-    batch_size: int = 4  # patches per batch
-    val_fraction: float = 0.15  # fraction of the images held out for validation (split by image)
-    seed: int = 0  # split, augmentation and patch sampling
-    n_rays: int = 32  # StarDist rays per nucleus
-    grid: tuple[int, int] = (2, 2)  # px of the input per output pixel (rows, columns)
-    unet_n_depth: int = 3  # U-Net levels
-    unet_n_filter_base: int = 32  # filters of the first U-Net level
-    net_conv_after_unet: int = 128  # filters of the convolution between the U-Net and the prob / ray outputs
-    learning_rate: float | None = None  # Adam's rate; None: DEFAULT_LEARNING_RATE (new run), the saved one (resume)
-    reduce_lr: Mapping[str, float] | None = None  # ReduceLROnPlateau; None: factor 0.5, patience max(5, epochs // 8)
-    stain_scale: float | None = None  # H and E concentration jitter, fraction (0.4: ×0.6–×1.4); None: HEAugmenter's
-    scale_range: float | None = None  # zoom jitter, fraction (0.3: ×0.7–×1.3, half the patches); None: HEAugmenter's
-    hue_shift: float | None = None  # HSV hue turn, fraction of the circle (0.05: ±18°); None: HEAugmenter's
-    saturation_range: float | None = None  # HSV saturation jitter, fraction (0.6: ×0.4–×1.6); None: HEAugmenter's
-    haze: float | None = None  # hematoxylin OD added to stained pixels, at most (0.25: +0–0.25); None: HEAugmenter's
-    optimize: bool = True  # optimise the prob / nms thresholds on the validation images (else 0.5 / 0.4)
-    nms_threshs: tuple[float, ...] = (0.3, 0.4, 0.5)  # NMS thresholds the optimisation tries (each costs a sweep)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
-        object.__setattr__(self, "nms_threshs", tuple(float(t) for t in self.nms_threshs))
-        if self.reduce_lr is not None:
-            object.__setattr__(self, "reduce_lr", dict(self.reduce_lr))
-
-    def as_dict(self) -> dict[str, Any]:
-        """The settings as JSON-ready values (tuples as lists)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        """The config saved by :meth:`as_dict` (e.g. a card's ``training.config``); TypeError naming
-        an unknown key."""
-        _check_settings(d)
-        return cls(**d)
-
-    def with_settings(self, **settings) -> TrainConfig:
-        """A copy with ``settings`` changed; TypeError naming an unknown one."""
-        _check_settings(settings)
-        return dataclasses.replace(self, **settings) if settings else self
-
-
-def _check_settings(names) -> None:
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(names) - known)
-    if unknown:
-        raise TypeError(f"unknown training setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-
-
-def _plain(v):
-    if isinstance(v, tuple):
-        return [_plain(x) for x in v]
-    if isinstance(v, Mapping):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
 
 
 def _as_float(img: np.ndarray) -> np.ndarray:
@@ -800,7 +702,7 @@ def write_card(
         "notes": list(notes or []),
     }
     write_json(out_dir / "card.json", card)
-    atomic_write(out_dir / "MODEL.md", _model_md(card))
+    atomic_write(out_dir / "MODEL.md", model_md(card))
     return card
 
 
@@ -1011,212 +913,6 @@ def _max_nucleus_um(masks: Sequence[np.ndarray], mpp: float, floor_um: float = 2
     if not lengths:
         return float(floor_um), 0.0
     return float(max(floor_um, math.ceil(np.percentile(lengths, 99.9)))), round(max(lengths), 2)
-
-
-_OPTIONAL_AUGMENTATION = {  # settings off by default: their words in the card, when a run used them
-    "haze": "up to +{} hematoxylin OD on stained pixels",
-    "hue_shift": "HSV hue ±{}",
-    "saturation_range": "HSV saturation ×(1 ± {})",
-}
-
-
-def _optional_augmentation_text(t: dict) -> str:
-    """The card's words for the augmentations a run switched on (none for runs without them)."""
-    parts = []
-    for key, words in _OPTIONAL_AUGMENTATION.items():
-        value, changes = float(t["augmentation"].get(key, 0)), t.get(f"{key}_changes", [])
-        if value or changes:
-            parts.append(words.format(value) + "".join(f" ({c['from']} until epoch {c['epoch']})" for c in changes))
-    return "".join(f", {p}" for p in parts)
-
-
-def _model_md(card: dict) -> str:
-    t, v = card["training"], card.get("validation", {})
-    arch = card["architecture"]
-    lines = [
-        f"# {card['name']} — StarDist nucleus model for {card['stain'].upper()} (RGB)",
-        "",
-        f"A StarDist 2D model (`stardist {card['versions'].get('stardist', '?')}`, `csbdeep "
-        f"{card['versions'].get('csbdeep', '?')}`) that segments nuclei in RGB H&E images at "
-        f"**{card['mpp']} µm/px**. Images at any other pixel size must be resampled to "
-        f"{card['mpp']} µm/px before prediction (histo's pipeline does this).",
-        "",
-        "## Input",
-        "",
-        f"- Pixel size: {card['mpp']} µm/px.",
-        f"- Normalisation: fixed, `x / 255` on uint8 RGB (`{json.dumps(card['normalize'])}`). It does not "
-        "depend on the tile, so a slide cut into tiles gives the same result as the whole image.",
-        f"- Largest expected nucleus: {card['max_nucleus_um']} µm (the tile halo is at least its radius; "
-        "99.9 % of the training nuclei are shorter; the longest outline is "
-        f"{card.get('max_nucleus_um_observed', '?')} µm).",
-        f"- Thresholds: prob {card['thresholds'].get('prob')}, nms {card['thresholds'].get('nms')} "
-        "(optimised on the validation images with `optimize_thresholds`).",
-        "",
-        "## Architecture",
-        "",
-        f"U-Net depth {arch['unet_n_depth']}, {arch['unet_n_filter_base']} base filters, "
-        f"{arch.get('net_conv_after_unet', TrainConfig.net_conv_after_unet)} filters after it, "
-        f"{arch['n_rays']} rays, grid {tuple(arch['grid'])}, {arch['n_channel_in']} input channels "
-        f"({arch.get('n_params', '?')} parameters).",
-        "",
-        "## Training",
-        "",
-        f"- Data: {t['n_images']} images ({t['n_train']} training, {t['n_val']} validation, split by "
-        f"image with seed {t['seed']}).",
-    ]
-    for s in t.get("sources", []):
-        extra = f" — {s['note']}" if s.get("note") else ""
-        extra += f"; drawn {s['draws']}× as often as a draws-1 image" if s.get("draws", 1) != 1 else ""
-        lines.append(
-            f"  - {s.get('name')}: {s.get('n_images', '?')} images, licence: {s.get('licence', 'unknown')}{extra}"
-        )
-    lines += [
-        f"- {t['epochs']} epochs × {t['steps_per_epoch']} steps, batch {t['batch_size']}, patches "
-        f"{t['patch_size']}², learning rate {t['learning_rate']} (Adam, halved on plateau"
-        + "".join(f"; set to {c['to']} after epoch {c['epoch']}" for c in t.get("learning_rate_changes", []))
-        + ").",
-        f"- Augmentation: flips and 90° rotations, H and E stain jitter in optical-density space "
-        f"(Ruifrok vectors, concentrations ×(1 ± {t['augmentation'].get('stain_scale', '?')})"
-        + "".join(f"; ±{c['from']} until epoch {c['epoch']}" for c in t.get("stain_scale_changes", []))
-        + f"), brightness/contrast, ±{int(round(t['augmentation'].get('scale_range', 0) * 100))} % scale jitter"
-        + "".join(f" (±{c['from']} until epoch {c['epoch']})" for c in t.get("scale_range_changes", []))
-        + _optional_augmentation_text(t)
-        + ", Gaussian noise.",
-        f"- Wall time: {t['wall_time_s']:.0f} s on {t.get('machine', '?')}.",
-    ]
-    if t.get("validation_patches"):
-        lines.append(
-            f"- Best weights: the lowest validation loss ({t.get('best_val_loss')}), taken on patches of a "
-            f"{t['validation_patches']}"
-            + "".join(f" ({c['from']} until epoch {c['epoch']})" for c in t.get("validation_patches_changes", []))
-            + "."
-        )
-    if t.get("command"):
-        cmd = str(t["command"])
-        lines += ["- Command:", "", "```", cmd, "```"] if "\n" in cmd else [f"- Command: `{cmd}`"]
-    lines += ["", "## Validation (held-out images, IoU ≥ 0.5)", ""]
-    if v:
-        lines += [
-            f"F1 {v.get('f1')}, precision {v.get('precision')}, recall {v.get('recall')} "
-            f"({v.get('n_true')} true nuclei, {v.get('n_pred')} predicted, mean matched IoU "
-            f"{v.get('mean_matched_score')}, panoptic quality {v.get('panoptic_quality')}).",
-        ]
-    else:
-        lines.append("Not evaluated.")
-    evals = card.get("evaluations") or []
-    if evals:
-        lines += [
-            "",
-            "## Evaluation on annotated images never used for training (`histo evaluate`)",
-            "",
-            "Pooled over the images; nuclei matched at IoU ≥ 0.5; PQ = panoptic quality, AJI = aggregated "
-            "Jaccard index.",
-            "",
-            "| dataset | images | true nuclei | precision | recall | F1 | mean IoU | PQ | AJI |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for ev in evals:
-            sc = ev["pooled"]
-            lines.append(
-                f"| {ev['dataset']} | {ev['n_images']} | {sc['n_true']} | {sc['precision']:.3f} | "
-                f"{sc['recall']:.3f} | {sc['f1']:.3f} | {sc['mean_iou']:.3f} | {sc['pq']:.3f} | {sc['aji']:.3f} |"
-            )
-        typed = [ev for ev in evals if any(k.startswith("f1_") for k in ev["pooled"])]
-        for ev in typed:
-            lines += [
-                "",
-                f"Per-class F1 on {ev['dataset']} (matched at IoU ≥ 0.5 and both say the class): "
-                + ", ".join(f"{k[3:]} {v:.3f}" for k, v in sorted(ev["pooled"].items()) if k.startswith("f1_"))
-                + ".",
-            ]
-        lines += [""] + [f"- {ev['dataset']}: `{ev['command']}`" for ev in evals if ev.get("command")]
-    if card.get("nucleus_classes"):
-        lines += _classes_md(card["nucleus_classes"])
-    if card.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in card["notes"]]
-    licences = sorted({s.get("licence", "unknown") for s in t.get("sources", [])})
-    lines += [
-        "",
-        "## Licence of the training data",
-        "",
-        "This model was trained on: " + (", ".join(licences) if licences else "unknown") + ". "
-        "A model inherits the obligations of its training data (e.g. CC BY-NC-SA: "
-        "non-commercial use, attribution, share-alike).",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-STAIN_WORDS = {
-    "macenko": "each tile's H&E mapped to Macenko's reference stain vectors and concentrations",
-    "macenko-unscaled": "each tile's H&E mapped to Macenko's reference stain vectors, its stain amounts kept",
-    None: "the pixels as they are",
-}
-
-
-def _classes_md(c: dict) -> list[str]:
-    """The model card's section on the nucleus classifier (histo.train.classes)."""
-    members = classifier_members(c)
-    files = ", ".join(f"`{m['file']}`" for m in members)
-    lines = [
-        "",
-        "## Nucleus classes",
-        "",
-        f"A separate classifier ({files}, histo.segment.nucleus_classes"
-        + (
-            f"; {len(members)} networks whose class probabilities are averaged, the networks after the first "
-            f"run only for nuclei to which the first gives no class ≥ {ALONE}"
-            if len(members) > 1
-            else ""
-        )
-        + f") gives every nucleus one of {', '.join(c['classes'])} from a {c.get('patch_px')}² patch at "
-        f"{c.get('patch_mpp')} µm/px and the nucleus outline; histo's typing keeps the class and splits off "
-        "large pale nuclei (`large`).",
-    ]
-    for m in members:
-        head = f"`{m['file']}`: " if len(members) > 1 else ""
-        lines.append(
-            f"- {head}Stains: {STAIN_WORDS.get(m.get('stain'), m.get('stain'))} before its patches are cut, in "
-            "training and in the tile task (histo.segment.nucleus_classes.standardise_stain)."
-        )
-        turns = int(m.get("inference_turns", TURNS))
-        lines.append(
-            f"- {head}Inference: the upright patch alone."
-            if turns == 1
-            else f"- {head}Inference: class probabilities averaged over {turns} turns of the patch, except for "
-            f"nuclei whose upright view already gives a class ≥ {m.get('inference_sure', SURE)}."
-        )
-        for src in m.get("sources", []):
-            lines.append(
-                f"- {head}Data: {src['name']} ({src['n_tiles']} tiles at {src['mpp']} µm/px), "
-                f"licence: {src['licence']}."
-            )
-        if m.get("n_train_nuclei"):
-            lines.append(
-                f"- {head}{m['n_train_nuclei']} training nuclei ({m.get('train_counts')}), {m['n_val_nuclei']} "
-                f"validation nuclei in the validation tiles {', '.join(m.get('val_tiles', []))}; best epoch "
-                f"{m.get('best_epoch')} of {m.get('epochs_run')}; {m.get('wall_time_s', 0):.0f} s."
-            )
-        lines += _validation_md(m.get("validation", {}), c["classes"], f"{head}Validation on the expert outlines")
-        if m.get("command"):
-            lines.append(f"- {head}Command: `{m['command']}`")
-    if len(members) > 1:
-        lines += _validation_md(c.get("validation", {}), c["classes"], "Together, on the same validation tiles")
-    return lines
-
-
-def _validation_md(v: dict, classes: list[str], what: str) -> list[str]:
-    if not v:
-        return []
-    scores = ", ".join(f"{k} {v[k]['f1']}" for k in classes if k in v)
-    return [f"- {what} (class only, upright patches): accuracy {v['accuracy']}; F1 {scores}."]
-
-
-def write_model_md(folder: Path | str) -> Path:
-    """(Re)write ``MODEL.md`` from ``card.json`` (e.g. after adding an evaluation to the card)."""
-    folder = Path(folder)
-    atomic_write(folder / "MODEL.md", _model_md(read_json(folder / "card.json")))
-    return folder / "MODEL.md"
 
 
 # ---------------------------------------------------------------- starting from another model

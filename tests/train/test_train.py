@@ -24,8 +24,9 @@ from histo.train.augment import (
     scale_jitter,
     stain_jitter,
 )
+from histo.train.config import TrainConfig
 from histo.train.data import pairs_from_folders, patch_grid, read_pair, resample_pair, split_by_image
-from histo.train.outlines import TrainConfig, train
+from histo.train.outlines import train
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 MONUSEG_TRAIN = SHARED / "data" / "monuseg" / "train"
