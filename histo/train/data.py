@@ -162,12 +162,13 @@ def split_by_image(n: int, val_fraction: float, seed: int) -> tuple[list[int], l
 
 
 def patch_grid(
-    images: Sequence[np.ndarray], masks: Sequence[np.ndarray], patch: int
+    images: Sequence[np.ndarray], masks: Sequence[np.ndarray], patch: int, max_patches: int | None = None
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Every image and its mask cut into ``patch`` × ``patch`` crops that together cover it: a grid
     from the top-left corner, the last row and column aligned to the far edge (they overlap their
-    neighbours when the side is not a multiple of ``patch``). No randomness: the same images give the
-    same crops in every call. HistoError if an image is smaller than ``patch`` along a side."""
+    neighbours when the side is not a multiple of ``patch``). Beyond ``max_patches`` crops, that many
+    evenly spaced ones of the list are kept. No randomness: the same images give the same crops in
+    every call. HistoError if an image is smaller than ``patch`` along a side."""
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
     for img, mask in zip(images, masks):
@@ -178,6 +179,9 @@ def patch_grid(
             for x0 in starts[1]:
                 xs.append(img[y0 : y0 + patch, x0 : x0 + patch])
                 ys.append(mask[y0 : y0 + patch, x0 : x0 + patch])
+    if max_patches is not None and len(xs) > max_patches:
+        keep = np.unique(np.linspace(0, len(xs) - 1, max(1, max_patches)).round().astype(int))
+        xs, ys = [xs[i] for i in keep], [ys[i] for i in keep]
     return xs, ys
 
 

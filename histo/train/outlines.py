@@ -82,6 +82,9 @@ OPTIMIZER_FILE = "optimizer_last.npz"  # Adam's step count and moments after the
 #: Runs saved before it was recorded were scored on one random patch per validation image, redrawn at
 #: every call; a resume of such a run restarts the best-weights tracking.
 VALIDATION_PATCHES = "grid covering each validation image"
+#: at most this many validation pixels in those crops: StarDist holds them with their targets in memory,
+#: about 46 bytes per pixel (image 12, probability 1, 32 rays and their mask 33, at grid 2), so 0.74 GB
+VALIDATION_PIXELS = 16_000_000
 #: files of a model folder that a new run (not a resumed one) deletes first
 _RUN_FILES = (
     "weights_best.h5",
@@ -415,11 +418,12 @@ def fit(
         The model folder.
     seed : int
         The validation loss is taken on :func:`~histo.train.data.patch_grid`'s crops of the validation
-        images, in the order ``seed`` shuffles them (the loss is averaged per batch, so the order
-        counts), the same in every call; training patch sampling is then reseeded with ``seed`` +
-        epochs done. StarDist's own validation patches (one random crop per image, drawn at the seed
-        it is given) changed at each resume: the losses stepped (narrow network, epoch 39 to 40:
-        validation distance loss 2.47 to 3.03) and were no longer comparable with the saved best.
+        images (at most :data:`VALIDATION_PIXELS`), in the order ``seed`` shuffles them (the loss is
+        averaged per batch, so the order counts), the same in every call; training patch sampling is
+        then reseeded with ``seed`` + epochs done. StarDist's own validation patches (one random crop
+        per image, drawn at the seed it is given) changed at each resume: the losses stepped (narrow
+        network, epoch 39 to 40: validation distance loss 2.47 to 3.03) and were no longer comparable
+        with the saved best.
     augmenter : callable, optional
         StarDist's ``augmenter``.
     extra_callbacks : sequence of keras callbacks, optional
@@ -465,9 +469,10 @@ def fit(
             f"× {state['steps_per_epoch']} steps; {len(train_data[0])} train / {len(val_data[0])} val images",
             flush=True,
         )
+    patch = int(model.config.train_patch_size[0])
     model.train(
         *train_data,
-        validation_data=patch_grid(*val_data, int(model.config.train_patch_size[0])),
+        validation_data=patch_grid(*val_data, patch, max_patches=VALIDATION_PIXELS // patch**2),
         augmenter=augmenter,
         seed=seed,
         epochs=remaining,

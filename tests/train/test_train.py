@@ -136,6 +136,8 @@ def test_patch_grid_covers_each_image_with_the_same_crops_every_time():
     assert all(np.array_equal(a, b) for a, b in zip(xs + ys, again[0] + again[1]))
     with pytest.raises(HistoError, match="smaller than the patch"):
         patch_grid(images, masks, 80)
+    few = patch_grid(images, masks, 64, max_patches=3)[0]  # memory stays bounded: evenly spaced crops
+    assert [next(i for i, x in enumerate(xs) if np.array_equal(f, x)) for f in few] == [0, 2, 4]
 
 
 # ---------------------------------------------------------------- augmentation
