@@ -24,13 +24,18 @@ _OPTIONAL_AUGMENTATION = {  # settings off by default: their words in the card, 
 }
 
 
+def _until(changes: list[dict], sign: str = "") -> str:
+    """`` (±0.1 until epoch 7)`` for each recorded change of a setting: the value it had before."""
+    return "".join(f" ({sign}{c['from']} until epoch {c['epoch']})" for c in changes)
+
+
 def _optional_augmentation_text(t: dict) -> str:
     """The card's words for the augmentations a run switched on (none for runs without them)."""
     parts = []
     for key, words in _OPTIONAL_AUGMENTATION.items():
         value, changes = float(t["augmentation"].get(key, 0)), t.get(f"{key}_changes", [])
         if value or changes:
-            parts.append(words.format(value) + "".join(f" ({c['from']} until epoch {c['epoch']})" for c in changes))
+            parts.append(words.format(value) + _until(changes))
     return "".join(f", {p}" for p in parts)
 
 
@@ -84,7 +89,7 @@ def model_md(card: dict) -> str:
         f"(Ruifrok vectors, concentrations ×(1 ± {t['augmentation'].get('stain_scale', '?')})"
         + "".join(f"; ±{c['from']} until epoch {c['epoch']}" for c in t.get("stain_scale_changes", []))
         + f"), brightness/contrast, ±{int(round(t['augmentation'].get('scale_range', 0) * 100))} % scale jitter"
-        + "".join(f" (±{c['from']} until epoch {c['epoch']})" for c in t.get("scale_range_changes", []))
+        + _until(t.get("scale_range_changes", []), "±")
         + _optional_augmentation_text(t)
         + ", Gaussian noise.",
         f"- Wall time: {t['wall_time_s']:.0f} s on {t.get('machine', '?')}.",
@@ -92,9 +97,7 @@ def model_md(card: dict) -> str:
     if t.get("validation_patches"):
         lines.append(
             f"- Best weights: the lowest validation loss ({t.get('best_val_loss')}), taken on patches of a "
-            f"{t['validation_patches']}"
-            + "".join(f" ({c['from']} until epoch {c['epoch']})" for c in t.get("validation_patches_changes", []))
-            + "."
+            f"{t['validation_patches']}" + _until(t.get("validation_patches_changes", [])) + "."
         )
     if t.get("command"):
         cmd = str(t["command"])

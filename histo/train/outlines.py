@@ -204,24 +204,15 @@ def start_run(
             state["epochs_total"] = int(config.epochs)
             state["complete"] = False
         if config.learning_rate is not None:  # e.g. a lower rate for the last epochs
-            state.setdefault("learning_rate_changes", []).append(
-                {"epoch": int(state["epochs_done"]), "from": state["learning_rate"], "to": float(config.learning_rate)}
-            )
-            state["learning_rate"] = float(config.learning_rate)
+            _record_change(state, "learning_rate", state["learning_rate"], float(config.learning_rate))
         for key in AUGMENTATION_SETTINGS:  # a changed augmentation applies from now on
             saved, given = augmentation_setting(state, key), getattr(config, key)
             if given is not None and float(given) != saved:
-                state.setdefault(f"{key}_changes", []).append(
-                    {"epoch": int(state["epochs_done"]), "from": saved, "to": float(given)}
-                )
-                state[key] = float(given)
+                _record_change(state, key, saved, float(given))
                 state["best_val_loss"] = None
         saved_val = state.get("validation_patches", "one random patch per validation image, redrawn at each call")
         if saved_val != VALIDATION_PATCHES:  # a loss on other patches is not comparable with the saved best
-            state.setdefault("validation_patches_changes", []).append(
-                {"epoch": int(state["epochs_done"]), "from": saved_val, "to": VALIDATION_PATCHES}
-            )
-            state["validation_patches"] = VALIDATION_PATCHES
+            _record_change(state, "validation_patches", saved_val, VALIDATION_PATCHES)
             state["best_val_loss"] = None
         return state, True
 
@@ -255,6 +246,13 @@ def start_run(
         "validation_patches": VALIDATION_PATCHES,
     }
     return state, False
+
+
+def _record_change(state: dict, key: str, saved, new) -> None:
+    """Set a resumed run's ``key`` to ``new`` and list the change under ``{key}_changes`` (the epochs
+    done, the value before and after), where the card and MODEL.md read it."""
+    state.setdefault(f"{key}_changes", []).append({"epoch": int(state["epochs_done"]), "from": saved, "to": new})
+    state[key] = new
 
 
 def build_model(
