@@ -52,6 +52,42 @@ def test_patches_beyond_the_image_edge_are_glass():
     assert p[0, 0, 0, :3].tolist() == [1.0, 1.0, 1.0] and p[0, -1, -1, :3].tolist() == [0.0, 0.0, 0.0]
 
 
+def test_patches_are_the_windows_and_outlines_drawn_one_by_one():
+    """All nuclei at once give each nucleus's own window and ``skimage.draw.polygon``'s pixels for its
+    outline, whatever the ring's length and wherever it lies (partly beyond the image too)."""
+    from skimage.draw import polygon as draw_polygon
+
+    rng = np.random.default_rng(3)
+    small = rng.random((90, 110, 3)).astype(np.float32)
+    rings, size = [], 30
+    for _ in range(60):
+        centre, r = rng.uniform(-3, (93, 113)), rng.uniform(1.5, 14)
+        a = np.sort(rng.uniform(0, 2 * np.pi, rng.integers(3, 40)))
+        rings.append(np.stack([centre[0] + r * np.sin(a), centre[1] + r * np.cos(a)], axis=1))
+    centres = np.array([ring.mean(axis=0) for ring in rings])
+    p = nucleus_patches(small, rings, centres, size)
+    padded = np.pad(small, ((size, size), (size, size), (0, 0)), constant_values=1.0)
+    for i, ((r, c), ring) in enumerate(zip(centres, rings)):
+        r0, c0 = round(r) - size // 2, round(c) - size // 2
+        np.testing.assert_array_equal(p[i, ..., :3], padded[r0 + size : r0 + 2 * size, c0 + size : c0 + 2 * size])
+        mask = np.zeros((size, size), bool)
+        mask[draw_polygon(ring[:, 0] - r0, ring[:, 1] - c0, (size, size))] = True
+        np.testing.assert_array_equal(p[i, ..., 3] > 0, mask)
+
+
+@pytest.mark.parametrize("mpp", [0.25, 0.275, 0.6])
+def test_patch_scale_is_skimage_resize(mpp):
+    """The patch-scale image is ``skimage.transform.resize``'s (anti-aliased when shrinking), to the bit."""
+    from skimage.transform import resize
+
+    img = np.random.default_rng(4).integers(0, 256, (101, 87, 3), dtype=np.uint8)
+    x = img.astype(np.float32) / 255.0
+    f = mpp / PATCH_MPP
+    shape = (round(101 * f), round(87 * f), 3)
+    expected = resize(x, shape, order=1, anti_aliasing=f < 1, preserve_range=True).astype(np.float32)
+    np.testing.assert_array_equal(to_patch_scale(img, mpp), expected)
+
+
 def test_stain_standardisation_leaves_glass_alone():
     glass = np.full((100, 100, 3), 0.97, np.float32)
     assert standardise_stain(glass) is glass
