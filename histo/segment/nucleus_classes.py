@@ -177,7 +177,8 @@ def nucleus_patches(
     """(n, size, size, 4) float32: RGB windows of ``small`` (an image from :func:`to_patch_scale`)
     centred on ``centres`` (n, 2) (row, col) px, glass (1.0) beyond its edge, and each nucleus's
     outline ``outlines[i]`` ((k, 2) (row, col) px) filled in channel 4."""
-    return _patches(_padded(small, size), centres, _rings(outlines), size)
+    corner = _corners(centres, size)
+    return _patches(_padded(small, size), corner, _outline_pixels(_rings(outlines), corner, size), size)
 
 
 def _padded(small: np.ndarray, size: int) -> np.ndarray:
@@ -196,17 +197,27 @@ def _rings(outlines: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _patches(padded: np.ndarray, centres: np.ndarray, rings: np.ndarray, size: int) -> np.ndarray:
-    """Windows of ``padded`` (:func:`_padded`) centred on ``centres`` with the outlines ``rings``
-    ((n, 2, k) px of the unpadded image) filled in channel 4, all nuclei at once: the outlines with the
-    scanline fill of :func:`histo.segment.features.polygon_pixels` (``skimage.draw.polygon``'s pixels)."""
-    corner = np.rint(np.asarray(centres, np.float64)).astype(np.int64).reshape(-1, 2) - size // 2
+def _corners(centres: np.ndarray, size: int) -> np.ndarray:
+    """(n, 2) top-left (row, col) px, in the unpadded image, of the ``size``² windows centred on ``centres``."""
+    return np.rint(np.asarray(centres, np.float64)).astype(np.int64).reshape(-1, 2) - size // 2
+
+
+def _outline_pixels(rings: np.ndarray, corner: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(nucleus, flat index in its window) of the pixels inside each outline ``rings`` ((n, 2, k) px of the
+    unpadded image), all nuclei at once: :func:`histo.segment.features.polygon_pixels`' scanline fill
+    (``skimage.draw.polygon``'s pixels) in each window at ``corner`` (:func:`_corners`)."""
+    return polygon_pixels(rings - corner[:, :, None], (size, size))
+
+
+def _patches(padded: np.ndarray, corner: np.ndarray, outline: tuple, size: int) -> np.ndarray:
+    """(n, size, size, 4): the windows of ``padded`` (:func:`_padded`) at ``corner`` (:func:`_corners`),
+    cut by one fancy index, with the pixels ``outline`` (:func:`_outline_pixels`) set to 1 in channel 4."""
     span = np.arange(size)
     rows = (corner[:, 0, None] + size + span)[:, :, None]
     cols = (corner[:, 1, None] + size + span)[:, None, :]
     out = np.zeros((len(corner), size, size, 4), np.float32)
     out[..., :3] = padded[rows, cols]
-    nuc, flat = polygon_pixels(rings - corner[:, :, None], (size, size))
+    nuc, flat = outline
     out.reshape(len(corner), size * size, 4)[nuc, flat, 3] = 1.0
     return out
 
@@ -228,13 +239,14 @@ def tile_patches(
     small = to_patch_scale(img, mpp)
     stains = sorted({stain for _, stain in views}, key=str)
     sizes = {size for size, _ in views}
-    padded = {
-        (size, stain): _padded(view, size) for stain, view in zip(stains, stain_views(small, stains)) for size in sizes
-    }
+    stained = dict(zip(stains, stain_views(small, stains)))
+    padded = {(size, stain): _padded(stained[stain], size) for size, stain in views}
     centres = (np.asarray(points, np.float64) + 0.5) * f - 0.5
     rings = (np.asarray(coord, np.float64) + 0.5) * f - 0.5
     for i in range(0, len(centres), batch):
-        yield [_patches(padded[view], centres[i : i + batch], rings[i : i + batch], view[0]) for view in views]
+        corners = {size: _corners(centres[i : i + batch], size) for size in sizes}
+        outlines = {size: _outline_pixels(rings[i : i + batch], corners[size], size) for size in sizes}
+        yield [_patches(padded[size, stain], corners[size], outlines[size], size) for size, stain in views]
 
 
 FILTERS = (16, 32, 64, 128)  # filters of the classifier's four conv blocks
